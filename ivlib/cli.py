@@ -1,0 +1,207 @@
+"""The command line: parse, validate everything cheap first, then run one method and record it.
+
+This is the only module that knows the whole chain (config -> task -> episodes -> prompts ->
+model -> method -> metrics -> results). Every user error becomes one line on stderr and exit 2,
+raised before any record or vectors file is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import REPO_DIR, load_config, lookup
+from .episodes import check_shots, sample_episodes
+from .errors import UsageError
+from .metrics import bootstrap_f1
+from .methods import METHODS
+from .models import load_model, resolve_device
+from .prompts import PromptEncoder
+from .results import append_record, check_writable
+from .scoring import Scorer
+from .state import load_state, save_state
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        print(f"iv.py: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="iv.py", description="Iterative Vectors and in-context learning baselines.")
+    p.add_argument("-c", "--config", help="YAML registry merged over config/base.yaml")
+    p.add_argument("-g", "--gpu", type=int, default=-1, help="GPU index; -1 (default) runs on CPU")
+    p.add_argument("-m", "--model", required=True, help="model name from the registry")
+    p.add_argument("-t", "--task", required=True, help="task name from the registry, e.g. ag_news, tweet_eval/emotion")
+    p.add_argument("--method", choices=sorted(METHODS), default="iv", help="method to run (default: iv)")
+    p.add_argument("--run-clean", action="store_true", help="same as --method icl (the reference code's name)")
+    p.add_argument("--run-test", action="store_true", help="evaluate on test (default: validation)")
+    p.add_argument("-s", "--ext-shot", type=int, default=4, help="extraction shots per class (default 4)")
+    p.add_argument("--strength", type=float, default=0.5, help="evaluation strength a2 (default 0.5)")
+    p.add_argument("--ext-strength", type=float, default=0.3, help="extraction strength a1 (default 0.3)")
+    p.add_argument("--ext-batch", type=int, default=10, help="episodes between vector refreshes; 0 = no iteration")
+    p.add_argument("-e", "--episodes", type=int, default=200, help="extraction episodes (default 200)")
+    p.add_argument("--shot", type=int, default=1, help="evaluation shots per class (default 1)")
+    p.add_argument("-n", "--eval-episodes", type=int, default=10_000, help="evaluation episodes (default 10000)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=16, help="episodes per forward pass (default 16)")
+    p.add_argument("--max-example-tokens", type=int, default=256, help="truncate each example to this many tokens")
+    p.add_argument("--no-half", action="store_true", help="float32 on GPU (default there: bf16/fp16)")
+    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the model over GPUs with accelerate")
+    p.add_argument("--mem-limit", help="per-GPU memory cap with --device-map, e.g. 20GiB")
+    p.add_argument("--flash-attention", action="store_true", help="use flash_attention_2")
+    p.add_argument("--results", default="results/runs.jsonl", help="JSONL file the run's record is appended to")
+    p.add_argument("--save-vectors", metavar="PATH", help="save the fitted state (safetensors)")
+    p.add_argument("--load-vectors", metavar="PATH", help="load a fitted state instead of fitting")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--episodes", args.episodes, 1), ("--eval-episodes", args.eval_episodes, 1),
+                             ("--batch-size", args.batch_size, 1), ("--ext-batch", args.ext_batch, 0),
+                             ("--shot", args.shot, 0), ("--max-example-tokens", args.max_example_tokens, 8)):
+        if value < low:
+            raise UsageError(f"{flag} {value} is out of range; accepted: an integer >= {low}")
+    if args.method == "iv" and args.ext_shot < 1:
+        raise UsageError(f"--ext-shot {args.ext_shot} is out of range; accepted: an integer >= 1")
+    for flag, value in (("--strength", args.strength), ("--ext-strength", args.ext_strength)):
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} {value} is not a finite number")
+    if args.mem_limit and not args.device_map:
+        raise UsageError("--mem-limit needs --device-map")
+    if args.device_map and args.gpu < 0:
+        raise UsageError("--device-map needs a GPU (-g 0 or higher)")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import torch
+    import transformers
+
+    return {"ivlib": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__, "numpy": np.__version__}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.run_clean:
+        args.method = "icl"
+    _validate(args)
+    config = load_config(args.config)
+    model_entry = lookup(config.models, "model", args.model)
+    task_entry = lookup(config.tasks, "task", args.task)
+    check_writable(args.results)
+    device = resolve_device(args.gpu)
+    method_cls = METHODS[args.method]
+    method = method_cls.from_args(args)
+    if args.load_vectors and not method_cls.needs_fit:
+        raise UsageError(f"--load-vectors: method '{args.method}' has no saved state; accepted with: iv")
+
+    from .tasks import load_task
+
+    task = load_task(args.task, task_entry)
+    eval_split = "test" if args.run_test else "validation"
+    eval_shot = method_cls.fixed_eval_shot if method_cls.fixed_eval_shot is not None else args.shot
+    check_shots(task.splits[eval_split], eval_split, task.n_classes, eval_shot, task.label_words, "--shot")
+    fitting = method_cls.needs_fit and not args.load_vectors
+    if fitting:
+        check_shots(task.splits["train"], "train", task.n_classes, args.ext_shot, task.label_words, "--ext-shot")
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model, model_entry, device, no_half=args.no_half, device_map=args.device_map,
+                    mem_limit=args.mem_limit, flash_attention=args.flash_attention, quiet=args.quiet)
+    load_s = time.perf_counter() - t0
+    encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, args.max_example_tokens)
+    encoder.check_label_collisions()
+    scorer = Scorer(lm, encoder.label_ids, args.batch_size, args.quiet)
+    identity = {"method": args.method, "model": args.model, "task": args.task, "label_words": task.label_words,
+                "n_layers": lm.layout.n_layers, "d_model": lm.layout.d_model}
+
+    fit_s = 0.0
+    fit_info: dict[str, Any] = {}
+    if args.load_vectors:
+        tensors, meta = load_state(args.load_vectors, identity)
+        method.load_state(tensors)
+        fit_info = {"loaded_from": args.load_vectors, "fitted_with": meta.get("fit")}
+    elif method_cls.needs_fit:
+        train_episodes = sample_episodes(task.splits["train"], task.n_classes, args.ext_shot, args.episodes,
+                                         args.seed, "train/extract")
+        t0 = time.perf_counter()
+        method.fit(scorer, encoder, train_episodes)
+        fit_s = time.perf_counter() - t0
+        fit_info = {"ext_shot": args.ext_shot, "episodes": args.episodes, "seed": args.seed,
+                    **{k: v for k, v in method.hyperparameters().items() if k != "strength"}}
+        if args.save_vectors:
+            save_state(args.save_vectors, method.state(), {**identity, "fit": fit_info})
+
+    eval_episodes = sample_episodes(task.splits[eval_split], task.n_classes, eval_shot, args.eval_episodes,
+                                    args.seed, f"{eval_split}/eval")
+    t0 = time.perf_counter()
+    prompts = [encoder.encode(e) for e in eval_episodes]
+    scores = scorer.run_batched(prompts, lambda b: method.predict(scorer, b), f"{args.method} eval ({eval_split})")
+    eval_s = time.perf_counter() - t0
+    y_true = np.array([p.label for p in prompts])
+    y_pred = scores.argmax(dim=-1).numpy()
+    metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=args.seed)
+
+    record = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": args.method, "model": args.model, "task": args.task, "split": eval_split,
+        "hyperparameters": {**method.hyperparameters(), "shot": eval_shot,
+                            "ext_shot": args.ext_shot if method_cls.needs_fit else None,
+                            "episodes": args.episodes if method_cls.needs_fit else None,
+                            "max_example_tokens": args.max_example_tokens},
+        "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting else 0,
+        "fit": fit_info,
+        "metrics": metrics,
+        "timing_s": {"load": round(load_s, 3), "fit": round(fit_s, 3), "eval": round(eval_s, 3)},
+        "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
+        "batch_size": args.batch_size, "device": str(device), "dtype": str(lm.dtype).removeprefix("torch."),
+        "device_map": args.device_map,
+        "model_source": lm.source, "layout": lm.layout.describe(), "add_bos": lm.add_bos,
+        "label_words": task.label_words, "task_provenance": task.provenance,
+        "config_files": config.sources, "versions": _versions(), "git_commit": _git_commit(),
+        "command": sys.argv[1:],
+    }
+    append_record(args.results, record)
+    m = metrics  # the summary line prints even with --quiet, which silences progress bars only
+    print(f"{args.method} | {args.model} | {args.task} | {eval_split} | {args.eval_episodes} episodes | "
+          f"macro-F1 {m['macro']['value']:.4f} [{m['macro']['ci_low']:.4f}, {m['macro']['ci_high']:.4f}] | "
+          f"micro {m['micro']['value']:.4f} | weighted {m['weighted']['value']:.4f} | "
+          f"fit {fit_s:.1f}s | eval {eval_s:.1f}s | -> {args.results}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UsageError as exc:
+        print(f"iv.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("iv.py: interrupted; no record was written for this run", file=sys.stderr)
+        return 130
+    return 0

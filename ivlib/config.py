@@ -1,0 +1,139 @@
+"""The YAML registries of models and tasks: `config/base.yaml`, with the user's file merged over it.
+
+A config file has two mappings, `models:` and `tasks:`. An entry in the user's file replaces the
+base entry of the same name whole (no deep merge), so what a user writes is what runs.
+Relative file paths in an entry are resolved against the directory of the file that holds it,
+so a config can sit beside its data and still be run from anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO_DIR / "config" / "base.yaml"
+
+MODEL_KEYS = {
+    "path": "local directory or hub id",
+    "gguf_file": "GGUF file name inside `path` (or inside `package`)",
+    "package": "installed Python package whose folder holds the weights (not imported)",
+    "builtin": "a model built from a config at run time (tiny-gpt2, tiny-llama, ...)",
+    "dtype": "float32, float16 or bfloat16",
+    "tokenizer": "tokenizer directory or hub id, when it differs from `path`",
+    "bos": "add the tokenizer's BOS token: auto (if defined), true or false",
+    "layout": "module names when discovery fails: {blocks: ..., attn_out: ...}",
+    "trust_remote_code": "pass trust_remote_code to from_pretrained",
+}
+TASK_KEYS = {
+    "dataset": "hub dataset id, or parquet/csv/json for local files",
+    "subset": "dataset configuration name",
+    "data_files": "local file or {split: file}",
+    "splits": "{train: NAME, validation: NAME, test: NAME}",
+    "text_fields": "list of text columns (joined with a space)",
+    "label_field": "label column (default: label)",
+    "label_names": "class names when the label column is not a ClassLabel",
+    "label_words": "words the model predicts, one per class",
+    "builtin": "a task whose data ivlib generates itself",
+}
+_PATH_KEYS = ("path", "tokenizer", "data_files")
+
+
+@dataclass
+class Config:
+    """Merged registries; `sources` remembers which file each entry came from (for messages)."""
+
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"config file '{path}' does not exist; pass an existing YAML file with -c")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"config file '{path}' is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file '{path}' must be a mapping with 'models:' and/or 'tasks:'")
+    unknown = sorted(set(data) - {"models", "tasks"})
+    if unknown:
+        raise UsageError(f"config '{path}': unknown top-level key '{unknown[0]}'; accepted: models, tasks")
+    return data
+
+
+def _resolve_paths(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make relative local paths absolute against the config file's directory.
+
+    A value is treated as a local path only when it starts with '.' or '~', or exists relative to
+    the config file; otherwise it stays as written (a hub id such as 'EleutherAI/gpt-j-6b').
+    """
+
+    def fix(value: str) -> str:
+        if value.startswith("~"):
+            return str(Path(value).expanduser())
+        candidate = base_dir / value
+        if value.startswith(".") or candidate.exists():
+            return str(candidate.resolve())
+        return value
+
+    out = dict(entry)
+    for key in _PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = fix(value)
+        elif isinstance(value, dict):
+            out[key] = {k: fix(v) if isinstance(v, str) else v for k, v in value.items()}
+    return out
+
+
+def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path) -> dict[str, dict]:
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict):
+        raise UsageError(f"config '{path}': '{kind}' must be a mapping of name -> entry")
+    checked: dict[str, dict] = {}
+    for name, entry in entries.items():
+        if isinstance(entry, str):
+            entry = {"path": entry} if kind == "models" else {"dataset": entry}
+        if not isinstance(entry, dict):
+            raise UsageError(f"config '{path}': {kind}.{name} must be a string or a mapping")
+        for key in entry:
+            if key not in allowed:
+                raise UsageError(
+                    f"config '{path}': unknown key '{kind}.{name}.{key}'; accepted: {', '.join(allowed)}"
+                )
+        checked[str(name)] = _resolve_paths(entry, path.parent)
+    return checked
+
+
+def load_config(user_file: str | None) -> Config:
+    """Base registry, then the user's file over it (entries replaced whole)."""
+    cfg = Config()
+    files = [BASE_CONFIG]
+    if user_file is not None:
+        user_path = Path(user_file).expanduser().resolve()
+        if user_path != BASE_CONFIG:
+            files.append(user_path)
+    for path in files:
+        data = _read_yaml(path)
+        cfg.models.update(_check_entries("models", data.get("models"), MODEL_KEYS, path))
+        cfg.tasks.update(_check_entries("tasks", data.get("tasks"), TASK_KEYS, path))
+        cfg.sources.append(str(path))
+    return cfg
+
+
+def lookup(registry: dict[str, dict], kind: str, name: str) -> dict[str, Any]:
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "(none)"
+        raise UsageError(f"unknown {kind} '{name}'; known {kind}s: {known}")
+    return registry[name]

@@ -1,0 +1,75 @@
+"""Seeded n-way k-shot episodes.
+
+Queries and demonstrations come from two separate random streams keyed by (seed, split, purpose):
+the queries depend only on those, so zero-shot, ICL and every steered method are scored on the
+very same queries, and changing the shot count changes the demonstrations, not the questions.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+from .tasks import Split
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Episode:
+    demos: tuple[Example, ...]  # shuffled, `shot` per class
+    query: Example
+
+    def query_only(self) -> "Episode":
+        return Episode((), self.query)
+
+
+def _rng(seed: int, stream: str, part: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(stream.encode()), part])
+
+
+def check_shots(split: Split, split_name: str, n_classes: int, shot: int, label_words: list[str], flag: str) -> None:
+    """A query must stay distinct from its demonstrations, so each class needs shot + 1 examples."""
+    if shot < 0:
+        raise UsageError(f"{flag} {shot} is negative; accepted: 0 or more")
+    counts = split.class_counts(n_classes)
+    smallest = int(counts.argmin())
+    if shot > 0 and counts[smallest] < shot + 1:
+        raise UsageError(
+            f"{flag} {shot} is too large for split '{split_name}': class '{label_words[smallest]}' has "
+            f"{counts[smallest]} examples; accepted: at most {max(int(counts[smallest]) - 1, 0)}"
+        )
+
+
+def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, stream: str) -> list[Episode]:
+    """`n` episodes with `shot` demos per class; demos never include the query's example or text."""
+    if n <= 0:
+        raise UsageError(f"episode count {n} must be positive")
+    labels, texts = split.labels, split.texts
+    queries = _rng(seed, stream, 0).integers(0, len(labels), size=n)
+    if shot == 0:
+        return [Episode((), Example(texts[q], int(labels[q]))) for q in queries]
+    pools = [np.flatnonzero(labels == c) for c in range(n_classes)]
+    rng = _rng(seed, stream, 1000 + shot)
+    episodes = []
+    for q in queries:
+        q_text = texts[q]
+        chosen: list[int] = []
+        for pool in pools:
+            picks = pool[rng.choice(len(pool), size=min(len(pool), shot + 3), replace=False)]
+            good = [int(i) for i in picks if i != q and texts[i] != q_text][:shot]
+            if len(good) < shot:  # rare: many duplicates of the query's text; fall back to a scan
+                good = [int(i) for i in rng.permutation(pool) if i != q and texts[i] != q_text][:shot]
+            if len(good) < shot:
+                raise UsageError(f"not enough distinct examples in a class for {shot} shots")
+            chosen.extend(good)
+        order = rng.permutation(len(chosen))
+        demos = tuple(Example(texts[chosen[i]], int(labels[chosen[i]])) for i in order)
+        episodes.append(Episode(demos, Example(q_text, int(labels[q]))))
+    return episodes

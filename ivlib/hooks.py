@@ -1,0 +1,54 @@
+"""One mechanism for every activation edit: add to, and/or read, a module's output at given positions.
+
+A hook keeps only the rows it was asked to read (as float32 copies), never whole activations,
+and is removed on exit even when the forward raises. Positions are passed as flat (row, col)
+index tensors, so each layer's edit is one indexed add, with no Python loop over tokens.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class OutputSite:
+    """What one hooked module does during a forward: an indexed add, then an indexed read."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, add: torch.Tensor | None, read: bool):
+        self.rows, self.cols, self.add, self.read = rows, cols, add, read
+        self.value: torch.Tensor | None = None  # [N, D] float32 after the forward, if read
+
+    def __call__(self, module: nn.Module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
+        rows = self.rows.to(hidden.device, non_blocking=True)
+        cols = self.cols.to(hidden.device, non_blocking=True)
+        if self.add is not None:
+            hidden.index_put_((rows, cols), self.add.to(hidden.device, hidden.dtype), accumulate=True)
+        if self.read:
+            self.value = hidden[rows, cols].float()
+        return output
+
+
+@contextmanager
+def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Tensor,
+                 add: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+                 read: bool = False) -> Iterator[list[OutputSite]]:
+    """Hook `modules[l]`: add `add[l]` ([N, D]) at (rows, cols), then read the result there if `read`.
+
+    Yields one `OutputSite` per module; after the forward, `site.value` holds the read rows.
+    """
+    sites = [OutputSite(rows, cols, None if add is None else add[i], read) for i in range(len(modules))]
+    handles = [m.register_forward_hook(s) for m, s in zip(modules, sites)]
+    try:
+        yield sites
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stack_reads(sites: Sequence[OutputSite]) -> torch.Tensor:
+    """[L, N, D] float32 from the sites of one forward (on the first site's device)."""
+    device = sites[0].value.device
+    return torch.stack([s.value.to(device) for s in sites])

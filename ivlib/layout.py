@@ -1,0 +1,115 @@
+"""Where a model keeps what the methods touch: decoder blocks, attention output projections, heads.
+
+This is the only module with model-specific knowledge. It is discovered from the model (module
+tree and config), never from the checkpoint's name, so a new checkpoint of a known family needs
+no edit and an unknown family needs at most two module names in YAML.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UsageError
+
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+OUT_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
+
+
+@dataclass
+class ModelLayout:
+    blocks: list[nn.Module]  # decoder blocks, in order
+    attn_out: list[nn.Module]  # each block's attention output projection
+    blocks_path: str  # e.g. "model.layers", for messages and records
+    attn_out_path: str  # relative to a block, e.g. "self_attn.o_proj"
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def describe(self) -> dict:
+        return {"blocks": self.blocks_path, "attn_out": self.attn_out_path, "n_layers": self.n_layers,
+                "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_model": self.d_model}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        if not hasattr(module, part):
+            raise AttributeError(path)
+        module = getattr(module, part)
+    return module
+
+
+def _find_blocks(model: nn.Module, n_layers: int | None) -> str:
+    """The ModuleList of decoder blocks: the longest list of same-class modules (matching the config's count)."""
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) != 1:
+                continue
+            if n_layers is not None and len(module) != n_layers:
+                continue
+            if best is None or len(module) > best[0]:
+                best = (len(module), name)
+    if best is None:
+        raise LookupError("no ModuleList of decoder blocks")
+    return best[1]
+
+
+def _linear_out(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)  # GPT-2's Conv1D stores [in, out]
+    if type(module).__name__ == "Conv1D" and weight is not None:
+        return weight.shape[1]
+    return None
+
+
+def _find_attn_out(block: nn.Module, d_model: int) -> str:
+    attn_name = next((n for n in ATTN_NAMES if hasattr(block, n)), None)
+    if attn_name is None:
+        attn_name = next((n for n, m in block.named_children() if "attention" in type(m).__name__.lower()), None)
+    if attn_name is None:
+        raise LookupError("no attention module in the block")
+    attn = getattr(block, attn_name)
+    for name in OUT_PROJ_NAMES:
+        child = getattr(attn, name, None)
+        if child is not None and _linear_out(child) == d_model:
+            return f"{attn_name}.{name}"
+    raise LookupError(f"no output projection in '{attn_name}'")
+
+
+def _config_int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def discover_layout(model: nn.Module, override: dict | None = None) -> ModelLayout:
+    """Find the layout; `override` ({blocks, attn_out}) names modules for unknown families."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    d_model = _config_int(config, "hidden_size", "n_embd", "d_model")
+    n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
+    n_kv = _config_int(config, "num_key_value_heads", "n_head_kv", "num_kv_heads") or n_heads
+    override = override or {}
+    unknown = sorted(set(override) - {"blocks", "attn_out"})
+    if unknown:
+        raise UsageError(f"layout key '{unknown[0]}' is unknown; accepted: blocks, attn_out")
+    hint = ("name them in the model's config entry, e.g. layout: {blocks: model.layers, attn_out: self_attn.o_proj}")
+    try:
+        blocks_path = override.get("blocks") or _find_blocks(model, n_layers)
+        blocks = list(_get(model, blocks_path))
+        attn_out_path = override.get("attn_out") or _find_attn_out(blocks[0], d_model)
+        attn_out = [_get(b, attn_out_path) for b in blocks]
+    except (LookupError, AttributeError) as exc:
+        raise UsageError(f"cannot find the layout of {type(model).__name__} ({exc}); {hint}") from None
+    if n_heads is None or d_model is None:
+        raise UsageError(f"{type(model).__name__}: the config gives no head count or hidden size")
+    return ModelLayout(blocks, attn_out, blocks_path, attn_out_path, n_heads, n_kv, d_model)

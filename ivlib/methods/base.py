@@ -1,0 +1,44 @@
+"""The interface every method implements: fit on training episodes, then score evaluation batches.
+
+A new method is one file with one subclass, plus a line in `ivlib.methods.METHODS`; the CLI,
+episode sampling, batching, metrics and records are shared.
+"""
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from ..episodes import Episode
+from ..prompts import PromptBatch, PromptEncoder
+from ..scoring import Scorer
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    needs_fit: ClassVar[bool] = False  # whether `fit` uses training episodes at all
+    fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Method":
+        return cls()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What goes into the run record beside the shared protocol settings."""
+        return {}
+
+    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode]) -> None:
+        """Learn whatever the method needs from training episodes (default: nothing)."""
+
+    @abstractmethod
+    def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+        """[B, n_classes] label scores for a batch of evaluation prompts."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors that make a fitted method reusable (saved with --save-vectors)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError(f"{self.name} has no state to load")

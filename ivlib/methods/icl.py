@@ -1,0 +1,22 @@
+"""In-context learning without edits: the few-shot baseline and, with no demonstrations, zero-shot."""
+from __future__ import annotations
+
+import torch
+
+from ..prompts import PromptBatch
+from ..scoring import Scorer
+from .base import Method
+
+
+class ICL(Method):
+    """The reference code's "clean" run: the same prompts IV edits, left unedited."""
+
+    name = "icl"
+
+    def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+        return scorer.label_scores(batch)
+
+
+class ZeroShot(ICL):
+    name = "zero-shot"
+    fixed_eval_shot = 0

@@ -1,0 +1,122 @@
+"""Iterative Vectors (Liu & Deng, ICML 2025): in-context gradient steering without backpropagation.
+
+Vectors live at every layer's attention output projection, one per class plus one for the query:
+`vectors` is [n_layers, n_classes + 1, d_model]. Extraction compares each training episode's
+few-shot prompt (steered by the current vectors) with its zero-shot prompt at the separators,
+and averages the differences; the average is refreshed every `ext_batch` episodes, which is the
+"iteration". Evaluation adds `strength` x the vectors at the separators of the evaluation prompt.
+
+Unlike the reference release, both prompts are read at the separator token itself (the
+reference reads the zero-shot prompt one token early), and extraction uses training data only.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from ..episodes import Episode
+from ..hooks import edit_outputs, stack_reads
+from ..prompts import PromptBatch, PromptEncoder
+from ..scoring import Scorer
+from .base import Method
+
+
+def refresh_windows(n_episodes: int, ext_batch: int) -> list[list[int]]:
+    """Episode groups that share one vector state: [0], [1..b], [b+1..2b], ...; b = 0 is one group."""
+    if ext_batch <= 0:
+        return [list(range(n_episodes))]
+    windows = [[0]]
+    for start in range(1, n_episodes, ext_batch):
+        windows.append(list(range(start, min(start + ext_batch, n_episodes))))
+    return windows
+
+
+class IterativeVectors(Method):
+    name = "iv"
+    needs_fit = True
+
+    def __init__(self, strength: float, ext_strength: float, ext_batch: int):
+        self.strength = strength
+        self.ext_strength = ext_strength
+        self.ext_batch = ext_batch
+        self.vectors: torch.Tensor | None = None  # [L, C + 1, D] float32
+        self._device_vectors: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "IterativeVectors":
+        return cls(args.strength, args.ext_strength, args.ext_batch)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"strength": self.strength, "ext_strength": self.ext_strength, "ext_batch": self.ext_batch}
+
+    # ---- extraction -------------------------------------------------------------------------
+    def _read_separators(self, scorer: Scorer, batch: PromptBatch, add: torch.Tensor | None) -> torch.Tensor:
+        """o_proj outputs at every separator of the batch, after `add`: [L, N, D] float32."""
+        with edit_outputs(scorer.layout.attn_out, batch.sep_rows, batch.sep_cols, add, read=True) as sites:
+            scorer.forward(batch)
+        return stack_reads(sites)
+
+    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode]) -> None:
+        layout = scorer.layout
+        n_layers, n_slots, dim = layout.n_layers, encoder.n_classes + 1, layout.d_model
+        device = scorer.lm.device
+        # The zero-shot side never sees the vectors, so all of it runs first, batched freely.
+        neg_prompts = [encoder.encode(e.query_only()) for e in episodes]
+        neg = scorer.run_batched(  # [E, L, D]: each episode's query separator, unsteered
+            neg_prompts, lambda b: self._read_separators(scorer, b, None).transpose(0, 1), "IV extract: zero-shot"
+        ).to(device)
+        pos_prompts = [encoder.encode(e) for e in episodes]
+        total = torch.zeros(n_layers, n_slots, dim, device=device)  # sum of per-episode samples
+        count = 0
+        with scorer.progress(len(episodes), "IV extract: few-shot") as bar:
+            for window in refresh_windows(len(episodes), self.ext_batch):
+                current = total / count if count else None  # fixed within the window
+                for start in range(0, len(window), scorer.batch_size):
+                    idx = window[start : start + scorer.batch_size]
+                    batch = scorer.batch([pos_prompts[i] for i in idx])
+                    add = None
+                    if current is not None:
+                        add = (self.ext_strength * current)[:, batch.sep_class].to(scorer.lm.dtype)
+                    reads = self._read_separators(scorer, batch, add)  # [L, N, D]
+                    delta = reads - neg[torch.tensor(idx, device=device)[batch.sep_rows]].transpose(0, 1)
+                    total += self._episode_means(delta, batch, n_slots).sum(dim=1)
+                    count += len(idx)
+                    bar.update(len(idx))
+        self.vectors = (total / count).cpu()
+        self._device_vectors.clear()
+
+    @staticmethod
+    def _episode_means(delta: torch.Tensor, batch: PromptBatch, n_slots: int) -> torch.Tensor:
+        """Per episode, the mean delta over the separators of each class (query: its own slot).
+
+        delta: [L, N, D] -> [L, B, n_slots, D]
+        """
+        n_layers, _, dim = delta.shape
+        rows = batch.input_ids.shape[0]
+        group = (batch.sep_rows * n_slots + batch.sep_class).to(delta.device)  # [N]
+        sums = torch.zeros(n_layers, rows * n_slots, dim, device=delta.device).index_add_(1, group, delta)
+        counts = torch.bincount(group, minlength=rows * n_slots).clamp(min=1).to(delta.dtype)
+        return (sums / counts[None, :, None]).view(n_layers, rows, n_slots, dim)
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def _scaled(self, scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (scale, device, dtype)
+        if key not in self._device_vectors:
+            assert self.vectors is not None, "fit or load the vectors first"
+            self._device_vectors[key] = (scale * self.vectors).to(device=device, dtype=dtype)
+        return self._device_vectors[key]
+
+    def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+        add = self._scaled(self.strength, scorer.lm.device, scorer.lm.dtype)[:, batch.sep_class]  # [L, N, D]
+        with edit_outputs(scorer.layout.attn_out, batch.sep_rows, batch.sep_cols, add):
+            return scorer.label_scores(batch)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        assert self.vectors is not None
+        return {"vectors": self.vectors.contiguous()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.vectors = tensors["vectors"].float()
+        self._device_vectors.clear()

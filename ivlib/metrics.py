@@ -1,0 +1,65 @@
+"""F1 scores over episodes (one query each) and their bootstrap 95% intervals."""
+from __future__ import annotations
+
+import numpy as np
+
+AVERAGES = ("micro", "macro", "weighted")
+
+
+def _f1_from_counts(tp: np.ndarray, pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
+    """Counts are [..., C]; returns each average over the last axis.
+
+    A class never predicted and never present gets F1 0 in no average: it is left out of macro
+    (sklearn's convention for labels absent from both) by weighting with presence.
+    """
+    denom = pred + true
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    present = (denom > 0).astype(float)
+    support = true.astype(float)
+    n = true.sum(-1)
+    return {
+        "micro": tp.sum(-1) / np.maximum(n, 1),
+        "macro": (f1 * present).sum(-1) / np.maximum(present.sum(-1), 1),
+        "weighted": (f1 * support).sum(-1) / np.maximum(support.sum(-1), 1),
+    }
+
+
+def _counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None):
+    """tp, predicted and true counts per class; `weights` [R, N] gives R bootstrap replicates."""
+    if weights is None:
+        tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
+        return tp, np.bincount(y_pred, minlength=n_classes), np.bincount(y_true, minlength=n_classes)
+    hit = (y_true == y_pred).astype(float)
+    onehot_t = np.eye(n_classes)[y_true]  # [N, C]
+    onehot_p = np.eye(n_classes)[y_pred]
+    return weights @ (onehot_t * hit[:, None]), weights @ onehot_p, weights @ onehot_t
+
+
+def f1_scores(y_true, y_pred, n_classes: int) -> dict[str, float]:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return {k: float(v) for k, v in _f1_from_counts(*_counts(y_true, y_pred, n_classes)).items()}
+
+
+def bootstrap_f1(y_true, y_pred, n_classes: int, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Point value and percentile interval per average, resampling episodes with replacement."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    n = len(y_true)
+    rng = np.random.default_rng(seed)
+    point = f1_scores(y_true, y_pred, n_classes)
+    out = {}
+    chunk = max(1, 2_000_000 // max(n, 1))  # bound the [R, N] weight matrix
+    reps: dict[str, list[np.ndarray]] = {k: [] for k in AVERAGES}
+    for start in range(0, resamples, chunk):
+        r = min(chunk, resamples - start)
+        draws = rng.integers(0, n, size=(r, n))
+        flat = (np.arange(r)[:, None] * n + draws).ravel()
+        weights = np.bincount(flat, minlength=r * n).reshape(r, n).astype(float)  # [r, N] draw counts
+        for k, v in _f1_from_counts(*_counts(y_true, y_pred, n_classes, weights)).items():
+            reps[k].append(v)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    for k in AVERAGES:
+        values = np.concatenate(reps[k])
+        out[k] = {"value": point[k], "ci_low": float(np.percentile(values, lo)),
+                  "ci_high": float(np.percentile(values, hi))}
+    return out

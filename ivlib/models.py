@@ -1,0 +1,150 @@
+"""Loading a registry entry into (model, tokenizer, layout) on the requested device.
+
+Sources, all through `from_pretrained` where one exists: a local directory, a hub id (from the
+local HF cache when offline), a GGUF file in a directory or in an installed package (dequantized
+once, then cached as a normal checkpoint), or a built-in tiny model made from a config.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UsageError
+from .layout import ModelLayout, discover_layout
+from .tiny import TINY_ARCHS, build_tiny
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    layout: ModelLayout
+    device: torch.device  # where inputs go (the first device under a device map)
+    dtype: torch.dtype
+    source: str
+    add_bos: bool
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IVLIB_CACHE", Path.home() / ".cache" / "ivlib"))
+
+
+def resolve_device(gpu: int | None) -> torch.device:
+    if gpu is None or gpu < 0:
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if gpu >= count:
+        raise UsageError(f"-g {gpu}: no such GPU; accepted: -1 (CPU) or 0..{count - 1}" if count else
+                         f"-g {gpu}: no GPU is visible; accepted: -1 (CPU)")
+    return torch.device(f"cuda:{gpu}")
+
+
+def choose_dtype(entry: dict[str, Any], device: torch.device, no_half: bool) -> torch.dtype:
+    if no_half or device.type == "cpu":
+        return torch.float32
+    if "dtype" in entry:
+        if entry["dtype"] not in DTYPES:
+            raise UsageError(f"dtype '{entry['dtype']}' unknown; accepted: {', '.join(DTYPES)}")
+        return DTYPES[entry["dtype"]]
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _package_dir(package: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"package '{package}' is not installed; install it (see README) or give a path")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _gguf_checkpoint(name: str, folder: str, gguf_file: str, quiet: bool) -> str:
+    """Dequantize a GGUF file once and keep a normal checkpoint, so later runs load in a second."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return str(target)
+    if not (Path(folder) / gguf_file).is_file():
+        raise UsageError(f"GGUF file '{Path(folder) / gguf_file}' does not exist")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not quiet:
+        print(f"[ivlib] converting {gguf_file} to a checkpoint in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    settings = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))
+    model.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)  # a killed conversion leaves only the .partial folder, never a broken cache
+    return str(target)
+
+
+def load_model(name: str, entry: dict[str, Any], device: torch.device, *, no_half: bool = False,
+               device_map: str | None = None, mem_limit: str | None = None, flash_attention: bool = False,
+               quiet: bool = False) -> LoadedModel:
+    dtype = choose_dtype(entry, device, no_half)
+    if "builtin" in entry:
+        arch = str(entry["builtin"]).removeprefix("tiny-")
+        if arch not in TINY_ARCHS:
+            raise UsageError(f"model '{name}': builtin '{entry['builtin']}' unknown; accepted: "
+                             + ", ".join("tiny-" + a for a in TINY_ARCHS))
+        model, tokenizer = build_tiny(arch)
+        model = model.to(device=device, dtype=dtype)
+        source = f"builtin:{entry['builtin']}"
+    else:
+        model, tokenizer, source = _from_pretrained(name, entry, device, dtype, device_map, mem_limit,
+                                                    flash_attention, quiet)
+    model.eval()
+    layout = discover_layout(model, entry.get("layout"))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    bos = entry.get("bos", "auto")
+    if bos not in ("auto", True, False):
+        raise UsageError(f"model '{name}': bos '{bos}' unknown; accepted: auto, true, false")
+    add_bos = tokenizer.bos_token_id is not None if bos == "auto" else bool(bos)
+    first = model.get_input_embeddings().weight.device
+    return LoadedModel(name, model, tokenizer, layout, first, dtype, source, add_bos)
+
+
+def _from_pretrained(name, entry, device, dtype, device_map, mem_limit, flash_attention, quiet):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if "package" in entry:
+        folder = _package_dir(entry["package"])
+    elif "path" in entry:
+        folder = str(entry["path"])
+    else:
+        raise UsageError(f"model '{name}' has no path, package or builtin")
+    if folder.startswith(("/", ".", "~")) and not Path(folder).expanduser().exists():
+        raise UsageError(f"model '{name}': path '{folder}' does not exist; fix the registry entry or pass -c")
+    if "gguf_file" in entry:
+        folder = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": bool(entry.get("trust_remote_code", False))}
+    if flash_attention:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if mem_limit is not None:
+            kwargs["max_memory"] = {i: mem_limit for i in range(torch.cuda.device_count())}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", folder))
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"model '{name}': cannot load '{folder}' ({reason}); give a local directory "
+                         "or a hub id present in the local cache") from None
+    if device_map is None:
+        model = model.to(device)
+    return model, tokenizer, folder

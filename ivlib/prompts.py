@@ -1,0 +1,153 @@
+"""Episodes to token ids, with the separator positions the methods edit or read.
+
+The prompt is tokenized as one string (what the model would see), and separator positions are
+found from character offsets rather than by tokenizing pieces separately: piecewise
+tokenization changes merges and, for SentencePiece models, inserts spurious word-start marks.
+Batches are left-padded so every row's answer position is the last column, which lets the
+model compute logits for that column only.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from .episodes import Episode
+from .errors import UsageError
+
+IO_SEP = "\n"
+EXAMPLE_SEP = "\n\n\n"
+
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]
+    sep_pos: list[int]  # token index ending each input->output separator; the query's is last
+    sep_class: list[int]  # class of each demo separator; n_classes marks the query's
+    label: int  # the query's class
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded rows; every position below is already shifted for the padding."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T], 0 at each row's first real token
+    sep_rows: torch.Tensor  # [N] row of each separator (all rows' separators, flattened)
+    sep_cols: torch.Tensor  # [N] column of each separator
+    sep_class: torch.Tensor  # [N] class index, n_classes for query separators
+    query_cols: torch.Tensor  # [B] column of each row's query separator (== T - 1)
+    labels: torch.Tensor  # [B]
+
+    def to(self, device: torch.device | str) -> "PromptBatch":
+        return PromptBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+class PromptEncoder:
+    """Tokenizes episodes; owns BOS, truncation and the label words' first tokens."""
+
+    def __init__(self, tokenizer, label_words: list[str], add_bos: bool, max_example_tokens: int = 256):
+        self.tok = tokenizer
+        self.label_words = label_words
+        self.n_classes = len(label_words)
+        self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        self.max_example_tokens = max_example_tokens
+        self.label_ids = [self._first_token_after_sep(w) for w in label_words]
+        self._label_len = max(len(self._tokenize(IO_SEP + w)["input_ids"]) for w in label_words)
+        if max_example_tokens <= self._label_len + 1:
+            raise UsageError(f"--max-example-tokens {max_example_tokens} leaves no room for the input; accepted: > {self._label_len + 1}")
+        self._trunc_cache: dict[str, str] = {}
+
+    def _tokenize(self, text: str):
+        return self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+
+    def _first_token_after_sep(self, word: str) -> int:
+        enc = self._tokenize(IO_SEP + word)
+        for tid, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if end > len(IO_SEP):
+                return tid
+        raise UsageError(f"label word '{word}' produces no token")
+
+    def check_label_collisions(self) -> None:
+        """Two labels with one first token make one class unwinnable: refuse rather than mis-score."""
+        seen: dict[int, str] = {}
+        for word, tid in zip(self.label_words, self.label_ids):
+            if tid in seen:
+                piece = self.tok.convert_ids_to_tokens(tid)
+                raise UsageError(
+                    f"labels '{seen[tid]}' and '{word}' share their first token {piece!r}; "
+                    "give distinct label_words in the task config"
+                )
+            seen[tid] = word
+
+    def truncate(self, text: str) -> str:
+        """Cut an input so input + separator + label fits `max_example_tokens`."""
+        text = text.rstrip()
+        cached = self._trunc_cache.get(text)
+        if cached is not None:
+            return cached
+        budget = self.max_example_tokens - self._label_len
+        enc = self._tokenize(text)
+        out = text if len(enc["input_ids"]) <= budget else text[: enc["offset_mapping"][budget - 1][1]].rstrip()
+        self._trunc_cache[text] = out
+        return out
+
+    def encode(self, episode: Episode) -> EncodedPrompt:
+        parts: list[str] = []
+        sep_chars: list[int] = []  # char index of the last char of each IO separator
+        sep_class: list[int] = []
+        length = 0
+        for demo in episode.demos:
+            piece = self.truncate(demo.text) + IO_SEP
+            sep_chars.append(length + len(piece) - 1)
+            sep_class.append(demo.label)
+            piece += self.label_words[demo.label] + EXAMPLE_SEP
+            parts.append(piece)
+            length += len(piece)
+        piece = self.truncate(episode.query.text) + IO_SEP
+        sep_chars.append(length + len(piece) - 1)
+        sep_class.append(self.n_classes)
+        parts.append(piece)
+        enc = self._tokenize("".join(parts))
+        ends = [end for _, end in enc["offset_mapping"]]
+        # the token holding char c is the first whose end offset exceeds c
+        sep_pos = [bisect.bisect_right(ends, c) + len(self.bos) for c in sep_chars]
+        ids = self.bos + list(enc["input_ids"])
+        if sep_pos[-1] != len(ids) - 1:
+            raise UsageError("the tokenizer merges the query's trailing separator; this tokenizer is not supported")
+        return EncodedPrompt(ids, sep_pos, sep_class, episode.query.label)
+
+
+def collate(prompts: list[EncodedPrompt], pad_id: int) -> PromptBatch:
+    """Left-pad a list of prompts into one batch."""
+    width = max(len(p.ids) for p in prompts)
+    b = len(prompts)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    rows, cols, classes = [], [], []
+    for r, p in enumerate(prompts):
+        pad = width - len(p.ids)
+        input_ids[r, pad:] = torch.tensor(p.ids, dtype=torch.long)
+        mask[r, pad:] = 1
+        rows.extend([r] * len(p.sep_pos))
+        cols.extend(pos + pad for pos in p.sep_pos)
+        classes.extend(p.sep_class)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return PromptBatch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        sep_rows=torch.tensor(rows, dtype=torch.long),
+        sep_cols=torch.tensor(cols, dtype=torch.long),
+        sep_class=torch.tensor(classes, dtype=torch.long),
+        query_cols=torch.full((b,), width - 1, dtype=torch.long),
+        labels=torch.tensor([p.label for p in prompts], dtype=torch.long),
+    )
+
+
+def length_sorted_batches(prompts: list[EncodedPrompt], batch_size: int) -> list[list[int]]:
+    """Index groups of similar length: padding is wasted compute, so batch neighbours in length."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,64 @@
+"""Forward passes that end in label scores, and the batched loop every method's evaluation uses."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import LoadedModel
+from .prompts import EncodedPrompt, PromptBatch, collate, length_sorted_batches
+
+
+class Scorer:
+    """Runs a model on prompt batches and turns the answer position into per-label log-probs.
+
+    Only the last column's logits are computed where the model allows it: the LM head over
+    every position is a large share of a small model's compute and is never needed here.
+    """
+
+    def __init__(self, lm: LoadedModel, label_ids: list[int], batch_size: int, quiet: bool = False):
+        self.lm = lm
+        self.label_ids = torch.tensor(label_ids, dtype=torch.long)
+        self.batch_size = batch_size
+        self.quiet = quiet
+        self._keep_last = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+
+    @property
+    def layout(self):
+        return self.lm.layout
+
+    def batch(self, prompts: list[EncodedPrompt]) -> PromptBatch:
+        return collate(prompts, self.lm.tokenizer.pad_token_id).to(self.lm.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: PromptBatch) -> torch.Tensor:
+        """Next-token logits at each row's answer position: [B, V]."""
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, use_cache=False, **kwargs)
+        return out.logits[:, -1]
+
+    def label_scores(self, batch: PromptBatch) -> torch.Tensor:
+        """[B, C] float32 log-probabilities of each label's first token."""
+        logits = self.forward(batch).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return logprobs[:, self.label_ids.to(logprobs.device)]
+
+    def progress(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)
+
+    def run_batched(self, prompts: list[EncodedPrompt], fn: Callable[[PromptBatch], torch.Tensor],
+                    desc: str) -> torch.Tensor:
+        """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order."""
+        out: torch.Tensor | None = None
+        with self.progress(len(prompts), desc) as bar:
+            for idx in length_sorted_batches(prompts, self.batch_size):
+                result = fn(self.batch([prompts[i] for i in idx])).cpu()
+                if out is None:
+                    out = torch.empty((len(prompts), *result.shape[1:]), dtype=result.dtype)
+                out[torch.tensor(idx)] = result
+                bar.update(len(idx))
+        assert out is not None
+        return out

@@ -1,0 +1,179 @@
+"""A classification task as the methods see it: texts and integer labels per split, label words.
+
+Hub datasets, local parquet/csv/jsonl files and ivlib's generated tasks all go through
+`datasets`, so one code path is tested and the user's offline files behave like hub data.
+Splits a dataset lacks are carved from train with a fixed shuffle that does not depend on the
+run's seed, so every run and method sees the same validation and test sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .builtin_tasks import BUILTIN_TASKS
+from .errors import UsageError
+
+ROLES = ("train", "validation", "test")
+TEXT_FIELD_ORDER = ("question", "sentence", "sentence1", "premise", "question1", "text", "tweet")
+PAIR_FIELDS = {"sentence1": "sentence2", "premise": "hypothesis", "question1": "question2"}
+CARVE_SEED = 0
+_LOCAL_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: np.ndarray  # [N] int64 class indices
+
+    def class_counts(self, n_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=n_classes)
+
+
+@dataclass
+class Task:
+    name: str
+    label_words: list[str]
+    splits: dict[str, Split]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_words)
+
+
+def _loader_for(data_files: Any) -> str:
+    first = data_files if isinstance(data_files, str) else next(iter(data_files.values()))
+    if isinstance(first, list):
+        first = first[0]
+    suffix = Path(first).suffix.lower()
+    if suffix not in _LOCAL_LOADERS:
+        raise UsageError(f"data file '{first}' has suffix '{suffix}'; accepted: .parquet, .csv, .json, .jsonl")
+    return _LOCAL_LOADERS[suffix]
+
+
+def _load_dataset_dict(name: str, spec: dict[str, Any]):
+    import datasets
+
+    if "builtin" in spec:
+        generator = BUILTIN_TASKS.get(spec["builtin"])
+        if generator is None:
+            raise UsageError(f"task '{name}': unknown builtin '{spec['builtin']}'; accepted: {', '.join(BUILTIN_TASKS)}")
+        columns, names = generator()
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        return datasets.DatasetDict({s: datasets.Dataset.from_dict(c, features=features) for s, c in columns.items()})
+
+    data_files = spec.get("data_files")
+    if data_files is not None:
+        files = [data_files] if isinstance(data_files, str) else list(data_files.values())
+        for f in files:
+            for p in f if isinstance(f, list) else [f]:
+                if not Path(p).exists():
+                    raise UsageError(f"task '{name}': data file '{p}' does not exist")
+        loader = spec.get("dataset") or _loader_for(data_files)
+        if loader not in ("parquet", "csv", "json"):
+            loader = _loader_for(data_files)
+        return datasets.load_dataset(loader, data_files=data_files)
+    if "dataset" not in spec:
+        raise UsageError(f"task '{name}' has neither 'dataset', 'data_files' nor 'builtin'")
+    try:
+        return datasets.load_dataset(spec["dataset"], spec.get("subset"))
+    except Exception as exc:  # hub errors come in many classes; all mean "cannot load this"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"task '{name}': cannot load dataset '{spec['dataset']}' ({reason[:200]}); "
+            "offline, give the task local data_files"
+        ) from None
+
+
+def _text_columns(name: str, columns: list[str], spec: dict[str, Any]) -> list[str]:
+    if "text_fields" in spec:
+        fields = spec["text_fields"]
+        fields = [fields] if isinstance(fields, str) else list(fields)
+        missing = [f for f in fields if f not in columns]
+        if missing:
+            raise UsageError(f"task '{name}': text field '{missing[0]}' not in the data; columns: {', '.join(columns)}")
+        return fields
+    for f in TEXT_FIELD_ORDER:
+        if f in columns:
+            pair = PAIR_FIELDS.get(f)
+            return [f, pair] if pair in columns else [f]
+    raise UsageError(f"task '{name}': no text column found; set text_fields (columns: {', '.join(columns)})")
+
+
+def _label_names(name: str, ds, label_field: str, spec: dict[str, Any]) -> list[str]:
+    feature = ds.features.get(label_field)
+    if "label_names" in spec:
+        return [str(n) for n in spec["label_names"]]
+    if feature is not None and hasattr(feature, "names"):
+        return list(feature.names)
+    if "label_text" in ds.column_names:  # files such as shared/data: int label + its name
+        pairs = sorted({(int(y), str(t)) for y, t in zip(ds[label_field], ds["label_text"])})
+        names: dict[int, str] = {}
+        for y, t in pairs:
+            names.setdefault(y, t)
+        if sorted(names) == list(range(len(names))):
+            return [names[i] for i in range(len(names))]
+    raise UsageError(f"task '{name}': label column '{label_field}' has no class names; set label_names in the task")
+
+
+def _carve(train_n: int, missing: list[str]) -> dict[str, np.ndarray]:
+    """Deterministic cut of a shuffled train: val = last 20% (or 10%/10% when test is missing too)."""
+    order = np.random.default_rng(CARVE_SEED).permutation(train_n)
+    if missing == ["validation"]:
+        cut = int(train_n * 0.8)
+        return {"train": order[:cut], "validation": order[cut:]}
+    if missing == ["test"]:
+        cut = int(train_n * 0.9)
+        return {"train": order[:cut], "test": order[cut:]}
+    a, b = int(train_n * 0.8), int(train_n * 0.9)
+    return {"train": order[:a], "validation": order[a:b], "test": order[b:]}
+
+
+def load_task(name: str, spec: dict[str, Any]) -> Task:
+    dsd = _load_dataset_dict(name, spec)
+    mapping = {role: role for role in ROLES}
+    mapping.update(spec.get("splits") or {})
+    for role in mapping:
+        if role not in ROLES:
+            raise UsageError(f"task '{name}': unknown split role '{role}'; accepted: {', '.join(ROLES)}")
+    if mapping["train"] not in dsd:
+        raise UsageError(f"task '{name}': dataset has no split '{mapping['train']}' for train; splits: {', '.join(dsd)}")
+    label_field = spec.get("label_field", "label")
+    train_ds = dsd[mapping["train"]]
+    if label_field not in train_ds.column_names:
+        raise UsageError(f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}")
+    names = _label_names(name, train_ds, label_field, spec)
+    words = [str(w) for w in spec.get("label_words", names)]
+    if len(words) != len(names):
+        raise UsageError(f"task '{name}': {len(words)} label_words for {len(names)} classes")
+    text_cols = _text_columns(name, train_ds.column_names, spec)
+
+    def to_split(ds) -> Split:
+        texts = [" ".join(str(t[c]).strip() for c in text_cols) for t in ds.select_columns(text_cols)]
+        labels = np.asarray(ds[label_field], dtype=np.int64)
+        keep = (labels >= 0) & (labels < len(names))  # hub test splits often carry -1
+        if not keep.all():
+            texts = [t for t, k in zip(texts, keep) if k]
+            labels = labels[keep]
+        return Split(texts, labels)
+
+    present = {role: dsd[mapping[role]] for role in ROLES if mapping[role] in dsd}
+    missing = [role for role in ROLES if role not in present]
+    provenance: dict[str, Any] = {"splits": {r: mapping[r] for r in present}}
+    splits = {role: to_split(ds) for role, ds in present.items()}
+    if missing:
+        whole = splits["train"]
+        cuts = _carve(len(whole.texts), missing)
+        for role, idx in cuts.items():
+            splits[role] = Split([whole.texts[i] for i in idx], whole.labels[idx])
+        provenance["carved"] = {
+            "from": mapping["train"], "roles": missing, "seed": CARVE_SEED,
+            "sizes": {r: int(len(i)) for r, i in cuts.items()},
+        }
+    for role, split in splits.items():
+        if len(split.texts) == 0:
+            raise UsageError(f"task '{name}': split '{role}' is empty")
+    return Task(name=name, label_words=words, splits=splits, provenance=provenance)

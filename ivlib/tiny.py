@@ -1,0 +1,77 @@
+"""Tiny randomly initialised models and their tokenizer, built from configs (no download).
+
+They exist for tests and the offline smoke run: every architecture ivlib supports can be built
+in a second, deterministically, and exercised through the same code as a real checkpoint.
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+from .builtin_tasks import vocabulary
+
+SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]
+
+
+def build_tokenizer(extra_words: list[str] | None = None):
+    """Word-level tokens for the built-in vocabulary, falling back to characters for any ASCII word.
+
+    Whitespace characters are tokens of their own, as separators are in real tokenizers.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.ascii_letters + string.digits + string.punctuation) + [" ", "\n", "\t"]
+    words = sorted(set(vocabulary()) | set(extra_words or [])) 
+    pieces = SPECIALS + chars + ["##" + c for c in string.ascii_letters + string.digits] + words
+    vocab: dict[str, int] = {}
+    for p in pieces:
+        vocab.setdefault(p, len(vocab))
+    model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=64)
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|[A-Za-z0-9]+|[^\sA-Za-z0-9]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]")
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A 2-layer, 64-wide config of the named architecture family."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, **common)
+    configs = {
+        "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=512, **common),
+        "gptj": lambda: tf.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=512, **common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=512, **common),
+        "llama": lambda: tf.LlamaConfig(**llama_like),
+        "qwen2": lambda: tf.Qwen2Config(**llama_like),
+        "mistral": lambda: tf.MistralConfig(**llama_like),
+        "gemma": lambda: tf.GemmaConfig(head_dim=16, **llama_like),
+        "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                    word_embed_proj_dim=64, max_position_embeddings=512, **common),
+    }
+    if arch not in configs:
+        raise KeyError(arch)
+    return configs[arch]()
+
+
+TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "opt")
+
+
+def build_tiny(arch: str = "gpt2", seed: int = 0):
+    """(model, tokenizer), with weights fixed by `seed` so runs are reproducible."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = tiny_config(arch, len(tokenizer))
+    config._attn_implementation = "sdpa"
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.eval(), tokenizer
