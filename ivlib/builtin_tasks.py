@@ -27,15 +27,15 @@ ADVERBS = ["", "", "really ", "quite ", "truly ", "rather ", "very "]
 LABELS = ["negative", "positive"]
 
 
-def _clause(rng: random.Random, item: str, positive: bool, allow_negation: bool) -> tuple[str, bool]:
-    """A clause about `item`; returns (text, its polarity after any negation)."""
+def _clause(rng: random.Random, item: str, positive: bool, allow_negation: bool) -> str:
+    """A clause about `item` whose meaning (after any negation) has the given polarity."""
     negate = allow_negation and rng.random() < 0.5
     surface = positive != negate  # the adjective's own polarity
     adj = rng.choice(POSITIVE if surface else NEGATIVE)
     adv = rng.choice(ADVERBS)
     if negate:
-        return f"the {item} was not {adv}{adj}", positive
-    return f"the {item} was {adv}{adj}", positive
+        return f"the {item} was not {adv}{adj}"
+    return f"the {item} was {adv}{adj}"
 
 
 def _review(rng: random.Random) -> tuple[str, int]:
@@ -43,14 +43,14 @@ def _review(rng: random.Random) -> tuple[str, int]:
     kind = rng.random()
     item, other = rng.sample(ITEMS, 2)
     if kind < 0.35:  # plain
-        text, _ = _clause(rng, item, bool(label), allow_negation=False)
+        text = _clause(rng, item, bool(label), allow_negation=False)
         sentence = text[0].upper() + text[1:] + "."
     elif kind < 0.6:  # negated
-        text, _ = _clause(rng, item, bool(label), allow_negation=True)
+        text = _clause(rng, item, bool(label), allow_negation=True)
         sentence = text[0].upper() + text[1:] + "."
     else:  # contrast: the last clause decides
-        first, _ = _clause(rng, item, not label, allow_negation=rng.random() < 0.3)
-        last, _ = _clause(rng, other, bool(label), allow_negation=rng.random() < 0.3)
+        first = _clause(rng, item, not label, allow_negation=rng.random() < 0.3)
+        last = _clause(rng, other, bool(label), allow_negation=rng.random() < 0.3)
         if rng.random() < 0.5:
             sentence = f"{first[0].upper() + first[1:]}, but {last}."
         else:
@@ -78,5 +78,5 @@ def vocabulary() -> list[str]:
     words = set(LABELS) | set(POSITIVE) | set(NEGATIVE)
     words |= {w for item in ITEMS for w in item.split()}
     words |= {a.strip() for a in ADVERBS if a.strip()}
-    words |= {"the", "The", "was", "not", "but", "Although"}
+    words |= {"the", "The", "was", "not", "but", "Although", "bad", "good"}
     return sorted(words)
