@@ -19,11 +19,11 @@ def build_tokenizer(extra_words: list[str] | None = None):
 
     Whitespace characters are tokens of their own, as separators are in real tokenizers.
     """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.ascii_letters + string.digits + string.punctuation) + [" ", "\n", "\t"]
-    words = sorted(set(vocabulary()) | set(extra_words or [])) 
+    words = sorted(set(vocabulary()) | set(extra_words or []))
     pieces = SPECIALS + chars + ["##" + c for c in string.ascii_letters + string.digits] + words
     vocab: dict[str, int] = {}
     for p in pieces:
@@ -31,6 +31,7 @@ def build_tokenizer(extra_words: list[str] | None = None):
     model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=64)
     tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|[A-Za-z0-9]+|[^\sA-Za-z0-9]"), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("##", ""), decoders.Fuse()])  # tokens are exact spans
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]")
 
 

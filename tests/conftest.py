@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models built from configs and the built-in task (no download)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ivlib.layout import discover_layout  # noqa: E402
+from ivlib.models import LoadedModel  # noqa: E402
+from ivlib.prompts import PromptEncoder  # noqa: E402
+from ivlib.tasks import load_task  # noqa: E402
+from ivlib.tiny import build_tiny  # noqa: E402
+
+TASK_SPEC = {"builtin": "review_sentiment", "label_words": ["bad", "good"]}
+
+
+def wrap(arch: str) -> LoadedModel:
+    model, tok = build_tiny(arch)
+    return LoadedModel(f"tiny-{arch}", model, tok, discover_layout(model), torch.device("cpu"),
+                       torch.float32, "test", add_bos=True)
+
+
+@pytest.fixture(scope="session")
+def task():
+    return load_task("review_sentiment", TASK_SPEC)
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def lm(request) -> LoadedModel:
+    return wrap(request.param)
+
+
+@pytest.fixture(scope="session")
+def gpt2() -> LoadedModel:
+    return wrap("gpt2")
+
+
+@pytest.fixture()
+def encoder(lm, task) -> PromptEncoder:
+    return PromptEncoder(lm.tokenizer, task.label_words, add_bos=True)

@@ -1,0 +1,37 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ivlib.results import append_record, read_records
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_append_and_read_back(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    append_record(str(path), {"a": 1})
+    append_record(str(path), {"b": [1, 2]})
+    records, bad = read_records(str(path))
+    assert records == [{"a": 1}, {"b": [1, 2]}] and bad == []
+
+
+def test_a_partial_line_left_by_a_killed_writer_does_not_swallow_the_next_record(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text('{"ok": 1}\n{"cut off')
+    append_record(str(path), {"next": 2})
+    records, bad = read_records(str(path))
+    assert records == [{"ok": 1}, {"next": 2}] and bad == [2]
+
+
+def test_two_processes_appending_never_interleave(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from ivlib.results import append_record\n"
+              "for i in range(200): append_record(sys.argv[2], {'writer': sys.argv[3], 'i': i, 'pad': 'x' * 5000})")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(REPO), str(path), w]) for w in "ab"]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 400
+    parsed = [json.loads(line) for line in lines]
+    for w in "ab":
+        assert [r["i"] for r in parsed if r["writer"] == w] == list(range(200))
