@@ -116,8 +116,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.gpu)
     method_cls = METHODS[args.method]
     method = method_cls.from_args(args)
-    if args.load_vectors and not method_cls.needs_fit:
-        raise UsageError(f"--load-vectors: method '{args.method}' has no saved state; accepted with: iv")
+    for flag, value in (("--load-vectors", args.load_vectors), ("--save-vectors", args.save_vectors)):
+        if value and not method_cls.needs_fit:
+            fitted = ", ".join(name for name, cls in METHODS.items() if cls.needs_fit)
+            raise UsageError(f"{flag}: method '{args.method}' has no fitted state; accepted with: {fitted}")
 
     from .tasks import load_task
 
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_source": lm.source, "layout": lm.layout.describe(), "add_bos": lm.add_bos,
         "label_words": task.label_words, "task_provenance": task.provenance,
         "config_files": config.sources, "versions": _versions(), "git_commit": _git_commit(),
-        "command": sys.argv[1:],
+        "command": args.command,
     }
     append_record(args.results, record)
     m = metrics  # the summary line prints even with --quiet, which silences progress bars only
@@ -196,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = list(argv) if argv is not None else sys.argv[1:]
     try:
         run(args)
     except UsageError as exc:
