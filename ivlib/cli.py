@@ -178,6 +178,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting else 0,
         "fit": fit_info,
         "metrics": metrics,
+        # a method that collapses onto one label shows here first
+        "predicted_fraction": dict(zip(task.label_words,
+                                       np.round(np.bincount(y_pred, minlength=task.n_classes) / len(y_pred), 4).tolist())),
         "timing_s": {"load": round(load_s, 3), "fit": round(fit_s, 3), "eval": round(eval_s, 3)},
         "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
         "batch_size": args.batch_size, "device": str(device), "dtype": str(lm.dtype).removeprefix("torch."),

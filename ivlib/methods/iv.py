@@ -8,6 +8,8 @@ and averages the differences; the average is refreshed every `ext_batch` episode
 
 Unlike the reference release, both prompts are read at the separator token itself (the
 reference reads the zero-shot prompt one token early), and extraction uses training data only.
+The query's answer is not appended to either prompt: every read is at or before the query's
+separator, so under causal attention the answer tokens could not change what is read.
 """
 from __future__ import annotations
 
