@@ -68,7 +68,6 @@ def build_tiny(arch: str = "gpt2", seed: int = 0):
 
     tokenizer = build_tokenizer()
     config = tiny_config(arch, len(tokenizer))
-    config._attn_implementation = "sdpa"
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
