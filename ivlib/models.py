@@ -141,7 +141,7 @@ def _from_pretrained(name, entry, device, dtype, device_map, mem_limit, flash_at
     try:
         tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", folder))
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"model '{name}': cannot load '{folder}' ({reason}); give a local directory "
                          "or a hub id present in the local cache") from None
