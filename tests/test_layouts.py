@@ -1,0 +1,103 @@
+"""Every supported family, as a tiny random model: layout found, edits exact, batching harmless."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import wrap
+from ivlib.episodes import sample_episodes
+from ivlib.errors import UsageError
+from ivlib.hooks import edit_outputs, stack_reads
+from ivlib.layout import discover_layout
+from ivlib.methods.icl import ICL
+from ivlib.methods.iv import IterativeVectors
+from ivlib.prompts import PromptEncoder
+from ivlib.scoring import Scorer
+from ivlib.tiny import TINY_ARCHS
+
+GQA = {"llama", "qwen2", "mistral", "gemma"}
+_cache = {}
+
+
+def tiny(arch):
+    if arch not in _cache:
+        _cache[arch] = wrap(arch)
+    return _cache[arch]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_layout_is_discovered(arch):
+    lm = tiny(arch)
+    layout = lm.layout
+    assert layout.n_layers == 2 and layout.d_model == 64 and layout.n_heads == 4
+    assert layout.n_kv_heads == (2 if arch in GQA else 4)
+    ids = torch.tensor([[5, 6, 7]])
+    with edit_outputs(layout.attn_out, torch.tensor([0]), torch.tensor([1]), read=True) as sites:
+        lm.model(input_ids=ids)
+    assert stack_reads(sites).shape == (2, 1, 64)
+    assert all("mlp" not in n for n, m in lm.model.named_modules() if any(m is a for a in layout.attn_out))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_edit_changes_exactly_the_given_positions(arch):
+    lm = tiny(arch)
+    ids = torch.randint(10, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    everywhere_r = torch.arange(2).repeat_interleave(7)
+    everywhere_c = torch.arange(7).repeat(2)
+    module = lm.layout.attn_out[:1]  # layer 0
+    with torch.no_grad(), edit_outputs(module, everywhere_r, everywhere_c, read=True) as sites:
+        base_logits = lm.model(input_ids=ids).logits
+    base = sites[0].value.view(2, 7, -1)
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([4, 2, 6])
+    vec = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), edit_outputs(module, rows, cols, add=[vec]):
+        with edit_outputs(module, everywhere_r, everywhere_c, read=True) as after:  # runs after the add
+            logits = lm.model(input_ids=ids).logits
+    diff = after[0].value.view(2, 7, -1) - base
+    expected = torch.zeros_like(diff)
+    expected[rows, cols] = vec
+    torch.testing.assert_close(diff, expected, atol=1e-5, rtol=0)
+    # causality: positions before a row's first edit keep their logits
+    torch.testing.assert_close(logits[0, :4], base_logits[0, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1, :2], base_logits[1, :2], atol=1e-5, rtol=0)
+    assert not torch.allclose(logits[0, 4:], base_logits[0, 4:], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_batched_equals_one_at_a_time(arch, task):
+    lm = tiny(arch)
+    encoder = PromptEncoder(lm.tokenizer, task.label_words, add_bos=True)
+    prompts = [encoder.encode(e) for e in sample_episodes(task.splits["validation"], 2, 1, 6, 11, "v")]
+    iv = IterativeVectors(strength=1.0, ext_strength=0.5, ext_batch=0)
+    iv.load_state({"vectors": torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))})
+    for method in (ICL(), iv):
+        outs = []
+        for bs in (1, 6):
+            scorer = Scorer(lm, encoder.label_ids, bs, quiet=True)
+            outs.append(scorer.run_batched(prompts, lambda b: method.predict(scorer, b), "t"))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixer = nn.Module()
+        self.mixer.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.mixer.proj(x)
+
+
+class _Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("Cfg", (), {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 3})()
+        self.stack = nn.ModuleList([_Block() for _ in range(3)])
+
+
+def test_unknown_architecture_is_a_clear_error_and_yaml_names_fix_it():
+    with pytest.raises(UsageError, match="layout:"):
+        discover_layout(_Odd())
+    layout = discover_layout(_Odd(), {"blocks": "stack", "attn_out": "mixer.proj"})
+    assert layout.n_layers == 3 and layout.attn_out[2] is layout.blocks[2].mixer.proj
+    with pytest.raises(UsageError, match="layout"):
+        discover_layout(_Odd(), {"blocks": "stack", "attn_out": "mixer.nope"})
