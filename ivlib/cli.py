@@ -105,7 +105,20 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "datasets": datasets.__version__, "numpy": np.__version__}
 
 
+def _silence_libraries() -> None:
+    """--quiet: no progress bars or info chatter from datasets/transformers either."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.quiet:
+        _silence_libraries()
     if args.run_clean:
         args.method = "icl"
     _validate(args)
