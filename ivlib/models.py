@@ -32,6 +32,16 @@ class LoadedModel:
     source: str
     add_bos: bool
 
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence the model's position scheme allows, when its config says."""
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("IVLIB_CACHE", Path.home() / ".cache" / "ivlib"))

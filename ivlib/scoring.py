@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UsageError
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, collate, length_sorted_batches
 
@@ -24,12 +25,17 @@ class Scorer:
         self.batch_size = batch_size
         self.quiet = quiet
         self._keep_last = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+        self._context = lm.context_length
 
     @property
     def layout(self):
         return self.lm.layout
 
     def batch(self, prompts: list[EncodedPrompt]) -> PromptBatch:
+        longest = max(len(p.ids) for p in prompts)
+        if self._context is not None and longest > self._context:
+            raise UsageError(f"a prompt of {longest} tokens exceeds the context of model '{self.lm.name}' "
+                             f"({self._context}); lower --shot/--ext-shot or --max-example-tokens")
         return collate(prompts, self.lm.tokenizer.pad_token_id).to(self.lm.device)
 
     @torch.inference_mode()

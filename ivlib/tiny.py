@@ -12,6 +12,11 @@ import torch
 from .builtin_tasks import vocabulary
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]
+CONTEXT = 1024  # whitespace is a token here, so prompts run about twice as long as with BPE
+# label words of the registry's tasks, so tiny models can run them on local fixture data
+# without the character fallback making labels collide (Sports / Sci/Tech)
+LABEL_WORDS = ["World", "Sports", "Business", "Sci", "Tech", "negative", "positive", "neutral", "terrible",
+               "great", "neg", "pos", "Abbreviation", "Entity", "Description", "Person", "Location", "Number"]
 
 
 def build_tokenizer(extra_words: list[str] | None = None):
@@ -23,7 +28,7 @@ def build_tokenizer(extra_words: list[str] | None = None):
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.ascii_letters + string.digits + string.punctuation) + [" ", "\n", "\t"]
-    words = sorted(set(vocabulary()) | set(extra_words or []))
+    words = sorted(set(vocabulary()) | set(LABEL_WORDS) | set(extra_words or []))
     pieces = SPECIALS + chars + ["##" + c for c in string.ascii_letters + string.digits] + words
     vocab: dict[str, int] = {}
     for p in pieces:
@@ -41,18 +46,18 @@ def tiny_config(arch: str, vocab_size: int):
 
     common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=0)
     llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, **common)
+                      num_key_value_heads=2, max_position_embeddings=CONTEXT, **common)
     configs = {
-        "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=512, **common),
-        "gptj": lambda: tf.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=512, **common),
+        "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, **common),
+        "gptj": lambda: tf.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=CONTEXT, **common),
         "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, max_position_embeddings=512, **common),
+                                             num_attention_heads=4, max_position_embeddings=CONTEXT, **common),
         "llama": lambda: tf.LlamaConfig(**llama_like),
         "qwen2": lambda: tf.Qwen2Config(**llama_like),
         "mistral": lambda: tf.MistralConfig(**llama_like),
         "gemma": lambda: tf.GemmaConfig(head_dim=16, **llama_like),
         "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                    word_embed_proj_dim=64, max_position_embeddings=512, **common),
+                                    word_embed_proj_dim=64, max_position_embeddings=CONTEXT, **common),
     }
     if arch not in configs:
         raise KeyError(arch)

@@ -92,3 +92,12 @@ def test_real_process_exit_code_and_clean_stderr(tmp_path):
     assert proc.stderr.strip().startswith("iv.py: error: unknown model 'nope'")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_prompt_longer_than_the_context_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    results = tmp_path / "runs.jsonl"
+    code = main(GOOD + ["-s", "40", "--results", str(results)])  # 80 demos x ~20 tokens > 1024
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "exceeds the context of model 'tiny-gpt2' (1024)" in err
+    assert len(err.splitlines()) == 1 and not results.exists()
