@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--episodes", type=int, default=200, help="extraction episodes (default 200)")
     p.add_argument("--shot", type=int, default=1, help="evaluation shots per class (default 1)")
     p.add_argument("-n", "--eval-episodes", type=int, default=10_000, help="evaluation episodes (default 10000)")
+    p.add_argument("--select-episodes", type=int, default=200,
+                   help="validation episodes a method selects on (tv: its layer; default 200)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per forward pass (default 16)")
     p.add_argument("--max-example-tokens", type=int, default=256, help="truncate each example to this many tokens")
@@ -69,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> None:
     for flag, value, low in (("--episodes", args.episodes, 1), ("--eval-episodes", args.eval_episodes, 1),
+                             ("--select-episodes", args.select_episodes, 1),
                              ("--batch-size", args.batch_size, 1), ("--ext-batch", args.ext_batch, 0),
                              ("--shot", args.shot, 0), ("--max-example-tokens", args.max_example_tokens, 8)):
         if value < low:
             raise UsageError(f"{flag} {value} is out of range; accepted: an integer >= {low}")
-    if args.method == "iv" and args.ext_shot < 1:
+    if METHODS[args.method].needs_fit and args.ext_shot < 1:
         raise UsageError(f"--ext-shot {args.ext_shot} is out of range; accepted: an integer >= 1")
     for flag, value in (("--strength", args.strength), ("--ext-strength", args.ext_strength)):
         if not math.isfinite(value):
@@ -143,6 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fitting = method_cls.needs_fit and not args.load_vectors
     if fitting:
         check_shots(task.splits["train"], "train", task.n_classes, args.ext_shot, task.label_words, "--ext-shot")
+        if method_cls.needs_validation:
+            check_shots(task.splits["validation"], "validation", task.n_classes, args.shot, task.label_words, "--shot")
 
     t0 = time.perf_counter()
     lm = load_model(args.model, model_entry, device, no_half=args.no_half, device_map=args.device_map,
@@ -163,11 +168,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif method_cls.needs_fit:
         train_episodes = sample_episodes(task.splits["train"], task.n_classes, args.ext_shot, args.episodes,
                                          args.seed, "train/extract")
+        select_episodes = None
+        if method_cls.needs_validation:
+            select_episodes = sample_episodes(task.splits["validation"], task.n_classes, args.shot,
+                                              args.select_episodes, args.seed, "validation/select")
         t0 = time.perf_counter()
-        method.fit(scorer, encoder, train_episodes)
+        method.fit(scorer, encoder, train_episodes, select_episodes)
         fit_s = time.perf_counter() - t0
         fit_info = {"ext_shot": args.ext_shot, "episodes": args.episodes, "seed": args.seed,
-                    **{k: v for k, v in method.hyperparameters().items() if k != "strength"}}
+                    **{k: v for k, v in method.hyperparameters().items() if k != "strength"},
+                    **({"select_episodes": args.select_episodes, "select_shot": args.shot}
+                       if method_cls.needs_validation else {}),
+                    **method.fit_summary()}
         if args.save_vectors:
             save_state(args.save_vectors, method.state(), {**identity, "fit": fit_info})
 

@@ -14,16 +14,19 @@ from torch import nn
 
 
 class OutputSite:
-    """What one hooked module does during a forward: an indexed add, then an indexed read."""
+    """What one hooked module does during a forward: an indexed replace or add, then a read."""
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, add: torch.Tensor | None, read: bool):
-        self.rows, self.cols, self.add, self.read = rows, cols, add, read
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, add: torch.Tensor | None, read: bool,
+                 replace: torch.Tensor | None = None):
+        self.rows, self.cols, self.add, self.read, self.replace = rows, cols, add, read, replace
         self.value: torch.Tensor | None = None  # [N, D] float32 after the forward, if read
 
     def __call__(self, module: nn.Module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
         rows = self.rows.to(hidden.device, non_blocking=True)
         cols = self.cols.to(hidden.device, non_blocking=True)
+        if self.replace is not None:
+            hidden.index_put_((rows, cols), self.replace.to(hidden.device, hidden.dtype))
         if self.add is not None:
             hidden.index_put_((rows, cols), self.add.to(hidden.device, hidden.dtype), accumulate=True)
         if self.read:
@@ -34,12 +37,14 @@ class OutputSite:
 @contextmanager
 def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Tensor,
                  add: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-                 read: bool = False) -> Iterator[list[OutputSite]]:
-    """Hook `modules[l]`: add `add[l]` ([N, D]) at (rows, cols), then read the result there if `read`.
+                 read: bool = False,
+                 replace: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> Iterator[list[OutputSite]]:
+    """Hook `modules[l]`: set `replace[l]` and/or add `add[l]` ([N, D]) at (rows, cols), then read there if `read`.
 
     Yields one `OutputSite` per module; after the forward, `site.value` holds the read rows.
     """
-    sites = [OutputSite(rows, cols, None if add is None else add[i], read) for i in range(len(modules))]
+    sites = [OutputSite(rows, cols, None if add is None else add[i], read, None if replace is None else replace[i])
+             for i in range(len(modules))]
     handles = [m.register_forward_hook(s) for m, s in zip(modules, sites)]
     try:
         yield sites

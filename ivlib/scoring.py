@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,8 @@ class Scorer:
         self.quiet = quiet
         self._keep_last = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         self._context = lm.context_length
+        params = inspect.signature(lm.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
 
     @property
     def layout(self):
@@ -45,6 +47,29 @@ class Scorer:
         out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=False, **kwargs)
         return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def last_token_variants(self, batch: PromptBatch, edits: Sequence[Callable[[], ContextManager]]) -> torch.Tensor:
+        """[V, B, C] label log-probs of the same batch under V edits that touch only the last token.
+
+        The prefix (all but the last column) is encoded once into a KV cache; each variant then
+        runs only the last token over it. Equal to V full forwards when the edits cannot reach
+        earlier positions, which is what makes a per-layer or per-head search affordable.
+        """
+        cut = batch.input_ids.shape[1] - 1
+        prefix = self.lm.model(input_ids=batch.input_ids[:, :cut], attention_mask=batch.attention_mask[:, :cut],
+                               position_ids=batch.position_ids[:, :cut], use_cache=True,
+                               **({"logits_to_keep": 1} if self._keep_last else {}))
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        out = []
+        for edit in edits:
+            with edit():
+                step = self.lm.model(input_ids=batch.input_ids[:, cut:], attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids[:, cut:], use_cache=True,
+                                     **{self._cache_kwarg: cache})
+            cache.crop(-1)  # negative = tokens to remove: the next variant starts from the bare prefix
+            out.append(torch.log_softmax(step.logits[:, -1].float(), dim=-1)[:, self.label_ids.to(step.logits.device)])
+        return torch.stack(out)
 
     def label_scores(self, batch: PromptBatch) -> torch.Tensor:
         """[B, C] float32 log-probabilities of each label's first token."""

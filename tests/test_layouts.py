@@ -101,3 +101,24 @@ def test_unknown_architecture_is_a_clear_error_and_yaml_names_fix_it():
     assert layout.n_layers == 3 and layout.attn_out[2] is layout.blocks[2].mixer.proj
     with pytest.raises(UsageError, match="layout"):
         discover_layout(_Odd(), {"blocks": "stack", "attn_out": "mixer.nope"})
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_prefix_cache_then_last_token_equals_full_forward(arch, task):
+    """The KV-cache path the layer search uses, on every family's cache implementation."""
+    from functools import partial
+
+    from ivlib.methods.tv import TaskVectors
+
+    lm = tiny(arch)
+    encoder = PromptEncoder(lm.tokenizer, task.label_words, add_bos=True)
+    prompts = [encoder.encode(e) for e in sample_episodes(task.splits["validation"], 2, 1, 4, 12, "v")]
+    scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
+    batch = scorer.batch(prompts)
+    tv = TaskVectors()
+    tv.theta = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    last = torch.zeros(len(prompts), dtype=torch.long)
+    cached = scorer.last_token_variants(batch, [partial(tv._replace_at_last, scorer, batch, l, last) for l in (0, 1)])
+    for layer in (0, 1):
+        with tv._replace_at_last(scorer, batch, layer, batch.query_cols):
+            torch.testing.assert_close(cached[layer], scorer.label_scores(batch), atol=1e-4, rtol=1e-4)

@@ -2,7 +2,8 @@
 from .base import Method
 from .icl import ICL, ZeroShot
 from .iv import IterativeVectors
+from .tv import TaskVectors
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, ICL, IterativeVectors)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, ICL, IterativeVectors, TaskVectors)}
 
 __all__ = ["METHODS", "Method"]

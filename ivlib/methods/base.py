@@ -19,6 +19,7 @@ from ..scoring import Scorer
 class Method(ABC):
     name: ClassVar[str]
     needs_fit: ClassVar[bool] = False  # whether `fit` uses training episodes at all
+    needs_validation: ClassVar[bool] = False  # whether `fit` also selects something on validation episodes
     fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
 
     @classmethod
@@ -29,8 +30,13 @@ class Method(ABC):
         """What goes into the run record beside the shared protocol settings."""
         return {}
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode]) -> None:
-        """Learn whatever the method needs from training episodes (default: nothing)."""
+    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
+            validation: list[Episode] | None = None) -> None:
+        """Learn from training episodes; `validation` is given to methods that select on it."""
+
+    def fit_summary(self) -> dict[str, Any]:
+        """What fitting chose (a layer, heads...), for the run record."""
+        return {}
 
     @abstractmethod
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:

@@ -60,7 +60,8 @@ class IterativeVectors(Method):
             scorer.forward(batch)
         return stack_reads(sites)
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode]) -> None:
+    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
+            validation: list[Episode] | None = None) -> None:
         layout = scorer.layout
         n_layers, n_slots, dim = layout.n_layers, encoder.n_classes + 1, layout.d_model
         device = scorer.lm.device

@@ -1,0 +1,89 @@
+"""Task Vectors (Hendel et al. 2023), as the IV paper compares them.
+
+One vector per layer: the decoder block's output (the residual stream) at the query separator of
+few-shot training prompts, averaged over the extraction episodes; `theta` is [n_layers, d_model].
+At evaluation, that position's hidden state at one layer is *replaced* by theta. The layer is the
+one with the best macro-F1 on validation episodes; the search encodes each prompt's prefix once
+and re-runs only the last token per layer, since the edit touches nothing before it.
+"""
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..episodes import Episode
+from ..hooks import edit_outputs, stack_reads
+from ..metrics import f1_scores
+from ..prompts import PromptBatch, PromptEncoder
+from ..scoring import Scorer
+from .base import Method
+
+
+class TaskVectors(Method):
+    name = "tv"
+    needs_fit = True
+    needs_validation = True
+
+    def __init__(self) -> None:
+        self.theta: torch.Tensor | None = None  # [L, D] float32
+        self.layer: int | None = None
+        self.layer_scores: list[float] = []  # validation macro-F1 per layer
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TaskVectors":
+        return cls()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"layer": self.layer}
+
+    def fit_summary(self) -> dict[str, Any]:
+        return {"layer": self.layer, "layer_scores": [round(s, 4) for s in self.layer_scores]}
+
+    def _replace_at_last(self, scorer: Scorer, batch: PromptBatch, layer: int, col: torch.Tensor):
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        value = self.theta[layer].to(scorer.lm.device, scorer.lm.dtype).expand(len(rows), -1)  # [B, D]
+        return edit_outputs([scorer.layout.blocks[layer]], rows, col, replace=[value])
+
+    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
+            validation: list[Episode] | None = None) -> None:
+        blocks = scorer.layout.blocks
+        prompts = [encoder.encode(e) for e in episodes]
+
+        def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, D] block outputs at the query separator
+            rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+            with edit_outputs(blocks, rows, batch.query_cols, read=True) as sites:
+                scorer.forward(batch)
+            return stack_reads(sites).transpose(0, 1)
+
+        self.theta = scorer.run_batched(prompts, read, "TV extract").mean(dim=0)
+        if not validation:
+            raise ValueError("TV chooses its layer on validation episodes")
+        val_prompts = [encoder.encode(e) for e in validation]
+
+        def per_layer(batch: PromptBatch) -> torch.Tensor:  # [B, L, C]
+            last = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)
+            edits = [partial(self._replace_at_last, scorer, batch, layer, last) for layer in range(len(blocks))]
+            return scorer.last_token_variants(batch, edits).transpose(0, 1)
+
+        scores = scorer.run_batched(val_prompts, per_layer, "TV layer search")  # [N, L, C]
+        labels = np.array([p.label for p in val_prompts])
+        preds = scores.argmax(dim=-1).numpy()  # [N, L]
+        self.layer_scores = [f1_scores(labels, preds[:, l], encoder.n_classes)["macro"] for l in range(len(blocks))]
+        self.layer = int(np.argmax(self.layer_scores))  # ties: the earliest layer
+
+    def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+        with self._replace_at_last(scorer, batch, self.layer, batch.query_cols):
+            return scorer.label_scores(batch)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"theta": self.theta.contiguous(), "layer": torch.tensor(self.layer),
+                "layer_scores": torch.tensor(self.layer_scores)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.theta = tensors["theta"].float()
+        self.layer = int(tensors["layer"])
+        self.layer_scores = tensors["layer_scores"].tolist()
