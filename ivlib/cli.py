@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--eval-episodes", type=int, default=10_000, help="evaluation episodes (default 10000)")
     p.add_argument("--select-episodes", type=int, default=200,
                    help="validation episodes a method selects on (tv: its layer; default 200)")
+    p.add_argument("--n-top-heads", type=int, help="fv: heads summed into the vector (default: the model "
+                   "entry's fv_heads, else about 2%% of all heads)")
+    p.add_argument("--ie-episodes", type=int, default=200, help="fv: shuffled-label trials for indirect effects")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per forward pass (default 16)")
     p.add_argument("--max-example-tokens", type=int, default=256, help="truncate each example to this many tokens")
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> None:
     for flag, value, low in (("--episodes", args.episodes, 1), ("--eval-episodes", args.eval_episodes, 1),
-                             ("--select-episodes", args.select_episodes, 1),
+                             ("--select-episodes", args.select_episodes, 1), ("--ie-episodes", args.ie_episodes, 1),
+                             ("--n-top-heads", 1 if args.n_top_heads is None else args.n_top_heads, 1),
                              ("--batch-size", args.batch_size, 1), ("--ext-batch", args.ext_batch, 0),
                              ("--shot", args.shot, 0), ("--max-example-tokens", args.max_example_tokens, 8)):
         if value < low:
@@ -131,6 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_writable(args.results)
     device = resolve_device(args.gpu)
     method_cls = METHODS[args.method]
+    if args.n_top_heads is None and "fv_heads" in model_entry:
+        args.n_top_heads = int(model_entry["fv_heads"])
     method = method_cls.from_args(args)
     for flag, value in (("--load-vectors", args.load_vectors), ("--save-vectors", args.save_vectors)):
         if value and not method_cls.needs_fit:
@@ -153,6 +159,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lm = load_model(args.model, model_entry, device, no_half=args.no_half, device_map=args.device_map,
                     mem_limit=args.mem_limit, flash_attention=args.flash_attention, quiet=args.quiet)
     load_s = time.perf_counter() - t0
+    n_heads_total = lm.layout.n_layers * lm.layout.n_heads
+    if args.n_top_heads is not None and args.n_top_heads > n_heads_total:
+        raise UsageError(f"--n-top-heads {args.n_top_heads} exceeds the model's {n_heads_total} heads")
     encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, args.max_example_tokens)
     encoder.check_label_collisions()
     scorer = Scorer(lm, encoder.label_ids, args.batch_size, args.quiet)

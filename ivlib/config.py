@@ -28,6 +28,7 @@ MODEL_KEYS = {
     "bos": "add the tokenizer's BOS token: auto (if defined), true or false",
     "layout": "module names when discovery fails: {blocks: ..., attn_out: ...}",
     "trust_remote_code": "pass trust_remote_code to from_pretrained",
+    "fv_heads": "function-vector heads for this model (the IV paper's settings)",
 }
 TASK_KEYS = {
     "dataset": "hub dataset id, or parquet/csv/json for local files",

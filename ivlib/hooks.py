@@ -53,6 +53,40 @@ def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.T
             h.remove()
 
 
+class InputSite:
+    """A pre-hook on a module's first input: overwrite columns [lo:hi) at (rows, cols), or read there."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, read: bool,
+                 patch: tuple[int, int, torch.Tensor] | None = None):
+        self.rows, self.cols, self.read, self.patch = rows, cols, read, patch
+        self.value: torch.Tensor | None = None  # [N, F] float32 after the forward, if read
+
+    def __call__(self, module: nn.Module, args):
+        x = args[0]  # [B, T, F]
+        rows, cols = self.rows.to(x.device), self.cols.to(x.device)
+        if self.patch is not None:
+            lo, hi, value = self.patch  # value: [N, hi - lo]
+            x = x.clone()  # the input may be a view the caller still uses
+            x[rows, cols, lo:hi] = value.to(x.device, x.dtype)
+            args = (x, *args[1:])
+        if self.read:
+            self.value = x[rows, cols].float()
+        return args
+
+
+@contextmanager
+def edit_inputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Tensor, read: bool = False,
+                patch: Sequence[tuple[int, int, torch.Tensor] | None] | None = None) -> Iterator[list[InputSite]]:
+    """Pre-hook `modules[l]`: patch features [lo:hi) of its input at (rows, cols) and/or read the input there."""
+    sites = [InputSite(rows, cols, read, None if patch is None else patch[i]) for i in range(len(modules))]
+    handles = [m.register_forward_pre_hook(s) for m, s in zip(modules, sites)]
+    try:
+        yield sites
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def stack_reads(sites: Sequence[OutputSite]) -> torch.Tensor:
     """[L, N, D] float32 from the sites of one forward (on the first site's device)."""
     device = sites[0].value.device

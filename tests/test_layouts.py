@@ -122,3 +122,19 @@ def test_prefix_cache_then_last_token_equals_full_forward(arch, task):
     for layer in (0, 1):
         with tv._replace_at_last(scorer, batch, layer, batch.query_cols):
             torch.testing.assert_close(cached[layer], scorer.label_scores(batch), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_head_patching_and_function_vectors_work_on_every_family(arch, task):
+    from ivlib.methods.fv import FunctionVectors
+
+    lm = tiny(arch)
+    encoder = PromptEncoder(lm.tokenizer, task.label_words, add_bos=True)
+    train = sample_episodes(task.splits["train"], 2, 1, 4, 13, "t")
+    fv = FunctionVectors(n_top_heads=2, ie_episodes=2)
+    scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
+    fv.fit(scorer, encoder, train)
+    assert fv.mean_act.shape == (2, 4, 16) and torch.isfinite(fv.effects).all()
+    assert fv.effects.abs().sum() > 0  # patching a head moved the label probability somewhere
+    batch = scorer.batch([encoder.encode(e) for e in train])
+    assert not torch.allclose(fv.predict(scorer, batch), ICL().predict(scorer, batch), atol=1e-6)

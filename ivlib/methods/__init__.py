@@ -1,9 +1,10 @@
 """Registry of methods by their `--method` name."""
 from .base import Method
 from .icl import ICL, ZeroShot
+from .fv import FunctionVectors
 from .iv import IterativeVectors
 from .tv import TaskVectors
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, ICL, IterativeVectors, TaskVectors)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, ICL, IterativeVectors, TaskVectors, FunctionVectors)}
 
 __all__ = ["METHODS", "Method"]

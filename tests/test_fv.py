@@ -1,0 +1,112 @@
+"""Function Vectors: cached indirect effects equal plain patched forwards; the edit changes logits."""
+import json
+from pathlib import Path
+
+import torch
+
+from ivlib.cli import main
+from ivlib.episodes import sample_episodes
+from ivlib.hooks import edit_inputs
+from ivlib.methods.fv import FunctionVectors, default_top_heads, shuffle_labels
+from ivlib.methods.icl import ICL
+from ivlib.scoring import Scorer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _fitted(lm, encoder, task, n_top=3):
+    train = sample_episodes(task.splits["train"], 2, 2, 6, 5, "train/extract")
+    fv = FunctionVectors(n_top_heads=n_top, ie_episodes=4, seed=1)
+    fv.fit(Scorer(lm, encoder.label_ids, 3, quiet=True), encoder, train)
+    return fv, train
+
+
+def _plain_effect(lm, encoder, fv, prompt, layer, head):
+    """One prompt, full forward, patch head (layer, head) at the last token only."""
+    hd = fv.mean_act.shape[-1]
+    ids = torch.tensor([prompt.ids])
+    last = len(prompt.ids) - 1
+
+    def p_correct(patch):
+        def pre(mod, args):
+            x = args[0].clone()
+            if patch:
+                x[0, last, head * hd:(head + 1) * hd] = fv.mean_act[layer, head]
+            return (x,)
+        handle = lm.layout.attn_out[layer].register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                logits = lm.model(input_ids=ids).logits[0, -1]
+        finally:
+            handle.remove()
+        return torch.softmax(logits, -1)[encoder.label_ids[prompt.label]]
+
+    return (p_correct(True) - p_correct(False)).item()
+
+
+def test_cached_indirect_effects_equal_plain_patched_forwards(lm, encoder, task):
+    fv, train = _fitted(lm, encoder, task)
+    trials = [encoder.encode(e) for e in shuffle_labels(train[:4], 1)]
+    for layer, head in [(0, 0), (1, 3), (0, 2)]:
+        plain = sum(_plain_effect(lm, encoder, fv, p, layer, head) for p in trials) / len(trials)
+        assert abs(fv.effects[layer, head].item() - plain) < 1e-5
+    assert fv.effects.shape == (2, 4)
+
+
+def test_shuffled_trials_keep_demos_and_query_but_permute_labels(task):
+    eps = sample_episodes(task.splits["train"], 2, 3, 20, 5, "train/extract")
+    shuffled = shuffle_labels(eps, 0)
+    assert [e.query for e in shuffled] == [e.query for e in eps]
+    assert all([d.text for d in a.demos] == [d.text for d in b.demos] for a, b in zip(eps, shuffled))
+    assert any([d.label for d in a.demos] != [d.label for d in b.demos] for a, b in zip(eps, shuffled))
+
+
+def test_vector_is_the_sum_of_projected_head_means_and_changes_logits(lm, encoder, task):
+    fv, _ = _fitted(lm, encoder, task, n_top=2)
+    assert len(fv.heads) == 2 and fv.layer == lm.layout.n_layers // 3
+    effects = fv.effects.flatten()
+    assert sorted(effects.tolist(), reverse=True)[:2] == [fv.effects[l, h].item() for l, h in fv.heads]
+    hd = fv.mean_act.shape[-1]
+    expected = torch.zeros(lm.layout.d_model)
+    for layer, head in fv.heads:
+        x = torch.zeros(1, lm.layout.n_heads * hd)
+        x[0, head * hd:(head + 1) * hd] = fv.mean_act[layer, head]
+        with torch.no_grad():
+            expected += lm.layout.attn_out[layer](x)[0]
+    torch.testing.assert_close(fv.vector, expected, atol=1e-5, rtol=1e-5)
+    scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
+    val = [encoder.encode(e) for e in sample_episodes(task.splits["validation"], 2, 1, 4, 5, "v")]
+    batch = scorer.batch(val)
+    assert not torch.allclose(fv.predict(scorer, batch), ICL().predict(scorer, batch), atol=1e-5)
+
+
+def test_mean_activations_are_read_at_the_query_separator(gpt2, task):
+    from ivlib.prompts import PromptEncoder
+
+    encoder = PromptEncoder(gpt2.tokenizer, task.label_words, add_bos=True)
+    fv, train = _fitted(gpt2, encoder, task)
+    p = encoder.encode(train[0])
+    reads = []
+    with edit_inputs(gpt2.layout.attn_out, torch.tensor([0]), torch.tensor([p.sep_pos[-1]]), read=True) as sites:
+        gpt2.model(input_ids=torch.tensor([p.ids]))
+    reads = torch.stack([s.value[0] for s in sites])  # [L, F]
+    one = FunctionVectors(2, 1)
+    one.fit(Scorer(gpt2, encoder.label_ids, 2, quiet=True), encoder, train[:1])
+    torch.testing.assert_close(one.mean_act.reshape(2, -1), reads, atol=1e-5, rtol=1e-5)
+
+
+def test_default_head_count_rule():
+    assert default_top_heads(32, 32) == 20 and default_top_heads(28, 16) == 9 and default_top_heads(2, 4) == 1
+
+
+def test_fv_through_the_cli_records_heads_and_reloads(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    results, state = tmp_path / "runs.jsonl", tmp_path / "fv.safetensors"
+    argv = ["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "fv", "-s", "1",
+            "-e", "6", "--ie-episodes", "4", "--n-top-heads", "3", "-n", "20", "--quiet", "--results", str(results)]
+    assert main(argv + ["--save-vectors", str(state)]) == 0
+    assert main(argv + ["--load-vectors", str(state)]) == 0
+    fitted, loaded = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(fitted["fit"]["top_heads"]) == 3 and fitted["fit"]["layer"] == 0
+    assert fitted["hyperparameters"]["n_top_heads"] == 3
+    assert loaded["metrics"] == fitted["metrics"]
