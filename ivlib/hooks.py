@@ -54,10 +54,14 @@ def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.T
 
 
 class InputSite:
-    """A pre-hook on a module's first input: overwrite columns [lo:hi) at (rows, cols), or read there."""
+    """A pre-hook on a module's first input: at (rows, cols), x <- x * keep + value, and/or read x there.
+
+    `keep` and `value` are [N, F]; zeros in `keep` select the features to overwrite (one head's
+    slice, say), so rows of one batch can patch different heads in one forward.
+    """
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, read: bool,
-                 patch: tuple[int, int, torch.Tensor] | None = None):
+                 patch: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.rows, self.cols, self.read, self.patch = rows, cols, read, patch
         self.value: torch.Tensor | None = None  # [N, F] float32 after the forward, if read
 
@@ -65,19 +69,30 @@ class InputSite:
         x = args[0]  # [B, T, F]
         rows, cols = self.rows.to(x.device), self.cols.to(x.device)
         if self.patch is not None:
-            lo, hi, value = self.patch  # value: [N, hi - lo]
+            keep, value = (t.to(x.device, x.dtype) for t in self.patch)
             x = x.clone()  # the input may be a view the caller still uses
-            x[rows, cols, lo:hi] = value.to(x.device, x.dtype)
+            x[rows, cols] = x[rows, cols] * keep + value
             args = (x, *args[1:])
         if self.read:
             self.value = x[rows, cols].float()
         return args
 
 
+def head_patch(mean_act: torch.Tensor, layer: int, heads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, value), each [len(heads), H * head_dim]: row j overwrites head heads[j] with its mean."""
+    n_heads, hd = mean_act.shape[1], mean_act.shape[2]
+    keep = torch.ones(len(heads), n_heads, hd)
+    value = torch.zeros(len(heads), n_heads, hd)
+    for j, h in enumerate(heads):
+        keep[j, h] = 0
+        value[j, h] = mean_act[layer, h]
+    return keep.view(len(heads), -1), value.view(len(heads), -1)
+
+
 @contextmanager
 def edit_inputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Tensor, read: bool = False,
-                patch: Sequence[tuple[int, int, torch.Tensor] | None] | None = None) -> Iterator[list[InputSite]]:
-    """Pre-hook `modules[l]`: patch features [lo:hi) of its input at (rows, cols) and/or read the input there."""
+                patch: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Iterator[list[InputSite]]:
+    """Pre-hook `modules[l]`: patch its input at (rows, cols) with `patch[l]` and/or read the input there."""
     sites = [InputSite(rows, cols, read, None if patch is None else patch[i]) for i in range(len(modules))]
     handles = [m.register_forward_pre_hook(s) for m, s in zip(modules, sites)]
     try:

@@ -1,6 +1,7 @@
 """Forward passes that end in label scores, and the batched loop every method's evaluation uses."""
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Callable, ContextManager, Sequence
 
@@ -48,28 +49,41 @@ class Scorer:
                             position_ids=batch.position_ids, use_cache=False, **kwargs)
         return out.logits[:, -1]
 
-    @torch.inference_mode()
     def last_token_variants(self, batch: PromptBatch, edits: Sequence[Callable[[], ContextManager]]) -> torch.Tensor:
-        """[V, B, C] label log-probs of the same batch under V edits that touch only the last token.
+        """[V, B, C] label log-probs of the same batch under V edits that touch only the last token."""
+        groups = self.last_token_groups(batch, [(1, edit) for edit in edits])
+        return torch.stack([g[:, 0] for g in groups])
 
-        The prefix (all but the last column) is encoded once into a KV cache; each variant then
-        runs only the last token over it. Equal to V full forwards when the edits cannot reach
-        earlier positions, which is what makes a per-layer or per-head search affordable.
+    @torch.inference_mode()
+    def last_token_groups(self, batch: PromptBatch,
+                          edits: Sequence[tuple[int, Callable[[], ContextManager]]]) -> list[torch.Tensor]:
+        """Label log-probs of the batch under edits that touch only the last token: one [B, g, C] per edit.
+
+        The prefix (all but the last column) is encoded once into a KV cache; each edit then runs
+        only the last token over it, with every row repeated g times (row b * g + j), so one forward
+        can try g variants (e.g. one head each). Equal to full forwards when the edits cannot
+        reach earlier positions, which is what makes a per-layer or per-head search affordable.
         """
         cut = batch.input_ids.shape[1] - 1
         prefix = self.lm.model(input_ids=batch.input_ids[:, :cut], attention_mask=batch.attention_mask[:, :cut],
                                position_ids=batch.position_ids[:, :cut], use_cache=True,
                                **({"logits_to_keep": 1} if self._keep_last else {}))
-        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        base = getattr(prefix, "cache", None) or prefix.past_key_values
+        caches = {1: base}
         out = []
-        for edit in edits:
+        for g, edit in edits:
+            if g not in caches:
+                caches[g] = copy.deepcopy(base)
+                caches[g].batch_repeat_interleave(g)
             with edit():
-                step = self.lm.model(input_ids=batch.input_ids[:, cut:], attention_mask=batch.attention_mask,
-                                     position_ids=batch.position_ids[:, cut:], use_cache=True,
-                                     **{self._cache_kwarg: cache})
-            cache.crop(-1)  # negative = tokens to remove: the next variant starts from the bare prefix
-            out.append(torch.log_softmax(step.logits[:, -1].float(), dim=-1)[:, self.label_ids.to(step.logits.device)])
-        return torch.stack(out)
+                step = self.lm.model(input_ids=batch.input_ids[:, cut:].repeat_interleave(g, 0),
+                                     attention_mask=batch.attention_mask.repeat_interleave(g, 0),
+                                     position_ids=batch.position_ids[:, cut:].repeat_interleave(g, 0),
+                                     use_cache=True, **{self._cache_kwarg: caches[g]})
+            caches[g].crop(-1)  # negative = tokens to remove: the next edit starts from the bare prefix
+            logprobs = torch.log_softmax(step.logits[:, -1].float(), dim=-1)[:, self.label_ids.to(step.logits.device)]
+            out.append(logprobs.view(batch.input_ids.shape[0], g, -1))
+        return out
 
     def label_scores(self, batch: PromptBatch) -> torch.Tensor:
         """[B, C] float32 log-probabilities of each label's first token."""

@@ -110,3 +110,18 @@ def test_fv_through_the_cli_records_heads_and_reloads(tmp_path, monkeypatch):
     assert len(fitted["fit"]["top_heads"]) == 3 and fitted["fit"]["layer"] == 0
     assert fitted["hyperparameters"]["n_top_heads"] == 3
     assert loaded["metrics"] == fitted["metrics"]
+
+
+def test_head_chunking_does_not_change_the_effects(gpt2, task):
+    from ivlib.prompts import PromptEncoder
+
+    encoder = PromptEncoder(gpt2.tokenizer, task.label_words, add_bos=True)
+    train = sample_episodes(task.splits["train"], 2, 1, 5, 8, "train/extract")
+    results = []
+    for rows in (128, 4, 1):  # all heads of a layer in one forward; 2 per forward; one per forward
+        fv = FunctionVectors(n_top_heads=2, ie_episodes=5)
+        fv.rows_per_forward = rows
+        fv.fit(Scorer(gpt2, encoder.label_ids, 2, quiet=True), encoder, train)
+        results.append(fv.effects)
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(results[0], results[2], atol=1e-6, rtol=1e-5)

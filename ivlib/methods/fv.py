@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..episodes import Episode, Example
-from ..hooks import edit_inputs, edit_outputs, stack_reads
+from ..hooks import edit_inputs, edit_outputs, head_patch, stack_reads
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from .base import Method
@@ -47,6 +47,7 @@ def shuffle_labels(episodes: list[Episode], seed: int) -> list[Episode]:
 class FunctionVectors(Method):
     name = "fv"
     needs_fit = True
+    rows_per_forward = 128  # batch rows x heads tried in one last-token forward (each needs a cache copy)
 
     def __init__(self, n_top_heads: int | None, ie_episodes: int, seed: int = 42):
         self.n_top_heads = n_top_heads
@@ -69,11 +70,18 @@ class FunctionVectors(Method):
         assert self.effects is not None
         return {"layer": self.layer, "top_heads": [[l, h, round(float(self.effects[l, h]), 6)] for l, h in self.heads]}
 
-    def _patch_head(self, scorer: Scorer, batch: PromptBatch, layer: int, head: int, cols: torch.Tensor):
-        hd = self.mean_act.shape[-1]
-        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-        value = self.mean_act[layer, head].expand(len(rows), -1)  # [B, head_dim]
-        return edit_inputs([scorer.layout.attn_out[layer]], rows, cols, patch=[(head * hd, (head + 1) * hd, value)])
+    def _patch_heads(self, scorer: Scorer, n_rows: int, layer: int, heads: list[int]):
+        """Row b * len(heads) + j of the (repeated) last token gets head heads[j] overwritten by its mean."""
+        keep, value = head_patch(self.mean_act, layer, heads)  # [g, F] each
+        rows = torch.arange(n_rows * len(heads))
+        last = torch.zeros_like(rows)
+        return edit_inputs([scorer.layout.attn_out[layer]], rows, last,
+                           patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))])
+
+    def _head_chunks(self, n_rows: int, n_heads: int) -> list[list[int]]:
+        n_chunks = -(-n_heads * n_rows // self.rows_per_forward)
+        size = -(-n_heads // max(1, n_chunks))
+        return [list(range(h, min(h + size, n_heads))) for h in range(0, n_heads, size)]
 
     def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
             validation: list[Episode] | None = None) -> None:
@@ -93,13 +101,16 @@ class FunctionVectors(Method):
         trials = [encoder.encode(e) for e in shuffle_labels(episodes[: self.ie_episodes], self.seed)]
 
         def gains(batch: PromptBatch) -> torch.Tensor:  # [B, L * H]
-            last = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)
-            edits = [contextlib.nullcontext] + [partial(self._patch_head, scorer, batch, l, h, last)
-                                                for l in range(n_layers) for h in range(n_heads)]
-            logprobs = scorer.last_token_variants(batch, edits)  # [1 + L*H, B, C]
-            rows = torch.arange(batch.input_ids.shape[0], device=logprobs.device)
-            p_correct = logprobs.exp()[:, rows, batch.labels.to(logprobs.device)]  # [1 + L*H, B]
-            return (p_correct[1:] - p_correct[0]).T
+            b = batch.input_ids.shape[0]
+            edits = [(1, contextlib.nullcontext)]  # the unpatched shuffled prompt
+            for layer in range(n_layers):
+                for heads in self._head_chunks(b, n_heads):
+                    edits.append((len(heads), partial(self._patch_heads, scorer, b, layer, heads)))
+            groups = scorer.last_token_groups(batch, edits)  # [B, 1, C], then [B, g, C] per chunk
+            logprobs = torch.cat(groups, dim=1)  # [B, 1 + L*H, C], heads in (layer, head) order
+            rows = torch.arange(b, device=logprobs.device)
+            p_correct = logprobs.exp()[rows, :, batch.labels.to(logprobs.device)]  # [B, 1 + L*H]
+            return p_correct[:, 1:] - p_correct[:, :1]
 
         self.effects = scorer.run_batched(trials, gains, "FV indirect effects").mean(dim=0).view(n_layers, n_heads)
         k = self.n_top_heads or default_top_heads(n_layers, n_heads)
