@@ -12,44 +12,17 @@ and how well the two agree (argmax agreement, largest label log-prob difference)
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import add_common_args, setup, timed
 
-from ivlib.config import load_config, lookup  # noqa: E402
-from ivlib.episodes import sample_episodes  # noqa: E402
-from ivlib.layout import discover_layout  # noqa: E402
-from ivlib.methods.icl import ICL  # noqa: E402
-from ivlib.methods.iv import IterativeVectors  # noqa: E402
-from ivlib.models import LoadedModel, load_model, resolve_device  # noqa: E402
-from ivlib.prompts import EncodedPrompt, PromptEncoder  # noqa: E402
-from ivlib.scoring import Scorer  # noqa: E402
-from ivlib.tasks import load_task  # noqa: E402
-from ivlib.tiny import build_tokenizer  # noqa: E402
-
-
-def random_llama7b(device: torch.device) -> LoadedModel:
-    """Llama-2-7B's shape with random bf16 weights: throughput does not depend on weight values."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                         bos_token_id=2, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    tokenizer = build_tokenizer()  # ids are far below 32000
-    return LoadedModel("random-llama-2-7b", model, tokenizer, discover_layout(model), device, torch.bfloat16,
-                       "random", add_bos=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ivlib.episodes import sample_episodes
+from ivlib.methods.icl import ICL
+from ivlib.methods.iv import IterativeVectors
+from ivlib.models import LoadedModel
+from ivlib.prompts import EncodedPrompt, PromptEncoder
+from ivlib.scoring import Scorer
 
 
 @torch.inference_mode()
@@ -75,37 +48,19 @@ def one_at_a_time(lm: LoadedModel, label_ids: list[int], prompts: list[EncodedPr
     return torch.stack(out)
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return result, time.perf_counter() - start
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-c", "--config")
-    ap.add_argument("-m", "--model", default="smollm2-135m")
-    ap.add_argument("-t", "--task", default="review_sentiment")
-    ap.add_argument("-g", "--gpu", type=int, default=-1)
+    add_common_args(ap)
     ap.add_argument("--episodes", type=int, default=200)
     ap.add_argument("--fit-episodes", type=int, default=20, help="IV extraction episodes for realistic vectors")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shot", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="60 episodes, 10 for fitting")
-    ap.add_argument("--random-llama7b", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.episodes, args.fit_episodes = 60, 10
 
-    config = load_config(args.config)
-    device = resolve_device(args.gpu)
-    task = load_task(args.task, lookup(config.tasks, "task", args.task))
-    if args.random_llama7b:
-        lm = random_llama7b(device)
-    else:
-        lm = load_model(args.model, lookup(config.models, "model", args.model), device, quiet=True)
+    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b)
+    device = lm.device
     encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos)
     evals = sample_episodes(task.splits["validation"], task.n_classes, args.shot, args.episodes, 42, "validation/eval")
     prompts = [encoder.encode(e) for e in evals]

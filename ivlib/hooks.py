@@ -35,6 +35,17 @@ class OutputSite:
 
 
 @contextmanager
+def _installed(modules: Sequence[nn.Module], hooks: Sequence, pre: bool) -> Iterator[None]:
+    """Register one hook per module; remove them all on exit, also when the forward raised."""
+    handles = [(m.register_forward_pre_hook if pre else m.register_forward_hook)(h) for m, h in zip(modules, hooks)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Tensor,
                  add: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
                  read: bool = False,
@@ -45,12 +56,8 @@ def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.T
     """
     sites = [OutputSite(rows, cols, None if add is None else add[i], read, None if replace is None else replace[i])
              for i in range(len(modules))]
-    handles = [m.register_forward_hook(s) for m, s in zip(modules, sites)]
-    try:
+    with _installed(modules, sites, pre=False):
         yield sites
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class InputSite:
@@ -94,12 +101,8 @@ def edit_inputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Te
                 patch: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Iterator[list[InputSite]]:
     """Pre-hook `modules[l]`: patch its input at (rows, cols) with `patch[l]` and/or read the input there."""
     sites = [InputSite(rows, cols, read, None if patch is None else patch[i]) for i in range(len(modules))]
-    handles = [m.register_forward_pre_hook(s) for m, s in zip(modules, sites)]
-    try:
+    with _installed(modules, sites, pre=True):
         yield sites
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def stack_reads(sites: Sequence[OutputSite]) -> torch.Tensor:

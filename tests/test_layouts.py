@@ -138,3 +138,12 @@ def test_head_patching_and_function_vectors_work_on_every_family(arch, task):
     assert fv.effects.abs().sum() > 0  # patching a head moved the label probability somewhere
     batch = scorer.batch([encoder.encode(e) for e in train])
     assert not torch.allclose(fv.predict(scorer, batch), ICL().predict(scorer, batch), atol=1e-6)
+
+
+def test_hooks_are_removed_even_when_the_forward_raises():
+    lm = tiny("gpt2")
+    module = lm.layout.attn_out[0]
+    with pytest.raises(IndexError):
+        with edit_outputs([module], torch.tensor([0]), torch.tensor([99]), read=True):
+            lm.model(input_ids=torch.tensor([[5, 6]]))  # column 99 does not exist: the hook raises
+    assert not module._forward_hooks and not module._forward_pre_hooks

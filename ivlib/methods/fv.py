@@ -24,7 +24,7 @@ import torch
 
 from ..episodes import Episode, Example
 from ..hooks import edit_inputs, edit_outputs, head_patch, stack_reads
-from ..prompts import PromptBatch, PromptEncoder
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from .base import Method
 
@@ -83,36 +83,48 @@ class FunctionVectors(Method):
         size = -(-n_heads // max(1, n_chunks))
         return [list(range(h, min(h + size, n_heads))) for h in range(0, n_heads, size)]
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
-            validation: list[Episode] | None = None) -> None:
+    def mean_activations(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> torch.Tensor:
+        """[L, H, head_dim]: each head's output at the query separator, averaged over the prompts."""
         layout = scorer.layout
-        n_layers, n_heads = layout.n_layers, layout.n_heads
 
-        def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, H * head_dim] at the query separator
+        def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, H * head_dim]
             rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
             with edit_inputs(layout.attn_out, rows, batch.query_cols, read=True) as sites:
                 scorer.forward(batch)
             return stack_reads(sites).transpose(0, 1)
 
-        prompts = [encoder.encode(e) for e in episodes]
         mean = scorer.run_batched(prompts, read, "FV mean activations").mean(dim=0)  # [L, F]
-        self.mean_act = mean.view(n_layers, n_heads, -1)
+        return mean.view(layout.n_layers, layout.n_heads, -1)
 
-        trials = [encoder.encode(e) for e in shuffle_labels(episodes[: self.ie_episodes], self.seed)]
+    def indirect_effects(self, scorer: Scorer, trials: list[EncodedPrompt],
+                         layers: list[int] | None = None) -> torch.Tensor:
+        """[len(layers), H]: mean gain in P(correct label) when one head takes its mean at the last token."""
+        layers = list(range(scorer.layout.n_layers)) if layers is None else layers
+        n_heads = scorer.layout.n_heads
 
-        def gains(batch: PromptBatch) -> torch.Tensor:  # [B, L * H]
+        def gains(batch: PromptBatch) -> torch.Tensor:  # [B, len(layers) * H]
             b = batch.input_ids.shape[0]
             edits = [(1, contextlib.nullcontext)]  # the unpatched shuffled prompt
-            for layer in range(n_layers):
+            for layer in layers:
                 for heads in self._head_chunks(b, n_heads):
                     edits.append((len(heads), partial(self._patch_heads, scorer, b, layer, heads)))
             groups = scorer.last_token_groups(batch, edits)  # [B, 1, C], then [B, g, C] per chunk
-            logprobs = torch.cat(groups, dim=1)  # [B, 1 + L*H, C], heads in (layer, head) order
+            logprobs = torch.cat(groups, dim=1)  # [B, 1 + len(layers) * H, C], (layer, head) order
             rows = torch.arange(b, device=logprobs.device)
-            p_correct = logprobs.exp()[rows, :, batch.labels.to(logprobs.device)]  # [B, 1 + L*H]
+            p_correct = logprobs.exp()[rows, :, batch.labels.to(logprobs.device)]  # [B, 1 + len(layers) * H]
             return p_correct[:, 1:] - p_correct[:, :1]
 
-        self.effects = scorer.run_batched(trials, gains, "FV indirect effects").mean(dim=0).view(n_layers, n_heads)
+        return scorer.run_batched(trials, gains, "FV indirect effects").mean(dim=0).view(len(layers), n_heads)
+
+    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
+            validation: list[Episode] | None = None) -> None:
+        layout = scorer.layout
+        n_layers, n_heads = layout.n_layers, layout.n_heads
+
+        self.mean_act = self.mean_activations(scorer, [encoder.encode(e) for e in episodes])
+
+        trials = [encoder.encode(e) for e in shuffle_labels(episodes[: self.ie_episodes], self.seed)]
+        self.effects = self.indirect_effects(scorer, trials)
         k = self.n_top_heads or default_top_heads(n_layers, n_heads)
         self.n_top_heads = k
         top = torch.topk(self.effects.flatten(), k).indices.tolist()
