@@ -44,6 +44,8 @@ baselines() {
     for split in "" "--run-test"; do
       run -m "$model" -t "$task" --method zero-shot -n "$EPISODES" $split
       run -m "$model" -t "$task" --method icl -n "$EPISODES" $split
+      run -m "$model" -t "$task" --method tv -e "$EPISODES" -n "$EPISODES" $split
+      run -m "$model" -t "$task" --method fv -e "$EPISODES" -n "$EPISODES" $split
     done
   done; done
 }
