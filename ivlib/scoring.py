@@ -81,15 +81,17 @@ class Scorer:
                                      position_ids=batch.position_ids[:, cut:].repeat_interleave(g, 0),
                                      use_cache=True, **{self._cache_kwarg: caches[g]})
             caches[g].crop(-1)  # negative = tokens to remove: the next edit starts from the bare prefix
-            logprobs = torch.log_softmax(step.logits[:, -1].float(), dim=-1)[:, self.label_ids.to(step.logits.device)]
-            out.append(logprobs.view(batch.input_ids.shape[0], g, -1))
+            out.append(self._label_logprobs(step.logits[:, -1]).view(batch.input_ids.shape[0], g, -1))
         return out
+
+    def _label_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N, V] next-token logits -> [N, C] float32 log-probabilities of each label's first token."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return logprobs[:, self.label_ids.to(logprobs.device)]
 
     def label_scores(self, batch: PromptBatch) -> torch.Tensor:
         """[B, C] float32 log-probabilities of each label's first token."""
-        logits = self.forward(batch).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return logprobs[:, self.label_ids.to(logprobs.device)]
+        return self._label_logprobs(self.forward(batch))
 
     def progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)
