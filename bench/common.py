@@ -12,31 +12,94 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ivlib.config import load_config, lookup  # noqa: E402
 from ivlib.layout import discover_layout  # noqa: E402
 from ivlib.models import LoadedModel, load_model, resolve_device  # noqa: E402
+from ivlib.prompts import PromptEncoder  # noqa: E402
 from ivlib.tasks import Task, load_task  # noqa: E402
 from ivlib.tiny import build_tokenizer  # noqa: E402
 
 
-def random_llama7b(device: torch.device) -> LoadedModel:
-    """Llama-2-7B's shape with random bf16 weights: throughput does not depend on weight values."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+LLAMA7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000)
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                         bos_token_id=2, eos_token_id=2, pad_token_id=0)
+
+def random_llama7b(device: torch.device, tokenizer_dir: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                  **shape) -> LoadedModel:
+    """Llama-2-7B's shape with random weights (bf16 unless `dtype`), built on `device`.
+
+    Throughput does not depend on weight values.
+
+    Text becomes ids with the tokenizer in `tokenizer_dir` (e.g. SmolLM2's; see `FoldedEncoder`), else
+    with ivlib's tiny word-level tokenizer, whose ids are far below 32000. `shape` overrides
+    config fields (small shapes let the code path be tried on CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    if tokenizer_dir is None:
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    settings = {**LLAMA7B_SHAPE, **shape}
+    vocab = settings["vocab_size"]
+    special = {k: v for k, v in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
+                                 ("pad_token_id", tokenizer.pad_token_id)) if v is not None and v < vocab}
+    config = LlamaConfig(max_position_embeddings=4096, **special, **settings)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    tokenizer = build_tokenizer()  # ids are far below 32000
-    return LoadedModel("random-llama-2-7b", model, tokenizer, discover_layout(model), device, torch.bfloat16,
-                       "random", add_bos=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    name = "random-llama-2-7b" if not shape else "random-llama(" + ",".join(f"{k}={v}" for k, v in shape.items()) + ")"
+    return LoadedModel(name, model, tokenizer, discover_layout(model), device, dtype,
+                       "random" + (f" + tokenizer {tokenizer_dir}" if tokenizer_dir else " + tiny tokenizer"),
+                       add_bos=tokenizer.bos_token_id is not None)
 
 
-def setup(config_file: str | None, model: str, task: str, gpu: int, random_7b: bool) -> tuple[LoadedModel, Task]:
+def model_vocab(lm: LoadedModel) -> int:
+    return lm.model.get_input_embeddings().weight.shape[0]
+
+
+class FoldedEncoder(PromptEncoder):
+    """A PromptEncoder whose ids are taken modulo the model's vocabulary.
+
+    Only for random-weight models driven by a larger tokenizer (SmolLM2's 49152 ids into
+    Llama-2's 32000): token identity means nothing to random weights, prompt lengths are what
+    is measured, and folding keeps every id valid. Label ids must stay distinct after folding.
+    """
+
+    def __init__(self, tokenizer, label_words, add_bos, vocab: int, **kwargs):
+        super().__init__(tokenizer, label_words, add_bos, **kwargs)
+        self.vocab = vocab
+        self.bos = [i % vocab for i in self.bos]
+        self.label_ids = [i % vocab for i in self.label_ids]
+        self.folded = self.total = 0
+
+    def encode(self, episode):
+        prompt = super().encode(episode)
+        self.total += len(prompt.ids)
+        self.folded += sum(i >= self.vocab for i in prompt.ids)
+        prompt.ids = [i % self.vocab for i in prompt.ids]
+        return prompt
+
+
+def make_encoder(lm: LoadedModel, task: Task, random_weights: bool) -> PromptEncoder:
+    """The task's PromptEncoder; for random weights with a tokenizer larger than the vocab, a folding one."""
+    vocab = model_vocab(lm)
+    if random_weights and len(lm.tokenizer) > vocab:
+        encoder = FoldedEncoder(lm.tokenizer, task.label_words, lm.add_bos, vocab)
+    else:
+        encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos)
+    encoder.check_label_collisions()
+    return encoder
+
+
+def setup(config_file: str | None, model: str, task: str, gpu: int, random_7b: bool,
+          tokenizer_dir: str | None = None, random_dtype: torch.dtype = torch.bfloat16) -> tuple[LoadedModel, Task]:
     config = load_config(config_file)
     device = resolve_device(gpu)
     loaded_task = load_task(task, lookup(config.tasks, "task", task))
-    lm = random_llama7b(device) if random_7b else load_model(model, lookup(config.models, "model", model), device,
-                                                              quiet=True)
+    if random_7b:
+        lm = random_llama7b(device, tokenizer_dir, random_dtype)
+    else:
+        lm = load_model(model, lookup(config.models, "model", model), device, quiet=True)
     return lm, loaded_task
 
 
