@@ -21,7 +21,7 @@ from . import __version__
 from .config import REPO_DIR, load_config, lookup
 from .episodes import check_shots, sample_episodes
 from .errors import UsageError
-from .metrics import bootstrap_f1
+from .metrics import bootstrap_accuracy, bootstrap_f1
 from .methods import METHODS
 from .models import load_model, resolve_device
 from .prompts import PromptEncoder
@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-top-heads", type=int, help="fv: heads summed into the vector (default: the model "
                    "entry's fv_heads, else about 2%% of all heads)")
     p.add_argument("--ie-episodes", type=int, default=200, help="fv: shuffled-label trials for indirect effects")
+    p.add_argument("--dt-steps", type=int, default=15, help="dt: most tuning steps T tried on validation (default 15)")
+    p.add_argument("--dt-step", type=int, help="dt: use this T instead of choosing it on validation")
+    p.add_argument("--dt-eta", type=float, default=0.01, help="dt: step size of the cache update (default 0.01)")
+    p.add_argument("--dt-beta", type=float, default=0.9, help="dt: momentum (default 0.9)")
+    p.add_argument("--dt-positions", choices=["shifted", "pinned"], default="shifted",
+                   help="dt: positions of the re-encoded demonstrations: continue after them (shifted, "
+                        "the reference) or re-use theirs (pinned)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=16, help="episodes per forward pass (default 16)")
     p.add_argument("--max-example-tokens", type=int, default=256, help="truncate each example to this many tokens")
@@ -77,12 +84,16 @@ def _validate(args: argparse.Namespace) -> None:
                              ("--select-episodes", args.select_episodes, 1), ("--ie-episodes", args.ie_episodes, 1),
                              ("--n-top-heads", 1 if args.n_top_heads is None else args.n_top_heads, 1),
                              ("--batch-size", args.batch_size, 1), ("--ext-batch", args.ext_batch, 0),
+                             ("--dt-steps", args.dt_steps, 1), ("--dt-step", 1 if args.dt_step is None else args.dt_step, 1),
                              ("--shot", args.shot, 0), ("--max-example-tokens", args.max_example_tokens, 8)):
         if value < low:
             raise UsageError(f"{flag} {value} is out of range; accepted: an integer >= {low}")
     if METHODS[args.method].needs_fit and args.ext_shot < 1:
         raise UsageError(f"--ext-shot {args.ext_shot} is out of range; accepted: an integer >= 1")
-    for flag, value in (("--strength", args.strength), ("--ext-strength", args.ext_strength)):
+    if args.method == "dt" and args.shot < 1:
+        raise UsageError(f"--shot {args.shot} leaves dt nothing to tune; accepted: --shot 1 or more with --method dt")
+    for flag, value in (("--strength", args.strength), ("--ext-strength", args.ext_strength),
+                        ("--dt-eta", args.dt_eta), ("--dt-beta", args.dt_beta)):
         if not math.isfinite(value):
             raise UsageError(f"{flag} {value} is not a finite number")
     if args.mem_limit and not args.device_map:
@@ -146,12 +157,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .tasks import load_task
 
     task = load_task(args.task, task_entry)
+    if task.multiple_choice and not method_cls.supports_multiple_choice:
+        accepted = ", ".join(name for name, cls in METHODS.items() if cls.supports_multiple_choice)
+        raise UsageError(f"--method {args.method} does not apply to multiple-choice task '{args.task}' "
+                         f"(it steers towards class labels); accepted: {accepted}")
     eval_split = "test" if args.run_test else "validation"
     eval_shot = method_cls.fixed_eval_shot if method_cls.fixed_eval_shot is not None else args.shot
     check_shots(task.splits[eval_split], eval_split, task.n_classes, eval_shot, task.label_words, "--shot")
-    fitting = method_cls.needs_fit and not args.load_vectors
+    fitting = (method_cls.needs_fit or method_cls.needs_validation) and not args.load_vectors
     if fitting:
-        check_shots(task.splits["train"], "train", task.n_classes, args.ext_shot, task.label_words, "--ext-shot")
+        if method_cls.needs_fit:
+            check_shots(task.splits["train"], "train", task.n_classes, args.ext_shot, task.label_words, "--ext-shot")
         if method_cls.needs_validation:
             check_shots(task.splits["validation"], "validation", task.n_classes, args.shot, task.label_words, "--shot")
 
@@ -163,7 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.n_top_heads is not None and args.n_top_heads > n_heads_total:
         raise UsageError(f"--n-top-heads {args.n_top_heads} exceeds the model's {n_heads_total} heads")
     encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, args.max_example_tokens)
-    encoder.check_label_collisions()
+    if not task.multiple_choice:
+        encoder.check_label_collisions()
     scorer = Scorer(lm, encoder.label_ids, args.batch_size, args.quiet)
     identity = {"method": args.method, "model": args.model, "task": args.task, "label_words": task.label_words,
                 "n_layers": lm.layout.n_layers, "d_model": lm.layout.d_model}
@@ -174,9 +191,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tensors, meta = load_state(args.load_vectors, identity)
         method.load_state(tensors)
         fit_info = {"loaded_from": args.load_vectors, "fitted_with": meta.get("fit")}
-    elif method_cls.needs_fit:
-        train_episodes = sample_episodes(task.splits["train"], task.n_classes, args.ext_shot, args.episodes,
-                                         args.seed, "train/extract")
+    elif fitting:
+        train_episodes = []
+        if method_cls.needs_fit:
+            train_episodes = sample_episodes(task.splits["train"], task.n_classes, args.ext_shot, args.episodes,
+                                             args.seed, "train/extract")
         select_episodes = None
         if method_cls.needs_validation:
             select_episodes = sample_episodes(task.splits["validation"], task.n_classes, args.shot,
@@ -184,7 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         method.fit(scorer, encoder, train_episodes, select_episodes)
         fit_s = time.perf_counter() - t0
-        fit_info = {"ext_shot": args.ext_shot, "episodes": args.episodes, "seed": args.seed,
+        fit_info = {**({"ext_shot": args.ext_shot, "episodes": args.episodes} if method_cls.needs_fit else {}),
+                    "seed": args.seed,
                     **{k: v for k, v in method.hyperparameters().items() if k != "strength"},
                     **({"select_episodes": args.select_episodes, "select_shot": args.shot}
                        if method_cls.needs_validation else {}),
@@ -199,43 +219,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scores = scorer.run_batched(prompts, lambda b: method.predict(scorer, b), f"{args.method} eval ({eval_split})")
     eval_s = time.perf_counter() - t0
     y_true = np.array([p.label for p in prompts])
-    y_pred = scores.argmax(dim=-1).numpy()
-    metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=args.seed)
+    y_pred = Scorer.predictions(scores, prompts)
+    if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
+        metrics = {"accuracy": bootstrap_accuracy(y_true, y_pred, seed=args.seed),
+                   "accuracy_sum": bootstrap_accuracy(y_true, scores.argmax(dim=-1).numpy(), seed=args.seed)}
+        answer_names = [f"option_{i}" for i in range(task.n_classes)]
+    else:
+        metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=args.seed)
+        answer_names = task.label_words
 
     record = {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "method": args.method, "model": args.model, "task": args.task, "split": eval_split,
         "hyperparameters": {**method.hyperparameters(), "shot": eval_shot,
                             "ext_shot": args.ext_shot if method_cls.needs_fit else None,
+                            **({"select_episodes": args.select_episodes} if method_cls.needs_validation else {}),
                             "episodes": args.episodes if method_cls.needs_fit else None,
                             "max_example_tokens": args.max_example_tokens},
         "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting else 0,
         "fit": fit_info,
         "metrics": metrics,
         # a method that collapses onto one label shows here first
-        "predicted_fraction": dict(zip(task.label_words,
+        "predicted_fraction": dict(zip(answer_names,
                                        np.round(np.bincount(y_pred, minlength=task.n_classes) / len(y_pred), 4).tolist())),
         "timing_s": {"load": round(load_s, 3), "fit": round(fit_s, 3), "eval": round(eval_s, 3)},
         "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
         "batch_size": args.batch_size, "device": str(device), "dtype": str(lm.dtype).removeprefix("torch."),
         "device_map": args.device_map,
         "model_source": lm.source, "layout": lm.layout.describe(), "add_bos": lm.add_bos,
-        "label_words": task.label_words, "task_provenance": task.provenance,
+        "label_words": task.label_words, "task_kind": "multiple_choice" if task.multiple_choice else "classification",
+        "task_provenance": task.provenance,
         "config_files": config.sources, "versions": _versions(), "git_commit": _git_commit(),
         "command": args.command,
     }
     append_record(args.results, record)
-    m = metrics  # the summary line prints even with --quiet, which silences progress bars only
+    # the summary line prints even with --quiet, which silences progress bars only
     print(f"{args.method} | {args.model} | {args.task} | {eval_split} | {args.eval_episodes} episodes | "
-          f"macro-F1 {m['macro']['value']:.4f} [{m['macro']['ci_low']:.4f}, {m['macro']['ci_high']:.4f}] | "
-          f"micro {m['micro']['value']:.4f} | weighted {m['weighted']['value']:.4f} | "
-          f"fit {fit_s:.1f}s | eval {eval_s:.1f}s | -> {args.results}")
+          f"{_metric_summary(metrics)} | fit {fit_s:.1f}s | eval {eval_s:.1f}s | -> {args.results}")
     return record
 
 
+def _metric_summary(metrics: dict[str, dict[str, float]]) -> str:
+    name = "macro" if "macro" in metrics else next(iter(metrics))
+    m = metrics[name]
+    rest = [(k, v) for k, v in metrics.items() if k != name]
+    label = "macro-F1" if name == "macro" else name
+    return " | ".join([f"{label} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]"] +
+                      [f"{k} {v['value']:.4f}" for k, v in rest])
+
+
+SUBCOMMANDS = ("select", "report")  # read results files; no model involved
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        from .analyze import main as analyze_main
+
+        return analyze_main(argv)
     args = build_parser().parse_args(argv)
-    args.command = list(argv) if argv is not None else sys.argv[1:]
+    args.command = argv
     try:
         run(args)
     except UsageError as exc:

@@ -40,6 +40,7 @@ TASK_KEYS = {
     "label_names": "class names when the label column is not a ClassLabel",
     "label_words": "words the model predicts, one per class",
     "builtin": "a task whose data ivlib generates itself",
+    "multiple_choice": "{options: FIELD or [FIELDS], answer: FIELD, option_keys: FIELD, answer_base: 0|1}",
 }
 _PATH_KEYS = ("path", "tokenizer", "data_files")
 

@@ -18,7 +18,8 @@ from .tasks import Split
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int
+    label: int  # class index, or the correct option's index for multiple choice
+    options: tuple[str, ...] | None = None  # multiple choice: the answers to choose from
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ def check_shots(split: Split, split_name: str, n_classes: int, shot: int, label_
     """A query must stay distinct from its demonstrations, so each class needs shot + 1 examples."""
     if shot < 0:
         raise UsageError(f"{flag} {shot} is negative; accepted: 0 or more")
+    if split.options is not None:  # multiple choice: `shot` demonstrations in all, not per class
+        if len(split.texts) < shot + 1:
+            raise UsageError(f"{flag} {shot} is too large for split '{split_name}' ({len(split.texts)} examples); "
+                             f"accepted: at most {len(split.texts) - 1}")
+        return
     counts = split.class_counts(n_classes)
     smallest = int(counts.argmin())
     if shot > 0 and counts[smallest] < shot + 1:
@@ -53,6 +59,8 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
         raise UsageError(f"episode count {n} must be positive")
     labels, texts = split.labels, split.texts
     queries = _rng(seed, stream, 0).integers(0, len(labels), size=n)
+    if split.options is not None:
+        return _multiple_choice_episodes(split, shot, queries, _rng(seed, stream, 1000 + shot))
     if shot == 0:
         return [Episode((), Example(texts[q], int(labels[q]))) for q in queries]
     pools = [np.flatnonzero(labels == c) for c in range(n_classes)]
@@ -72,4 +80,21 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
         order = rng.permutation(len(chosen))
         demos = tuple(Example(texts[chosen[i]], int(labels[chosen[i]])) for i in order)
         episodes.append(Episode(demos, Example(q_text, int(labels[q]))))
+    return episodes
+
+
+def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.random.Generator) -> list[Episode]:
+    """Answers are positions among per-question options, not classes: `shot` random other questions."""
+    def example(i: int) -> Example:
+        return Example(split.texts[i], int(split.labels[i]), tuple(split.options[i]))
+
+    episodes = []
+    for q in queries:
+        picks = rng.choice(len(split.texts), size=min(len(split.texts), shot + 3), replace=False)
+        good = [int(i) for i in picks if i != q and split.texts[i] != split.texts[q]][:shot]
+        if len(good) < shot:
+            good = [int(i) for i in rng.permutation(len(split.texts)) if i != q and split.texts[i] != split.texts[q]][:shot]
+        if len(good) < shot:
+            raise UsageError(f"not enough distinct questions for {shot} shots")
+        episodes.append(Episode(tuple(example(i) for i in good), example(int(q))))
     return episodes

@@ -63,3 +63,22 @@ def bootstrap_f1(y_true, y_pred, n_classes: int, resamples: int = 1000, seed: in
         out[k] = {"value": point[k], "ci_low": float(np.percentile(values, lo)),
                   "ci_high": float(np.percentile(values, hi))}
     return out
+
+
+def selection_score(y_true, y_pred, n_classes: int, multiple_choice: bool) -> float:
+    """What a method maximises on validation: macro-F1 for classes, accuracy for multiple choice
+    (option positions are not classes, so their F1 has no meaning)."""
+    if multiple_choice:
+        return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
+    return f1_scores(y_true, y_pred, n_classes)["macro"]
+
+
+def bootstrap_accuracy(y_true, y_pred, resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> dict[str, float]:
+    """Accuracy and its percentile interval over episodes resampled with replacement."""
+    hit = (np.asarray(y_true) == np.asarray(y_pred)).astype(float)
+    rng = np.random.default_rng(seed)
+    means = hit[rng.integers(0, len(hit), size=(resamples, len(hit)))].mean(axis=1)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {"value": float(hit.mean()), "ci_low": float(np.percentile(means, lo)),
+            "ci_high": float(np.percentile(means, hi))}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .episodes import Episode
+from .episodes import Episode, Example
 from .errors import UsageError
 
 IO_SEP = "\n"
@@ -26,6 +26,8 @@ class EncodedPrompt:
     sep_pos: list[int]  # token index ending each input->output separator; the query's is last
     sep_class: list[int]  # class of each demo separator; n_classes marks the query's
     label: int  # the query's class
+    query_start: int  # index of the query's first token: ids[:query_start] are BOS + demonstrations
+    options: list[list[int]] | None = None  # multiple choice: each option's continuation tokens
 
 
 @dataclass
@@ -39,10 +41,13 @@ class PromptBatch:
     sep_cols: torch.Tensor  # [N] column of each separator
     sep_class: torch.Tensor  # [N] class index, n_classes for query separators
     query_cols: torch.Tensor  # [B] column of each row's query separator (== T - 1)
+    query_starts: torch.Tensor  # [B] column of each row's first query token
     labels: torch.Tensor  # [B]
+    option_ids: torch.Tensor | None = None  # [B, C, Lo] multiple choice: option tokens, right-padded
+    option_lens: torch.Tensor | None = None  # [B, C] tokens per option, 0 where a row has fewer options
 
     def to(self, device: torch.device | str) -> "PromptBatch":
-        return PromptBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return PromptBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
 
 
 class PromptEncoder:
@@ -54,8 +59,8 @@ class PromptEncoder:
         self.n_classes = len(label_words)
         self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         self.max_example_tokens = max_example_tokens
-        self.label_ids = [self._first_token_after_sep(w) for w in label_words]
-        self._label_len = max(len(self._tokenize(IO_SEP + w)["input_ids"]) for w in label_words)
+        self.label_ids = [self._first_token_after_sep(w) for w in label_words]  # empty for multiple choice
+        self._label_len = max((len(self._tokenize(IO_SEP + w)["input_ids"]) for w in label_words), default=0)
         if max_example_tokens <= self._label_len + 1:
             raise UsageError(f"--max-example-tokens {max_example_tokens} leaves no room for the input; accepted: > {self._label_len + 1}")
         self._trunc_cache: dict[str, str] = {}
@@ -103,9 +108,10 @@ class PromptEncoder:
             piece = self.truncate(demo.text) + IO_SEP
             sep_chars.append(length + len(piece) - 1)
             sep_class.append(demo.label)
-            piece += self.label_words[demo.label] + EXAMPLE_SEP
+            piece += self.answer_text(demo) + EXAMPLE_SEP
             parts.append(piece)
             length += len(piece)
+        query_char = length
         piece = self.truncate(episode.query.text) + IO_SEP
         sep_chars.append(length + len(piece) - 1)
         sep_class.append(self.n_classes)
@@ -117,7 +123,37 @@ class PromptEncoder:
         ids = self.bos + list(enc["input_ids"])
         if sep_pos[-1] != len(ids) - 1:
             raise UsageError("the tokenizer merges the query's trailing separator; this tokenizer is not supported")
-        return EncodedPrompt(ids, sep_pos, sep_class, episode.query.label)
+        options = None
+        if episode.query.options is not None:
+            options = [self._continuation(self.truncate(o)) for o in episode.query.options]
+        return EncodedPrompt(ids, sep_pos, sep_class, episode.query.label,
+                             _token_boundary(enc["offset_mapping"], query_char) + len(self.bos), options)
+
+    def answer_text(self, example: Example) -> str:
+        """What follows a demonstration's separator: its label word, or its correct option."""
+        return self.label_words[example.label] if example.options is None else example.options[example.label]
+
+    def _continuation(self, text: str) -> list[int]:
+        """Tokens of `text` as they follow the separator (tokenized in that context, as labels are)."""
+        enc = self._tokenize(IO_SEP + text)
+        ids = [tid for tid, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end > len(IO_SEP)]
+        if not ids:
+            raise UsageError(f"answer option {text!r} produces no token")
+        return ids
+
+
+def _token_boundary(offsets: list[tuple[int, int]], char: int) -> int:
+    """Index of the first token starting at or after `char`; refuses a token straddling it.
+
+    Methods that encode the demonstrations apart from the query (DT's tuned cache) need the
+    whole-prompt tokens to split exactly there, so that step 1 is the same tokens as plain ICL.
+    """
+    for i, (start, end) in enumerate(offsets):
+        if start >= char:
+            return i
+        if end > char:
+            raise UsageError("the tokenizer merges the last demonstration into the query; this tokenizer is not supported")
+    return len(offsets)
 
 
 def collate(prompts: list[EncodedPrompt], pad_id: int) -> PromptBatch:
@@ -126,9 +162,10 @@ def collate(prompts: list[EncodedPrompt], pad_id: int) -> PromptBatch:
     b = len(prompts)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
-    rows, cols, classes = [], [], []
+    rows, cols, classes, starts = [], [], [], []
     for r, p in enumerate(prompts):
         pad = width - len(p.ids)
+        starts.append(p.query_start + pad)
         input_ids[r, pad:] = torch.tensor(p.ids, dtype=torch.long)
         mask[r, pad:] = 1
         rows.extend([r] * len(p.sep_pos))
@@ -143,8 +180,28 @@ def collate(prompts: list[EncodedPrompt], pad_id: int) -> PromptBatch:
         sep_cols=torch.tensor(cols, dtype=torch.long),
         sep_class=torch.tensor(classes, dtype=torch.long),
         query_cols=torch.full((b,), width - 1, dtype=torch.long),
+        query_starts=torch.tensor(starts, dtype=torch.long),
         labels=torch.tensor([p.label for p in prompts], dtype=torch.long),
+        **(_collate_options(prompts, pad_id) if prompts[0].options is not None else {}),
     )
+
+
+def _collate_options(prompts: list[EncodedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
+    n_opt = max(len(p.options) for p in prompts)
+    width = max(len(o) for p in prompts for o in p.options)
+    ids = torch.full((len(prompts), n_opt, width), pad_id, dtype=torch.long)
+    lens = torch.zeros((len(prompts), n_opt), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        for j, o in enumerate(p.options):
+            ids[r, j, : len(o)] = torch.tensor(o, dtype=torch.long)
+            lens[r, j] = len(o)
+    return {"option_ids": ids, "option_lens": lens}
+
+
+def option_lengths(prompts: list[EncodedPrompt]) -> torch.Tensor:
+    """[N, C] tokens per option (0 where a prompt has fewer options), for length-normalised scores."""
+    n_opt = max(len(p.options) for p in prompts)
+    return torch.tensor([[len(o) for o in p.options] + [0] * (n_opt - len(p.options)) for p in prompts])
 
 
 def length_sorted_batches(prompts: list[EncodedPrompt], batch_size: int) -> list[list[int]]:

@@ -5,12 +5,13 @@ import copy
 import inspect
 from typing import Callable, ContextManager, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .models import LoadedModel
-from .prompts import EncodedPrompt, PromptBatch, collate, length_sorted_batches
+from .prompts import EncodedPrompt, PromptBatch, collate, length_sorted_batches, option_lengths
 
 
 class Scorer:
@@ -89,9 +90,66 @@ class Scorer:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return logprobs[:, self.label_ids.to(logprobs.device)]
 
+    def cache_of(self, out):
+        return getattr(out, "cache", None) or out.past_key_values
+
+    @torch.inference_mode()
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past=None):
+        """One forward with a cache: (next-token logits at the last column [B, V], the cache).
+
+        `mask` covers the past and `ids` ([B, T_past + T]); `past` (a transformers Cache) is
+        extended in place.
+        """
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        if past is not None:
+            kwargs[self._cache_kwarg] = past
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        return out.logits[:, -1], self.cache_of(out)
+
+    def score_after(self, past, past_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
+        """Answer scores [B, C] of the query `ids` [B, T] run over a prepared cache `past`."""
+        full_mask = torch.cat([past_mask, mask], dim=1)
+        logits, cache = self.encode(ids, full_mask, positions, past=past)
+        return self._answer_scores(logits, cache, full_mask, positions[:, -1] + 1, batch)
+
+    def _answer_scores(self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor,
+                       batch: PromptBatch) -> torch.Tensor:
+        """Classification: each label's first-token log-prob. Multiple choice: each option's summed
+        continuation log-prob (-inf for a missing option), running the options over the prompt's cache
+        so the prompt is encoded once however many options there are."""
+        if batch.option_ids is None:
+            return self._label_logprobs(last_logits)
+        opt, lens = batch.option_ids, batch.option_lens  # [B, C, Lo], [B, C]
+        b, c, width = opt.shape
+        first = torch.log_softmax(last_logits.float(), dim=-1).gather(1, opt[:, :, 0])  # [B, C]
+        total = first
+        if width > 1:
+            cache.batch_repeat_interleave(c)
+            steps = opt[:, :, :-1].reshape(b * c, width - 1)  # tokens fed; each predicts the next one
+            step_mask = (torch.arange(width - 1, device=opt.device) < (lens.reshape(-1, 1) - 1)).long()
+            out = self.lm.model(input_ids=steps, attention_mask=torch.cat([mask.repeat_interleave(c, 0), step_mask], 1),
+                                position_ids=next_pos.repeat_interleave(c)[:, None] + torch.arange(width - 1, device=opt.device),
+                                use_cache=True, **{self._cache_kwarg: cache})
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B*C, Lo-1, V]
+            rest = logprobs.gather(2, opt[:, :, 1:].reshape(b * c, width - 1, 1)).squeeze(2)
+            total = total + (rest * step_mask).sum(dim=1).view(b, c)
+        return total.masked_fill(lens == 0, float("-inf"))
+
     def label_scores(self, batch: PromptBatch) -> torch.Tensor:
-        """[B, C] float32 log-probabilities of each label's first token."""
-        return self._label_logprobs(self.forward(batch))
+        """[B, C] float32 answer scores: label first-token log-probs, or option log-probs (multiple choice)."""
+        if batch.option_ids is None:
+            return self._label_logprobs(self.forward(batch))
+        logits, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
+        return self._answer_scores(logits, cache, batch.attention_mask, batch.position_ids[:, -1] + 1, batch)
+
+    @staticmethod
+    def predictions(scores: torch.Tensor, prompts: list[EncodedPrompt]) -> np.ndarray:
+        """Chosen answer per row of [N, C] scores; multiple-choice options are compared per token
+        (length-normalised), so a long option is not penalised for its length."""
+        if prompts and prompts[0].options is not None:
+            return (scores / option_lengths(prompts).clamp(min=1)).argmax(dim=-1).numpy()
+        return scores.argmax(dim=-1).numpy()
 
     def progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)

@@ -8,6 +8,7 @@ run's seed, so every run and method sees the same validation and test sets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ _LOCAL_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl
 @dataclass
 class Split:
     texts: list[str]
-    labels: np.ndarray  # [N] int64 class indices
+    labels: np.ndarray  # [N] int64 class indices (multiple choice: index of the correct option)
+    options: list[list[str]] | None = None  # multiple choice: each example's options
+
+    def subset(self, idx: np.ndarray) -> "Split":
+        return Split([self.texts[i] for i in idx], self.labels[idx],
+                     None if self.options is None else [self.options[i] for i in idx])
 
     def class_counts(self, n_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=n_classes)
@@ -40,7 +46,14 @@ class Task:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def multiple_choice(self) -> bool:
+        return self.splits["train"].options is not None
+
+    @property
     def n_classes(self) -> int:
+        """Classes, or for multiple choice the most options any question has (the score width)."""
+        if self.multiple_choice:
+            return max(len(o) for split in self.splits.values() for o in split.options)
         return len(self.label_words)
 
 
@@ -132,10 +145,54 @@ def _carve(train_n: int, missing: list[str]) -> dict[str, np.ndarray]:
     return {"train": order[:a], "validation": order[a:b], "test": order[b:]}
 
 
+MC_KEYS = ("options", "answer", "option_keys", "answer_base")
+
+
+def _field(row: dict[str, Any], path: str) -> Any:
+    """A dotted path into nested records, e.g. `choices.text` of CommonsenseQA."""
+    value: Any = row
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def _multiple_choice_split(name: str, ds, spec: dict[str, Any], text_cols: list[str]) -> Split:
+    """Questions, their options, and the correct option's index, from the fields `spec` names."""
+    mc = spec["multiple_choice"]
+    if not isinstance(mc, dict) or "options" not in mc or "answer" not in mc or set(mc) - set(MC_KEYS):
+        raise UsageError(f"task '{name}': multiple_choice must be a mapping with options and answer; "
+                         f"accepted keys: {', '.join(MC_KEYS)}")
+    base = int(mc.get("answer_base", 0))
+    texts, labels, options = [], [], []
+    for i, row in enumerate(ds):
+        try:
+            opts = ([str(row[f]) for f in mc["options"]] if isinstance(mc["options"], list)
+                    else [str(o) for o in _field(row, mc["options"])])
+            answer = _field(row, mc["answer"])
+            keys = _field(row, mc["option_keys"]) if "option_keys" in mc else None
+        except (KeyError, TypeError):
+            raise UsageError(f"task '{name}': row {i} lacks a multiple_choice field ({mc}); "
+                             f"columns: {', '.join(ds.column_names)}") from None
+        if keys is not None:
+            index = list(keys).index(answer) if answer in keys else -1
+        else:
+            index = int(answer) - base if str(answer).strip().lstrip("-").isdigit() else -1
+        if not 0 <= index < len(opts):  # hub test splits often hide the answer
+            continue
+        texts.append(" ".join(str(row[c]).strip() for c in text_cols))
+        labels.append(index)
+        options.append(opts)
+    return Split(texts, np.asarray(labels, dtype=np.int64), options)
+
+
 def load_task(name: str, spec: dict[str, Any]) -> Task:
     dsd = _load_dataset_dict(name, spec)
-    mapping = {role: role for role in ROLES}
-    mapping.update(spec.get("splits") or {})
+    explicit = dict(spec.get("splits") or {})
+    # a role left to its default name must not share a split another role claims (sst2's test is
+    # the hub's "validation": validation is then carved from train, never the test set itself)
+    mapping = {role: role for role in ROLES if role not in explicit.values()}
+    mapping.update(explicit)
+    mapping.setdefault("train", "train")
     for role in mapping:
         if role not in ROLES:
             raise UsageError(f"task '{name}': unknown split role '{role}'; accepted: {', '.join(ROLES)}")
@@ -143,6 +200,11 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
         raise UsageError(f"task '{name}': dataset has no split '{mapping['train']}' for train; splits: {', '.join(dsd)}")
     label_field = spec.get("label_field", "label")
     train_ds = dsd[mapping["train"]]
+    multiple_choice = "multiple_choice" in spec
+    if multiple_choice:
+        text_cols = _text_columns(name, train_ds.column_names, spec)
+        to_split = partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols)
+        return _assemble(name, [], dsd, mapping, to_split)
     if label_field not in train_ds.column_names:
         raise UsageError(f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}")
     names = _label_names(name, train_ds, label_field, spec)
@@ -160,7 +222,12 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
             labels = labels[keep]
         return Split(texts, labels)
 
-    present = {role: dsd[mapping[role]] for role in ROLES if mapping[role] in dsd}
+    return _assemble(name, words, dsd, mapping, to_split)
+
+
+def _assemble(name: str, words: list[str], dsd, mapping: dict[str, str], to_split) -> Task:
+    """Present splits converted, missing ones carved from train, provenance recorded."""
+    present = {role: dsd[mapping[role]] for role in ROLES if role in mapping and mapping[role] in dsd}
     missing = [role for role in ROLES if role not in present]
     provenance: dict[str, Any] = {"splits": {r: mapping[r] for r in present}}
     splits = {role: to_split(ds) for role, ds in present.items()}
@@ -168,7 +235,7 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
         whole = splits["train"]
         cuts = _carve(len(whole.texts), missing)
         for role, idx in cuts.items():
-            splits[role] = Split([whole.texts[i] for i in idx], whole.labels[idx])
+            splits[role] = whole.subset(idx)
         provenance["carved"] = {
             "from": mapping["train"], "roles": missing, "seed": CARVE_SEED,
             "sizes": {r: int(len(i)) for r, i in cuts.items()},

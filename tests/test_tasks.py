@@ -73,3 +73,18 @@ def test_user_config_overrides_whole_entries_and_resolves_relative_paths(tmp_pat
     assert cfg.models["gpt-j-6b"] == {"builtin": "tiny-gpt2"}
     assert cfg.tasks["mine"]["data_files"] == str((tmp_path / "data" / "x.parquet").resolve())
     assert "llama-2-7b" in cfg.models
+
+
+def test_split_used_as_test_is_never_also_validation(tmp_path):
+    """sst2's hub 'validation' is the test set: validation must then be carved from train, or a
+    method would select its hyperparameters on the very examples it is scored on."""
+    _frame(50).to_parquet(tmp_path / "train.parquet")
+    other = _frame(20)
+    other["text"] = [f"held out {i}" for i in range(20)]
+    other.to_parquet(tmp_path / "validation.parquet")
+    spec = {"data_files": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "validation.parquet")},
+            "splits": {"train": "train", "test": "validation"}}
+    task = load_task("t", spec)
+    assert task.splits["test"].texts == [f"held out {i}" for i in range(20)]
+    assert not set(task.splits["validation"].texts) & set(task.splits["test"].texts)
+    assert task.provenance["carved"]["roles"] == ["validation"]

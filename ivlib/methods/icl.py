@@ -12,6 +12,7 @@ class ICL(Method):
     """The reference code's "clean" run: the same prompts IV edits, left unedited."""
 
     name = "icl"
+    supports_multiple_choice = True
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         return scorer.label_scores(batch)

@@ -1,0 +1,148 @@
+"""Deep-Thinking / Iterative Forward Tuning (Yang et al. 2023): tune the demonstrations' KV cache.
+
+No hooks: the state is the key/value cache of the demonstrations alone (BOS + demos, L tokens).
+Step 1 is plain ICL's cache. Each further step re-encodes the demonstrations with the current
+cache as the past (2L positions), keeps the last L entries C_t and moves the cache towards
+them with momentum, per layer, separately for keys and values:
+    g_t = C_t - P_{t-1};  m_t = g_t (t = 2) or g_t + beta m_{t-1};  P_t = P_{t-1} + eta m_t.
+The query (and, for multiple choice, each option) is then scored with P_t as the past, without
+re-encoding the demonstrations. P and m stay float32 whatever the model's dtype.
+
+Positions of the re-encoded copy: `shifted` (the reference, library defaults) continues them at
+L..2L-1, so C_t - P also carries a position shift; `pinned` re-uses 0..L-1.
+
+The number of steps T is chosen on validation episodes (scores after every step 1..T are
+computed in one pass); the reference picked the best step on test.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..episodes import Episode
+from ..errors import UsageError
+from ..kvcache import KV, read_kv, write_kv
+from ..metrics import selection_score
+from ..prompts import PromptBatch, PromptEncoder
+from ..scoring import Scorer
+from .base import Method
+
+POSITIONS = ("shifted", "pinned")
+
+
+def split_demos(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut left-padded whole prompts into left-padded demonstrations and the query part.
+
+    Returns demo ids and mask [B, Ld], query ids and mask [B, Lq] (query rows left-padded too,
+    so the pads sit between demos and query, masked out) and each row's demo length [B].
+    """
+    ids, mask, starts = batch.input_ids, batch.attention_mask, batch.query_starts
+    width = ids.shape[1]
+    n_demo = starts - (width - mask.sum(dim=1))  # [B] real demo tokens per row
+    if int(n_demo.min()) < 1:
+        raise UsageError("dt needs demonstrations; accepted: --shot 1 or more")
+    demo_w = int(n_demo.max())
+    src = starts[:, None] - demo_w + torch.arange(demo_w, device=ids.device)  # [B, Ld] source columns
+    demo_mask = (src >= starts[:, None] - n_demo[:, None]).long()
+    demo_ids = torch.where(demo_mask.bool(), ids.gather(1, src.clamp(min=0)), ids[:, :1])
+    query_w = width - int(starts.min())
+    cols = torch.arange(width - query_w, width, device=ids.device)
+    query_mask = (cols[None, :] >= starts[:, None]).long()  # [B, Lq]
+    return demo_ids, demo_mask, ids[:, width - query_w:], query_mask, n_demo
+
+
+class DeepThinking(Method):
+    name = "dt"
+    needs_validation = True  # chooses the number of steps
+    supports_multiple_choice = True
+
+    def __init__(self, steps: int = 15, eta: float = 0.01, beta: float = 0.9, positions: str = "shifted",
+                 step: int | None = None):
+        if positions not in POSITIONS:
+            raise UsageError(f"--dt-positions '{positions}' is not accepted; accepted: {', '.join(POSITIONS)}")
+        self.steps = steps
+        self.eta = eta
+        self.beta = beta
+        self.positions = positions
+        self.step = step  # the T used at evaluation; None until chosen on validation
+        self.user_step = step is not None
+        self.curve: list[float] = []  # validation score after each step 1..steps
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DeepThinking":
+        return cls(args.dt_steps, args.dt_eta, args.dt_beta, args.dt_positions, args.dt_step)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"dt_steps": self.steps, "dt_eta": self.eta, "dt_beta": self.beta, "dt_positions": self.positions,
+                "dt_step": self.step if self.user_step else None}
+
+    def fit_summary(self) -> dict[str, Any]:
+        return {"step": self.step, "step_chosen_by": "user" if self.user_step else "validation",
+                "curve": [round(s, 4) for s in self.curve]}
+
+    # ---- the tuning loop ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step_scores(self, scorer: Scorer, batch: PromptBatch, upto: int,
+                    trace: list[KV] | None = None) -> torch.Tensor:
+        """[B, upto, C] answer scores after each step 1..upto (float32); `trace` collects each step's cache."""
+        demo_ids, demo_mask, query_ids, query_mask, n_demo = split_demos(batch)
+        demo_pos = (demo_mask.cumsum(-1) - 1).clamp(min=0)
+        query_pos = n_demo[:, None] + (query_mask.cumsum(-1) - 1).clamp(min=0)
+        _, cache = scorer.encode(demo_ids, demo_mask, demo_pos)
+        name, dtype = scorer.lm.name, scorer.lm.dtype
+        state: KV = [(k.float(), v.float()) for k, v in read_kv(cache, name)]
+        momentum: KV | None = None
+        width = demo_ids.shape[1]
+        twice = torch.cat([demo_mask, demo_mask], dim=1)
+        again_pos = demo_pos + n_demo[:, None] if self.positions == "shifted" else demo_pos
+
+        def score() -> torch.Tensor:
+            write_kv(cache, state, dtype, name)
+            return scorer.score_after(cache, demo_mask, query_ids, query_mask, query_pos, batch)
+
+        out = [score()]
+        if trace is not None:
+            trace.append(state)
+        for t in range(2, upto + 1):
+            write_kv(cache, state, dtype, name)
+            scorer.encode(demo_ids, twice, again_pos, past=cache)
+            fresh = [(k[..., -width:, :].float(), v[..., -width:, :].float()) for k, v in read_kv(cache, name)]
+            grads = [(ck - pk, cv - pv) for (ck, cv), (pk, pv) in zip(fresh, state)]
+            momentum = grads if momentum is None else [
+                (gk + self.beta * mk, gv + self.beta * mv) for (gk, gv), (mk, mv) in zip(grads, momentum)]
+            state = [(pk + self.eta * mk, pv + self.eta * mv) for (pk, pv), (mk, mv) in zip(state, momentum)]
+            _check_finite(state, demo_mask, t)
+            out.append(score())
+            if trace is not None:
+                trace.append(state)
+        return torch.stack(out, dim=1)
+
+    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
+            validation: list[Episode] | None = None) -> None:
+        if self.user_step:
+            return
+        if not validation:
+            raise ValueError("DT chooses its number of steps on validation episodes")
+        prompts = [encoder.encode(e) for e in validation]
+        scores = scorer.run_batched(prompts, lambda b: self.step_scores(scorer, b, self.steps), "DT step search")
+        labels = np.array([p.label for p in prompts])
+        mc = prompts[0].options is not None
+        self.curve = [selection_score(labels, scorer.predictions(scores[:, t], prompts), scores.shape[-1], mc)
+                      for t in range(self.steps)]
+        self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest
+
+    def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+        return self.step_scores(scorer, batch, self.step)[:, -1]
+
+
+def _check_finite(state: KV, demo_mask: torch.Tensor, step: int) -> None:
+    """A tuned cache that overflowed would be scored silently; name the layer instead (one sync per step)."""
+    pad = ~demo_mask.bool()[:, None, :, None]  # pads are masked out of attention; their values do not matter
+    ok = torch.stack([(torch.isfinite(k) | pad).all() & (torch.isfinite(v) | pad).all() for k, v in state])
+    if not bool(ok.all()):
+        layer = int((~ok).nonzero()[0])
+        raise UsageError(f"dt: non-finite values in the tuned cache at layer {layer}, step {step}; "
+                         "lower --dt-eta or run with --no-half")

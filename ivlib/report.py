@@ -1,0 +1,321 @@
+"""The comparison table (markdown for reading, CSV for scripts) and plots from a results file.
+
+Every test number shown is that of the setting chosen on validation (selection.py), so the
+table can be compared with the paper's Table 1 without test-set tuning creeping in. matplotlib
+is imported inside the plotting functions: analysis is optional, the runner must not need it.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import UsageError
+from .selection import Scored, check_metric, choose, latest, latest_per_setting, score_records, test_for
+
+METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "iv")
+DAGGER = "†"
+FALLBACK_MARK = "ᵃ"
+MISSING = "–"
+DPI = 100
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table entry; `selected` is False for a test run shown without a validation choice."""
+    run: Scored
+    selected: bool
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.run.model, self.run.task, self.run.method
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """The paper's column order; methods it does not know go last, alphabetically."""
+    present = set(methods)
+    known = [m for m in METHOD_ORDER if m in present]
+    return known + sorted(present - set(METHOD_ORDER))
+
+
+def table_cells(scored: list[Scored]) -> tuple[list[Cell], list[tuple[str, str, str]]]:
+    """Cells of the table, and the (model, task, method) chosen on validation but not yet tested."""
+    cells: dict[tuple[str, str, str], Cell] = {}
+    untested = []
+    choices = choose(scored)
+    for choice in choices:
+        run = test_for(choice, scored)
+        if run is None:
+            untested.append(choice.key)
+        else:
+            cells[choice.key] = Cell(run, selected=True)
+    chosen = {c.key for c in choices}
+    unselected: dict[tuple[str, str, str], list[Scored]] = {}
+    for s in scored:
+        if s.split == "test" and (s.model, s.task, s.method) not in chosen:
+            unselected.setdefault((s.model, s.task, s.method), []).append(s)
+    for key, runs in unselected.items():
+        cells[key] = Cell(latest(runs), selected=False)
+    return [cells[k] for k in sorted(cells)], untested
+
+
+# ---- markdown ---------------------------------------------------------------------------------
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _shown(x: float) -> float:
+    """The value as printed, so cells that read the same are bolded alike."""
+    return round(100 * x, 1)
+
+
+def format_cell(cell: Cell, metric: str, bold: bool) -> str:
+    run = cell.run
+    text = f"**{_pct(run.value)}**" if bold else _pct(run.value)
+    if not cell.selected:
+        text += DAGGER
+    if run.metric != metric:
+        text += FALLBACK_MARK
+    if run.ci_low is not None and run.ci_high is not None:
+        text += f" [{_pct(run.ci_low)}, {_pct(run.ci_high)}]"
+    return text
+
+
+def _bold_set(values: dict[str, float]) -> set[str]:
+    if not values:
+        return set()
+    top = max(_shown(v) for v in values.values())
+    return {m for m, v in values.items() if _shown(v) == top}
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def model_table(model: str, cells: list[Cell], metric: str) -> tuple[list[str], int]:
+    """Markdown lines of one model's table, and how many tasks the average is over."""
+    by_key = {(c.run.task, c.run.method): c for c in cells}
+    methods = method_order(c.run.method for c in cells)
+    tasks = sorted({c.run.task for c in cells})
+    lines = [_row(["Task", *methods]), _row(["---"] * (len(methods) + 1))]
+    for task in tasks:
+        present = {m: by_key[task, m].run.value for m in methods if (task, m) in by_key}
+        bold = _bold_set(present)
+        lines.append(_row([task, *(format_cell(by_key[task, m], metric, m in bold) if m in present else MISSING
+                                   for m in methods)]))
+    complete = [t for t in tasks if all((t, m) in by_key for m in methods)]
+    averages = {m: sum(by_key[t, m].run.value for t in complete) / len(complete) for m in methods} if complete else {}
+    bold = _bold_set(averages)
+    lines.append(_row(["Average", *((f"**{_pct(averages[m])}**" if m in bold else _pct(averages[m]))
+                                    if m in averages else MISSING for m in methods)]))
+    return lines, len(complete)
+
+
+def markdown(cells: list[Cell], untested: list[tuple[str, str, str]], metric: str) -> str:
+    lines = [f"# Test {metric} (%), setting chosen on validation", "",
+             "Each cell: the test-split value of the method's best validation setting, with its 95% "
+             "bootstrap interval. Best per row in **bold**.", ""]
+    for model in sorted({c.run.model for c in cells}):
+        mine = [c for c in cells if c.run.model == model]
+        table, n_complete = model_table(model, mine, metric)
+        lines += [f"## {model}", "", *table, ""]
+        lines += _footnotes(mine, n_complete, metric)
+    if untested:
+        lines += ["## Not yet run on test", "",
+                  "Best validation setting with no test record "
+                  "(`python iv.py select --commands` prints the commands):", ""]
+        lines += [f"- {model} / {task} / {method}" for model, task, method in untested]
+        lines.append("")
+    if not cells:
+        lines += ["No test records yet.", ""]
+    return "\n".join(lines)
+
+
+def _footnotes(cells: list[Cell], n_complete: int, metric: str) -> list[str]:
+    notes = []
+    if n_complete:
+        notes.append(f"Average: mean over the {n_complete} task(s) where every shown method has a value.")
+    else:
+        notes.append("Average: no task has a value for every shown method.")
+    if any(not c.selected for c in cells):
+        notes.append(f"{DAGGER} No validation runs for this method: its latest test run is shown, "
+                     "not a setting chosen on validation.")
+    if any(c.run.metric != metric for c in cells):
+        notes.append(f"{FALLBACK_MARK} accuracy: the record has no '{metric}' metric (multiple-choice task).")
+    return [f"- {n}" for n in notes] + [""]
+
+
+# ---- csv --------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("model", "task", "method", "split", "value", "ci_low", "ci_high", "setting")
+
+
+def write_csv(cells: list[Cell], path: Path) -> None:
+    """Values as fractions (as in the records), one row per table cell."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for c in cells:
+            r = c.run
+            writer.writerow([r.model, r.task, r.method, r.split, r.value,
+                             "" if r.ci_low is None else r.ci_low, "" if r.ci_high is None else r.ci_high, r.setting])
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+def safe_name(name: str) -> str:
+    """File-name form of a model or task name (task names such as tweet_eval/emotion hold '/')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _float(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def heatmap_grids(runs: list[Scored]) -> tuple[dict[Any, dict[tuple[float, float], float]], bool]:
+    """ext_shot -> {(strength, ext_strength): best value}, and whether any cell took a max over
+    several runs (other hyperparameters such as ext_batch varied), which the title then says."""
+    grids: dict[Any, dict[tuple[float, float], float]] = {}
+    merged = False
+    for r in runs:
+        hp = r.hyperparameters
+        x, y = _float(hp.get("strength")), _float(hp.get("ext_strength"))
+        if x is None or y is None:
+            continue
+        grid = grids.setdefault(hp.get("ext_shot"), {})
+        merged |= (x, y) in grid
+        grid[x, y] = max(grid.get((x, y), r.value), r.value)
+    return grids, merged
+
+
+def plot_heatmap(model: str, task: str, runs: list[Scored], metric: str, path: Path) -> bool:
+    """One panel per ext_shot so the strength landscape can be read at a glance; False if no grid."""
+    grids, merged = heatmap_grids(runs)
+    if not grids:
+        return False
+    plt = _pyplot()
+    shots = sorted(grids, key=lambda s: (s is None, s if isinstance(s, (int, float)) else 0, str(s)))
+    values = [100 * v for g in grids.values() for v in g.values()]
+    vmin, vmax = min(values), max(values)
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    # the last, narrow column holds one colour bar shared by all panels (same vmin/vmax)
+    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(4.2 * len(shots) + 1.0, 4.4),
+                             width_ratios=[1.0] * len(shots) + [0.06])
+    image = None
+    for ax, shot in zip(axes[:-1], shots):
+        image = _heatmap_panel(ax, grids[shot], shot, vmin, vmax)
+    used = "/".join(sorted({r.metric for r in runs}))
+    note = "\n(each cell: best over the other hyperparameters)" if merged else ""
+    fig.suptitle(f"{model} | {task} | iv validation {used} (%){note}")
+    fig.colorbar(image, cax=axes[-1], label=f"{used} (%)")
+    _save(fig, path)
+    return True
+
+
+def _heatmap_panel(ax, grid: dict[tuple[float, float], float], shot: Any, vmin: float, vmax: float):
+    import numpy as np
+    xs = sorted({x for x, _ in grid})
+    ys = sorted({y for _, y in grid})
+    data = np.full((len(ys), len(xs)), np.nan)
+    for (x, y), v in grid.items():
+        data[ys.index(y), xs.index(x)] = 100 * v
+    image = ax.imshow(data, origin="lower", cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    middle = (vmin + vmax) / 2
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=9,
+                        color="black" if data[i, j] > middle else "white")
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    ax.set_xlabel("strength")
+    ax.set_ylabel("ext_strength")
+    ax.set_title(f"ext_shot = {shot}")
+    return image
+
+
+def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
+    """Test values per task, grouped by method, with the bootstrap interval as error bars."""
+    import numpy as np
+    plt = _pyplot()
+    methods = method_order(c.run.method for c in cells)
+    tasks = sorted({c.run.task for c in cells})
+    by_key = {(c.run.task, c.run.method): c.run for c in cells}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(methods)) ** 0.5 + 2), 4.5))
+    colours = plt.get_cmap("tab10")
+    for i, method in enumerate(methods):
+        xs, heights, low, high = [], [], [], []
+        for j, task in enumerate(tasks):
+            run = by_key.get((task, method))
+            if run is None:
+                continue
+            xs.append(j - 0.4 + width * (i + 0.5))
+            heights.append(100 * run.value)
+            low.append(max(0.0, 100 * (run.value - run.ci_low)) if run.ci_low is not None else 0.0)
+            high.append(max(0.0, 100 * (run.ci_high - run.value)) if run.ci_high is not None else 0.0)
+        colour = colours(METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER) + i)
+        ax.bar(xs, heights, width, yerr=np.array([low, high]), capsize=3, label=method, color=colour)
+    crowded = len(tasks) > 3
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{model}: test {metric} of the setting chosen on validation")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+def write_report(records: list[dict[str, Any]], out_dir: str | Path, metric: str = "macro") -> list[Path]:
+    """table.md, table.csv, heatmap_<model>_<task>.png and bars_<model>.png under out_dir."""
+    check_metric(metric)
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out '{out_dir}': cannot create directory ({exc.strerror}); "
+                         "accepted: a writable directory path") from None
+    scored = score_records(records, metric)
+    cells, untested = table_cells(scored)
+    written = [out / "table.md", out / "table.csv"]
+    written[0].write_text(markdown(cells, untested, metric), encoding="utf-8")
+    write_csv(cells, written[1])
+    written += _heatmaps(scored, out, metric)
+    for model in sorted({c.run.model for c in cells}):
+        path = out / f"bars_{safe_name(model)}.png"
+        plot_bars(model, [c for c in cells if c.run.model == model], metric, path)
+        written.append(path)
+    return written
+
+
+def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
+    groups: dict[tuple[str, str], list[Scored]] = {}
+    for s in latest_per_setting(scored):
+        if s.method == "iv" and s.split == "validation":
+            groups.setdefault((s.model, s.task), []).append(s)
+    written = []
+    for (model, task), runs in sorted(groups.items()):
+        path = out / f"heatmap_{safe_name(model)}_{safe_name(task)}.png"
+        if plot_heatmap(model, task, runs, metric, path):
+            written.append(path)
+    return written

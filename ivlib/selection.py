@@ -1,0 +1,314 @@
+"""Choosing each method's setting on validation, so that test numbers are never used to tune.
+
+A results file is an append-only log of runs (see results.py). Selection reads it tolerantly:
+records from other versions, or lines cut short by a killed writer, are reported on stderr and
+skipped, because one bad line should not cost a whole sweep's summary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import UsageError
+from .results import read_records
+
+METRICS = ("macro", "micro", "weighted", "accuracy")
+FALLBACK_METRIC = "accuracy"
+REQUIRED = ("method", "model", "task", "split", "hyperparameters", "metrics")
+
+# flags of iv.py that say where/how much to evaluate or where state goes, not what the setting is
+_DROP_WITH_VALUE = ("-n", "--eval-episodes", "--results", "--save-vectors", "--load-vectors")
+_DROP_ALONE = ("--run-test", "--quiet")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def canonical(hyperparameters: dict[str, Any]) -> str:
+    """One string per setting, so equal settings compare equal whatever their key order."""
+    return json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise UsageError(f"--metric '{metric}' is unknown; accepted: {', '.join(METRICS)}")
+    return metric
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records usable for analysis, in file order; everything else is one warning line each.
+
+    Raises UsageError when there is nothing to analyse, since every later step would be empty.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--results '{path}' does not exist; accepted: a .jsonl file written by iv.py --results")
+    if not p.is_file():
+        raise UsageError(f"--results '{path}' is not a file; accepted: a .jsonl file written by iv.py --results")
+    try:
+        records, bad = read_records(str(p))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--results '{path}' cannot be read ({exc}); accepted: a UTF-8 .jsonl file") from None
+    for number in bad:
+        warn(f"{path} line {number}: not a JSON object; skipped")
+    usable = []
+    for number, record in zip(_record_line_numbers(p, set(bad)), records):
+        problem = _problem(record)
+        if problem:
+            warn(f"{path} line {number}: {problem}; skipped")
+        else:
+            usable.append(record)
+    if not usable:
+        raise UsageError(f"--results '{path}' holds no valid run records; "
+                         f"accepted: a .jsonl file of records written by iv.py (fields {', '.join(REQUIRED)})")
+    return usable
+
+
+def _record_line_numbers(path: Path, bad: set[int]) -> list[int]:
+    """Line numbers of the records read_records returned, so warnings can point into the file."""
+    with open(path, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip() and n not in bad]
+
+
+def _problem(record: dict[str, Any]) -> str | None:
+    for key in REQUIRED:
+        if key not in record:
+            return f"no '{key}'"
+    for key in ("method", "model", "task", "split"):
+        if not isinstance(record[key], str):
+            return f"'{key}' is not a string"
+    for key in ("hyperparameters", "metrics"):
+        if not isinstance(record[key], dict):
+            return f"'{key}' is not an object"
+    return None
+
+
+# ---- scoring ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scored:
+    """A record with the metric read out; `metric` differs from the one asked for on fallback."""
+    record: dict[str, Any]
+    order: int
+    metric: str
+    value: float
+    ci_low: float | None
+    ci_high: float | None
+
+    @property
+    def model(self) -> str:
+        return self.record["model"]
+
+    @property
+    def task(self) -> str:
+        return self.record["task"]
+
+    @property
+    def method(self) -> str:
+        return self.record["method"]
+
+    @property
+    def split(self) -> str:
+        return self.record["split"]
+
+    @property
+    def setting(self) -> str:
+        return canonical(self.record["hyperparameters"])
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.record["hyperparameters"]
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def read_metric(record: dict[str, Any], metric: str) -> tuple[str, dict[str, Any]] | None:
+    """The metric asked for, else accuracy (multiple-choice tasks report only that), else None."""
+    metrics = record.get("metrics") or {}
+    for name in (metric, FALLBACK_METRIC):
+        entry = metrics.get(name)
+        if isinstance(entry, dict) and _number(entry.get("value")) is not None:
+            return name, entry
+    return None
+
+
+def score_records(records: Iterable[dict[str, Any]], metric: str = "macro") -> list[Scored]:
+    """Records that carry a usable value; those without one are warned about once, here."""
+    check_metric(metric)
+    scored = []
+    for order, record in enumerate(records):
+        found = read_metric(record, metric)
+        if found is None:
+            warn(f"{_describe(record)}: no '{metric}' or '{FALLBACK_METRIC}' metric; skipped")
+            continue
+        name, entry = found
+        scored.append(Scored(record, order, name, float(entry["value"]),
+                             _number(entry.get("ci_low")), _number(entry.get("ci_high"))))
+    return scored
+
+
+def _describe(record: dict[str, Any]) -> str:
+    when = f" at {record['time']}" if "time" in record else ""
+    return f"record {record.get('method')}/{record.get('model')}/{record.get('task')} ({record.get('split')}){when}"
+
+
+def _time(record: dict[str, Any]) -> datetime | None:
+    raw = record.get("time")
+    if not isinstance(raw, str):
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def latest(candidates: list[Scored]) -> Scored:
+    """The newest of several runs of one setting.
+
+    By "time" when every candidate has one (files merged from several machines are not in
+    time order); otherwise by file order, which is append order within one file.
+    """
+    times = [_time(c.record) for c in candidates]
+    if all(t is not None for t in times):
+        return max(zip(times, candidates), key=lambda tc: (tc[0], tc[1].order))[1]
+    return max(candidates, key=lambda c: c.order)
+
+
+def latest_per_setting(scored: Iterable[Scored]) -> list[Scored]:
+    """One run per (model, task, method, split, setting): re-runs replace earlier runs."""
+    groups: dict[tuple[str, ...], list[Scored]] = {}
+    for s in scored:
+        groups.setdefault((s.model, s.task, s.method, s.split, s.setting), []).append(s)
+    return sorted((latest(g) for g in groups.values()), key=lambda s: s.order)
+
+
+# ---- selection --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+    """The best validation setting of one method on one (model, task)."""
+    best: Scored
+    n_settings: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.best.model, self.best.task, self.best.method
+
+
+def best_of(candidates: list[Scored]) -> Scored:
+    """Highest value; ties go to the higher ci_low (the more certain setting), and then to the
+    alphabetically first canonical setting JSON, so a rerun of `select` never flips a choice."""
+    by_setting = sorted(candidates, key=lambda s: s.setting)
+    # max() keeps the first of equal keys, i.e. the alphabetically first setting
+    return max(by_setting, key=lambda s: (s.value, s.ci_low if s.ci_low is not None else -math.inf))
+
+
+def choose(scored: Iterable[Scored], split: str = "validation") -> list[Choice]:
+    groups: dict[tuple[str, str, str], list[Scored]] = {}
+    for s in latest_per_setting(scored):
+        if s.split == split:
+            groups.setdefault((s.model, s.task, s.method), []).append(s)
+    return [Choice(best_of(groups[k]), len(groups[k])) for k in sorted(groups)]
+
+
+def select_best(records: Iterable[dict[str, Any]], metric: str = "macro") -> list[Choice]:
+    """Best validation setting per (model, task, method), sorted by that key.
+
+    Only validation records take part: choosing on test would make the test number optimistic.
+    Rule: latest run per setting; then the highest `metric` value; ties -> higher ci_low ->
+    alphabetically first canonical hyperparameter JSON. A record without `metric` is scored by
+    "accuracy" when it has it (noted in Scored.metric), and skipped with a warning otherwise.
+    """
+    return choose(score_records(records, metric))
+
+
+# ---- test commands ----------------------------------------------------------------------------
+
+def strip_eval_flags(args: list[str]) -> list[str]:
+    """The run's arguments minus those that say where and how much to evaluate.
+
+    What remains identifies the setting, so a test run made from it is the same configuration.
+    Handles `--flag value`, `--flag=value` and `-n5`.
+    """
+    out: list[str] = []
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+            continue
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if name in _DROP_ALONE:
+            continue
+        if name in _DROP_WITH_VALUE:
+            skip_next = "=" not in arg
+            continue
+        if arg.startswith("-n") and not arg.startswith("--") and arg[2:].isdigit():
+            continue
+        out.append(arg)
+    return out
+
+
+def make_test_command(record: dict[str, Any], results_path: str, eval_episodes: int | None = None) -> str | None:
+    """Shell line that evaluates this record's setting on test, or None if the record has no command.
+
+    Vectors are refitted on train rather than loaded, so the test run does not depend on a
+    state file that may have been overwritten since.
+    """
+    command = record.get("command")
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        return None
+    args = strip_eval_flags(command) + ["--run-test", "--results", str(results_path)]
+    if eval_episodes is not None:
+        args += ["-n", str(eval_episodes)]
+    return shlex.join(["python", "iv.py", *args])
+
+
+def test_for(choice: Choice, scored: Iterable[Scored]) -> Scored | None:
+    """The latest test run of a chosen setting.
+
+    Matched on hyperparameters, or else on the command line without its evaluation flags:
+    settings such as tv's layer are picked during fitting and are recorded, not given, so a
+    test run of the same command can in principle record a different value.
+    """
+    best = choice.best
+    same = [s for s in scored if s.split == "test" and (s.model, s.task, s.method) == choice.key]
+    exact = [s for s in same if s.setting == best.setting]
+    if exact:
+        return latest(exact)
+    key = _command_key(best.record)
+    by_command = [s for s in same if key is not None and _command_key(s.record) == key]
+    return latest(by_command) if by_command else None
+
+
+def _command_key(record: dict[str, Any]) -> tuple[str, ...] | None:
+    command = record.get("command")
+    if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+        return None
+    return tuple(strip_eval_flags(command))
+
+
+def has_record(records: Iterable[dict[str, Any]], model: str, task: str, method: str, split: str,
+               hyperparameters: dict[str, Any], seed: int | None, n_eval_episodes: int | None) -> bool:
+    """Whether this exact run is already in the file, so a resumed sweep can skip it."""
+    wanted = canonical(hyperparameters)
+    for r in records:
+        if (r.get("model"), r.get("task"), r.get("method"), r.get("split")) != (model, task, method, split):
+            continue
+        if r.get("seed") != seed or r.get("n_eval_episodes") != n_eval_episodes:
+            continue
+        hp = r.get("hyperparameters")
+        if isinstance(hp, dict) and canonical(hp) == wanted:
+            return True
+    return False
