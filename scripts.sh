@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Sweeps over the paper's grid. Usage: bash scripts.sh iv-grid | baselines
-# Edit the variables below (or set them in the environment) for your config, GPU, models and tasks.
-# Selecting the best validation setting and the report table are not automated yet: read the
-# records in $RESULTS (one JSON object per run).
+# The paper's workflow as one resumable sweep:
+#   bash scripts.sh iv-grid     IV grid on validation: ext-shot x ext-strength x strength, one extraction per
+#                               (ext-shot, ext-strength) serving every strength
+#   bash scripts.sh baselines   zero-shot, ICL, TV, FV and DT on validation (TV/DT choose their layer/steps there)
+#   bash scripts.sh test        each method's best validation setting (iv.py select) re-run on test
+#   bash scripts.sh report      table (markdown + CSV), heatmaps and bar charts into $REPORT
+#   bash scripts.sh all         the four in order
+# Every run passes --resume: a run whose record is already in $RESULTS is skipped, so an interrupted
+# sweep is restarted with the same command. Settings below can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,47 +16,56 @@ GPU="${GPU:--1}"
 MODELS="${MODELS:-smollm2-135m}"
 TASKS="${TASKS:-review_sentiment}"
 RESULTS="${RESULTS:-results/runs.jsonl}"
+REPORT="${REPORT:-report}"
+VECTORS="${VECTORS:-results/vectors}"
 EXT_SHOTS="${EXT_SHOTS:-1 2 3 4}"
+EXT_STRENGTHS="${EXT_STRENGTHS:-0.1 0.3 0.5 0.7 0.9}"
 STRENGTHS="${STRENGTHS:-0.1 0.3 0.5 0.7 0.9}"
-EPISODES="${EPISODES:-200}"        # extraction episodes and validation episodes of the search
+EPISODES="${EPISODES:-200}"            # extraction episodes, and validation episodes of every search
+TEST_EPISODES="${TEST_EPISODES:-1000}"
 EXT_BATCH="${EXT_BATCH:-10}"
+BASELINES="${BASELINES:-zero-shot icl tv fv dt}"
+METRIC="${METRIC:-macro}"
+EXTRA="${EXTRA:-}"                     # more iv.py flags for every run, e.g. "--batch-size 32 --no-half"
 PY="${PY:-python}"
 
-run() { "$PY" iv.py -c "$CONFIG" -g "$GPU" --results "$RESULTS" --quiet "$@"; }
+# shellcheck disable=SC2086  # EXTRA is a list of flags
+run() { "$PY" iv.py -c "$CONFIG" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"; }
 
 iv_grid() {
-  mkdir -p results/vectors
+  mkdir -p "$VECTORS"
   for model in $MODELS; do for task in $TASKS; do
-    for s in $EXT_SHOTS; do for a1 in $STRENGTHS; do
-      vec="results/vectors/${model}__${task//\//_}__s${s}_a${a1}_b${EXT_BATCH}_e${EPISODES}.safetensors"
-      first=1
-      for a2 in $STRENGTHS; do
-        if [ "$first" = 1 ] && [ ! -f "$vec" ]; then   # one extraction serves the whole a2 row
-          run -m "$model" -t "$task" -s "$s" --ext-strength "$a1" --strength "$a2" --ext-batch "$EXT_BATCH" \
-              -e "$EPISODES" -n "$EPISODES" --save-vectors "$vec"
-        else
-          run -m "$model" -t "$task" -s "$s" --ext-strength "$a1" --strength "$a2" --ext-batch "$EXT_BATCH" \
-              -e "$EPISODES" -n "$EPISODES" --load-vectors "$vec"
-        fi
-        first=0
-      done
+    for s in $EXT_SHOTS; do for a1 in $EXT_STRENGTHS; do
+      vec="$VECTORS/${model}__${task//\//_}__s${s}_a${a1}_b${EXT_BATCH}_e${EPISODES}.safetensors"
+      # shellcheck disable=SC2086  # STRENGTHS is a list
+      if [ -f "$vec" ]; then state=(--load-vectors "$vec"); else state=(--save-vectors "$vec"); fi
+      run -m "$model" -t "$task" -s "$s" --ext-strength "$a1" --strength $STRENGTHS --ext-batch "$EXT_BATCH" \
+          -e "$EPISODES" -n "$EPISODES" "${state[@]}"
     done; done
   done; done
 }
 
 baselines() {
-  for model in $MODELS; do for task in $TASKS; do
-    for split in "" "--run-test"; do
-      run -m "$model" -t "$task" --method zero-shot -n "$EPISODES" $split
-      run -m "$model" -t "$task" --method icl -n "$EPISODES" $split
-      run -m "$model" -t "$task" --method tv -e "$EPISODES" -n "$EPISODES" $split
-      run -m "$model" -t "$task" --method fv -e "$EPISODES" -n "$EPISODES" $split
-    done
-  done; done
+  for model in $MODELS; do for task in $TASKS; do for method in $BASELINES; do
+    run -m "$model" -t "$task" --method "$method" -e "$EPISODES" --select-episodes "$EPISODES" -n "$EPISODES"
+  done; done; done
 }
+
+test_best() {
+  local commands
+  commands="$("$PY" iv.py select --results "$RESULTS" --metric "$METRIC" --commands -n "$TEST_EPISODES")"
+  grep '^python iv.py' <<<"$commands" | while read -r line; do
+    eval "\"\$PY\" ${line#python } -g \"\$GPU\" --resume --quiet $EXTRA"
+  done
+}
+
+report() { "$PY" iv.py report --results "$RESULTS" --metric "$METRIC" --out "$REPORT"; }
 
 case "${1:-}" in
   iv-grid) iv_grid ;;
   baselines) baselines ;;
-  *) echo "usage: bash scripts.sh iv-grid|baselines" >&2; exit 2 ;;
+  test) test_best ;;
+  report) report ;;
+  all) iv_grid; baselines; test_best; report ;;
+  *) echo "usage: bash scripts.sh iv-grid|baselines|test|report|all" >&2; exit 2 ;;
 esac

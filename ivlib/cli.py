@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ from .metrics import bootstrap_accuracy, bootstrap_f1
 from .methods import METHODS
 from .models import load_model, resolve_device
 from .prompts import PromptEncoder
-from .results import append_record, check_writable
+from .results import append_record, check_writable, read_records
+from .selection import has_record
 from .scoring import Scorer
 from .state import load_state, save_state
 
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-clean", action="store_true", help="same as --method icl (the reference code's name)")
     p.add_argument("--run-test", action="store_true", help="evaluate on test (default: validation)")
     p.add_argument("-s", "--ext-shot", type=int, default=4, help="extraction shots per class (default 4)")
-    p.add_argument("--strength", type=float, default=0.5, help="evaluation strength a2 (default 0.5)")
+    p.add_argument("--strength", type=float, nargs="+", default=[0.5],
+                   help="evaluation strength a2 (default 0.5); several values share one extraction, one record each")
     p.add_argument("--ext-strength", type=float, default=0.3, help="extraction strength a1 (default 0.3)")
     p.add_argument("--ext-batch", type=int, default=10, help="episodes between vector refreshes; 0 = no iteration")
     p.add_argument("-e", "--episodes", type=int, default=200, help="extraction episodes (default 200)")
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results/runs.jsonl", help="JSONL file the run's record is appended to")
     p.add_argument("--save-vectors", metavar="PATH", help="save the fitted state (safetensors)")
     p.add_argument("--load-vectors", metavar="PATH", help="load a fitted state instead of fitting")
+    p.add_argument("--resume", action="store_true",
+                   help="skip settings whose record is already in --results (an interrupted sweep picks up)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -92,7 +97,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--ext-shot {args.ext_shot} is out of range; accepted: an integer >= 1")
     if args.method == "dt" and args.shot < 1:
         raise UsageError(f"--shot {args.shot} leaves dt nothing to tune; accepted: --shot 1 or more with --method dt")
-    for flag, value in (("--strength", args.strength), ("--ext-strength", args.ext_strength),
+    for flag, value in (*(("--strength", a2) for a2 in args.strength), ("--ext-strength", args.ext_strength),
                         ("--dt-eta", args.dt_eta), ("--dt-beta", args.dt_beta)):
         if not math.isfinite(value):
             raise UsageError(f"{flag} {value} is not a finite number")
@@ -134,7 +139,18 @@ def _silence_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _hyperparameters(args: argparse.Namespace, method, method_cls, eval_shot: int) -> dict[str, Any]:
+    """Everything that defines a run's setting, known before any compute (what --resume matches)."""
+    return {**method.hyperparameters(), "shot": eval_shot,
+            "ext_shot": args.ext_shot if method_cls.needs_fit else None,
+            "episodes": args.episodes if method_cls.needs_fit else None,
+            **({"select_episodes": args.select_episodes} if method_cls.needs_validation else {}),
+            "max_example_tokens": args.max_example_tokens}
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One fit, then one evaluation and one record per evaluation setting (several --strength values
+    share one extraction). Returns the records written."""
     if args.quiet:
         _silence_libraries()
     if args.run_clean:
@@ -144,15 +160,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_entry = lookup(config.models, "model", args.model)
     task_entry = lookup(config.tasks, "task", args.task)
     check_writable(args.results)
-    device = resolve_device(args.gpu)
     method_cls = METHODS[args.method]
+    if len(args.strength) > 1 and not method_cls.uses_strength:
+        users = ", ".join(name for name, cls in METHODS.items() if cls.uses_strength)
+        raise UsageError(f"--strength takes several values only with a method that uses it ({users}); "
+                         f"method '{args.method}' got {len(args.strength)}")
     if args.n_top_heads is None and "fv_heads" in model_entry:
         args.n_top_heads = int(model_entry["fv_heads"])
-    method = method_cls.from_args(args)
     for flag, value in (("--load-vectors", args.load_vectors), ("--save-vectors", args.save_vectors)):
         if value and not method_cls.needs_fit:
             fitted = ", ".join(name for name, cls in METHODS.items() if cls.needs_fit)
             raise UsageError(f"{flag}: method '{args.method}' has no fitted state; accepted with: {fitted}")
+    eval_split = "test" if args.run_test else "validation"
+    eval_shot = method_cls.fixed_eval_shot if method_cls.fixed_eval_shot is not None else args.shot
+    methods = {a2: method_cls.from_args(argparse.Namespace(**{**vars(args), "strength": a2})) for a2 in args.strength}
+    if args.resume:
+        methods = _not_yet_recorded(args, methods, method_cls, eval_split, eval_shot)
+        if not methods:
+            print(f"{args.method} | {args.model} | {args.task} | {eval_split} | already in {args.results}; skipped (--resume)")
+            return []
+    device = resolve_device(args.gpu)
 
     from .tasks import load_task
 
@@ -161,8 +188,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accepted = ", ".join(name for name, cls in METHODS.items() if cls.supports_multiple_choice)
         raise UsageError(f"--method {args.method} does not apply to multiple-choice task '{args.task}' "
                          f"(it steers towards class labels); accepted: {accepted}")
-    eval_split = "test" if args.run_test else "validation"
-    eval_shot = method_cls.fixed_eval_shot if method_cls.fixed_eval_shot is not None else args.shot
     check_shots(task.splits[eval_split], eval_split, task.n_classes, eval_shot, task.label_words, "--shot")
     fitting = (method_cls.needs_fit or method_cls.needs_validation) and not args.load_vectors
     if fitting:
@@ -185,12 +210,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     identity = {"method": args.method, "model": args.model, "task": args.task, "label_words": task.label_words,
                 "n_layers": lm.layout.n_layers, "d_model": lm.layout.d_model}
 
-    fit_s = 0.0
-    fit_info: dict[str, Any] = {}
+    method = next(iter(methods.values()))  # fitted once; the others share its state
+    fit_s, fit_info = 0.0, {}
     if args.load_vectors:
         tensors, meta = load_state(args.load_vectors, identity)
         method.load_state(tensors)
-        fit_info = {"loaded_from": args.load_vectors, "fitted_with": meta.get("fit")}
+        fit_info = {"loaded_from": args.load_vectors, "fitted_with": meta.get("fit"), **method.fit_summary()}
     elif fitting:
         train_episodes = []
         if method_cls.needs_fit:
@@ -211,52 +236,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **method.fit_summary()}
         if args.save_vectors:
             save_state(args.save_vectors, method.state(), {**identity, "fit": fit_info})
+    if len(args.strength) > 1:
+        fit_info["shared_by_strengths"] = sorted(methods)
+    state = method.state() if len(methods) > 1 else {}
+    for other in list(methods.values())[1:]:
+        other.load_state(state)
 
     eval_episodes = sample_episodes(task.splits[eval_split], task.n_classes, eval_shot, args.eval_episodes,
                                     args.seed, f"{eval_split}/eval")
-    t0 = time.perf_counter()
     prompts = [encoder.encode(e) for e in eval_episodes]
-    scores = scorer.run_batched(prompts, lambda b: method.predict(scorer, b), f"{args.method} eval ({eval_split})")
-    eval_s = time.perf_counter() - t0
     y_true = np.array([p.label for p in prompts])
-    y_pred = Scorer.predictions(scores, prompts)
-    if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
-        metrics = {"accuracy": bootstrap_accuracy(y_true, y_pred, seed=args.seed),
-                   "accuracy_sum": bootstrap_accuracy(y_true, scores.argmax(dim=-1).numpy(), seed=args.seed)}
-        answer_names = [f"option_{i}" for i in range(task.n_classes)]
-    else:
-        metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=args.seed)
-        answer_names = task.label_words
-
-    record = {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": args.method, "model": args.model, "task": args.task, "split": eval_split,
-        "hyperparameters": {**method.hyperparameters(), "shot": eval_shot,
-                            "ext_shot": args.ext_shot if method_cls.needs_fit else None,
-                            **({"select_episodes": args.select_episodes} if method_cls.needs_validation else {}),
-                            "episodes": args.episodes if method_cls.needs_fit else None,
-                            "max_example_tokens": args.max_example_tokens},
+    answer_names = ([f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else task.label_words)
+    shared = {
+        "model": args.model, "task": args.task, "split": eval_split, "method": args.method,
         "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting else 0,
-        "fit": fit_info,
-        "metrics": metrics,
-        # a method that collapses onto one label shows here first
-        "predicted_fraction": dict(zip(answer_names,
-                                       np.round(np.bincount(y_pred, minlength=task.n_classes) / len(y_pred), 4).tolist())),
-        "timing_s": {"load": round(load_s, 3), "fit": round(fit_s, 3), "eval": round(eval_s, 3)},
-        "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
-        "batch_size": args.batch_size, "device": str(device), "dtype": str(lm.dtype).removeprefix("torch."),
-        "device_map": args.device_map,
+        "fit": fit_info, "batch_size": args.batch_size, "device": str(device),
+        "dtype": str(lm.dtype).removeprefix("torch."), "device_map": args.device_map,
         "model_source": lm.source, "layout": lm.layout.describe(), "add_bos": lm.add_bos,
         "label_words": task.label_words, "task_kind": "multiple_choice" if task.multiple_choice else "classification",
-        "task_provenance": task.provenance,
-        "config_files": config.sources, "versions": _versions(), "git_commit": _git_commit(),
-        "command": args.command,
+        "task_provenance": task.provenance, "config_files": config.sources, "versions": _versions(),
+        "git_commit": _git_commit(), "command": args.command,
     }
-    append_record(args.results, record)
-    # the summary line prints even with --quiet, which silences progress bars only
-    print(f"{args.method} | {args.model} | {args.task} | {eval_split} | {args.eval_episodes} episodes | "
-          f"{_metric_summary(metrics)} | fit {fit_s:.1f}s | eval {eval_s:.1f}s | -> {args.results}")
-    return record
+    records = []
+    for each in methods.values():
+        t0 = time.perf_counter()
+        scores = scorer.run_batched(prompts, lambda b: each.predict(scorer, b), f"{args.method} eval ({eval_split})")
+        eval_s = time.perf_counter() - t0
+        y_pred = Scorer.predictions(scores, prompts)
+        if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
+            metrics = {"accuracy": bootstrap_accuracy(y_true, y_pred, seed=args.seed),
+                       "accuracy_sum": bootstrap_accuracy(y_true, scores.argmax(dim=-1).numpy(), seed=args.seed)}
+        else:
+            metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=args.seed)
+        record = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **shared,
+            "hyperparameters": _hyperparameters(args, each, method_cls, eval_shot),
+            "metrics": metrics,
+            # a method that collapses onto one answer shows here first
+            "predicted_fraction": dict(zip(answer_names, np.round(
+                np.bincount(y_pred, minlength=len(answer_names)) / len(y_pred), 4).tolist())),
+            "timing_s": {"load": round(load_s, 3), "fit": round(fit_s, 3), "eval": round(eval_s, 3)},
+            "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
+        }
+        append_record(args.results, record)  # each setting lands as soon as it is done
+        records.append(record)
+        label = args.method + (f" a2={each.strength}" if len(args.strength) > 1 else "")
+        # the summary line prints even with --quiet, which silences progress bars only
+        print(f"{label} | {args.model} | {args.task} | {eval_split} | {args.eval_episodes} episodes | "
+              f"{_metric_summary(metrics)} | fit {fit_s:.1f}s | eval {eval_s:.1f}s | -> {args.results}", flush=True)
+    return records
+
+
+def _not_yet_recorded(args: argparse.Namespace, methods: dict, method_cls, split: str, eval_shot: int) -> dict:
+    """The evaluation settings whose record is not in the results file yet."""
+    if not Path(args.results).is_file():
+        return methods
+    records, _ = read_records(args.results)
+    return {a2: m for a2, m in methods.items()
+            if not has_record(records, args.model, args.task, args.method, split,
+                              _hyperparameters(args, m, method_cls, eval_shot), args.seed, args.eval_episodes)}
 
 
 def _metric_summary(metrics: dict[str, dict[str, float]]) -> str:

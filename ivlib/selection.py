@@ -243,10 +243,18 @@ def strip_eval_flags(args: list[str]) -> list[str]:
     Handles `--flag value`, `--flag=value` and `-n5`.
     """
     out: list[str] = []
-    skip_next = False
+    skip_next = in_strengths = False
     for arg in args:
         if skip_next:
             skip_next = False
+            continue
+        if in_strengths and _is_number(arg):  # --strength takes several values; the record names its own
+            continue
+        in_strengths = False
+        if arg == "--strength":
+            in_strengths = True
+            continue
+        if arg.startswith("--strength="):
             continue
         name = arg.split("=", 1)[0] if arg.startswith("--") else arg
         if name in _DROP_ALONE:
@@ -260,6 +268,14 @@ def strip_eval_flags(args: list[str]) -> list[str]:
     return out
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def make_test_command(record: dict[str, Any], results_path: str, eval_episodes: int | None = None) -> str | None:
     """Shell line that evaluates this record's setting on test, or None if the record has no command.
 
@@ -270,6 +286,9 @@ def make_test_command(record: dict[str, Any], results_path: str, eval_episodes: 
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         return None
     args = strip_eval_flags(command) + ["--run-test", "--results", str(results_path)]
+    strength = (record.get("hyperparameters") or {}).get("strength")
+    if strength is not None:  # one extraction may have served several strengths: test the chosen one
+        args += ["--strength", str(strength)]
     if eval_episodes is not None:
         args += ["-n", str(eval_episodes)]
     return shlex.join(["python", "iv.py", *args])

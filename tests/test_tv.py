@@ -73,5 +73,5 @@ def test_tv_through_the_cli_records_its_layer(tmp_path, monkeypatch):
     fitted, loaded = [json.loads(line) for line in results.read_text().splitlines()]
     assert fitted["fit"]["layer"] in (0, 1) and len(fitted["fit"]["layer_scores"]) == 2
     assert fitted["fit"]["select_episodes"] == 12
-    assert loaded["hyperparameters"]["layer"] == fitted["hyperparameters"]["layer"]
+    assert loaded["fit"]["layer"] == fitted["fit"]["layer"] and loaded["fit"]["loaded_from"] == str(state)
     assert loaded["metrics"] == fitted["metrics"]

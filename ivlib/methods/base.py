@@ -21,6 +21,7 @@ class Method(ABC):
     needs_fit: ClassVar[bool] = False  # whether `fit` uses training episodes at all
     needs_validation: ClassVar[bool] = False  # whether `fit` also selects something on validation episodes
     fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
+    uses_strength: ClassVar[bool] = False  # evaluates at `strength`: several strengths can share one fit
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options
 
     @classmethod

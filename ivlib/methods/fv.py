@@ -64,7 +64,7 @@ class FunctionVectors(Method):
         return cls(args.n_top_heads, args.ie_episodes, args.seed)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"n_top_heads": self.n_top_heads, "ie_episodes": self.ie_episodes, "layer": self.layer}
+        return {"n_top_heads": self.n_top_heads, "ie_episodes": self.ie_episodes}
 
     def fit_summary(self) -> dict[str, Any]:
         assert self.effects is not None

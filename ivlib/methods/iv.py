@@ -38,6 +38,7 @@ def refresh_windows(n_episodes: int, ext_batch: int) -> list[list[int]]:
 class IterativeVectors(Method):
     name = "iv"
     needs_fit = True
+    uses_strength = True
 
     def __init__(self, strength: float, ext_strength: float, ext_batch: int):
         self.strength = strength
@@ -48,7 +49,8 @@ class IterativeVectors(Method):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "IterativeVectors":
-        return cls(args.strength, args.ext_strength, args.ext_batch)
+        strength = args.strength[0] if isinstance(args.strength, list) else args.strength
+        return cls(strength, args.ext_strength, args.ext_batch)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"strength": self.strength, "ext_strength": self.ext_strength, "ext_batch": self.ext_batch}

@@ -38,7 +38,7 @@ class TaskVectors(Method):
         return cls()
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"layer": self.layer}
+        return {}  # the layer is chosen by fitting: see fit_summary
 
     def fit_summary(self) -> dict[str, Any]:
         return {"layer": self.layer, "layer_scores": [round(s, 4) for s in self.layer_scores]}
