@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -236,6 +237,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     **method.fit_summary()}
         if args.save_vectors:
             save_state(args.save_vectors, method.state(), {**identity, "fit": fit_info})
+            args.progress["vectors"] = args.save_vectors
     if len(args.strength) > 1:
         fit_info["shared_by_strengths"] = sorted(methods)
     state = method.state() if len(methods) > 1 else {}
@@ -280,6 +282,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         append_record(args.results, record)  # each setting lands as soon as it is done
         records.append(record)
+        args.progress["records"] += 1
         label = args.method + (f" a2={each.strength}" if len(args.strength) > 1 else "")
         # the summary line prints even with --quiet, which silences progress bars only
         print(f"{label} | {args.model} | {args.task} | {eval_split} | {args.eval_episodes} episodes | "
@@ -317,12 +320,32 @@ def main(argv: list[str] | None = None) -> int:
         return analyze_main(argv)
     args = build_parser().parse_args(argv)
     args.command = argv
+    args.progress = {"records": 0, "vectors": None}  # what is safely on disk, for the interrupt message
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        previous = None
     try:
         run(args)
     except UsageError as exc:
         print(f"iv.py: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("iv.py: interrupted; no record was written for this run", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        saved = (f"; vectors saved to {args.progress['vectors']}" if args.progress["vectors"]
+                 else "; no vectors file written" if args.save_vectors else "")
+        print(f"iv.py: interrupted ({'SIGTERM' if isinstance(exc, Terminated) else 'SIGINT'}); "
+              f"{args.progress['records']} record(s) of this run written to {args.results}{saved}; "
+              "rerun with --resume to finish", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM as an exception, so a killed sweep unwinds like Ctrl-C: files closed, message printed."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()

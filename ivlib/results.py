@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,47 @@ def check_writable(path: str) -> None:
         raise UsageError(f"--results '{path}': cannot create directory '{parent}' ({exc.strerror})") from None
     if p.is_dir():
         raise UsageError(f"--results '{path}' is a directory; accepted: a .jsonl file path")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"--results '{path}' is not writable")
+    if (p.exists() and not os.access(p, os.W_OK)) or not _can_create_in(parent):
+        raise UsageError(f"--results '{path}' is not writable; accepted: a path in a writable directory")
+    if p.exists() and p.stat().st_size:
+        with open(p, "rb") as f:  # a torn line left by a killed writer may come first: look at a few
+            head = [f.readline(1 << 20) for _ in range(3)]
+        if not any(_is_record(line) for line in head):
+            raise UsageError(f"--results '{path}' is not a JSONL results file (its first lines are not JSON objects); "
+                             "accepted: a new path or a file written by iv.py")
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Try it: permission bits say nothing for root, or on read-only and special file systems."""
+    probe = directory / f".ivlib-write-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def append_record(path: str, record: dict[str, Any]) -> None:
     line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    # Ctrl-C / SIGTERM wait until the line is down: a handler that raised between two partial
+    # writes would leave half a record
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        _append_locked(path, line)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _append_locked(path: str, line: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -143,6 +143,29 @@ class Scorer:
         logits, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self._answer_scores(logits, cache, batch.attention_mask, batch.position_ids[:, -1] + 1, batch)
 
+    def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> str:
+        """Re-run the failing batch watching every block's output, to name the first layer that overflowed."""
+        first: list[int] = []
+        mask = batch.attention_mask.bool()
+
+        def watch(layer: int):
+            def hook(module, inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                real = hidden[mask] if hidden.shape[:2] == mask.shape else hidden  # pads may hold anything
+                if not first and not torch.isfinite(real).all():
+                    first.append(layer)
+            return hook
+
+        handles = [block.register_forward_hook(watch(i)) for i, block in enumerate(self.layout.blocks)]
+        try:
+            fn(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        where = f"first at layer {first[0]}" if first else "in the output head"
+        return (f"{desc}: non-finite values (inf/NaN) in the activations, {where}; "
+                "run with --no-half or lower the strengths")
+
     @staticmethod
     def predictions(scores: torch.Tensor, prompts: list[EncodedPrompt]) -> np.ndarray:
         """Chosen answer per row of [N, C] scores; multiple-choice options are compared per token
@@ -160,7 +183,10 @@ class Scorer:
         out: torch.Tensor | None = None
         with self.progress(len(prompts), desc) as bar:
             for idx in length_sorted_batches(prompts, self.batch_size):
-                result = fn(self.batch([prompts[i] for i in idx])).cpu()
+                batch = self.batch([prompts[i] for i in idx])
+                result = fn(batch).cpu()
+                if torch.isnan(result).any():  # never score an overflow silently
+                    raise UsageError(self._nonfinite_report(batch, fn, desc))
                 if out is None:
                     out = torch.empty((len(prompts), *result.shape[1:]), dtype=result.dtype)
                 out[torch.tensor(idx)] = result

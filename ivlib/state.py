@@ -23,9 +23,12 @@ def save_state(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, target)  # complete file or none
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
+        os.replace(tmp, target)  # complete file or none
+    finally:
+        tmp.unlink(missing_ok=True)  # an interrupted save leaves nothing behind
 
 
 def load_state(path: str, expect: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -70,6 +70,10 @@ def _loader_for(data_files: Any) -> str:
 def _load_dataset_dict(name: str, spec: dict[str, Any]):
     import datasets
 
+    # `datasets` pings S3 to count every load, local parquet/csv/json included, unless the offline
+    # variables were set before it was imported: a local run must not touch the network
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
     if "builtin" in spec:
         generator = BUILTIN_TASKS.get(spec["builtin"])
         if generator is None:
@@ -243,4 +247,8 @@ def _assemble(name: str, words: list[str], dsd, mapping: dict[str, str], to_spli
     for role, split in splits.items():
         if len(split.texts) == 0:
             raise UsageError(f"task '{name}': split '{role}' is empty")
+        empty = [i for i, t in enumerate(split.texts) if not t.strip()]
+        if empty:  # an empty input makes a prompt of separators only; better fixed in the data than guessed
+            raise UsageError(f"task '{name}': split '{role}' has {len(empty)} empty text(s), first at row {empty[0]}; "
+                             "accepted: non-empty text fields (remove or fill those rows)")
     return Task(name=name, label_words=words, splits=splits, provenance=provenance)

@@ -30,6 +30,31 @@ def _no_label_parquet(tmp):
     return _yaml(tmp, f"models:\n  tiny-gpt2: {{builtin: tiny-gpt2}}\ntasks:\n  nolabel: {{data_files: {path}}}\n")
 
 
+def _parquet_task(tmp, frame, files="train"):
+    path = tmp / "data.parquet"
+    frame.to_parquet(path)
+    return _yaml(tmp, f"models:\n  tiny-gpt2: {{builtin: tiny-gpt2}}\ntasks:\n  t: {{data_files: {{{files}: {path}}}}}\n")
+
+
+def _labelled(texts):
+    return pd.DataFrame({"text": texts, "label": [i % 2 for i in range(len(texts))],
+                         "label_text": [["neg", "pos"][i % 2] for i in range(len(texts))]})
+
+
+def _vectors_for_another_task(tmp):
+    cfg = _yaml(tmp, "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  other_reviews: {builtin: review_sentiment, label_words: [bad, good]}\n")
+    vec = tmp / "other.safetensors"
+    argv = _replace(_replace(GOOD, "-c", cfg), "-t", "other_reviews")
+    assert main(argv + ["-s", "1", "--save-vectors", str(vec), "--results", str(tmp / "other.jsonl")]) == 0
+    return _replace(GOOD, "-c", cfg) + ["-s", "1", "--load-vectors", str(vec)]
+
+
+def _not_jsonl(tmp):
+    path = tmp / "table.csv"
+    path.write_text("method,score\niv,0.5\n")
+    return GOOD + ["--results", str(path)]
+
+
 CASES = {
     "unknown model": (lambda t: _replace(GOOD, "-m", "nope"), "'nope'"),
     "unknown task": (lambda t: _replace(GOOD, "-t", "nope_task"), "'nope_task'"),
@@ -58,6 +83,18 @@ CASES = {
     "device map on cpu": (lambda t: GOOD + ["--device-map", "balanced"], "--device-map"),
     "task without label column": (lambda t: _replace(_replace(GOOD, "-c", _no_label_parquet(t)), "-t", "nolabel"),
                                   "'label'"),
+    "yaml entry of the wrong type": (lambda t: _replace(GOOD, "-c", _yaml(t, "models:\n  x: 5\n")), "models.x"),
+    "yaml label_words of the wrong length": (lambda t: _replace(GOOD, "-c", _yaml(
+        t, "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  review_sentiment: "
+           "{builtin: review_sentiment, label_words: [bad]}\n")), "label_words"),
+    "dataset without a train split": (lambda t: _replace(_replace(GOOD, "-c", _parquet_task(
+        t, _labelled([f"row {i}" for i in range(20)]), files="validation")), "-t", "t"), "'train'"),
+    "empty text field": (lambda t: _replace(_replace(GOOD, "-c", _parquet_task(
+        t, _labelled([f"row {i}" if i != 5 else "  " for i in range(40)]))), "-t", "t"), "empty text"),
+    "vectors from another task": (_vectors_for_another_task, "task='other_reviews'"),
+    "results file that is not JSONL": (_not_jsonl, "table.csv"),
+    "non-writable results directory": (lambda t: GOOD + ["--results", "/proc/1/runs.jsonl"], "not writable"),
+    "dt with too few steps": (lambda t: GOOD + ["--method", "dt", "--dt-steps", "0"], "--dt-steps 0"),
     "unknown builtin model": (lambda t: _replace(_replace(GOOD, "-c", _yaml(t, "models:\n  m: {builtin: tiny-rwkv}\n")),
                                                  "-m", "m"), "tiny-rwkv"),
 }
@@ -101,3 +138,15 @@ def test_prompt_longer_than_the_context_is_refused(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert code == 2 and "exceeds the context of model 'tiny-gpt2' (1024)" in err
     assert len(err.splitlines()) == 1 and not results.exists()
+
+
+def test_overflowing_activations_are_reported_with_their_layer(tmp_path, monkeypatch, capsys):
+    """An IV strength large enough to overflow stands in for fp16 overflow: the run stops, names
+    the layer, and writes no record with NaN scores."""
+    monkeypatch.chdir(REPO)
+    results = tmp_path / "runs.jsonl"
+    code = main(GOOD + ["-s", "1", "--strength", "1e38", "--results", str(results)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "non-finite values" in err and "first at layer 0" in err, err
+    assert not results.exists()

@@ -1,0 +1,68 @@
+"""SIGINT / SIGTERM mid-run: every results line parses, the vectors file is whole or absent, the
+message says what was saved, and --resume finishes the job."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ivlib.state import load_state
+
+REPO = Path(__file__).resolve().parent.parent
+STRENGTHS = ["0.1", "0.3", "0.5", "0.7", "0.9"]
+
+
+def _argv(results, vectors, episodes="20", n="100"):
+    return [sys.executable, "iv.py", "-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment",
+            "-s", "1", "-e", episodes, "-n", n, "--batch-size", "4", "--quiet", "--results", str(results),
+            "--save-vectors", str(vectors), "--strength", *STRENGTHS]
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _check_vectors(vectors):
+    assert not list(vectors.parent.glob("*.partial"))
+    if vectors.exists():  # whole, or not there at all
+        load_state(str(vectors), {"method": "iv", "model": "tiny-gpt2"})
+
+
+def test_sigterm_during_evaluation_keeps_finished_records_and_resume_completes(tmp_path):
+    results, vectors = tmp_path / "runs.jsonl", tmp_path / "iv.safetensors"
+    proc = subprocess.Popen(_argv(results, vectors), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not _lines(results):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    written = _lines(results)
+    assert 1 <= len(written) < len(STRENGTHS)
+    assert f"{len(written)} record(s) of this run written" in err and "vectors saved to" in err and "--resume" in err
+    _check_vectors(vectors)
+    assert vectors.exists()  # evaluation starts only after the vectors are saved
+    rerun = subprocess.run(_argv(results, vectors) + ["--resume"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(r["hyperparameters"]["strength"] for r in _lines(results)) == [float(a) for a in STRENGTHS]
+
+
+def test_sigint_during_extraction_leaves_no_partial_files(tmp_path):
+    results, vectors = tmp_path / "runs.jsonl", tmp_path / "iv.safetensors"
+    results.write_text('{"earlier": "record"}\n')
+    proc = subprocess.Popen(_argv(results, vectors, episodes="3000"), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports, model build, then a long extraction
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "0 record(s) of this run written" in err and "no vectors file written" in err
+    assert results.read_text() == '{"earlier": "record"}\n'
+    assert not vectors.exists()
+    _check_vectors(vectors)
