@@ -33,6 +33,19 @@ from .scoring import Scorer
 from .state import load_state, save_state
 
 
+AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
+AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; accepted: a positive integer or 'auto'") from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + message
         print(f"iv.py: error: {message} (see --help)", file=sys.stderr)
@@ -69,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dt: positions of the re-encoded demonstrations: continue after them (shifted, "
                         "the reference) or re-use theirs (pinned)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=int, default=16, help="episodes per forward pass (default 16)")
+    p.add_argument("--batch-size", type=_batch_size, default=16,
+                   help="episodes per forward pass (default 16), or 'auto': on GPU start at "
+                        f"{AUTO_GPU_START} and halve on out-of-memory; on CPU {AUTO_CPU}")
     p.add_argument("--max-example-tokens", type=int, default=256, help="truncate each example to this many tokens")
     p.add_argument("--no-half", action="store_true", help="float32 on GPU (default there: bf16/fp16)")
     p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
@@ -89,7 +104,8 @@ def _validate(args: argparse.Namespace) -> None:
     for flag, value, low in (("--episodes", args.episodes, 1), ("--eval-episodes", args.eval_episodes, 1),
                              ("--select-episodes", args.select_episodes, 1), ("--ie-episodes", args.ie_episodes, 1),
                              ("--n-top-heads", 1 if args.n_top_heads is None else args.n_top_heads, 1),
-                             ("--batch-size", args.batch_size, 1), ("--ext-batch", args.ext_batch, 0),
+                             ("--batch-size", 1 if args.batch_size == "auto" else args.batch_size, 1),
+                             ("--ext-batch", args.ext_batch, 0),
                              ("--dt-steps", args.dt_steps, 1), ("--dt-step", 1 if args.dt_step is None else args.dt_step, 1),
                              ("--shot", args.shot, 0), ("--max-example-tokens", args.max_example_tokens, 8)):
         if value < low:
@@ -207,7 +223,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, args.max_example_tokens)
     if not task.multiple_choice:
         encoder.check_label_collisions()
-    scorer = Scorer(lm, encoder.label_ids, args.batch_size, args.quiet)
+    auto = args.batch_size == "auto"
+    start = (AUTO_GPU_START if device.type == "cuda" else AUTO_CPU) if auto else args.batch_size
+    scorer = Scorer(lm, encoder.label_ids, start, args.quiet, shrink_on_oom=auto)
     identity = {"method": args.method, "model": args.model, "task": args.task, "label_words": task.label_words,
                 "n_layers": lm.layout.n_layers, "d_model": lm.layout.d_model}
 
@@ -252,7 +270,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     shared = {
         "model": args.model, "task": args.task, "split": eval_split, "method": args.method,
         "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting else 0,
-        "fit": fit_info, "batch_size": args.batch_size, "device": str(device),
+        "fit": fit_info, "batch_size_requested": args.batch_size, "device": str(device),
         "dtype": str(lm.dtype).removeprefix("torch."), "device_map": args.device_map,
         "model_source": lm.source, "layout": lm.layout.describe(), "add_bos": lm.add_bos,
         "label_words": task.label_words, "task_kind": "multiple_choice" if task.multiple_choice else "classification",
@@ -279,6 +297,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 np.bincount(y_pred, minlength=len(answer_names)) / len(y_pred), 4).tolist())),
             "timing_s": {"load": round(load_s, 3), "fit": round(fit_s, 3), "eval": round(eval_s, 3)},
             "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
+            "batch_size": scorer.batch_size,  # after any out-of-memory halving
         }
         append_record(args.results, record)  # each setting lands as soon as it is done
         records.append(record)

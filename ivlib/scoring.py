@@ -21,10 +21,12 @@ class Scorer:
     every position is a large share of a small model's compute and is never needed here.
     """
 
-    def __init__(self, lm: LoadedModel, label_ids: list[int], batch_size: int, quiet: bool = False):
+    def __init__(self, lm: LoadedModel, label_ids: list[int], batch_size: int, quiet: bool = False,
+                 shrink_on_oom: bool = False):
         self.lm = lm
         self.label_ids = torch.tensor(label_ids, dtype=torch.long)
         self.batch_size = batch_size
+        self.shrink_on_oom = shrink_on_oom  # --batch-size auto: halve and retry instead of failing
         self.quiet = quiet
         self._keep_last = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         self._context = lm.context_length
@@ -143,6 +145,17 @@ class Scorer:
         logits, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self._answer_scores(logits, cache, batch.attention_mask, batch.position_ids[:, -1] + 1, batch)
 
+    def _shrink(self, pending: list[list[int]], prompts: list[EncodedPrompt], desc: str) -> list[list[int]]:
+        """Halve the batch size after an out-of-memory error and re-plan the batches not yet run."""
+        if not self.shrink_on_oom or self.batch_size == 1:
+            raise UsageError(f"{desc}: out of memory at batch size {self.batch_size}; "
+                             "accepted: a smaller --batch-size, or --batch-size auto") from None
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.batch_size = max(1, self.batch_size // 2)
+        rest = sorted((i for idx in pending for i in idx), key=lambda i: len(prompts[i].ids))
+        return [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
+
     def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> str:
         """Re-run the failing batch watching every block's output, to name the first layer that overflowed."""
         first: list[int] = []
@@ -182,9 +195,16 @@ class Scorer:
         """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order."""
         out: torch.Tensor | None = None
         with self.progress(len(prompts), desc) as bar:
-            for idx in length_sorted_batches(prompts, self.batch_size):
+            pending = length_sorted_batches(prompts, self.batch_size)
+            while pending:
+                idx = pending.pop(0)
                 batch = self.batch([prompts[i] for i in idx])
-                result = fn(batch).cpu()
+                try:
+                    result = fn(batch).cpu()
+                except torch.OutOfMemoryError:
+                    del batch
+                    pending = self._shrink([idx, *pending], prompts, desc)
+                    continue
                 if torch.isnan(result).any():  # never score an overflow silently
                     raise UsageError(self._nonfinite_report(batch, fn, desc))
                 if out is None:

@@ -116,3 +116,12 @@ def test_cli_dt_refuses_zero_shot(tmp_path, capsys):
     rc = main(["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "dt",
                "--shot", "0", "--results", str(tmp_path / "r.jsonl")])
     assert rc == 2 and "--shot 0" in capsys.readouterr().err
+
+
+def test_final_step_alone_equals_the_last_of_every_step(lm, encoder, task):
+    scorer, _, batch = _batch(lm, encoder, task)
+    dt = DeepThinking(eta=0.3)
+    every = dt.step_scores(scorer, batch, 3)
+    last = dt.step_scores(scorer, batch, 3, every_step=False)
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, 0], every[:, -1])

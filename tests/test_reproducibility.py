@@ -11,7 +11,7 @@ from ivlib.cli import main
 from ivlib.tiny import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
-VOLATILE = {"time", "timing_s", "eval_episodes_per_s", "command", "batch_size"}
+VOLATILE = {"time", "timing_s", "eval_episodes_per_s", "command", "batch_size", "batch_size_requested"}
 RUN = ["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "-s", "2", "-e", "10", "-n", "40",
        "--quiet"]
 

@@ -86,8 +86,10 @@ class DeepThinking(Method):
     # ---- the tuning loop ------------------------------------------------------------------------
     @torch.inference_mode()
     def step_scores(self, scorer: Scorer, batch: PromptBatch, upto: int,
-                    trace: list[KV] | None = None) -> torch.Tensor:
-        """[B, upto, C] answer scores after each step 1..upto (float32); `trace` collects each step's cache."""
+                    trace: list[KV] | None = None, every_step: bool = True) -> torch.Tensor:
+        """[B, upto, C] answer scores after each step 1..upto (float32), or [B, 1, C] after step `upto`
+        alone when not `every_step` (evaluation: scoring skipped steps would be wasted forwards);
+        `trace` collects each step's cache."""
         demo_ids, demo_mask, query_ids, query_mask, n_demo = split_demos(batch)
         demo_pos = (demo_mask.cumsum(-1) - 1).clamp(min=0)
         query_pos = n_demo[:, None] + (query_mask.cumsum(-1) - 1).clamp(min=0)
@@ -103,7 +105,7 @@ class DeepThinking(Method):
             write_kv(cache, state, dtype, name)
             return scorer.score_after(cache, demo_mask, query_ids, query_mask, query_pos, batch)
 
-        out = [score()]
+        out = [score()] if every_step or upto == 1 else []
         if trace is not None:
             trace.append(state)
         for t in range(2, upto + 1):
@@ -115,7 +117,8 @@ class DeepThinking(Method):
                 (gk + self.beta * mk, gv + self.beta * mv) for (gk, gv), (mk, mv) in zip(grads, momentum)]
             state = [(pk + self.eta * mk, pv + self.eta * mv) for (pk, pv), (mk, mv) in zip(state, momentum)]
             _check_finite(state, demo_mask, t)
-            out.append(score())
+            if every_step or t == upto:
+                out.append(score())
             if trace is not None:
                 trace.append(state)
         return torch.stack(out, dim=1)
@@ -135,7 +138,7 @@ class DeepThinking(Method):
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        return self.step_scores(scorer, batch, self.step)[:, -1]
+        return self.step_scores(scorer, batch, self.step, every_step=False)[:, -1]
 
 
 def _check_finite(state: KV, demo_mask: torch.Tensor, step: int) -> None:

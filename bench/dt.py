@@ -1,0 +1,299 @@
+"""Deep-Thinking vs k-shot ICL: evaluation episodes per second and peak memory, same model and episodes.
+
+Deep-Thinking's claim is that dropping the demonstrations at inference buys speed and batch
+size. In ivlib's episodic protocol every episode brings its own demonstrations, so DT cannot skip
+them: per batch it encodes the demonstrations once (L tokens), runs T-1 tuning passes over 2L
+positions, and scores the query over the tuned cache once, after the last step
+(`DeepThinking.predict`). ICL runs the whole prompt once. This script times
+three paths over the very same prompts through `Scorer.run_batched`:
+
+    icl      ICL().predict: one forward over demonstrations + query
+    dt(1)    DeepThinking with T=1: demonstrations into a cache, query over it; no tuning, so the
+             scores equal ICL's (checked) and the time is what inference over a cache costs
+    dt(T)    DeepThinking with T=--steps (default 15), eta 0.01, beta 0.9 (library defaults)
+
+plus, for the split of DT's time, "demos": the demonstrations' encoding alone. Every path is
+warmed up once, then timed in interleaved passes (median of --repeats); the ratios are measured
+in this one run.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over one pass of each path (stats reset
+between paths), and the same minus what was allocated before the pass (the model). On CPU, torch's
+allocations are invisible to tracemalloc, so each path runs in a fresh subprocess (`--_child`):
+it loads the model, reads every weight once (a memory-mapped checkpoint is otherwise paged in
+during the first forward and would count as the method's), encodes the prompts, trims the C heap
+(malloc_trim) and reads its RSS (VmRSS), resets the kernel's peak-RSS mark (writes 5 to
+/proc/self/clear_refs), runs one pass, and reads the peak since the reset (VmHWM). Reported: that peak, the peak minus the RSS after loading (the part the
+method adds), and the whole-process peak getrusage(RUSAGE_SELF).ru_maxrss, which the clear_refs reset
+does not lower once a thread has exited, so it includes the model load's own transient peak.
+
+On a CPU shared with other work, torch's default of one thread per core oversubscribes it and
+OpenMP's waiting can make every forward several times slower (SmolLM2 ICL: 15 s vs 2 s for the
+same 32 episodes, 2 vs 1 thread, load average 6 on 2 cores); `--threads 1` then measures the
+methods rather than the contention.
+
+    python bench/dt.py --quick                       # SmolLM2-135M on CPU, review_sentiment, 24 episodes
+    python bench/dt.py --quick --threads 1           # the same on a busy CPU
+    python bench/dt.py --repeats 3                   # 200 episodes
+    python bench/dt.py -c config/local.yaml -t sst2-local --shot 2
+    python bench/dt.py -g 0 --episodes 300 --repeats 3
+    python bench/dt.py --random-llama7b -g 0 --episodes 300 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import transformers
+
+from common import add_common_args, make_encoder, model_vocab, setup, timed
+
+from ivlib.episodes import sample_episodes
+from ivlib.methods.dt import DeepThinking, split_demos
+from ivlib.methods.icl import ICL
+from ivlib.models import LoadedModel
+from ivlib.prompts import EncodedPrompt, PromptBatch
+from ivlib.scoring import Scorer
+from ivlib.tasks import Task
+
+CHILD_TAG = "DT-BENCH-CHILD "
+
+
+@dataclass
+class Setup:
+    lm: LoadedModel
+    task: Task
+    prompts: list[EncodedPrompt]
+    scorer: Scorer
+    paths: dict[str, Callable[[PromptBatch], torch.Tensor]]
+
+
+def demos_only(scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+    """[B, 1]: the demonstrations encoded into a cache, nothing else (DT's first forward)."""
+    demo_ids, demo_mask, *_ = split_demos(batch)
+    logits, _ = scorer.encode(demo_ids, demo_mask, (demo_mask.cumsum(-1) - 1).clamp(min=0))
+    return logits[:, :1].float()
+
+
+def path_names(steps: int) -> list[str]:
+    return ["icl", "dt(1)", f"dt({steps})"]
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b)
+    encoder = make_encoder(lm, task, args.random_llama7b)
+    episodes = sample_episodes(task.splits["validation"], task.n_classes, args.shot, args.episodes, 42,
+                               "validation/eval")
+    prompts = [encoder.encode(e) for e in episodes]
+    largest = max(max(max(p.ids) for p in prompts), max(encoder.label_ids), lm.tokenizer.pad_token_id)
+    if largest >= model_vocab(lm):
+        raise SystemExit(f"dt.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
+    scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
+    icl = ICL()
+    dt1 = DeepThinking(steps=1, step=1)
+    dtn = DeepThinking(steps=args.steps, step=args.steps)
+    names = path_names(args.steps)
+    paths: dict[str, Callable[[PromptBatch], torch.Tensor]] = {
+        names[0]: lambda b: icl.predict(scorer, b),
+        names[1]: lambda b: dt1.predict(scorer, b),
+        names[2]: lambda b: dtn.predict(scorer, b),
+        "demos": lambda b: demos_only(scorer, b),
+    }
+    return Setup(lm, task, prompts, scorer, paths)
+
+
+def run(s: Setup, name: str, prompts: list[EncodedPrompt] | None = None) -> torch.Tensor:
+    return s.scorer.run_batched(s.prompts if prompts is None else prompts, s.paths[name], name)
+
+
+# ---- peak memory ----------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def child(args: argparse.Namespace) -> None:
+    """One path, one pass, in this fresh process; prints a JSON line of RSS figures (KiB)."""
+    s = prepare(args)
+    with torch.no_grad():  # weights may be mmapped from the checkpoint: page them in now, not in the pass
+        for param in s.lm.model.parameters():
+            param.sum()
+    gc.collect()
+    after_load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed load-time heap back to the OS: RSS = what is live
+    except OSError:
+        pass
+    after_load = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak RSS mark := current RSS, so the load's own peak cannot hide the method's
+        reset = True
+    except OSError:
+        reset = False
+    run(s, args._child)
+    peak = _status_kib("VmHWM")  # since the reset; without it, since the start (load included)
+    print(CHILD_TAG + json.dumps({"path": args._child, "load_peak": after_load_peak, "after_load": after_load,
+                                  "peak": peak, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                  "reset": reset}), flush=True)
+
+
+def cpu_memory(names: list[str]) -> dict[str, dict]:
+    """Run every path in its own subprocess (same arguments) and collect its RSS figures."""
+    out = {}
+    for name in names:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--_child", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_TAG)]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"dt.py: the memory subprocess for '{name}' failed (exit {proc.returncode})")
+        out[name] = json.loads(lines[-1].removeprefix(CHILD_TAG))
+    return out
+
+
+def cuda_memory(s: Setup, names: list[str]) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(s.lm.device)
+        before = torch.cuda.memory_allocated(s.lm.device)
+        run(s, name)
+        torch.cuda.synchronize(s.lm.device)
+        out[name] = {"before": before, "peak": torch.cuda.max_memory_allocated(s.lm.device)}
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes (validation split)")
+    ap.add_argument("--shot", type=int, default=1, help="demonstrations per class, both methods (default 1)")
+    ap.add_argument("--steps", type=int, default=15, help="DT's T: 1 encoding + T-1 tuning passes (default 15)")
+    ap.add_argument("--batch-size", type=int, default=16, help="episodes per batch, both methods (default 16)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed passes of every path, interleaved; the median is reported (default 1)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.episodes = min(args.episodes, 24)
+    if args.episodes < 1 or args.batch_size < 1 or args.repeats < 1 or args.shot < 1:
+        ap.error("--episodes, --batch-size, --repeats and --shot must be >= 1")
+    if args.steps < 2:
+        ap.error("--steps must be >= 2 (T=1 is always measured as dt(1))")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args._child:
+        child(args)
+        return
+
+    load_start = os.getloadavg()[0]
+    s = prepare(args)
+    device = s.lm.device
+    names = path_names(args.steps)
+    timed_names = [*names, "demos"]
+
+    # Warm-up, untimed: one pass of every path (with --quick, over 4 prompts only), so that no path
+    # pays for first-use costs (kernel selection per shape on GPU, allocator growth).
+    warm = s.prompts[:4] if args.quick else s.prompts
+    for name in timed_names:
+        run(s, name, warm)
+    times: dict[str, list[float]] = {name: [] for name in timed_names}
+    outs: dict[str, torch.Tensor] = {}
+    for _ in range(args.repeats):  # interleaved, so drift during the run hits every path alike
+        for name in timed_names:
+            outs[name], t = timed(lambda: run(s, name), device)
+            times[name].append(t)
+
+    memory = cuda_memory(s, names) if device.type == "cuda" else cpu_memory(names)
+
+    n = len(s.prompts)
+    demo = [p.query_start for p in s.prompts]
+    qtok = [len(p.ids) - p.query_start for p in s.prompts]
+    batches = -(-n // args.batch_size)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores, load average {load_start:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end")
+    print(f"model {s.lm.name} ({s.lm.source}) on {where}, {str(s.lm.dtype).removeprefix('torch.')} | "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"task {s.task.name} | {n} validation episodes, {args.shot}-shot, batch {args.batch_size} ({batches} batches) | "
+          f"tokens per prompt: BOS + demos L mean {sum(demo) / n:.1f} (max {max(demo)}), query mean "
+          f"{sum(qtok) / n:.1f} (max {max(qtok)}) | {args.repeats} timed pass(es) per path, median shown")
+    print(f"DT: T={args.steps}, eta 0.01, beta 0.9, positions shifted; each tuning pass runs L demo tokens over "
+          "an L-token cache, and predict scores the query after every step")
+    print()
+
+    med = {name: statistics.median(times[name]) for name in timed_names}
+    eps = {name: n / med[name] for name in timed_names}
+    if device.type == "cuda":
+        peak = {name: memory[name]["peak"] / 2**20 for name in names}
+        extra = {name: (memory[name]["peak"] - memory[name]["before"]) / 2**20 for name in names}
+        mem_head, extra_head = "peak alloc MiB", "above model MiB"
+    else:
+        peak = {name: memory[name]["peak"] / 1024 for name in names}
+        extra = {name: (memory[name]["peak"] - memory[name]["after_load"]) / 1024 for name in names}
+        mem_head, extra_head = "peak RSS MiB", "above load MiB"
+
+    def ratio(value: dict[str, float], name: str) -> str:
+        return f"{value[name] / value['icl']:.3f}x" if value["icl"] > 0 else "n/a"
+
+    head = (f"{'path':<8} {'episodes/s':>10} {'vs icl':>7} {'ms/episode':>10} {'pass range ep/s':>16} "
+            f"{mem_head:>15} {'vs icl':>7} {extra_head:>15} {'vs icl':>7}")
+    print(head)
+    print("-" * len(head))
+    for name in names:
+        spread = f"{n / max(times[name]):.2f}-{n / min(times[name]):.2f}"
+        print(f"{name:<8} {eps[name]:>10.2f} {ratio(eps, name):>7} {1000 * med[name] / n:>10.1f} {spread:>16} "
+              f"{peak[name]:>15.1f} {ratio(peak, name):>7} {extra[name]:>15.1f} {ratio(extra, name):>7}")
+    print(f"{'demos':<8} {eps['demos']:>10.2f} {ratio(eps, 'demos'):>7} {1000 * med['demos'] / n:>10.1f}   "
+          "(the demonstrations encoded alone, for the split below; not a method)")
+    if device.type != "cuda":
+        reset = all(memory[name]["reset"] for name in names)
+        whole = ", ".join(f"{name} {memory[name]['ru_maxrss'] / 1024:.0f}" for name in names)
+        load = ", ".join(f"{name} {memory[name]['after_load'] / 1024:.0f}" for name in names)
+        print(f"peak RSS = VmHWM over the pass, after a reset of the mark at load end ({'done' if reset else 'FAILED: the peaks include the load'}); "
+              f"RSS at load end (MiB): {load}; whole-process ru_maxrss, model load included (MiB): {whole}")
+    print()
+
+    per = {name: 1000 * med[name] / n for name in timed_names}  # ms per episode
+    query = per[names[1]] - per["demos"]
+    step = (per[names[2]] - per[names[1]]) / (args.steps - 1)
+    once = per[names[2]] - (args.steps - 1) * query
+    print(f"split, ms per episode: icl {per['icl']:.1f} | dt: demos encoded {per['demos']:.1f}, query over the cache "
+          f"~{query:.1f} (dt(1) - demos), each further step ~{step:.1f} ((dt({args.steps}) - dt(1)) / {args.steps - 1}: "
+          f"one tuning pass over 2L positions + one query scoring)")
+    print(f"predict scores the query after all {args.steps} steps and keeps the last: the {args.steps - 1} unused "
+          f"scorings are ~{100 * (args.steps - 1) * query / per[names[2]]:.0f}% of dt({args.steps})'s time; scoring once "
+          f"would give ~{1000 / once:.2f} episodes/s, {per['icl'] / once:.3f}x icl (an estimate from differences of medians)"
+          if once > 0 else "(the differences of medians are too noisy for an estimate of predict's unused scorings)")
+
+    a, b = outs["icl"], outs[names[1]]
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    labels = torch.tensor([p.label for p in s.prompts])
+    acc = {name: (outs[name].argmax(-1) == labels).float().mean().item() for name in names}
+    print(f"correctness: dt(1) vs icl argmax agreement {agree:.3f} on {n} episodes, max |score difference| "
+          f"{(a - b).abs().max().item():.2e}")
+    print("accuracy (not the point here): " + ", ".join(f"{name} {acc[name]:.3f}" for name in names))
+    last, first = names[2], names[1]
+    print(f"verdict: DT(T={args.steps}) evaluates at {eps[last] / eps['icl']:.2f}x ICL's episodes/s and "
+          f"{peak[last] / peak['icl']:.2f}x its peak memory ({ratio(extra, last)} the part above the loaded model); "
+          f"DT(T=1) at {eps[first] / eps['icl']:.2f}x and {peak[first] / peak['icl']:.2f}x ({ratio(extra, first)})")
+
+
+if __name__ == "__main__":
+    main()

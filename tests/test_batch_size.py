@@ -1,0 +1,57 @@
+"""--batch-size auto: halve on out-of-memory and carry on, with the same results as a fixed size."""
+import json
+
+import pytest
+import torch
+
+from ivlib.cli import main
+from ivlib.episodes import sample_episodes
+from ivlib.errors import UsageError
+from ivlib.scoring import Scorer
+
+
+def _prompts(encoder, task, n=23):
+    return [encoder.encode(e) for e in sample_episodes(task.splits["validation"], 2, 1, n, 4, "validation/eval")]
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_scores(lm, encoder, task):
+    prompts = _prompts(encoder, task)
+    reference = Scorer(lm, encoder.label_ids, 4, quiet=True).run_batched(
+        prompts, lambda b: Scorer(lm, encoder.label_ids, 4).label_scores(b), "ref")
+    scorer = Scorer(lm, encoder.label_ids, 32, quiet=True, shrink_on_oom=True)
+    sizes = []
+
+    def fits_only_five(batch):  # a device that holds at most 5 episodes
+        sizes.append(batch.input_ids.shape[0])
+        if batch.input_ids.shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return scorer.label_scores(batch)
+
+    scores = scorer.run_batched(prompts, fits_only_five, "auto")
+    assert scorer.batch_size == 4  # 32 -> 16 -> 8 -> 4
+    assert sizes[:4] == [23, 16, 8, 4] and max(sizes[4:]) <= 4
+    torch.testing.assert_close(scores, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_batch_size_out_of_memory_is_a_clear_error(lm, encoder, task):
+    scorer = Scorer(lm, encoder.label_ids, 8, quiet=True)
+
+    def never_fits(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(UsageError, match="out of memory at batch size 8.*--batch-size auto"):
+        scorer.run_batched(_prompts(encoder, task, 5), never_fits, "eval")
+
+
+def test_cli_auto_on_cpu_uses_the_cpu_default_and_records_it(tmp_path, monkeypatch):
+    out = tmp_path / "runs.jsonl"
+    assert main(["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "icl",
+                 "-n", "6", "--batch-size", "auto", "--quiet", "--results", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["batch_size_requested"] == "auto" and record["batch_size"] == 16
+
+
+def test_cli_rejects_a_batch_size_word(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--batch-size", "big"])
+    assert exc.value.code == 2 and "'big'" in capsys.readouterr().err
