@@ -121,3 +121,79 @@ def timed(fn, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
+
+
+# ---- shared by bench/limit.py and bench/extraction.py (appended; the functions above are unchanged) ----
+def set_threads(ap, threads: int | None) -> None:
+    """Apply `--threads`: on a CPU shared with other work, torch's one thread per core oversubscribes it
+    and OpenMP's waiting can slow every forward several-fold (see bench/dt.py), so 1 measures the code."""
+    if threads is None:
+        return
+    if threads < 1:
+        ap.error("--threads must be >= 1")
+    torch.set_num_threads(threads)
+
+
+def where_it_ran(device: torch.device, load_start: float) -> str:
+    """The device in words; on CPU with the thread count and the load average at the start and now."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"CPU, {torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, load average {load_start:.1f} "
+            f"at the start, {os.getloadavg()[0]:.1f} at the end")
+
+
+def status_kib(field: str) -> int:
+    """A `/proc/self/status` figure in KiB (VmRSS: resident now; VmHWM: peak since start or last reset)."""
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def settle_rss(model: torch.nn.Module) -> int:
+    """Page every weight in, collect garbage and trim the C heap; returns VmRSS (KiB).
+
+    A memory-mapped checkpoint is otherwise paged in during the first forward and its weights
+    would be charged to whatever runs first; freed load-time heap would hide under the peak.
+    """
+    import ctypes
+    import gc
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.sum()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return status_kib("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Lower the kernel's peak-RSS mark (VmHWM) to the current RSS; False where /proc does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_children(script: str, argv: list[str], names: list[str], tag: str) -> dict[str, dict]:
+    """Run `script argv --_child NAME` once per name, each in a fresh process, and collect the JSON
+    line each prints after `tag`: CPU peak memory is per process, so one path per process."""
+    import json
+    import subprocess
+
+    out = {}
+    for name in names:
+        proc = subprocess.run([sys.executable, script, *argv, "--_child", name], capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag)]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"{Path(script).name}: the memory subprocess for '{name}' failed (exit {proc.returncode})")
+        out[name] = json.loads(lines[-1].removeprefix(tag))
+    return out

@@ -1,0 +1,337 @@
+"""Fitting speed: ivlib's IV extraction, TV layer search and FV fit vs the plainest correct loops.
+
+Each part times ivlib's own `fit` against a loop written here from the method's description, one
+prompt per forward, unpadded, with full logits (`model(input_ids=ids)`: what a plain
+implementation runs), and checks that both reach the same result. Ratio = plain time / ivlib time,
+both measured in this one run (higher is better).
+
+    iv   `IterativeVectors.fit` (zero-shot side batched freely, few-shot side batched within each
+         refresh window of --ext-batch episodes) vs, per episode in order: the zero-shot prompt's
+         forward reading every layer's o_proj output at its separator, the few-shot prompt's forward
+         with a1 x the current vectors added at its separators reading the same, and the running
+         mean refreshed after episode 0 and every b episodes. Agreement: max |difference| of the vectors.
+    tv   `TaskVectors.fit` (batched extraction; layer search that encodes each validation prompt's
+         prefix once and re-runs only the last token per layer) vs one forward per training prompt
+         reading every block's output at the query separator, then one full forward per
+         (validation prompt, layer) with that position replaced by theta[layer]. Agreement: theta,
+         the per-layer macro-F1 and the chosen layer.
+    fv   `FunctionVectors.fit` end to end (mean head activations, indirect effects with cached
+         prefixes and many heads per forward, top heads, vector) vs one forward per prompt for the
+         mean activations, `plain_effects` from bench/fv_indirect_effect.py (one full forward per
+         trial and one per (trial, head) with that head's last-token input replaced by its mean),
+         the same top-k and the vector summed from o_proj of each zero-padded head mean.
+         Agreement: mean activations, effects, the top heads (same set, same order), the vector.
+
+"agree" is yes when each result's max |difference| is within 1e-3 of the result's largest entry (3e-2 in
+bf16/fp16, where padded batches round differently from lone prompts) and, for TV and FV, the per-layer
+F1 / chosen layer and the top heads are identical; the differences themselves are printed.
+
+Each part is warmed up (ivlib on a few episodes, the plain loop on one) before its clock starts.
+The plain loops' full logits and unpadded prompts are part of what they are compared against: the
+ratio is "ivlib vs a straightforward implementation", not "batching alone".
+
+    python bench/extraction.py --quick --threads 1       # SmolLM2-135M on CPU, a few minutes
+    python bench/extraction.py --parts iv tv             # skip FV's per-head loop (the slow one)
+    python bench/extraction.py -g 0 --repeats 3
+    python bench/extraction.py --random-llama7b -g 0 --fv-trials 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from typing import Sequence
+
+import torch
+import transformers
+
+from common import add_common_args, make_encoder, model_vocab, set_threads, setup, timed, where_it_ran
+from fv_indirect_effect import plain_effects
+
+from ivlib.episodes import Episode, sample_episodes
+from ivlib.methods.fv import FunctionVectors, shuffle_labels
+from ivlib.methods.iv import IterativeVectors
+from ivlib.methods.tv import TaskVectors
+from ivlib.metrics import f1_scores
+from ivlib.models import LoadedModel
+from ivlib.prompts import EncodedPrompt, PromptEncoder
+from ivlib.scoring import Scorer
+
+PARTS = ("iv", "tv", "fv")
+
+
+def close(diff: float, reference: torch.Tensor, dtype: torch.dtype) -> bool:
+    """diff small against the reference's largest entry: 1e-3 of it in float32; 3e-2 in 16-bit types, where
+    a padded batch and a lone prompt round differently (bench/RESULTS.md, throughput section)."""
+    scale = max(reference.abs().max().item(), 1e-12)
+    return diff <= (1e-3 if dtype == torch.float32 else 3e-2) * scale
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.inference_mode()
+def run_with_hooks(lm: LoadedModel, ids: list[int], modules: Sequence[torch.nn.Module], hooks: Sequence,
+                   pre: bool = False) -> torch.Tensor:
+    """One unpadded prompt through the model with one hook per module; full [V] logits of the last position."""
+    register = (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
+    handles = [register(m, h) for m, h in zip(modules, hooks)]
+    try:
+        return lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, -1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---- IV -------------------------------------------------------------------------------------------
+def plain_iv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], a1: float, b: int) -> torch.Tensor:
+    """[L, C + 1, D]: Iterative Vectors extracted one episode at a time, in order."""
+    n_layers, slots = lm.layout.n_layers, encoder.n_classes + 1
+
+    def o_proj_at(ids: list[int], positions: list[int], adds: torch.Tensor | None) -> torch.Tensor:  # [L, P, D]
+        reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+
+        def hook(layer: int):
+            def fn(module, args, output):
+                out = _hidden(output)
+                if adds is not None:
+                    out[0, positions] += adds[layer]
+                reads[layer] = out[0, positions].float()
+                return output
+            return fn
+
+        run_with_hooks(lm, ids, lm.layout.attn_out, [hook(i) for i in range(n_layers)])
+        return torch.stack(reads)
+
+    total: torch.Tensor | None = None
+    current: torch.Tensor | None = None
+    for i, episode in enumerate(episodes):
+        few, zero = encoder.encode(episode), encoder.encode(episode.query_only())
+        unsteered = o_proj_at(zero.ids, zero.sep_pos[-1:], None)  # [L, 1, D] at the query separator
+        adds = None if current is None else (a1 * current[:, few.sep_class]).to(lm.dtype)
+        delta = o_proj_at(few.ids, few.sep_pos, adds) - unsteered  # [L, P, D]
+        classes = torch.tensor(few.sep_class)
+        sample = torch.stack([delta[:, (classes == k).nonzero().view(-1).tolist()].mean(1) for k in range(slots)], 1)
+        total = sample if total is None else total + sample
+        if b > 0 and i % b == 0:  # refreshed after episode 0, b, 2b, ...
+            current = total / (i + 1)
+    return (total / len(episodes)).cpu()
+
+
+def bench_iv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode]) -> dict:
+    def ivlib() -> torch.Tensor:
+        iv = IterativeVectors(strength=0.5, ext_strength=args.ext_strength, ext_batch=args.ext_batch)
+        iv.fit(scorer, encoder, train)
+        return iv.vectors
+
+    def plain() -> torch.Tensor:
+        return plain_iv(lm, encoder, train, args.ext_strength, args.ext_batch)
+
+    IterativeVectors(0.5, args.ext_strength, args.ext_batch).fit(scorer, encoder, train[:4])  # warm-up
+    plain_iv(lm, encoder, train[:1], args.ext_strength, args.ext_batch)
+    t_fast, t_plain = [], []
+    for _ in range(args.repeats):
+        fast, t = timed(ivlib, lm.device)
+        t_fast.append(t)
+        slow, t = timed(plain, lm.device)
+        t_plain.append(t)
+    diff = (fast - slow).abs().max().item()
+    return {"part": "iv", "what": f"{len(train)} episodes, {args.ext_shot}-shot, a1 {args.ext_strength}, refresh every "
+                                  f"{args.ext_batch}: 2 x {len(train)} forwards",
+            "n": len(train), "fast": statistics.median(t_fast), "plain": statistics.median(t_plain),
+            "agree": f"vectors max |diff| {diff:.2e} (largest |v| {slow.abs().max().item():.2e})",
+            "same": close(diff, slow, lm.dtype)}
+
+
+# ---- TV -------------------------------------------------------------------------------------------
+def plain_tv(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+             ) -> tuple[torch.Tensor, list[float], int]:
+    """(theta [L, D], macro-F1 per layer on validation, chosen layer), one prompt per forward."""
+    blocks, n_layers = lm.layout.blocks, lm.layout.n_layers
+    labels = torch.tensor(encoder.label_ids, device=lm.device)
+    total = torch.zeros(n_layers, lm.layout.d_model, device=lm.device)
+    for episode in train:
+        reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+
+        def read(layer: int):
+            def fn(module, args, output):
+                reads[layer] = _hidden(output)[0, -1].float()
+            return fn
+
+        run_with_hooks(lm, encoder.encode(episode).ids, blocks, [read(i) for i in range(n_layers)])
+        total += torch.stack(reads)
+    theta = total / len(train)
+
+    prompts = [encoder.encode(e) for e in validation]
+    preds = torch.empty(len(prompts), n_layers, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        for layer in range(n_layers):
+            def replace(module, args, output, layer=layer):
+                _hidden(output)[0, -1] = theta[layer].to(lm.dtype)
+                return output
+
+            logits = run_with_hooks(lm, p.ids, [blocks[layer]], [replace])
+            preds[i, layer] = torch.log_softmax(logits, -1)[labels].argmax()
+    truth = [p.label for p in prompts]
+    scores = [f1_scores(truth, preds[:, layer].numpy(), encoder.n_classes)["macro"] for layer in range(n_layers)]
+    best = max(range(n_layers), key=lambda layer: (scores[layer], -layer))  # ties: the earliest, as ivlib
+    return theta.cpu(), scores, best
+
+
+def bench_tv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode],
+             validation: list[Episode]) -> dict:
+    def ivlib() -> TaskVectors:
+        tv = TaskVectors()
+        tv.fit(scorer, encoder, train, validation)
+        return tv
+
+    TaskVectors().fit(scorer, encoder, train[:2], validation[:4])  # warm-up
+    plain_tv(lm, encoder, train[:1], validation[:1])
+    fast, t_fast = timed(ivlib, lm.device)
+    (theta, scores, best), t_plain = timed(lambda: plain_tv(lm, encoder, train, validation), lm.device)
+    theta_diff = (fast.theta - theta).abs().max().item()
+    f1_diff = max(abs(a - b) for a, b in zip(fast.layer_scores, scores))
+    n_layers = lm.layout.n_layers
+    return {"part": "tv", "what": f"{len(train)} train + {len(validation)} validation episodes x {n_layers} layers: "
+                                  f"{len(train) + len(validation) * n_layers} plain forwards",
+            "n": len(train) + len(validation), "fast": t_fast, "plain": t_plain,
+            "agree": f"theta max |diff| {theta_diff:.2e}, per-layer macro-F1 max |diff| {f1_diff:.3f}, "
+                     f"layer {fast.layer} vs {best}",
+            "same": f1_diff == 0 and fast.layer == best and close(theta_diff, theta, lm.dtype)}
+
+
+# ---- FV -------------------------------------------------------------------------------------------
+def plain_fv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], trials: list[EncodedPrompt],
+             k: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], torch.Tensor]:
+    """(mean activations [L, H, hd], effects [L, H], top-k heads, vector [D]), one prompt per forward."""
+    layout = lm.layout
+    n_layers, n_heads = layout.n_layers, layout.n_heads
+    total: torch.Tensor | None = None
+    for episode in episodes:
+        reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+
+        def read(layer: int):
+            def fn(module, args):
+                reads[layer] = args[0][0, -1].float()  # o_proj's input at the query separator: all heads
+            return fn
+
+        run_with_hooks(lm, encoder.encode(episode).ids, layout.attn_out, [read(i) for i in range(n_layers)], pre=True)
+        stacked = torch.stack(reads)
+        total = stacked if total is None else total + stacked
+    mean_act = (total / len(episodes)).view(n_layers, n_heads, -1).cpu()
+    effects = plain_effects(lm, encoder.label_ids, trials, mean_act, list(range(n_layers)))
+    heads = [(i // n_heads, i % n_heads) for i in torch.topk(effects.flatten(), k).indices.tolist()]
+    hd = mean_act.shape[-1]
+    vector = torch.zeros(layout.d_model)
+    with torch.inference_mode():
+        for layer, head in heads:
+            padded = torch.zeros(n_heads * hd)
+            padded[head * hd:(head + 1) * hd] = mean_act[layer, head]
+            vector += layout.attn_out[layer](padded.to(lm.device, lm.dtype)[None, None]).float().view(-1).cpu()
+    return mean_act, effects, heads, vector
+
+
+def bench_fv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode]) -> dict:
+    episodes = train[: args.fv_episodes]
+
+    def ivlib() -> FunctionVectors:
+        fv = FunctionVectors(n_top_heads=args.fv_heads, ie_episodes=args.fv_trials)
+        fv.fit(scorer, encoder, episodes)
+        return fv
+
+    FunctionVectors(n_top_heads=args.fv_heads, ie_episodes=1).fit(scorer, encoder, episodes[:2])  # warm-up
+    fast, t_fast = timed(ivlib, lm.device)
+    trials = [encoder.encode(e) for e in shuffle_labels(episodes[: args.fv_trials], fast.seed)]
+    k = fast.n_top_heads  # resolved by fit when --fv-heads is not given
+    (mean_act, effects, heads, vector), t_plain = timed(lambda: plain_fv(lm, encoder, episodes, trials, k), lm.device)
+    n_heads = lm.layout.n_layers * lm.layout.n_heads
+    mean_diff = (fast.mean_act - mean_act).abs().max().item()
+    effect_diff = (fast.effects - effects).abs().max().item()
+    vector_diff = (fast.vector - vector).abs().max().item()
+    same_heads = fast.heads == heads
+    return {"part": "fv", "what": f"{len(episodes)} episodes ({args.ext_shot}-shot) for the means, {len(trials)} "
+                                  f"trials x {n_heads} heads, top {k}: {len(episodes) + len(trials) * (n_heads + 1)} "
+                                  "plain forwards",
+            "n": len(episodes), "fast": t_fast, "plain": t_plain,
+            "agree": f"mean act max |diff| {mean_diff:.2e}, effects {effect_diff:.2e} (largest "
+                     f"{effects.abs().max().item():.2e}), top heads {'same' if same_heads else 'DIFFER'}, "
+                     f"vector {vector_diff:.2e} (largest {vector.abs().max().item():.2e})",
+            "same": same_heads and close(vector_diff, vector, lm.dtype)}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which fits to time (default all)")
+    ap.add_argument("--episodes", type=int, default=100, help="IV extraction and TV training episodes (default 100)")
+    ap.add_argument("--ext-shot", type=int, default=4, help="demonstrations per class when fitting (default 4, as the CLI)")
+    ap.add_argument("--ext-strength", type=float, default=0.3, help="IV a1 (default 0.3)")
+    ap.add_argument("--ext-batch", type=int, default=10, help="IV episodes between refreshes (default 10)")
+    ap.add_argument("--select-episodes", type=int, default=50, help="TV validation episodes for the layer search")
+    ap.add_argument("--fv-episodes", type=int, default=20, help="FV episodes for the mean activations (default 20)")
+    ap.add_argument("--fv-trials", type=int, default=4, help="FV shuffled-label trials for the effects (default 4)")
+    ap.add_argument("--fv-heads", type=int, help="FV top heads (default: ivlib's, about 2%% of all heads)")
+    ap.add_argument("--batch-size", type=int, default=16, help="ivlib's batch size (default 16)")
+    ap.add_argument("--repeats", type=int, default=1, help="IV only: timed runs of each side, median shown")
+    ap.add_argument("--tokenizer", help="with --random-llama7b: tokenizer directory (see bench/throughput.py)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    args = ap.parse_args()
+    if args.quick:
+        args.episodes, args.select_episodes = min(args.episodes, 30), min(args.select_episodes, 10)
+        args.fv_episodes, args.fv_trials = min(args.fv_episodes, 6), min(args.fv_trials, 2)
+    if min(args.episodes, args.ext_shot, args.select_episodes, args.fv_episodes, args.fv_trials, args.batch_size,
+           args.repeats) < 1 or args.ext_batch < 0:
+        ap.error("counts must be >= 1 (--ext-batch >= 0)")
+    if args.fv_trials > args.fv_episodes:
+        ap.error("--fv-trials cannot exceed --fv-episodes (the trials are the first episodes, labels shuffled)")
+    if args.tokenizer and not args.random_llama7b:
+        ap.error("--tokenizer only applies with --random-llama7b")
+    set_threads(ap, args.threads)
+
+    load_start = os.getloadavg()[0]
+    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer)
+    encoder = make_encoder(lm, task, args.random_llama7b)
+    scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
+    train = sample_episodes(task.splits["train"], task.n_classes, args.ext_shot,
+                            max(args.episodes, args.fv_episodes), 42, "train/extract")
+    validation = sample_episodes(task.splits["validation"], task.n_classes, 1, args.select_episodes, 42,
+                                 "validation/select")
+    largest = max(max(max(encoder.encode(e).ids) for e in train), max(encoder.label_ids), lm.tokenizer.pad_token_id)
+    if largest >= model_vocab(lm):
+        raise SystemExit(f"extraction.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
+
+    rows = []
+    if "iv" in args.parts:
+        rows.append(bench_iv(args, lm, scorer, encoder, train[: args.episodes]))
+    if "tv" in args.parts:
+        rows.append(bench_tv(args, lm, scorer, encoder, train[: args.episodes], validation))
+    if "fv" in args.parts:
+        rows.append(bench_fv(args, lm, scorer, encoder, train))
+
+    tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
+    print(f"model {lm.name} ({lm.source}) on {where_it_ran(lm.device, load_start)}, "
+          f"{str(lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"task {task.name} | train prompts {args.ext_shot}-shot, {tokens:.1f} tokens mean; validation 1-shot | "
+          f"ivlib batch {args.batch_size} | plain loops: one unpadded prompt per forward, full logits")
+    print()
+    head = f"{'part':<4} {'ivlib s':>9} {'plain s':>9} {'ratio':>8}  {'agree':<6} work"
+    print(head)
+    print("-" * (len(head) + 40))
+    for r in rows:
+        print(f"{r['part']:<4} {r['fast']:>9.2f} {r['plain']:>9.2f} {r['plain'] / r['fast']:>7.1f}x  "
+              f"{'yes' if r['same'] else 'NO':<6} {r['what']}")
+    print()
+    for r in rows:
+        print(f"{r['part']}: {r['agree']}")
+    iv = next((r for r in rows if r["part"] == "iv"), None)
+    if iv is not None:
+        print(f"iv: ivlib {iv['n'] / iv['fast']:.2f} episodes/s vs one at a time {iv['n'] / iv['plain']:.2f} "
+              f"({args.repeats} timed run(s) per side, median)")
+    print("verdict: " + "; ".join(f"{r['part'].upper()} fit {r['plain'] / r['fast']:.1f}x the plain loop's speed, "
+                                  f"results {'agree' if r['same'] else 'DIFFER'}" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
