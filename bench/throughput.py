@@ -175,6 +175,13 @@ def main() -> None:
                            f"{n / single_s:.1f} ep/s -> {single_s / batch_s:.2f}x{spread}")
     print()
     print("\n".join(summary))
+    # issue targets: >= 10x on a GPU with a 7B-sized model in bf16, >= 2x on 2 CPU cores with SmolLM2-135M
+    target = 10.0 if device.type == "cuda" else 2.0
+    best = {m.name: max(statistics.median(single_t[m.name]) / statistics.median(batched_t[m.name, b]) for b in scorers)
+            for m, _ in methods}
+    print("verdict: " + "; ".join(f"{name.upper()} {r:.2f}x vs target {target:g}x: {'pass' if r >= target else 'short'}"
+                                  for name, r in best.items())
+          + ("" if device.type == "cuda" or lm.name.startswith("smollm2") else " (the CPU target is for SmolLM2-135M)"))
     print("(max tie margin: the largest top-2 log-prob gap, in the one-at-a-time scores, among episodes whose "
           "argmax differs; 0 when all agree)")
     if device.type == "cuda":
