@@ -235,7 +235,7 @@ def main() -> None:
           f"tokens per prompt: BOS + demos L mean {sum(demo) / n:.1f} (max {max(demo)}), query mean "
           f"{sum(qtok) / n:.1f} (max {max(qtok)}) | {args.repeats} timed pass(es) per path, median shown")
     print(f"DT: T={args.steps}, eta 0.01, beta 0.9, positions shifted; each tuning pass runs L demo tokens over "
-          "an L-token cache, and predict scores the query after every step")
+          "an L-token cache, and predict scores the query once, after step T")
     print()
 
     med = {name: statistics.median(times[name]) for name in timed_names}
@@ -273,14 +273,9 @@ def main() -> None:
     per = {name: 1000 * med[name] / n for name in timed_names}  # ms per episode
     query = per[names[1]] - per["demos"]
     step = (per[names[2]] - per[names[1]]) / (args.steps - 1)
-    once = per[names[2]] - (args.steps - 1) * query
     print(f"split, ms per episode: icl {per['icl']:.1f} | dt: demos encoded {per['demos']:.1f}, query over the cache "
           f"~{query:.1f} (dt(1) - demos), each further step ~{step:.1f} ((dt({args.steps}) - dt(1)) / {args.steps - 1}: "
-          f"one tuning pass over 2L positions + one query scoring)")
-    print(f"predict scores the query after all {args.steps} steps and keeps the last: the {args.steps - 1} unused "
-          f"scorings are ~{100 * (args.steps - 1) * query / per[names[2]]:.0f}% of dt({args.steps})'s time; scoring once "
-          f"would give ~{1000 / once:.2f} episodes/s, {per['icl'] / once:.3f}x icl (an estimate from differences of medians)"
-          if once > 0 else "(the differences of medians are too noisy for an estimate of predict's unused scorings)")
+          f"one tuning pass of L tokens over an L-token cache)")
 
     a, b = outs["icl"], outs[names[1]]
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
