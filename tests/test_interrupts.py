@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 STRENGTHS = ["0.1", "0.3", "0.5", "0.7", "0.9"]
 
 
-def _argv(results, vectors, episodes="20", n="100"):
+def _argv(results, vectors, episodes="20", n="400"):
     return [sys.executable, "iv.py", "-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment",
             "-s", "1", "-e", episodes, "-n", n, "--batch-size", "4", "--quiet", "--results", str(results),
             "--save-vectors", str(vectors), "--strength", *STRENGTHS]
@@ -55,12 +56,24 @@ def test_sigterm_during_evaluation_keeps_finished_records_and_resume_completes(t
 def test_sigint_during_extraction_leaves_no_partial_files(tmp_path):
     results, vectors = tmp_path / "runs.jsonl", tmp_path / "iv.safetensors"
     results.write_text('{"earlier": "record"}\n')
-    proc = subprocess.Popen(_argv(results, vectors, episodes="3000"), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # imports, model build, then a long extraction
-    assert proc.poll() is None
+    argv = [a for a in _argv(results, vectors, episodes="20000") if a != "--quiet"]  # progress bars show the phase
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = bytearray()
+
+    def read() -> None:
+        for chunk in iter(lambda: proc.stderr.read1(256), b""):
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and b"IV extract: few-shot" not in seen:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its extraction could be interrupted"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = seen.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-1]
     assert proc.returncode == 130, err
     assert "0 record(s) of this run written" in err and "no vectors file written" in err
     assert results.read_text() == '{"earlier": "record"}\n'
