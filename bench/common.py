@@ -197,3 +197,20 @@ def memory_children(script: str, argv: list[str], names: list[str], tag: str) ->
             raise SystemExit(f"{Path(script).name}: the memory subprocess for '{name}' failed (exit {proc.returncode})")
         out[name] = json.loads(lines[-1].removeprefix(tag))
     return out
+
+
+def cuda_peaks(device: torch.device, names: list[str], run_one) -> dict[str, dict]:
+    """Peak CUDA memory of each path (`run_one(name)`), stats reset in between; `before` is what was
+    allocated when the path started (the model), so `peak - before` is the path's own."""
+    import gc
+
+    out = {}
+    for name in names:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run_one(name)
+        torch.cuda.synchronize(device)
+        out[name] = {"before": before, "peak": torch.cuda.max_memory_allocated(device)}
+    return out

@@ -41,14 +41,10 @@ methods rather than the contention.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import re
 import resource
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -56,7 +52,8 @@ from typing import Callable
 import torch
 import transformers
 
-from common import add_common_args, make_encoder, model_vocab, setup, timed
+from common import (add_common_args, cuda_peaks, make_encoder, memory_children, model_vocab, reset_peak_rss,
+                    set_threads, settle_rss, setup, status_kib, timed)
 
 from ivlib.episodes import sample_episodes
 from ivlib.methods.dt import DeepThinking, split_demos
@@ -117,62 +114,26 @@ def run(s: Setup, name: str, prompts: list[EncodedPrompt] | None = None) -> torc
 
 
 # ---- peak memory ----------------------------------------------------------------------------------
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def child(args: argparse.Namespace) -> None:
     """One path, one pass, in this fresh process; prints a JSON line of RSS figures (KiB)."""
     s = prepare(args)
-    with torch.no_grad():  # weights may be mmapped from the checkpoint: page them in now, not in the pass
-        for param in s.lm.model.parameters():
-            param.sum()
-    gc.collect()
+    after_load = settle_rss(s.lm.model)  # weights paged in, heap trimmed: RSS = what is live
     after_load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed load-time heap back to the OS: RSS = what is live
-    except OSError:
-        pass
-    after_load = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # peak RSS mark := current RSS, so the load's own peak cannot hide the method's
-        reset = True
-    except OSError:
-        reset = False
+    reset = reset_peak_rss()  # so the load's own peak cannot hide the method's
     run(s, args._child)
-    peak = _status_kib("VmHWM")  # since the reset; without it, since the start (load included)
+    peak = status_kib("VmHWM")  # since the reset; without it, since the start (load included)
     print(CHILD_TAG + json.dumps({"path": args._child, "load_peak": after_load_peak, "after_load": after_load,
                                   "peak": peak, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                                   "reset": reset}), flush=True)
 
 
 def cpu_memory(names: list[str]) -> dict[str, dict]:
-    """Run every path in its own subprocess (same arguments) and collect its RSS figures."""
-    out = {}
-    for name in names:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--_child", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_TAG)]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stderr)
-            raise SystemExit(f"dt.py: the memory subprocess for '{name}' failed (exit {proc.returncode})")
-        out[name] = json.loads(lines[-1].removeprefix(CHILD_TAG))
-    return out
+    """Every path in its own subprocess (same arguments): CPU peak memory is per process."""
+    return memory_children(__file__, sys.argv[1:], names, CHILD_TAG)
 
 
 def cuda_memory(s: Setup, names: list[str]) -> dict[str, dict]:
-    out = {}
-    for name in names:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(s.lm.device)
-        before = torch.cuda.memory_allocated(s.lm.device)
-        run(s, name)
-        torch.cuda.synchronize(s.lm.device)
-        out[name] = {"before": before, "peak": torch.cuda.max_memory_allocated(s.lm.device)}
-    return out
+    return cuda_peaks(s.lm.device, names, lambda name: run(s, name))
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -194,10 +155,7 @@ def main() -> None:
         ap.error("--episodes, --batch-size, --repeats and --shot must be >= 1")
     if args.steps < 2:
         ap.error("--steps must be >= 2 (T=1 is always measured as dt(1))")
-    if args.threads is not None:
-        if args.threads < 1:
-            ap.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(ap, args.threads)
     if args._child:
         child(args)
         return

@@ -40,7 +40,6 @@ before the reset, ivlib's inside its pass (a few KiB of index tensors).
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import json
 import os
@@ -54,7 +53,7 @@ from typing import Callable
 import torch
 import transformers
 
-from common import (add_common_args, make_encoder, memory_children, model_vocab, reset_peak_rss, set_threads,
+from common import (add_common_args, cuda_peaks, make_encoder, memory_children, model_vocab, reset_peak_rss, set_threads,
                     settle_rss, setup, status_kib, timed, where_it_ran)
 
 from ivlib.episodes import sample_episodes
@@ -177,16 +176,7 @@ def cpu_memory(s: Bench) -> dict[str, dict]:
 
 def cuda_memory(s: Bench) -> dict[str, dict]:
     which = [widest(s)]
-    out = {}
-    for name in MEMORY_PATHS:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(s.lm.device)
-        before = torch.cuda.memory_allocated(s.lm.device)
-        s.paths[name](which)
-        torch.cuda.synchronize(s.lm.device)
-        out[name] = {"before": before, "peak": torch.cuda.max_memory_allocated(s.lm.device)}
-    return out
+    return cuda_peaks(s.lm.device, MEMORY_PATHS, lambda name: s.paths[name](which))
 
 
 # ---- report ---------------------------------------------------------------------------------------
