@@ -115,6 +115,7 @@ class Scorer:
         logits, cache = self.encode(ids, full_mask, positions, past=past)
         return self._answer_scores(logits, cache, full_mask, positions[:, -1] + 1, batch)
 
+    @torch.inference_mode()
     def _answer_scores(self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor,
                        batch: PromptBatch) -> torch.Tensor:
         """Classification: each label's first-token log-prob. Multiple choice: each option's summed
