@@ -71,7 +71,7 @@ class Scorer:
         prefix = self.lm.model(input_ids=batch.input_ids[:, :cut], attention_mask=batch.attention_mask[:, :cut],
                                position_ids=batch.position_ids[:, :cut], use_cache=True,
                                **({"logits_to_keep": 1} if self._keep_last else {}))
-        base = getattr(prefix, "cache", None) or prefix.past_key_values
+        base = self.cache_of(prefix)
         caches = {1: base}
         out = []
         for g, edit in edits:
@@ -92,7 +92,9 @@ class Scorer:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return logprobs[:, self.label_ids.to(logprobs.device)]
 
-    def cache_of(self, out):
+    @staticmethod
+    def cache_of(out):
+        """The cache a forward returned (the output field was renamed in transformers 5.2x)."""
         return getattr(out, "cache", None) or out.past_key_values
 
     @torch.inference_mode()
