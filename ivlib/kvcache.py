@@ -1,13 +1,16 @@
-"""Reading and overwriting a model's key/value cache as plain tensors.
+"""Reading, overwriting and preallocating a model's key/value cache as plain tensors.
 
 Deep-Thinking tunes the cache itself, so it needs the per-layer keys and values of whatever cache
 class the model builds, and a way to put tuned tensors back. Only caches that keep every
 position (transformers' `DynamicLayer`) can be tuned: a sliding-window or quantised layer drops
 or re-encodes entries, which would silently change the method, so those are refused.
+The per-layer and per-head searches of TV and FV run many one-token forwards over one prefix;
+`repeated_with_room` gives them a fixed-length cache those forwards write into in place.
 """
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .errors import UsageError
 
@@ -44,3 +47,45 @@ def write_kv(cache, kv: KV, dtype: torch.dtype, model_name: str = "model") -> No
     for layer, (k, v) in zip(layers, kv):
         layer.keys = k.to(dtype)
         layer.values = v.to(dtype)
+
+
+class _SlotLayer(StaticLayer):
+    """A fixed-length layer built around a prefix that is already known.
+
+    `StaticLayer` zero-fills its buffers before the first write; here the prefix fills all but
+    the free slots at once and every free slot is written by the forward that reads it, so the
+    zero fill (a pass over the whole buffer) is skipped.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__(max_cache_len=keys.shape[-2])
+        self.keys, self.values = keys, values  # [B, kv_heads, length + free slots, head_dim]
+        self.device = keys.device
+        self.batch_size, self.num_heads = keys.shape[:2]
+        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
+        self.cumulative_length = torch.tensor(length, dtype=torch.long, device=keys.device)
+        self.is_initialized = True
+
+
+def _with_room(t: torch.Tensor, repeats: int, free: int) -> torch.Tensor:
+    """[B, H, T, d] -> [B * repeats, H, T + free, d], row b * repeats + j = row b, one copy."""
+    b, h, length, d = t.shape
+    out = torch.empty(b, repeats, h, length + free, d, dtype=t.dtype, device=t.device)
+    out[:, :, :, :length] = t[:, None]
+    return out.view(b * repeats, h, length + free, d)
+
+
+def repeated_with_room(cache, repeats: int, free: int = 1) -> Cache | None:
+    """A fixed-length copy of a growing cache, each row repeated, with `free` slots after the prefix.
+
+    Forwards over it write their tokens into the free slots in place; `crop(-n)` rewinds so the
+    next forward overwrites them. A growing cache (`DynamicLayer`) appends by `torch.cat`, which
+    copies the whole prefix on every forward. None when the cache is not all full-attention
+    `DynamicLayer`s (sliding windows, quantised): callers keep the growing copy for those.
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    length = layers[0].keys.shape[-2]
+    return Cache(layers=[_SlotLayer(_with_room(layer.keys, repeats, free), _with_room(layer.values, repeats, free), length)
+                         for layer in layers])

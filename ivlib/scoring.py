@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
+from .kvcache import repeated_with_room
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, collate, length_sorted_batches, option_lengths
 
@@ -24,7 +25,7 @@ class Scorer:
     def __init__(self, lm: LoadedModel, label_ids: list[int], batch_size: int, quiet: bool = False,
                  shrink_on_oom: bool = False):
         self.lm = lm
-        self.label_ids = torch.tensor(label_ids, dtype=torch.long)
+        self.label_ids = torch.tensor(label_ids, dtype=torch.long, device=lm.device)  # indexed every batch: moved once
         self.batch_size = batch_size
         self.shrink_on_oom = shrink_on_oom  # --batch-size auto: halve and retry instead of failing
         self.quiet = quiet
@@ -32,6 +33,7 @@ class Scorer:
         self._context = lm.context_length
         params = inspect.signature(lm.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self.preallocate = True  # last-token searches write into a preallocated prefix cache (False: growing copy)
 
     @property
     def layout(self):
@@ -72,12 +74,11 @@ class Scorer:
                                position_ids=batch.position_ids[:, :cut], use_cache=True,
                                **({"logits_to_keep": 1} if self._keep_last else {}))
         base = self.cache_of(prefix)
-        caches = {1: base}
+        caches: dict[int, object] = {}
         out = []
         for g, edit in edits:
             if g not in caches:
-                caches[g] = copy.deepcopy(base)
-                caches[g].batch_repeat_interleave(g)
+                caches[g] = self._repeated_cache(base, g)
             with edit():
                 step = self.lm.model(input_ids=batch.input_ids[:, cut:].repeat_interleave(g, 0),
                                      attention_mask=batch.attention_mask.repeat_interleave(g, 0),
@@ -86,6 +87,17 @@ class Scorer:
             caches[g].crop(-1)  # negative = tokens to remove: the next edit starts from the bare prefix
             out.append(self._label_logprobs(step.logits[:, -1]).view(batch.input_ids.shape[0], g, -1))
         return out
+
+    def _repeated_cache(self, base, g: int):
+        """The prefix cache with each row repeated g times and one free slot (see `repeated_with_room`):
+        each last-token forward writes its token there instead of copying the prefix, which on long
+        prompts cost more than the forward itself. Caches that cannot be preallocated keep the copy."""
+        cache = repeated_with_room(base, g) if self.preallocate else None
+        if cache is None:
+            cache = copy.deepcopy(base)
+            if g > 1:
+                cache.batch_repeat_interleave(g)
+        return cache
 
     def _label_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """[N, V] next-token logits -> [N, C] float32 log-probabilities of each label's first token."""

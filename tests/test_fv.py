@@ -1,5 +1,7 @@
 """Function Vectors: cached indirect effects equal plain patched forwards; the edit changes logits."""
+import contextlib
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -125,3 +127,37 @@ def test_head_chunking_does_not_change_the_effects(gpt2, task):
         results.append(fv.effects)
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(results[0], results[2], atol=1e-6, rtol=1e-5)
+
+
+def test_last_token_edits_write_one_slot_of_a_preallocated_prefix_cache(lm, encoder, task, monkeypatch):
+    """The per-head search runs every edit over one prefix cache written in place: the prefix's keys
+    are the same tensor before and after every edit, and the scores equal the growing-cache path."""
+    fv, train = _fitted(lm, encoder, task)
+    trials = [encoder.encode(e) for e in shuffle_labels(train[:3], 1)]
+    scorer = Scorer(lm, encoder.label_ids, 3, quiet=True)
+    batch = scorer.batch(trials)
+    cut = batch.input_ids.shape[1] - 1
+    made, prefix_at_start = [], []
+    real = Scorer._repeated_cache
+
+    def spy(self, base, g):
+        made.append(real(self, base, g))
+        prefix_at_start.append(made[-1].layers[0].keys[:, :, :cut].clone())  # before any edit ran on it
+        return made[-1]
+
+    monkeypatch.setattr(Scorer, "_repeated_cache", spy)
+    edits = [(1, contextlib.nullcontext), (4, partial(fv._patch_heads, scorer, 3, 1, [0, 1, 2, 3])),
+             (4, partial(fv._patch_heads, scorer, 3, 0, [0, 1, 2, 3]))]
+    in_place = scorer.last_token_groups(batch, edits)
+    assert [type(c.layers[0]).__name__ for c in made] == ["_SlotLayer", "_SlotLayer"]  # one per repeat count, reused
+    keys = made[1].layers[0].keys  # [B * 4, kv_heads, cut + 1, head_dim]
+    assert keys.shape[0] == 12 and keys.shape[2] == cut + 1
+    torch.testing.assert_close(keys[:, :, :cut], prefix_at_start[1], atol=0, rtol=0)  # two edits ran over it
+    assert keys[:, :, cut].abs().sum() > 0  # the edits' own token went into the one free slot
+
+    scorer.preallocate = False  # the growing cache every edit copies (what sliding-window models get)
+    made.clear()
+    growing = scorer.last_token_groups(batch, edits)
+    assert [type(c).__name__ for c in made] == ["DynamicCache", "DynamicCache"]
+    for a, b in zip(in_place, growing):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
