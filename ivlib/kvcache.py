@@ -84,8 +84,8 @@ def repeated_with_room(cache, repeats: int, free: int = 1) -> Cache | None:
     `DynamicLayer`s (sliding windows, quantised): callers keep the growing copy for those.
     """
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return None
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None  # (an uninitialised layer: one that shares another layer's keys and values)
     length = layers[0].keys.shape[-2]
     return Cache(layers=[_SlotLayer(_with_room(layer.keys, repeats, free), _with_room(layer.values, repeats, free), length)
                          for layer in layers])
