@@ -4,10 +4,12 @@ import json
 from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
 
 from ivlib.cli import main
 from ivlib.episodes import sample_episodes
+from ivlib.errors import UsageError
 from ivlib.hooks import edit_inputs
 from ivlib.methods.fv import FunctionVectors, default_top_heads, shuffle_labels
 from ivlib.methods.icl import ICL
@@ -161,3 +163,47 @@ def test_last_token_edits_write_one_slot_of_a_preallocated_prefix_cache(lm, enco
     assert [type(c).__name__ for c in made] == ["DynamicCache", "DynamicCache"]
     for a, b in zip(in_place, growing):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _fits_rows(monkeypatch, limit: int, seen: list):
+    """A device whose head-search forwards hold at most `limit` rows (batch rows x heads tried)."""
+    real = Scorer._repeated_cache
+
+    def guarded(self, base, g):
+        rows = base.layers[0].keys.shape[0] * g
+        seen.append(rows)
+        if rows > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, base, g)
+
+    monkeypatch.setattr(Scorer, "_repeated_cache", guarded)
+
+
+def test_head_search_out_of_memory_halves_the_rows_per_forward_not_the_batch(gpt2, task, monkeypatch):
+    from ivlib.prompts import PromptEncoder
+
+    encoder = PromptEncoder(gpt2.tokenizer, task.label_words, add_bos=True)
+    trials = [encoder.encode(e) for e in sample_episodes(task.splits["train"], 2, 1, 6, 8, "train/extract")]
+    reference = FunctionVectors(n_top_heads=2, ie_episodes=6)
+    reference.mean_act = reference.mean_activations(Scorer(gpt2, encoder.label_ids, 3, quiet=True), trials)
+    expected = reference.indirect_effects(Scorer(gpt2, encoder.label_ids, 3, quiet=True), trials)
+
+    seen: list[int] = []
+    _fits_rows(monkeypatch, 6, seen)
+    fv = FunctionVectors(n_top_heads=2, ie_episodes=6)
+    fv.mean_act = reference.mean_act
+    scorer = Scorer(gpt2, encoder.label_ids, 3, quiet=True)  # a fixed batch size: it must stay 3
+    effects = fv.indirect_effects(scorer, trials)
+    assert scorer.batch_size == 3 and fv.rows_per_forward == 8  # 128 -> 64 -> 32 -> 16 -> 8: 2 heads x 3 rows
+    assert max(seen) == 12 and 6 in seen and all(r <= 6 for r in seen[seen.index(6):])
+    torch.testing.assert_close(effects, expected, atol=1e-6, rtol=1e-5)
+
+    _fits_rows(monkeypatch, 2, seen)  # not even one head per row of the batch: the batch must shrink
+    fv = FunctionVectors(n_top_heads=2, ie_episodes=6)
+    fv.mean_act = reference.mean_act
+    with pytest.raises(UsageError, match="out of memory at batch size 3"):
+        fv.indirect_effects(Scorer(gpt2, encoder.label_ids, 3, quiet=True), trials)
+    fv.rows_per_forward = 128
+    auto = Scorer(gpt2, encoder.label_ids, 3, quiet=True, shrink_on_oom=True)
+    torch.testing.assert_close(fv.indirect_effects(auto, trials), expected, atol=1e-6, rtol=1e-5)
+    assert auto.batch_size == 1 and fv.rows_per_forward == 3  # rows down to the batch (3), then batch 3 -> 1

@@ -68,7 +68,8 @@ class FunctionVectors(Method):
 
     def fit_summary(self) -> dict[str, Any]:
         assert self.effects is not None
-        return {"layer": self.layer, "top_heads": [[l, h, round(float(self.effects[l, h]), 6)] for l, h in self.heads]}
+        return {"layer": self.layer, "top_heads": [[l, h, round(float(self.effects[l, h]), 6)] for l, h in self.heads],
+                "ie_rows_per_forward": self.rows_per_forward}
 
     def _patch_heads(self, scorer: Scorer, n_rows: int, layer: int, heads: list[int]):
         """Row b * len(heads) + j of the (repeated) last token gets head heads[j] overwritten by its mean."""
@@ -77,6 +78,17 @@ class FunctionVectors(Method):
         last = torch.zeros_like(rows)
         return edit_inputs([scorer.layout.attn_out[layer]], rows, last,
                            patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))])
+
+    def _fewer_rows(self, scorer: Scorer, n_rows: int) -> bool:
+        """After an out-of-memory error in the head search, halve the rows per forward (the repeated
+        prefix cache grows with them), keeping the batch. False once each forward tries one head: then
+        the batch itself must shrink (--batch-size auto) or the run stops with a clear error."""
+        if self.rows_per_forward <= n_rows:
+            return False
+        self.rows_per_forward = max(n_rows, self.rows_per_forward // 2)
+        if scorer.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
 
     def _head_chunks(self, n_rows: int, n_heads: int) -> list[list[int]]:
         n_chunks = -(-n_heads * n_rows // self.rows_per_forward)
@@ -103,6 +115,14 @@ class FunctionVectors(Method):
         n_heads = scorer.layout.n_heads
 
         def gains(batch: PromptBatch) -> torch.Tensor:  # [B, len(layers) * H]
+            while True:
+                try:
+                    return batch_gains(batch)
+                except torch.OutOfMemoryError:
+                    if not self._fewer_rows(scorer, batch.input_ids.shape[0]):
+                        raise
+
+        def batch_gains(batch: PromptBatch) -> torch.Tensor:
             b = batch.input_ids.shape[0]
             edits = [(1, contextlib.nullcontext)]  # the unpatched shuffled prompt
             for layer in layers:
