@@ -160,16 +160,22 @@ class Scorer:
         logits, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self._answer_scores(logits, cache, batch.attention_mask, batch.position_ids[:, -1] + 1, batch)
 
-    def _shrink(self, pending: list[list[int]], prompts: list[EncodedPrompt], desc: str) -> list[list[int]]:
-        """Halve the batch size after an out-of-memory error and re-plan the batches not yet run."""
+    def shrink_after_oom(self, desc: str) -> int:
+        """After an out-of-memory error: halve the batch size and return it (--batch-size auto), or stop
+        with a one-line error naming the size that did not fit."""
         if not self.shrink_on_oom or self.batch_size == 1:
             raise UsageError(f"{desc}: out of memory at batch size {self.batch_size}; "
                              "accepted: a smaller --batch-size, or --batch-size auto") from None
         if self.lm.device.type == "cuda":
             torch.cuda.empty_cache()
         self.batch_size = max(1, self.batch_size // 2)
+        return self.batch_size
+
+    def _shrink(self, pending: list[list[int]], prompts: list[EncodedPrompt], desc: str) -> list[list[int]]:
+        """Halve the batch size after an out-of-memory error and re-plan the batches not yet run."""
+        size = self.shrink_after_oom(desc)
         rest = sorted((i for idx in pending for i in idx), key=lambda i: len(prompts[i].ids))
-        return [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
+        return [rest[i : i + size] for i in range(0, len(rest), size)]
 
     def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> str:
         """Re-run the failing batch watching every block's output, to name the first layer that overflowed."""

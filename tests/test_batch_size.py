@@ -55,3 +55,34 @@ def test_cli_rejects_a_batch_size_word(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--batch-size", "big"])
     assert exc.value.code == 2 and "'big'" in capsys.readouterr().err
+
+
+def test_iv_extraction_halves_on_out_of_memory_and_fits_the_same_vectors(lm, encoder, task, monkeypatch):
+    """The steered few-shot pass runs its own windows, not run_batched: it must shrink there too."""
+    from ivlib.methods.iv import IterativeVectors
+
+    train = sample_episodes(task.splits["train"], 2, 1, 9, 3, "train/extract")
+    reference = IterativeVectors(0.5, 0.3, 4)
+    reference.fit(Scorer(lm, encoder.label_ids, 2, quiet=True), encoder, train)
+
+    real = Scorer.forward
+    short = max(len(encoder.encode(e.query_only()).ids) for e in train)
+    few_shot_rows = []
+
+    def fits_two_long(self, batch):  # any number of zero-shot prompts fit, but only 2 few-shot ones
+        if batch.input_ids.shape[1] > short:
+            few_shot_rows.append(batch.input_ids.shape[0])
+            if batch.input_ids.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch)
+
+    monkeypatch.setattr(Scorer, "forward", fits_two_long)
+    iv = IterativeVectors(0.5, 0.3, 4)
+    scorer = Scorer(lm, encoder.label_ids, 8, quiet=True, shrink_on_oom=True)
+    iv.fit(scorer, encoder, train)
+    # window [0]: 1 row; window [1..4]: 4 rows fail at batch 8, again at 4, then run 2 by 2
+    assert scorer.batch_size == 2 and few_shot_rows[:3] == [1, 4, 4] and max(few_shot_rows[3:]) == 2
+    torch.testing.assert_close(iv.vectors, reference.vectors, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(UsageError, match="IV extract: few-shot: out of memory at batch size 4"):
+        IterativeVectors(0.5, 0.3, 0).fit(Scorer(lm, encoder.label_ids, 4, quiet=True), encoder, train)

@@ -78,19 +78,30 @@ class IterativeVectors(Method):
         with scorer.progress(len(episodes), "IV extract: few-shot") as bar:
             for window in refresh_windows(len(episodes), self.ext_batch):
                 current = total / count if count else None  # fixed within the window
-                for start in range(0, len(window), scorer.batch_size):
-                    idx = window[start : start + scorer.batch_size]
-                    batch = scorer.batch([pos_prompts[i] for i in idx])
-                    add = None
-                    if current is not None:
-                        add = (self.ext_strength * current)[:, batch.sep_class].to(scorer.lm.dtype)
-                    reads = self._read_separators(scorer, batch, add)  # [L, N, D]
-                    delta = reads - neg[torch.tensor(idx, device=device)[batch.sep_rows]].transpose(0, 1)
-                    total += self._episode_means(delta, batch, n_slots).sum(dim=1)
+                pending = list(window)
+                while pending:
+                    idx, pending = pending[: scorer.batch_size], pending[scorer.batch_size :]
+                    try:
+                        total += self._window_batch(scorer, [pos_prompts[i] for i in idx], idx, neg, current, n_slots)
+                    except torch.OutOfMemoryError:  # halve (--batch-size auto) and redo this batch, or stop
+                        scorer.shrink_after_oom("IV extract: few-shot")
+                        pending = idx + pending
+                        continue
                     count += len(idx)
                     bar.update(len(idx))
         self.vectors = (total / count).cpu()
         self._device_vectors.clear()
+
+    def _window_batch(self, scorer: Scorer, prompts: list, idx: list[int], neg: torch.Tensor,
+                      current: torch.Tensor | None, n_slots: int) -> torch.Tensor:
+        """[L, n_slots, D]: the summed samples of these episodes, steered by the window's `current`."""
+        batch = scorer.batch(prompts)
+        add = None
+        if current is not None:
+            add = (self.ext_strength * current)[:, batch.sep_class].to(scorer.lm.dtype)
+        reads = self._read_separators(scorer, batch, add)  # [L, N, D]
+        delta = reads - neg[torch.tensor(idx, device=neg.device)[batch.sep_rows]].transpose(0, 1)
+        return self._episode_means(delta, batch, n_slots).sum(dim=1)
 
     @staticmethod
     def _episode_means(delta: torch.Tensor, batch: PromptBatch, n_slots: int) -> torch.Tensor:
