@@ -30,7 +30,7 @@ from .prompts import PromptEncoder
 from .results import append_record, check_writable, read_records
 from .selection import has_record
 from .scoring import Scorer
-from .state import load_state, save_state
+from .state import check_save_path, load_state, read_meta, save_state
 
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
@@ -165,6 +165,29 @@ def _hyperparameters(args: argparse.Namespace, method, method_cls, eval_shot: in
             "max_example_tokens": args.max_example_tokens}
 
 
+# Settings that define a fitted state: a loaded file's values are this run's, so that the record
+# (and --resume, select, the report) names the setting the vectors were really fitted with.
+FIT_FLAGS = {"ext_shot": "--ext-shot", "episodes": "--episodes", "ext_strength": "--ext-strength",
+             "ext_batch": "--ext-batch", "n_top_heads": "--n-top-heads", "ie_episodes": "--ie-episodes",
+             "select_episodes": "--select-episodes", "max_example_tokens": "--max-example-tokens"}
+
+
+def _adopt_fit_settings(args: argparse.Namespace) -> None:
+    """Take the fitting settings of the --load-vectors file; refuse a flag given with another value."""
+    meta = read_meta(args.load_vectors)
+    if meta.get("method") != args.method:
+        raise UsageError(f"--load-vectors '{args.load_vectors}' was fitted with method={meta.get('method')!r}; "
+                         f"this run has {args.method!r}")
+    fitted, defaults = meta.get("fit") or {}, build_parser()
+    for key, flag in FIT_FLAGS.items():
+        if key not in fitted or getattr(args, key) == fitted[key]:
+            continue
+        if getattr(args, key) != defaults.get_default(key):
+            raise UsageError(f"--load-vectors '{args.load_vectors}' was fitted with {flag} {fitted[key]}; this command "
+                             f"gives {getattr(args, key)}; accepted: the same value, or leave {flag} out")
+        setattr(args, key, fitted[key])
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One fit, then one evaluation and one record per evaluation setting (several --strength values
     share one extraction). Returns the records written."""
@@ -182,12 +205,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         users = ", ".join(name for name, cls in METHODS.items() if cls.uses_strength)
         raise UsageError(f"--strength takes several values only with a method that uses it ({users}); "
                          f"method '{args.method}' got {len(args.strength)}")
-    if args.n_top_heads is None and "fv_heads" in model_entry:
-        args.n_top_heads = int(model_entry["fv_heads"])
     for flag, value in (("--load-vectors", args.load_vectors), ("--save-vectors", args.save_vectors)):
         if value and not method_cls.needs_fit:
             fitted = ", ".join(name for name, cls in METHODS.items() if cls.needs_fit)
             raise UsageError(f"{flag}: method '{args.method}' has no fitted state; accepted with: {fitted}")
+    if args.save_vectors:
+        check_save_path(args.save_vectors)
+    if args.load_vectors:
+        _adopt_fit_settings(args)
+    elif args.n_top_heads is None and "fv_heads" in model_entry:
+        args.n_top_heads = int(model_entry["fv_heads"])
     eval_split = "test" if args.run_test else "validation"
     eval_shot = method_cls.fixed_eval_shot if method_cls.fixed_eval_shot is not None else args.shot
     methods = {a2: method_cls.from_args(argparse.Namespace(**{**vars(args), "strength": a2})) for a2 in args.strength}
@@ -229,7 +256,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     identity = {"method": args.method, "model": args.model, "task": args.task, "label_words": task.label_words,
                 "n_layers": lm.layout.n_layers, "d_model": lm.layout.d_model}
 
+    eval_episodes = sample_episodes(task.splits[eval_split], task.n_classes, eval_shot, args.eval_episodes,
+                                    args.seed, f"{eval_split}/eval")
+    prompts = [encoder.encode(e) for e in eval_episodes]
     method = next(iter(methods.values()))  # fitted once; the others share its state
+    method.check_prompts(scorer, prompts)  # before the fit: a run that cannot finish should not start
     fit_s, fit_info = 0.0, {}
     if args.load_vectors:
         tensors, meta = load_state(args.load_vectors, identity)
@@ -248,7 +279,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         method.fit(scorer, encoder, train_episodes, select_episodes)
         fit_s = time.perf_counter() - t0
         fit_info = {**({"ext_shot": args.ext_shot, "episodes": args.episodes} if method_cls.needs_fit else {}),
-                    "seed": args.seed,
+                    "seed": args.seed, "max_example_tokens": args.max_example_tokens,
                     **{k: v for k, v in method.hyperparameters().items() if k != "strength"},
                     **({"select_episodes": args.select_episodes, "select_shot": args.shot}
                        if method_cls.needs_validation else {}),
@@ -262,14 +293,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for other in list(methods.values())[1:]:
         other.load_state(state)
 
-    eval_episodes = sample_episodes(task.splits[eval_split], task.n_classes, eval_shot, args.eval_episodes,
-                                    args.seed, f"{eval_split}/eval")
-    prompts = [encoder.encode(e) for e in eval_episodes]
     y_true = np.array([p.label for p in prompts])
     answer_names = ([f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else task.label_words)
     shared = {
         "model": args.model, "task": args.task, "split": eval_split, "method": args.method,
-        "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting else 0,
+        "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting and method_cls.needs_fit else 0,
         "fit": fit_info, "batch_size_requested": args.batch_size, "device": str(device),
         "dtype": str(lm.dtype).removeprefix("torch."), "device_map": args.device_map,
         "model_source": lm.source, "layout": lm.layout.describe(), "add_bos": lm.add_bos,

@@ -49,6 +49,12 @@ def _vectors_for_another_task(tmp):
     return _replace(GOOD, "-c", cfg) + ["-s", "1", "--load-vectors", str(vec)]
 
 
+def _vectors_fitted_otherwise(tmp):
+    vec = tmp / "a1.safetensors"
+    assert main(GOOD + ["-s", "1", "--ext-strength", "0.7", "--save-vectors", str(vec), "--results", str(tmp / "f.jsonl")]) == 0
+    return GOOD + ["-s", "1", "--ext-strength", "0.5", "--load-vectors", str(vec)]
+
+
 def _not_jsonl(tmp):
     path = tmp / "table.csv"
     path.write_text("method,score\niv,0.5\n")
@@ -95,6 +101,12 @@ CASES = {
     "results file that is not JSONL": (_not_jsonl, "table.csv"),
     "non-writable results directory": (lambda t: GOOD + ["--results", "/proc/1/runs.jsonl"], "not writable"),
     "dt with too few steps": (lambda t: GOOD + ["--method", "dt", "--dt-steps", "0"], "--dt-steps 0"),
+    "vectors path under a file": (lambda t: GOOD + ["--save-vectors", str(t / "runs.jsonl" / "v.safetensors")],
+                                  "is a file, not a directory"),
+    "vectors path is a directory": (lambda t: GOOD + ["--save-vectors", str(t)], "is a directory"),
+    "loaded vectors fitted with another a1": (_vectors_fitted_otherwise, "--ext-strength 0.7; this command gives 0.5"),
+    "dt shifted past the position table": (lambda t: GOOD + ["--method", "dt", "--shot", "14", "--dt-steps", "2",
+                                                             "--select-episodes", "2"], "--dt-positions pinned"),
     "unknown builtin model": (lambda t: _replace(_replace(GOOD, "-c", _yaml(t, "models:\n  m: {builtin: tiny-rwkv}\n")),
                                                  "-m", "m"), "tiny-rwkv"),
 }
@@ -150,3 +162,12 @@ def test_overflowing_activations_are_reported_with_their_layer(tmp_path, monkeyp
     assert code == 2 and len(err.splitlines()) == 1
     assert "non-finite values" in err and "first at layer 0" in err, err
     assert not results.exists()
+
+
+def test_unsavable_vectors_path_is_refused_before_the_fit(tmp_path, monkeypatch, capsys):
+    from ivlib.methods.iv import IterativeVectors
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(IterativeVectors, "fit", lambda *a, **k: pytest.fail("fitted before checking --save-vectors"))
+    code = main(GOOD + ["--save-vectors", str(tmp_path), "--results", str(tmp_path / "runs.jsonl")])
+    assert code == 2 and "is a directory" in capsys.readouterr().err

@@ -44,3 +44,30 @@ def test_icl_and_zero_shot_records_carry_their_shot_counts(tmp_path, monkeypatch
     icl, zero = _records(results)
     assert icl["hyperparameters"]["shot"] == 1 and zero["hyperparameters"]["shot"] == 0
     assert icl["n_eval_episodes"] == zero["n_eval_episodes"] == 30
+
+
+def test_loaded_vectors_record_the_settings_they_were_fitted_with(tmp_path, monkeypatch):
+    """--load-vectors without extraction flags: the record names the file's setting, not the defaults,
+    so select, the report and --resume see the setting the vectors really came from."""
+    monkeypatch.chdir(REPO)
+    results, vectors = tmp_path / "runs.jsonl", tmp_path / "iv.safetensors"
+    base = [a for a in BASE if a not in ("-s", "1")]
+    fit_flags = ["-s", "1", "--ext-strength", "0.7", "--ext-batch", "2", "--max-example-tokens", "64"]
+    assert main(base + ["-m", "tiny-gpt2", "--results", str(results), "--save-vectors", str(vectors)] + fit_flags) == 0
+    assert main(base + ["-m", "tiny-gpt2", "--results", str(results), "--load-vectors", str(vectors)]) == 0
+    fitted, loaded = _records(results)
+    for key, value in (("ext_shot", 1), ("ext_strength", 0.7), ("ext_batch", 2), ("episodes", 6),
+                       ("max_example_tokens", 64)):
+        assert fitted["hyperparameters"][key] == loaded["hyperparameters"][key] == value, key
+    assert loaded["metrics"] == fitted["metrics"]
+    assert main(base + ["-m", "tiny-gpt2", "--results", str(results), "--load-vectors", str(vectors), "--resume"]) == 0
+    assert len(_records(results)) == 2  # the loaded setting is recognised as already recorded
+
+
+def test_dt_records_no_training_episodes(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    results = tmp_path / "runs.jsonl"
+    assert main(BASE + ["-m", "tiny-gpt2", "--method", "dt", "--dt-steps", "2", "--select-episodes", "4", "-e", "7",
+                        "--results", str(results)]) == 0
+    record, = _records(results)
+    assert record["n_fit_episodes"] == 0 and record["hyperparameters"]["select_episodes"] == 4

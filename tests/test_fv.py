@@ -145,6 +145,9 @@ def test_last_token_edits_write_one_slot_of_a_preallocated_prefix_cache(lm, enco
     def spy(self, base, g):
         made.append(real(self, base, g))
         prefix_at_start.append(made[-1].layers[0].keys[:, :, :cut].clone())  # before any edit ran on it
+        for layer in made[-1].layers:  # a forward that read the free slot before writing it would score NaN
+            layer.keys[:, :, cut:] = float("nan")
+            layer.values[:, :, cut:] = float("nan")
         return made[-1]
 
     monkeypatch.setattr(Scorer, "_repeated_cache", spy)
@@ -155,7 +158,7 @@ def test_last_token_edits_write_one_slot_of_a_preallocated_prefix_cache(lm, enco
     keys = made[1].layers[0].keys  # [B * 4, kv_heads, cut + 1, head_dim]
     assert keys.shape[0] == 12 and keys.shape[2] == cut + 1
     torch.testing.assert_close(keys[:, :, :cut], prefix_at_start[1], atol=0, rtol=0)  # two edits ran over it
-    assert keys[:, :, cut].abs().sum() > 0  # the edits' own token went into the one free slot
+    assert torch.isfinite(keys[:, :, cut]).all()  # the edits' own token went into the one free slot
 
     scorer.preallocate = False  # the growing cache every edit copies (what sliding-window models get)
     made.clear()
@@ -207,3 +210,18 @@ def test_head_search_out_of_memory_halves_the_rows_per_forward_not_the_batch(gpt
     auto = Scorer(gpt2, encoder.label_ids, 3, quiet=True, shrink_on_oom=True)
     torch.testing.assert_close(fv.indirect_effects(auto, trials), expected, atol=1e-6, rtol=1e-5)
     assert auto.batch_size == 1 and fv.rows_per_forward == 3  # rows down to the batch (3), then batch 3 -> 1
+
+
+def test_resume_skips_an_fv_run_whose_head_count_comes_from_the_default_rule(tmp_path, monkeypatch, capsys):
+    """The record keeps the head count as asked (None: the ~2% rule), so the same command matches it."""
+    monkeypatch.chdir(REPO)
+    results = tmp_path / "runs.jsonl"
+    argv = ["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "fv", "-s", "1",
+            "-e", "4", "--ie-episodes", "2", "-n", "10", "--quiet", "--results", str(results), "--resume"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "skipped (--resume)" in capsys.readouterr().out
+    record, = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["hyperparameters"]["n_top_heads"] is None
+    assert len(record["fit"]["top_heads"]) == default_top_heads(2, 4)

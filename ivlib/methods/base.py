@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..episodes import Episode
-from ..prompts import PromptBatch, PromptEncoder
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 
 
@@ -39,6 +39,10 @@ class Method(ABC):
     def fit_summary(self) -> dict[str, Any]:
         """What fitting chose (a layer, heads...), for the run record."""
         return {}
+
+    def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
+        """Refuse, before any compute, prompts this method cannot run (the context-length check every
+        method shares is `Scorer.batch`); a method that needs more room than the prompt says so here."""
 
     @abstractmethod
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:

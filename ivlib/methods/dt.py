@@ -26,7 +26,7 @@ from ..episodes import Episode
 from ..errors import UsageError
 from ..kvcache import KV, read_kv, write_kv
 from ..metrics import selection_score
-from ..prompts import PromptBatch, PromptEncoder
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from .base import Method
 
@@ -83,6 +83,17 @@ class DeepThinking(Method):
         return {"step": self.step, "step_chosen_by": "user" if self.user_step else "validation",
                 "curve": [round(s, 4) for s in self.curve]}
 
+    def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
+        """`shifted` re-encodes the demonstrations after themselves, at positions up to 2 x (BOS + demos) - 1:
+        past a learned position table that is an index error (a device assert on GPU), and past a
+        rotary model's trained length it is silently out of distribution."""
+        context = scorer.lm.context_length
+        longest = max(p.query_start for p in prompts)
+        if self.positions == "shifted" and context is not None and 2 * longest > context:
+            raise UsageError(f"dt: --dt-positions shifted re-encodes {longest} demonstration tokens at positions up to "
+                             f"{2 * longest - 1}, beyond the context of model '{scorer.lm.name}' ({context}); accepted: "
+                             "--dt-positions pinned, or a lower --shot or --max-example-tokens")
+
     # ---- the tuning loop ------------------------------------------------------------------------
     @torch.inference_mode()
     def step_scores(self, scorer: Scorer, batch: PromptBatch, upto: int,
@@ -130,6 +141,7 @@ class DeepThinking(Method):
         if not validation:
             raise ValueError("DT chooses its number of steps on validation episodes")
         prompts = [encoder.encode(e) for e in validation]
+        self.check_prompts(scorer, prompts)
         scores = scorer.run_batched(prompts, lambda b: self.step_scores(scorer, b, self.steps), "DT step search")
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None

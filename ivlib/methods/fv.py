@@ -145,8 +145,7 @@ class FunctionVectors(Method):
 
         trials = [encoder.encode(e) for e in shuffle_labels(episodes[: self.ie_episodes], self.seed)]
         self.effects = self.indirect_effects(scorer, trials)
-        k = self.n_top_heads or default_top_heads(n_layers, n_heads)
-        self.n_top_heads = k
+        k = self.n_top_heads or default_top_heads(n_layers, n_heads)  # the record keeps what was asked (None: the rule)
         top = torch.topk(self.effects.flatten(), k).indices.tolist()
         self.heads = [(i // n_heads, i % n_heads) for i in top]
         self.vector = self._build_vector(scorer)
@@ -180,4 +179,3 @@ class FunctionVectors(Method):
         self.heads = [tuple(h) for h in tensors["heads"].tolist()]
         self.effects = tensors["effects"].float()
         self.mean_act = tensors["mean_act"].float()
-        self.n_top_heads = len(self.heads)
