@@ -34,9 +34,12 @@ run() { "$PY" iv.py -c "$CONFIG" -g "$GPU" --results "$RESULTS" --resume --quiet
 
 iv_grid() {
   mkdir -p "$VECTORS"
+  # EXTRA may change what is fitted (--seed, --max-example-tokens): its checksum keeps such vectors apart
+  local tag=""
+  [ -n "$EXTRA" ] && tag="_x$(printf '%s' "$EXTRA" | cksum | cut -d' ' -f1)"
   for model in $MODELS; do for task in $TASKS; do
     for s in $EXT_SHOTS; do for a1 in $EXT_STRENGTHS; do
-      vec="$VECTORS/${model}__${task//\//_}__s${s}_a${a1}_b${EXT_BATCH}_e${EPISODES}.safetensors"
+      vec="$VECTORS/${model}__${task//\//_}__s${s}_a${a1}_b${EXT_BATCH}_e${EPISODES}${tag}.safetensors"
       # shellcheck disable=SC2086  # STRENGTHS is a list
       if [ -f "$vec" ]; then state=(--load-vectors "$vec"); else state=(--save-vectors "$vec"); fi
       run -m "$model" -t "$task" -s "$s" --ext-strength "$a1" --strength $STRENGTHS --ext-batch "$EXT_BATCH" \

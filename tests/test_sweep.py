@@ -85,6 +85,8 @@ def test_grid_killed_midway_resumes_to_one_record_per_setting(tmp_path):
                  r["hyperparameters"]["strength"]) for r in records]
     assert sorted(settings) == sorted({(s, a1, a2) for s in (1, 2) for a1 in (0.1, 0.5) for a2 in (0.3, 0.7)})
     assert rerun.stdout.count("skipped (--resume)") >= 1
+    vectors = sorted(p.name for p in Path(env["VECTORS"]).iterdir())  # EXTRA's checksum keeps other flags' fits apart
+    assert len(vectors) == 4 and all(name.endswith(".safetensors") and "_x" in name for name in vectors)
 
     # the test step re-runs the best validation setting on test; the report step reads it all back
     env["TEST_EPISODES"] = "8"
