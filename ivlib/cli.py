@@ -297,7 +297,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     answer_names = ([f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else task.label_words)
     shared = {
         "model": args.model, "task": args.task, "split": eval_split, "method": args.method,
-        "seed": args.seed, "n_eval_episodes": args.eval_episodes, "n_fit_episodes": args.episodes if fitting and method_cls.needs_fit else 0,
+        "seed": args.seed, "n_eval_episodes": args.eval_episodes,
+        "n_fit_episodes": args.episodes if fitting and method_cls.needs_fit else 0,  # DT fits on validation only
         "fit": fit_info, "batch_size_requested": args.batch_size, "device": str(device),
         "dtype": str(lm.dtype).removeprefix("torch."), "device_map": args.device_map,
         "model_source": lm.source, "layout": lm.layout.describe(), "add_bos": lm.add_bos,
