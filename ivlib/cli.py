@@ -27,7 +27,7 @@ from .metrics import bootstrap_accuracy, bootstrap_f1
 from .methods import METHODS
 from .models import load_model, resolve_device
 from .prompts import PromptEncoder
-from .results import append_record, check_writable, read_records
+from .results import append_record, check_writable, read_records, signals_held
 from .selection import has_record
 from .scoring import Scorer
 from .state import check_save_path, load_state, read_meta, save_state
@@ -285,8 +285,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                        if method_cls.needs_validation else {}),
                     **method.fit_summary()}
         if args.save_vectors:
-            save_state(args.save_vectors, method.state(), {**identity, "fit": fit_info})
-            args.progress["vectors"] = args.save_vectors
+            with signals_held():  # a small file: saved, and known to be saved, before an interrupt lands
+                save_state(args.save_vectors, method.state(), {**identity, "fit": fit_info})
+                args.progress["vectors"] = args.save_vectors
     if len(args.strength) > 1:
         fit_info["shared_by_strengths"] = sorted(methods)
     state = method.state() if len(methods) > 1 else {}
@@ -328,9 +329,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
             "batch_size": scorer.batch_size,  # after any out-of-memory halving
         }
-        append_record(args.results, record)  # each setting lands as soon as it is done
+        with signals_held():  # the interrupt message counts exactly the records in the file
+            append_record(args.results, record)  # each setting lands as soon as it is done
+            args.progress["records"] += 1
         records.append(record)
-        args.progress["records"] += 1
         label = args.method + (f" a2={each.strength}" if len(args.strength) > 1 else "")
         # the summary line prints even with --quiet, which silences progress bars only
         print(f"{label} | {args.model} | {args.task} | {eval_split} | {args.eval_episodes} episodes | "

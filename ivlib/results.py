@@ -10,8 +10,9 @@ import fcntl
 import json
 import os
 import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UsageError
 
@@ -55,15 +56,20 @@ def _can_create_in(directory: Path) -> bool:
     return True
 
 
-def append_record(path: str, record: dict[str, Any]) -> None:
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
-    # Ctrl-C / SIGTERM wait until the line is down: a handler that raised between two partial
-    # writes would leave half a record
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C / SIGTERM wait until the block is done (they are delivered on exit). Nests."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        _append_locked(path, line)
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def append_record(path: str, record: dict[str, Any]) -> None:
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    with signals_held():  # a handler that raised between two partial writes would leave half a record
+        _append_locked(path, line)
 
 
 def _append_locked(path: str, line: bytes) -> None:
