@@ -58,12 +58,31 @@ def _can_create_in(directory: Path) -> bool:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C / SIGTERM wait until the block is done (they are delivered on exit). Nests."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Ctrl-C / SIGTERM that arrive inside the block take effect when it ends. Nests.
+
+    Blocking the signals with a thread mask would not do: torch's worker threads leave them
+    unblocked, the kernel may deliver a process signal to any of those, and Python then runs its
+    handler in the main thread anyway. So the handlers themselves are swapped for ones that only
+    note the signal, and the original handler runs on exit.
+    """
+    caught: list[int] = []
+    try:
+        previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: Python delivers no signals here anyway
+        yield
+        return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)  # e.g. raises KeyboardInterrupt or Terminated
+            elif handler != signal.SIG_IGN:  # the default action (or a handler set outside Python)
+                os.kill(os.getpid(), caught[0])
 
 
 def append_record(path: str, record: dict[str, Any]) -> None:

@@ -35,3 +35,38 @@ def test_two_processes_appending_never_interleave(tmp_path):
     parsed = [json.loads(line) for line in lines]
     for w in "ab":
         assert [r["i"] for r in parsed if r["writer"] == w] == list(range(200))
+
+
+def test_a_signal_inside_signals_held_takes_effect_when_the_block_ends():
+    import os
+    import signal
+    import threading
+
+    import pytest
+
+    from ivlib.results import signals_held
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    done = []
+    idle = threading.Event()
+    worker = threading.Thread(target=idle.wait)  # like torch's threads: the kernel may hand it the signal
+    worker.start()
+    try:
+        with pytest.raises(Stop):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler would have run by now, were it live
+                    sum(range(100))
+                done.append("after the signal")
+        assert done == ["after the signal"]
+        assert signal.getsignal(signal.SIGTERM) is stop  # the handler is back
+    finally:
+        idle.set()
+        worker.join()
+        signal.signal(signal.SIGTERM, previous)
