@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Entry point: `python iv.py -c config/yours.yaml -m MODEL -t TASK ...` (see README.md)."""
+
 import sys
 
 from ivlib.cli import main

@@ -1,4 +1,5 @@
 """Shared by the benchmarks: model set-up (registry or random 7B shape) and timing."""
+
 from __future__ import annotations
 
 import sys
@@ -16,13 +17,19 @@ from ivlib.prompts import PromptEncoder  # noqa: E402
 from ivlib.tasks import Task, load_task  # noqa: E402
 from ivlib.tiny import build_tokenizer  # noqa: E402
 
+LLAMA7B_SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
 
-LLAMA7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000)
 
-
-def random_llama7b(device: torch.device, tokenizer_dir: str | None = None, dtype: torch.dtype = torch.bfloat16,
-                  **shape) -> LoadedModel:
+def random_llama7b(
+    device: torch.device, tokenizer_dir: str | None = None, dtype: torch.dtype = torch.bfloat16, **shape
+) -> LoadedModel:
     """Llama-2-7B's shape with random weights (bf16 unless `dtype`), built on `device`.
 
     Throughput does not depend on weight values.
@@ -41,16 +48,30 @@ def random_llama7b(device: torch.device, tokenizer_dir: str | None = None, dtype
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
     settings = {**LLAMA7B_SHAPE, **shape}
     vocab = settings["vocab_size"]
-    special = {k: v for k, v in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
-                                 ("pad_token_id", tokenizer.pad_token_id)) if v is not None and v < vocab}
+    special = {
+        k: v
+        for k, v in (
+            ("bos_token_id", tokenizer.bos_token_id),
+            ("eos_token_id", tokenizer.eos_token_id),
+            ("pad_token_id", tokenizer.pad_token_id),
+        )
+        if v is not None and v < vocab
+    }
     config = LlamaConfig(max_position_embeddings=4096, **special, **settings)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     name = "random-llama-2-7b" if not shape else "random-llama(" + ",".join(f"{k}={v}" for k, v in shape.items()) + ")"
-    return LoadedModel(name, model, tokenizer, discover_layout(model), device, dtype,
-                       "random" + (f" + tokenizer {tokenizer_dir}" if tokenizer_dir else " + tiny tokenizer"),
-                       add_bos=tokenizer.bos_token_id is not None)
+    return LoadedModel(
+        name,
+        model,
+        tokenizer,
+        discover_layout(model),
+        device,
+        dtype,
+        "random" + (f" + tokenizer {tokenizer_dir}" if tokenizer_dir else " + tiny tokenizer"),
+        add_bos=tokenizer.bos_token_id is not None,
+    )
 
 
 def model_vocab(lm: LoadedModel) -> int:
@@ -91,8 +112,15 @@ def make_encoder(lm: LoadedModel, task: Task, random_weights: bool) -> PromptEnc
     return encoder
 
 
-def setup(config_file: str | None, model: str, task: str, gpu: int, random_7b: bool,
-          tokenizer_dir: str | None = None, random_dtype: torch.dtype = torch.bfloat16) -> tuple[LoadedModel, Task]:
+def setup(
+    config_file: str | None,
+    model: str,
+    task: str,
+    gpu: int,
+    random_7b: bool,
+    tokenizer_dir: str | None = None,
+    random_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[LoadedModel, Task]:
     config = load_config(config_file)
     device = resolve_device(gpu)
     loaded_task = load_task(task, lookup(config.tasks, "task", task))
@@ -140,8 +168,10 @@ def where_it_ran(device: torch.device, load_start: float) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return (f"CPU, {torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, load average {load_start:.1f} "
-            f"at the start, {os.getloadavg()[0]:.1f} at the end")
+    return (
+        f"CPU, {torch.get_num_threads()} thread(s) of {os.cpu_count()} cores, load average {load_start:.1f} "
+        f"at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 def status_kib(field: str) -> int:

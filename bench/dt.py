@@ -38,6 +38,7 @@ methods rather than the contention.
     python bench/dt.py -g 0 --episodes 300 --repeats 3
     python bench/dt.py --random-llama7b -g 0 --episodes 300 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,14 +47,24 @@ import os
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import transformers
-
-from common import (add_common_args, cuda_peaks, make_encoder, memory_children, model_vocab, reset_peak_rss,
-                    set_threads, settle_rss, setup, status_kib, timed)
+from common import (
+    add_common_args,
+    cuda_peaks,
+    make_encoder,
+    memory_children,
+    model_vocab,
+    reset_peak_rss,
+    set_threads,
+    settle_rss,
+    setup,
+    status_kib,
+    timed,
+)
 
 from ivlib.episodes import sample_episodes
 from ivlib.methods.dt import DeepThinking, split_demos
@@ -89,8 +100,9 @@ def path_names(steps: int) -> list[str]:
 def prepare(args: argparse.Namespace) -> Setup:
     lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b)
     encoder = make_encoder(lm, task, args.random_llama7b)
-    episodes = sample_episodes(task.splits["validation"], task.n_classes, args.shot, args.episodes, 42,
-                               "validation/eval")
+    episodes = sample_episodes(
+        task.splits["validation"], task.n_classes, args.shot, args.episodes, 42, "validation/eval"
+    )
     prompts = [encoder.encode(e) for e in episodes]
     largest = max(max(max(p.ids) for p in prompts), max(encoder.label_ids), lm.tokenizer.pad_token_id)
     if largest >= model_vocab(lm):
@@ -122,9 +134,20 @@ def child(args: argparse.Namespace) -> None:
     reset = reset_peak_rss()  # so the load's own peak cannot hide the method's
     run(s, args._child)
     peak = status_kib("VmHWM")  # since the reset; without it, since the start (load included)
-    print(CHILD_TAG + json.dumps({"path": args._child, "load_peak": after_load_peak, "after_load": after_load,
-                                  "peak": peak, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                  "reset": reset}), flush=True)
+    print(
+        CHILD_TAG
+        + json.dumps(
+            {
+                "path": args._child,
+                "load_peak": after_load_peak,
+                "after_load": after_load,
+                "peak": peak,
+                "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "reset": reset,
+            }
+        ),
+        flush=True,
+    )
 
 
 def cpu_memory(names: list[str]) -> dict[str, dict]:
@@ -144,8 +167,12 @@ def main() -> None:
     ap.add_argument("--shot", type=int, default=1, help="demonstrations per class, both methods (default 1)")
     ap.add_argument("--steps", type=int, default=15, help="DT's T: 1 encoding + T-1 tuning passes (default 15)")
     ap.add_argument("--batch-size", type=int, default=16, help="episodes per batch, both methods (default 16)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="timed passes of every path, interleaved; the median is reported (default 1)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed passes of every path, interleaved; the median is reported (default 1)",
+    )
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,16 +211,27 @@ def main() -> None:
     demo = [p.query_start for p in s.prompts]
     qtok = [len(p.ids) - p.query_start for p in s.prompts]
     batches = -(-n // args.batch_size)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores, load average {load_start:.1f} at the "
-        f"start, {os.getloadavg()[0]:.1f} at the end")
-    print(f"model {s.lm.name} ({s.lm.source}) on {where}, {str(s.lm.dtype).removeprefix('torch.')} | "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"task {s.task.name} | {n} validation episodes, {args.shot}-shot, batch {args.batch_size} ({batches} batches) | "
-          f"tokens per prompt: BOS + demos L mean {sum(demo) / n:.1f} (max {max(demo)}), query mean "
-          f"{sum(qtok) / n:.1f} (max {max(qtok)}) | {args.repeats} timed pass(es) per path, median shown")
-    print(f"DT: T={args.steps}, eta 0.01, beta 0.9, positions shifted; each tuning pass runs L demo tokens over "
-          "an L-token cache, and predict scores the query once, after step T")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (
+            f"CPU, {torch.get_num_threads()} threads of {os.cpu_count()} cores, load average {load_start:.1f} at the "
+            f"start, {os.getloadavg()[0]:.1f} at the end"
+        )
+    )
+    print(
+        f"model {s.lm.name} ({s.lm.source}) on {where}, {str(s.lm.dtype).removeprefix('torch.')} | "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"task {s.task.name} | {n} validation episodes, {args.shot}-shot, batch {args.batch_size} ({batches} batches) | "
+        f"tokens per prompt: BOS + demos L mean {sum(demo) / n:.1f} (max {max(demo)}), query mean "
+        f"{sum(qtok) / n:.1f} (max {max(qtok)}) | {args.repeats} timed pass(es) per path, median shown"
+    )
+    print(
+        f"DT: T={args.steps}, eta 0.01, beta 0.9, positions shifted; each tuning pass runs L demo tokens over "
+        "an L-token cache, and predict scores the query once, after step T"
+    )
     print()
 
     med = {name: statistics.median(times[name]) for name in timed_names}
@@ -210,42 +248,56 @@ def main() -> None:
     def ratio(value: dict[str, float], name: str) -> str:
         return f"{value[name] / value['icl']:.3f}x" if value["icl"] > 0 else "n/a"
 
-    head = (f"{'path':<8} {'episodes/s':>10} {'vs icl':>7} {'ms/episode':>10} {'pass range ep/s':>16} "
-            f"{mem_head:>15} {'vs icl':>7} {extra_head:>15} {'vs icl':>7}")
+    head = (
+        f"{'path':<8} {'episodes/s':>10} {'vs icl':>7} {'ms/episode':>10} {'pass range ep/s':>16} "
+        f"{mem_head:>15} {'vs icl':>7} {extra_head:>15} {'vs icl':>7}"
+    )
     print(head)
     print("-" * len(head))
     for name in names:
         spread = f"{n / max(times[name]):.2f}-{n / min(times[name]):.2f}"
-        print(f"{name:<8} {eps[name]:>10.2f} {ratio(eps, name):>7} {1000 * med[name] / n:>10.1f} {spread:>16} "
-              f"{peak[name]:>15.1f} {ratio(peak, name):>7} {extra[name]:>15.1f} {ratio(extra, name):>7}")
-    print(f"{'demos':<8} {eps['demos']:>10.2f} {ratio(eps, 'demos'):>7} {1000 * med['demos'] / n:>10.1f}   "
-          "(the demonstrations encoded alone, for the split below; not a method)")
+        print(
+            f"{name:<8} {eps[name]:>10.2f} {ratio(eps, name):>7} {1000 * med[name] / n:>10.1f} {spread:>16} "
+            f"{peak[name]:>15.1f} {ratio(peak, name):>7} {extra[name]:>15.1f} {ratio(extra, name):>7}"
+        )
+    print(
+        f"{'demos':<8} {eps['demos']:>10.2f} {ratio(eps, 'demos'):>7} {1000 * med['demos'] / n:>10.1f}   "
+        "(the demonstrations encoded alone, for the split below; not a method)"
+    )
     if device.type != "cuda":
         reset = all(memory[name]["reset"] for name in names)
         whole = ", ".join(f"{name} {memory[name]['ru_maxrss'] / 1024:.0f}" for name in names)
         load = ", ".join(f"{name} {memory[name]['after_load'] / 1024:.0f}" for name in names)
-        print(f"peak RSS = VmHWM over the pass, after a reset of the mark at load end ({'done' if reset else 'FAILED: the peaks include the load'}); "
-              f"RSS at load end (MiB): {load}; whole-process ru_maxrss, model load included (MiB): {whole}")
+        print(
+            f"peak RSS = VmHWM over the pass, after a reset of the mark at load end ({'done' if reset else 'FAILED: the peaks include the load'}); "
+            f"RSS at load end (MiB): {load}; whole-process ru_maxrss, model load included (MiB): {whole}"
+        )
     print()
 
     per = {name: 1000 * med[name] / n for name in timed_names}  # ms per episode
     query = per[names[1]] - per["demos"]
     step = (per[names[2]] - per[names[1]]) / (args.steps - 1)
-    print(f"split, ms per episode: icl {per['icl']:.1f} | dt: demos encoded {per['demos']:.1f}, query over the cache "
-          f"~{query:.1f} (dt(1) - demos), each further step ~{step:.1f} ((dt({args.steps}) - dt(1)) / {args.steps - 1}: "
-          f"one tuning pass of L tokens over an L-token cache)")
+    print(
+        f"split, ms per episode: icl {per['icl']:.1f} | dt: demos encoded {per['demos']:.1f}, query over the cache "
+        f"~{query:.1f} (dt(1) - demos), each further step ~{step:.1f} ((dt({args.steps}) - dt(1)) / {args.steps - 1}: "
+        f"one tuning pass of L tokens over an L-token cache)"
+    )
 
     a, b = outs["icl"], outs[names[1]]
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     labels = torch.tensor([p.label for p in s.prompts])
     acc = {name: (outs[name].argmax(-1) == labels).float().mean().item() for name in names}
-    print(f"correctness: dt(1) vs icl argmax agreement {agree:.3f} on {n} episodes, max |score difference| "
-          f"{(a - b).abs().max().item():.2e}")
+    print(
+        f"correctness: dt(1) vs icl argmax agreement {agree:.3f} on {n} episodes, max |score difference| "
+        f"{(a - b).abs().max().item():.2e}"
+    )
     print("accuracy (not the point here): " + ", ".join(f"{name} {acc[name]:.3f}" for name in names))
     last, first = names[2], names[1]
-    print(f"verdict: DT(T={args.steps}) evaluates at {eps[last] / eps['icl']:.2f}x ICL's episodes/s and "
-          f"{peak[last] / peak['icl']:.2f}x its peak memory ({ratio(extra, last)} the part above the loaded model); "
-          f"DT(T=1) at {eps[first] / eps['icl']:.2f}x and {peak[first] / peak['icl']:.2f}x ({ratio(extra, first)})")
+    print(
+        f"verdict: DT(T={args.steps}) evaluates at {eps[last] / eps['icl']:.2f}x ICL's episodes/s and "
+        f"{peak[last] / peak['icl']:.2f}x its peak memory ({ratio(extra, last)} the part above the loaded model); "
+        f"DT(T=1) at {eps[first] / eps['icl']:.2f}x and {peak[first] / peak['icl']:.2f}x ({ratio(extra, first)})"
+    )
 
 
 if __name__ == "__main__":

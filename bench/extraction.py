@@ -35,16 +35,16 @@ ratio is "ivlib vs a straightforward implementation", not "batching alone".
     python bench/extraction.py -g 0 --repeats 3
     python bench/extraction.py --random-llama7b -g 0 --fv-trials 2
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import transformers
-
 from common import add_common_args, make_encoder, model_vocab, set_threads, setup, timed, where_it_ran
 from fv_indirect_effect import plain_effects
 
@@ -72,8 +72,9 @@ def _hidden(output) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_with_hooks(lm: LoadedModel, ids: list[int], modules: Sequence[torch.nn.Module], hooks: Sequence,
-                   pre: bool = False) -> torch.Tensor:
+def run_with_hooks(
+    lm: LoadedModel, ids: list[int], modules: Sequence[torch.nn.Module], hooks: Sequence, pre: bool = False
+) -> torch.Tensor:
     """One unpadded prompt through the model with one hook per module; full [V] logits of the last position."""
     register = (lambda m, h: m.register_forward_pre_hook(h)) if pre else (lambda m, h: m.register_forward_hook(h))
     handles = [register(m, h) for m, h in zip(modules, hooks)]
@@ -99,6 +100,7 @@ def plain_iv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], a
                     out[0, positions] += adds[layer]
                 reads[layer] = out[0, positions].float()
                 return output
+
             return fn
 
         run_with_hooks(lm, ids, lm.layout.attn_out, [hook(i) for i in range(n_layers)])
@@ -137,16 +139,22 @@ def bench_iv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, trai
         slow, t = timed(plain, lm.device)
         t_plain.append(t)
     diff = (fast - slow).abs().max().item()
-    return {"part": "iv", "what": f"{len(train)} episodes, {args.ext_shot}-shot, a1 {args.ext_strength}, refresh every "
-                                  f"{args.ext_batch}: 2 x {len(train)} forwards",
-            "n": len(train), "fast": statistics.median(t_fast), "plain": statistics.median(t_plain),
-            "agree": f"vectors max |diff| {diff:.2e} (largest |v| {slow.abs().max().item():.2e})",
-            "same": close(diff, slow, lm.dtype)}
+    return {
+        "part": "iv",
+        "what": f"{len(train)} episodes, {args.ext_shot}-shot, a1 {args.ext_strength}, refresh every "
+        f"{args.ext_batch}: 2 x {len(train)} forwards",
+        "n": len(train),
+        "fast": statistics.median(t_fast),
+        "plain": statistics.median(t_plain),
+        "agree": f"vectors max |diff| {diff:.2e} (largest |v| {slow.abs().max().item():.2e})",
+        "same": close(diff, slow, lm.dtype),
+    }
 
 
 # ---- TV -------------------------------------------------------------------------------------------
-def plain_tv(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
-             ) -> tuple[torch.Tensor, list[float], int]:
+def plain_tv(
+    lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+) -> tuple[torch.Tensor, list[float], int]:
     """(theta [L, D], macro-F1 per layer on validation, chosen layer), one prompt per forward."""
     blocks, n_layers = lm.layout.blocks, lm.layout.n_layers
     labels = torch.tensor(encoder.label_ids, device=lm.device)
@@ -157,6 +165,7 @@ def plain_tv(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], vali
         def read(layer: int):
             def fn(module, args, output):
                 reads[layer] = _hidden(output)[0, -1].float()
+
             return fn
 
         run_with_hooks(lm, encoder.encode(episode).ids, blocks, [read(i) for i in range(n_layers)])
@@ -167,6 +176,7 @@ def plain_tv(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], vali
     preds = torch.empty(len(prompts), n_layers, dtype=torch.long)
     for i, p in enumerate(prompts):
         for layer in range(n_layers):
+
             def replace(module, args, output, layer=layer):
                 _hidden(output)[0, -1] = theta[layer].to(lm.dtype)
                 return output
@@ -179,8 +189,9 @@ def plain_tv(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], vali
     return theta.cpu(), scores, best
 
 
-def bench_tv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode],
-             validation: list[Episode]) -> dict:
+def bench_tv(
+    args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+) -> dict:
     def ivlib() -> TaskVectors:
         tv = TaskVectors()
         tv.fit(scorer, encoder, train, validation)
@@ -193,17 +204,23 @@ def bench_tv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, trai
     theta_diff = (fast.theta - theta).abs().max().item()
     f1_diff = max(abs(a - b) for a, b in zip(fast.layer_scores, scores))
     n_layers = lm.layout.n_layers
-    return {"part": "tv", "what": f"{len(train)} train + {len(validation)} validation episodes x {n_layers} layers: "
-                                  f"{len(train) + len(validation) * n_layers} plain forwards",
-            "n": len(train) + len(validation), "fast": t_fast, "plain": t_plain,
-            "agree": f"theta max |diff| {theta_diff:.2e}, per-layer macro-F1 max |diff| {f1_diff:.3f}, "
-                     f"layer {fast.layer} vs {best}",
-            "same": f1_diff == 0 and fast.layer == best and close(theta_diff, theta, lm.dtype)}
+    return {
+        "part": "tv",
+        "what": f"{len(train)} train + {len(validation)} validation episodes x {n_layers} layers: "
+        f"{len(train) + len(validation) * n_layers} plain forwards",
+        "n": len(train) + len(validation),
+        "fast": t_fast,
+        "plain": t_plain,
+        "agree": f"theta max |diff| {theta_diff:.2e}, per-layer macro-F1 max |diff| {f1_diff:.3f}, "
+        f"layer {fast.layer} vs {best}",
+        "same": f1_diff == 0 and fast.layer == best and close(theta_diff, theta, lm.dtype),
+    }
 
 
 # ---- FV -------------------------------------------------------------------------------------------
-def plain_fv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], trials: list[EncodedPrompt],
-             k: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], torch.Tensor]:
+def plain_fv(
+    lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], trials: list[EncodedPrompt], k: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]], torch.Tensor]:
     """(mean activations [L, H, hd], effects [L, H], top-k heads, vector [D]), one prompt per forward."""
     layout = lm.layout
     n_layers, n_heads = layout.n_layers, layout.n_heads
@@ -214,6 +231,7 @@ def plain_fv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], t
         def read(layer: int):
             def fn(module, args):
                 reads[layer] = args[0][0, -1].float()  # o_proj's input at the query separator: all heads
+
             return fn
 
         run_with_hooks(lm, encoder.encode(episode).ids, layout.attn_out, [read(i) for i in range(n_layers)], pre=True)
@@ -227,7 +245,7 @@ def plain_fv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], t
     with torch.inference_mode():
         for layer, head in heads:
             padded = torch.zeros(n_heads * hd)
-            padded[head * hd:(head + 1) * hd] = mean_act[layer, head]
+            padded[head * hd : (head + 1) * hd] = mean_act[layer, head]
             vector += layout.attn_out[layer](padded.to(lm.device, lm.dtype)[None, None]).float().view(-1).cpu()
     return mean_act, effects, heads, vector
 
@@ -250,14 +268,19 @@ def bench_fv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, trai
     effect_diff = (fast.effects - effects).abs().max().item()
     vector_diff = (fast.vector - vector).abs().max().item()
     same_heads = fast.heads == heads
-    return {"part": "fv", "what": f"{len(episodes)} episodes ({args.ext_shot}-shot) for the means, {len(trials)} "
-                                  f"trials x {n_heads} heads, top {k}: {len(episodes) + len(trials) * (n_heads + 1)} "
-                                  "plain forwards",
-            "n": len(episodes), "fast": t_fast, "plain": t_plain,
-            "agree": f"mean act max |diff| {mean_diff:.2e}, effects {effect_diff:.2e} (largest "
-                     f"{effects.abs().max().item():.2e}), top heads {'same' if same_heads else 'DIFFER'}, "
-                     f"vector {vector_diff:.2e} (largest {vector.abs().max().item():.2e})",
-            "same": same_heads and close(vector_diff, vector, lm.dtype)}
+    return {
+        "part": "fv",
+        "what": f"{len(episodes)} episodes ({args.ext_shot}-shot) for the means, {len(trials)} "
+        f"trials x {n_heads} heads, top {k}: {len(episodes) + len(trials) * (n_heads + 1)} "
+        "plain forwards",
+        "n": len(episodes),
+        "fast": t_fast,
+        "plain": t_plain,
+        "agree": f"mean act max |diff| {mean_diff:.2e}, effects {effect_diff:.2e} (largest "
+        f"{effects.abs().max().item():.2e}), top heads {'same' if same_heads else 'DIFFER'}, "
+        f"vector {vector_diff:.2e} (largest {vector.abs().max().item():.2e})",
+        "same": same_heads and close(vector_diff, vector, lm.dtype),
+    }
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -266,7 +289,9 @@ def main() -> None:
     add_common_args(ap)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which fits to time (default all)")
     ap.add_argument("--episodes", type=int, default=100, help="IV extraction and TV training episodes (default 100)")
-    ap.add_argument("--ext-shot", type=int, default=4, help="demonstrations per class when fitting (default 4, as the CLI)")
+    ap.add_argument(
+        "--ext-shot", type=int, default=4, help="demonstrations per class when fitting (default 4, as the CLI)"
+    )
     ap.add_argument("--ext-strength", type=float, default=0.3, help="IV a1 (default 0.3)")
     ap.add_argument("--ext-batch", type=int, default=10, help="IV episodes between refreshes (default 10)")
     ap.add_argument("--select-episodes", type=int, default=50, help="TV validation episodes for the layer search")
@@ -281,8 +306,19 @@ def main() -> None:
     if args.quick:
         args.episodes, args.select_episodes = min(args.episodes, 30), min(args.select_episodes, 10)
         args.fv_episodes, args.fv_trials = min(args.fv_episodes, 6), min(args.fv_trials, 2)
-    if min(args.episodes, args.ext_shot, args.select_episodes, args.fv_episodes, args.fv_trials, args.batch_size,
-           args.repeats) < 1 or args.ext_batch < 0:
+    if (
+        min(
+            args.episodes,
+            args.ext_shot,
+            args.select_episodes,
+            args.fv_episodes,
+            args.fv_trials,
+            args.batch_size,
+            args.repeats,
+        )
+        < 1
+        or args.ext_batch < 0
+    ):
         ap.error("counts must be >= 1 (--ext-batch >= 0)")
     if args.fv_trials > args.fv_episodes:
         ap.error("--fv-trials cannot exceed --fv-episodes (the trials are the first episodes, labels shuffled)")
@@ -294,10 +330,12 @@ def main() -> None:
     lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer)
     encoder = make_encoder(lm, task, args.random_llama7b)
     scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
-    train = sample_episodes(task.splits["train"], task.n_classes, args.ext_shot,
-                            max(args.episodes, args.fv_episodes), 42, "train/extract")
-    validation = sample_episodes(task.splits["validation"], task.n_classes, 1, args.select_episodes, 42,
-                                 "validation/select")
+    train = sample_episodes(
+        task.splits["train"], task.n_classes, args.ext_shot, max(args.episodes, args.fv_episodes), 42, "train/extract"
+    )
+    validation = sample_episodes(
+        task.splits["validation"], task.n_classes, 1, args.select_episodes, 42, "validation/select"
+    )
     largest = max(max(max(encoder.encode(e).ids) for e in train), max(encoder.label_ids), lm.tokenizer.pad_token_id)
     if largest >= model_vocab(lm):
         raise SystemExit(f"extraction.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
@@ -311,26 +349,40 @@ def main() -> None:
         rows.append(bench_fv(args, lm, scorer, encoder, train))
 
     tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
-    print(f"model {lm.name} ({lm.source}) on {where_it_ran(lm.device, load_start)}, "
-          f"{str(lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"task {task.name} | train prompts {args.ext_shot}-shot, {tokens:.1f} tokens mean; validation 1-shot | "
-          f"ivlib batch {args.batch_size} | plain loops: one unpadded prompt per forward, full logits")
+    print(
+        f"model {lm.name} ({lm.source}) on {where_it_ran(lm.device, load_start)}, "
+        f"{str(lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"task {task.name} | train prompts {args.ext_shot}-shot, {tokens:.1f} tokens mean; validation 1-shot | "
+        f"ivlib batch {args.batch_size} | plain loops: one unpadded prompt per forward, full logits"
+    )
     print()
     head = f"{'part':<4} {'ivlib s':>9} {'plain s':>9} {'ratio':>8}  {'agree':<6} work"
     print(head)
     print("-" * (len(head) + 40))
     for r in rows:
-        print(f"{r['part']:<4} {r['fast']:>9.2f} {r['plain']:>9.2f} {r['plain'] / r['fast']:>7.1f}x  "
-              f"{'yes' if r['same'] else 'NO':<6} {r['what']}")
+        print(
+            f"{r['part']:<4} {r['fast']:>9.2f} {r['plain']:>9.2f} {r['plain'] / r['fast']:>7.1f}x  "
+            f"{'yes' if r['same'] else 'NO':<6} {r['what']}"
+        )
     print()
     for r in rows:
         print(f"{r['part']}: {r['agree']}")
     iv = next((r for r in rows if r["part"] == "iv"), None)
     if iv is not None:
-        print(f"iv: ivlib {iv['n'] / iv['fast']:.2f} episodes/s vs one at a time {iv['n'] / iv['plain']:.2f} "
-              f"({args.repeats} timed run(s) per side, median)")
-    print("verdict: " + "; ".join(f"{r['part'].upper()} fit {r['plain'] / r['fast']:.1f}x the plain loop's speed, "
-                                  f"results {'agree' if r['same'] else 'DIFFER'}" for r in rows))
+        print(
+            f"iv: ivlib {iv['n'] / iv['fast']:.2f} episodes/s vs one at a time {iv['n'] / iv['plain']:.2f} "
+            f"({args.repeats} timed run(s) per side, median)"
+        )
+    print(
+        "verdict: "
+        + "; ".join(
+            f"{r['part'].upper()} fit {r['plain'] / r['fast']:.1f}x the plain loop's speed, "
+            f"results {'agree' if r['same'] else 'DIFFER'}"
+            for r in rows
+        )
+    )
 
 
 if __name__ == "__main__":

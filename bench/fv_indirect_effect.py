@@ -13,13 +13,13 @@ measured in this run, the largest difference between the effects, and a verdict.
     python bench/fv_indirect_effect.py --quick          # SmolLM2-135M, CPU
     python bench/fv_indirect_effect.py --random-llama7b -g 0 --layers 8
 """
+
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
 import torch
-
 from common import add_common_args, setup, timed
 
 from ivlib.episodes import sample_episodes
@@ -30,8 +30,9 @@ from ivlib.scoring import Scorer
 
 
 @torch.inference_mode()
-def plain_effects(lm: LoadedModel, label_ids: list[int], trials: list[EncodedPrompt], mean_act: torch.Tensor,
-                  layers: list[int]) -> torch.Tensor:
+def plain_effects(
+    lm: LoadedModel, label_ids: list[int], trials: list[EncodedPrompt], mean_act: torch.Tensor, layers: list[int]
+) -> torch.Tensor:
     """[len(layers), H] from one full forward per (trial, head), plus one unpatched forward per trial."""
     n_heads, hd = mean_act.shape[1], mean_act.shape[2]
     total = torch.zeros(len(layers), n_heads)
@@ -50,7 +51,7 @@ def plain_effects(lm: LoadedModel, label_ids: list[int], trials: list[EncodedPro
 
                 def patch(mod, args, head=head, value=value):
                     x = args[0].clone()
-                    x[0, -1, head * hd:(head + 1) * hd] = value
+                    x[0, -1, head * hd : (head + 1) * hd] = value
                     return (x, *args[1:])
 
                 handle = lm.layout.attn_out[layer].register_forward_pre_hook(patch)
@@ -69,8 +70,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="only the first N layers' heads (0 = all)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs of each ivlib variant (median shown)")
-    ap.add_argument("--skip-plain", action="store_true",
-                    help="time only ivlib's two cache variants (long prompts x all layers: the plain loop takes hours)")
+    ap.add_argument(
+        "--skip-plain",
+        action="store_true",
+        help="time only ivlib's two cache variants (long prompts x all layers: the plain loop takes hours)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.trials, args.layers = 4, args.layers or 6
@@ -86,27 +90,37 @@ def main() -> None:
 
     fv.indirect_effects(scorer, trials[:2], layers[:1])  # warm-up
     times: dict[bool, list[float]] = {True: [], False: []}
+    fast = grown = None
     for _ in range(args.repeats):  # interleaved, so neither variant is always the one that runs first
         for preallocate in (True, False):
             scorer.preallocate = preallocate
             result, seconds = timed(lambda: fv.indirect_effects(scorer, trials, layers), lm.device)
             times[preallocate].append(seconds)
-            fast, grown = (result, None) if preallocate else (fast, result)
+            if preallocate:
+                fast = result
+            else:
+                grown = result
     scorer.preallocate = True
     t_fast, t_grown = (float(np.median(times[k])) for k in (True, False))
     grown_vs_fast = (fast - grown).abs().max().item()
     same = grown_vs_fast <= (1e-5 if lm.dtype == torch.float32 else 3e-2 * fast.abs().max().item())
     heads = len(layers) * lm.layout.n_heads
     tokens = sum(len(p.ids) for p in trials) / len(trials)
-    print(f"model {lm.name} ({lm.device}, {str(lm.dtype).removeprefix('torch.')}) | {len(trials)} trials of "
-          f"{tokens:.0f} tokens | {heads} heads ({len(layers)} layers) | batch {args.batch_size}, "
-          f"{fv.rows_per_forward} rows per forward")
-    print(f"ivlib cached + head-batched: {t_fast:.1f} s | the same with a growing cache: {t_grown:.1f} s | "
-          f"preallocated prefix cache saves {t_grown / t_fast:.2f}x (effects max |difference| {grown_vs_fast:.2e}; "
-          f"median of {args.repeats} interleaved run(s) each)")
+    print(
+        f"model {lm.name} ({lm.device}, {str(lm.dtype).removeprefix('torch.')}) | {len(trials)} trials of "
+        f"{tokens:.0f} tokens | {heads} heads ({len(layers)} layers) | batch {args.batch_size}, "
+        f"{fv.rows_per_forward} rows per forward"
+    )
+    print(
+        f"ivlib cached + head-batched: {t_fast:.1f} s | the same with a growing cache: {t_grown:.1f} s | "
+        f"preallocated prefix cache saves {t_grown / t_fast:.2f}x (effects max |difference| {grown_vs_fast:.2e}; "
+        f"median of {args.repeats} interleaved run(s) each)"
+    )
     if args.skip_plain:
-        print(f"verdict: preallocated cache {t_grown / t_fast:.2f}x the growing one, results "
-              f"{'agree' if same else 'DIFFER'} (plain loop skipped)")
+        print(
+            f"verdict: preallocated cache {t_grown / t_fast:.2f}x the growing one, results "
+            f"{'agree' if same else 'DIFFER'} (plain loop skipped)"
+        )
         return
     plain, t_plain = timed(lambda: plain_effects(lm, encoder.label_ids, trials, fv.mean_act, layers), lm.device)
     print(f"plain one-patch-per-forward: {t_plain:.1f} s | ratio plain / ivlib {t_plain / t_fast:.1f}x")
@@ -115,9 +129,11 @@ def main() -> None:
     top_same = fast.flatten().argmax().item() == plain.flatten().argmax().item()
     print(f"effects vs plain max |difference| {diff:.2e} (largest effect {largest:.2e}); same top head: {top_same}")
     agree = top_same and diff <= (1e-5 if lm.dtype == torch.float32 else 3e-2 * largest)  # fp32: the test suite's bound
-    print(f"verdict: FV indirect effects {t_plain / t_fast:.1f}x the plain loop's speed (target for extraction: "
-          f"faster than the plain loop: {'pass' if t_plain > t_fast else 'short'}), results "
-          f"{'agree' if agree and same else 'DISAGREE'}; preallocated cache {t_grown / t_fast:.2f}x the growing one")
+    print(
+        f"verdict: FV indirect effects {t_plain / t_fast:.1f}x the plain loop's speed (target for extraction: "
+        f"faster than the plain loop: {'pass' if t_plain > t_fast else 'short'}), results "
+        f"{'agree' if agree and same else 'DISAGREE'}; preallocated cache {t_grown / t_fast:.2f}x the growing one"
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ before the reset, ivlib's inside its pass (a few KiB of index tensors).
     python bench/limit.py -g 0 --episodes 400 --repeats 3
     python bench/limit.py --random-llama7b -g 0 --episodes 400 --repeats 3 --batch-size 32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,25 @@ import resource
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import transformers
-
-from common import (add_common_args, cuda_peaks, make_encoder, memory_children, model_vocab, reset_peak_rss, set_threads,
-                    settle_rss, setup, status_kib, timed, where_it_ran)
+from common import (
+    add_common_args,
+    cuda_peaks,
+    make_encoder,
+    memory_children,
+    model_vocab,
+    reset_peak_rss,
+    set_threads,
+    settle_rss,
+    setup,
+    status_kib,
+    timed,
+    where_it_ran,
+)
 
 from ivlib.episodes import sample_episodes
 from ivlib.methods.dt import DeepThinking
@@ -88,8 +100,13 @@ class Bench:
 def plain_forward(lm: LoadedModel, batch: PromptBatch, keep_last: bool) -> torch.Tensor:
     """The limit: one forward, nothing else; [B, 1, V] logits of the last column (or all, without logits_to_keep)."""
     extra = {"logits_to_keep": 1} if keep_last else {}
-    return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=False, **extra).logits
+    return lm.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **extra,
+    ).logits
 
 
 def path_names(dt_step: int) -> list[str]:
@@ -99,8 +116,9 @@ def path_names(dt_step: int) -> list[str]:
 def prepare(args: argparse.Namespace, fit: bool = True) -> Bench:
     lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer)
     encoder = make_encoder(lm, task, args.random_llama7b)
-    episodes = sample_episodes(task.splits["validation"], task.n_classes, args.shot, args.episodes, 42,
-                               "validation/eval")
+    episodes = sample_episodes(
+        task.splits["validation"], task.n_classes, args.shot, args.episodes, 42, "validation/eval"
+    )
     prompts = [encoder.encode(e) for e in episodes]
     largest = max(max(max(p.ids) for p in prompts), max(encoder.label_ids), lm.tokenizer.pad_token_id)
     if largest >= model_vocab(lm):
@@ -162,9 +180,19 @@ def child(args: argparse.Namespace) -> None:
     after_load = settle_rss(s.lm.model)
     reset = reset_peak_rss()
     s.paths[args._child](which)
-    print(CHILD_TAG + json.dumps({"path": args._child, "after_load": after_load, "peak": status_kib("VmHWM"),
-                                  "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "reset": reset}),
-          flush=True)
+    print(
+        CHILD_TAG
+        + json.dumps(
+            {
+                "path": args._child,
+                "after_load": after_load,
+                "peak": status_kib("VmHWM"),
+                "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "reset": reset,
+            }
+        ),
+        flush=True,
+    )
 
 
 def cpu_memory(s: Bench) -> dict[str, dict]:
@@ -188,8 +216,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="episodes per batch, every path (default 16)")
     ap.add_argument("--dt-step", type=int, default=3, help="DT's T for dt(T); dt(1) is always timed (default 3)")
     ap.add_argument("--fit-episodes", type=int, default=20, help="train episodes the IV vectors are fitted on")
-    ap.add_argument("--repeats", type=int,
-                    help="timed passes of every path, interleaved; the median is reported (default 1; --quick: 3)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        help="timed passes of every path, interleaved; the median is reported (default 1; --quick: 3)",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory comparison")
     ap.add_argument("--tokenizer", help="with --random-llama7b: tokenizer directory (see bench/throughput.py)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
@@ -230,16 +261,24 @@ def main() -> None:
     lengths = [len(p.ids) for p in s.prompts]
     padded = sum(b.input_ids.numel() for b in s.batches)
     target = TARGET["cuda" if device.type == "cuda" else "cpu"]
-    print(f"model {s.lm.name} ({s.lm.source}) on {where_it_ran(device, load_start)}, "
-          f"{str(s.lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"task {s.task.name} | {n} validation episodes, {args.shot}-shot, batch {args.batch_size} ({nb} batches) | "
-          f"tokens per prompt mean {sum(lengths) / n:.1f} (min {min(lengths)}, max {max(lengths)}), "
-          f"{padded / sum(lengths):.3f}x with padding | {args.repeats} timed pass(es) per path, median shown")
-    print(f"limit: plain model(input_ids, attention_mask, position_ids, use_cache=False"
-          f"{', logits_to_keep=1' if s.keep_last else ''}) over ivlib's batches, collated and on the device before "
-          "the clock starts; no hooks, no scoring, no copy back. limit+collate: collate + copy inside the clock")
-    print(f"IV vectors [{', '.join(map(str, s.iv.vectors.shape))}] added at a2 {s.iv.strength}; "
-          f"DT eta 0.01, beta 0.9, T = {args.dt_step}")
+    print(
+        f"model {s.lm.name} ({s.lm.source}) on {where_it_ran(device, load_start)}, "
+        f"{str(s.lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"task {s.task.name} | {n} validation episodes, {args.shot}-shot, batch {args.batch_size} ({nb} batches) | "
+        f"tokens per prompt mean {sum(lengths) / n:.1f} (min {min(lengths)}, max {max(lengths)}), "
+        f"{padded / sum(lengths):.3f}x with padding | {args.repeats} timed pass(es) per path, median shown"
+    )
+    print(
+        f"limit: plain model(input_ids, attention_mask, position_ids, use_cache=False"
+        f"{', logits_to_keep=1' if s.keep_last else ''}) over ivlib's batches, collated and on the device before "
+        "the clock starts; no hooks, no scoring, no copy back. limit+collate: collate + copy inside the clock"
+    )
+    print(
+        f"IV vectors [{', '.join(map(str, s.iv.vectors.shape))}] added at a2 {s.iv.strength}; "
+        f"DT eta 0.01, beta 0.9, T = {args.dt_step}"
+    )
     print()
 
     med = {name: statistics.median(times[name]) for name in names}
@@ -248,21 +287,26 @@ def main() -> None:
     verdict: dict[str, str] = {}
     for name in names:
         if name.startswith("dt"):
-            verdict[name] = ("n/a (DT does T-1 extra passes)" if name != "dt(1)"
-                             else "n/a (DT: demos and query in two forwards)")
+            verdict[name] = (
+                "n/a (DT does T-1 extra passes)" if name != "dt(1)" else "n/a (DT: demos and query in two forwards)"
+            )
         elif name in ("icl", "iv"):
             verdict[name] = "pass" if ratio[name] <= target else "short"
         else:
             verdict[name] = "(the limit)" if name == "limit" else "(limit + batch building)"
-    head = (f"{'path':<14} {'episodes/s':>10} {'limit/path':>10} {'+ms/batch':>10} {'pass range ep/s':>16} "
-            f"{'target':>7}  verdict")
+    head = (
+        f"{'path':<14} {'episodes/s':>10} {'limit/path':>10} {'+ms/batch':>10} {'pass range ep/s':>16} "
+        f"{'target':>7}  verdict"
+    )
     print(head)
     print("-" * len(head))
     for name in names:
         extra = 1000 * (med[name] - med["limit"]) / nb
         spread = f"{n / max(times[name]):.2f}-{n / min(times[name]):.2f}"
         goal = f"{target:.2f}x" if name in ("icl", "iv") else ""
-        print(f"{name:<14} {eps[name]:>10.2f} {ratio[name]:>9.3f}x {extra:>10.1f} {spread:>16} {goal:>7}  {verdict[name]}")
+        print(
+            f"{name:<14} {eps[name]:>10.2f} {ratio[name]:>9.3f}x {extra:>10.1f} {spread:>16} {goal:>7}  {verdict[name]}"
+        )
     print("(+ms/batch: the path's time minus the limit's, per batch)")
     print()
 
@@ -280,8 +324,10 @@ def main() -> None:
             above = {k: (v["peak"] - v["after_load"]) / 1024 for k, v in memory.items()}
             heads = ("peak RSS MiB", "above load MiB")
             ok = all(v["reset"] for v in memory.values())
-            how = (f"VmHWM of a fresh process per path after a reset at load end ({'done' if ok else 'FAILED: peaks include the load'}); "
-                   "RSS at load end " + ", ".join(f"{k} {v['after_load'] / 1024:.0f}" for k, v in memory.items()) + " MiB")
+            how = (
+                f"VmHWM of a fresh process per path after a reset at load end ({'done' if ok else 'FAILED: peaks include the load'}); "
+                "RSS at load end " + ", ".join(f"{k} {v['after_load'] / 1024:.0f}" for k, v in memory.items()) + " MiB"
+            )
         print(f"peak memory of one batch, the widest ({shape[0]} x {shape[1]} tokens): {how}")
         mhead = f"{'path':<6} {heads[0]:>15} {'vs limit':>9} {heads[1]:>16} {'vs limit':>9}"
         print(mhead)
@@ -292,17 +338,23 @@ def main() -> None:
         print()
         m = peak["iv"] / peak["limit"]
         rel = f"{above['iv'] / above['limit']:.2f}x" if above["limit"] > 0 else "n/a"
-        mem_line = (f"; memory: IV peak {m:.3f}x the plain forward's (target <= {MEMORY_TARGET:.2f}x: "
-                    f"{'pass' if m <= MEMORY_TARGET else 'short'}; the part above the model {rel})")
+        mem_line = (
+            f"; memory: IV peak {m:.3f}x the plain forward's (target <= {MEMORY_TARGET:.2f}x: "
+            f"{'pass' if m <= MEMORY_TARGET else 'short'}; the part above the model {rel})"
+        )
 
     icl = outs["icl"]
-    print(f"correctness: icl vs the limit's own logits (log-softmax at the label ids, untimed pass) max |diff| "
-          f"{(icl - reference).abs().max().item():.2e}; dt(1) vs icl max |diff| {(outs['dt(1)'] - icl).abs().max().item():.2e}, "
-          f"argmax agreement {(outs['dt(1)'].argmax(-1) == icl.argmax(-1)).float().mean().item():.3f}")
+    print(
+        f"correctness: icl vs the limit's own logits (log-softmax at the label ids, untimed pass) max |diff| "
+        f"{(icl - reference).abs().max().item():.2e}; dt(1) vs icl max |diff| {(outs['dt(1)'] - icl).abs().max().item():.2e}, "
+        f"argmax agreement {(outs['dt(1)'].argmax(-1) == icl.argmax(-1)).float().mean().item():.3f}"
+    )
     dts = ", ".join(f"{name.upper()} {ratio[name]:.2f}x" for name in names if name.startswith("dt"))
-    print(f"verdict ({device.type.upper()}, target <= {target:.2f}x): ICL {ratio['icl']:.2f}x of the limit "
-          f"({verdict['icl']}), IV {ratio['iv']:.2f}x ({verdict['iv']}); {dts}: n/a (DT does T-1 extra passes)"
-          f"{mem_line}")
+    print(
+        f"verdict ({device.type.upper()}, target <= {target:.2f}x): ICL {ratio['icl']:.2f}x of the limit "
+        f"({verdict['icl']}), IV {ratio['iv']:.2f}x ({verdict['iv']}); {dts}: n/a (DT does T-1 extra passes)"
+        f"{mem_line}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ every 10) and added at a2 0.5: real vectors of the right shape; their quality do
     python bench/throughput.py --random-llama7b -g 0 --episodes 300 --batch-size 16 32 --repeats 3
     python bench/throughput.py --random-llama7b -g 0 --tokenizer DIR   # SmolLM2's tokenizer: BPE-length prompts
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import statistics
 
 import torch
 import transformers
-
 from common import add_common_args, make_encoder, model_vocab, setup, timed
 
 from ivlib.episodes import sample_episodes
@@ -36,8 +36,9 @@ from ivlib.scoring import Scorer
 
 
 @torch.inference_mode()
-def one_at_a_time(lm: LoadedModel, label_ids: list[int], prompts: list[EncodedPrompt],
-                  vectors: torch.Tensor | None, strength: float) -> torch.Tensor:
+def one_at_a_time(
+    lm: LoadedModel, label_ids: list[int], prompts: list[EncodedPrompt], vectors: torch.Tensor | None, strength: float
+) -> torch.Tensor:
     """[N, C] label log-probs from the plain loop: one prompt per forward, full logits, per-episode hooks."""
     labels = torch.tensor(label_ids, device=lm.device)
     scaled = None if vectors is None else (strength * vectors).to(lm.device, lm.dtype)  # [L, C + 1, D]
@@ -49,9 +50,11 @@ def one_at_a_time(lm: LoadedModel, label_ids: list[int], prompts: list[EncodedPr
             pos = torch.tensor(p.sep_pos, device=lm.device)
             adds = scaled[:, torch.tensor(p.sep_class, device=lm.device)]  # [L, P, D]
             for layer, module in enumerate(lm.layout.attn_out):
+
                 def hook(mod, args, output, layer=layer, pos=pos, adds=adds):
                     output[0, pos] += adds[layer]
                     return output
+
                 handles.append(module.register_forward_hook(hook))
         try:
             logits = lm.model(input_ids=ids).logits[0, -1].float()  # full [1, T, V] logits, last row kept
@@ -79,16 +82,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes (validation split)")
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[16],
-                    help="ivlib batch size(s); each is timed against the same one-at-a-time loop (default 16)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="ivlib batch size(s); each is timed against the same one-at-a-time loop (default 16)",
+    )
     ap.add_argument("--shot", type=int, default=1, help="evaluation demonstrations per class (default 1)")
     ap.add_argument("--fit-episodes", type=int, default=20, help="training episodes the IV vectors are fitted on")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="timed passes of every path, interleaved; the median is reported (default 1)")
-    ap.add_argument("--tokenizer", help="with --random-llama7b: tokenizer directory that turns text into ids "
-                    "(ids >= 32000 are folded modulo 32000); default: ivlib's tiny word-level tokenizer")
-    ap.add_argument("--fp32", action="store_true", help="with --random-llama7b: float32 weights instead of bf16 "
-                    "(27 GB; shows whether the two paths' differences are bf16 rounding)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed passes of every path, interleaved; the median is reported (default 1)",
+    )
+    ap.add_argument(
+        "--tokenizer",
+        help="with --random-llama7b: tokenizer directory that turns text into ids "
+        "(ids >= 32000 are folded modulo 32000); default: ivlib's tiny word-level tokenizer",
+    )
+    ap.add_argument(
+        "--fp32",
+        action="store_true",
+        help="with --random-llama7b: float32 weights instead of bf16 "
+        "(27 GB; shows whether the two paths' differences are bf16 rounding)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.episodes, args.fit_episodes = min(args.episodes, 60), min(args.fit_episodes, 10)
@@ -99,8 +118,15 @@ def main() -> None:
     if min(args.batch_size) < 1 or args.episodes < 1 or args.repeats < 1 or args.fit_episodes < 1:
         ap.error("--episodes, --batch-size, --repeats and --fit-episodes must be >= 1")
 
-    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer,
-                     torch.float32 if args.fp32 else torch.bfloat16)
+    lm, task = setup(
+        args.config,
+        args.model,
+        args.task,
+        args.gpu,
+        args.random_llama7b,
+        args.tokenizer,
+        torch.float32 if args.fp32 else torch.bfloat16,
+    )
     device = lm.device
     encoder = make_encoder(lm, task, args.random_llama7b)
     evals = sample_episodes(task.splits["validation"], task.n_classes, args.shot, args.episodes, 42, "validation/eval")
@@ -132,7 +158,8 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so drift during the run hits every path alike
         for method, vectors in methods:
             single_out[method.name], t = timed(
-                lambda: one_at_a_time(lm, encoder.label_ids, prompts, vectors, iv.strength), device)
+                lambda: one_at_a_time(lm, encoder.label_ids, prompts, vectors, iv.strength), device
+            )
             single_t[method.name].append(t)
             for b, scorer in scorers.items():
                 batched_out[method.name, b], t = timed(lambda: batched(scorer, method, prompts), device)
@@ -141,17 +168,25 @@ def main() -> None:
     n = len(prompts)
     lengths = [len(p.ids) for p in prompts]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model {lm.name} ({lm.source}) on {where}, {str(lm.dtype).removeprefix('torch.')} | "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"task {task.name} | {n} validation episodes, {args.shot}-shot | prompt tokens mean {sum(lengths) / n:.1f}, "
-          f"min {min(lengths)}, max {max(lengths)} | {args.repeats} timed pass(es) per path, median shown")
+    print(
+        f"model {lm.name} ({lm.source}) on {where}, {str(lm.dtype).removeprefix('torch.')} | "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"task {task.name} | {n} validation episodes, {args.shot}-shot | prompt tokens mean {sum(lengths) / n:.1f}, "
+        f"min {min(lengths)}, max {max(lengths)} | {args.repeats} timed pass(es) per path, median shown"
+    )
     if getattr(encoder, "folded", 0):
         print(f"ids >= {vocab} folded modulo {vocab}: {encoder.folded} of {encoder.total} tokens encoded")
-    print(f"IV vectors [{', '.join(map(str, iv.vectors.shape))}] fitted on {len(train)} train episodes (1-shot, a1 0.3, "
-          f"refresh 10), added at a2 {iv.strength}; |v| mean {iv.vectors.norm(dim=-1).mean():.3g}")
+    print(
+        f"IV vectors [{', '.join(map(str, iv.vectors.shape))}] fitted on {len(train)} train episodes (1-shot, a1 0.3, "
+        f"refresh 10), added at a2 {iv.strength}; |v| mean {iv.vectors.norm(dim=-1).mean():.3g}"
+    )
     print()
-    head = (f"{'method':<6} {'batch':>5} {'batched ep/s':>13} {'one-at-a-time ep/s':>19} {'ratio':>7} "
-            f"{'argmax agree':>13} {'max |dlogp|':>12} {'max tie margin':>15} {'acc b/1':>11}")
+    head = (
+        f"{'method':<6} {'batch':>5} {'batched ep/s':>13} {'one-at-a-time ep/s':>19} {'ratio':>7} "
+        f"{'argmax agree':>13} {'max |dlogp|':>12} {'max tie margin':>15} {'acc b/1':>11}"
+    )
     print(head)
     print("-" * len(head))
     summary = []
@@ -164,26 +199,41 @@ def main() -> None:
             agree, diff, margin = agreement(out_b, out_1)
             acc_b = (out_b.argmax(-1) == labels).float().mean().item()
             acc_1 = (out_1.argmax(-1) == labels).float().mean().item()
-            print(f"{method.name:<6} {b:>5} {n / batch_s:>13.2f} {n / single_s:>19.2f} {single_s / batch_s:>6.2f}x "
-                  f"{agree:>13.3f} {diff:>12.2e} {margin:>15.2e} {acc_b:>5.3f}/{acc_1:.3f}")
+            print(
+                f"{method.name:<6} {b:>5} {n / batch_s:>13.2f} {n / single_s:>19.2f} {single_s / batch_s:>6.2f}x "
+                f"{agree:>13.3f} {diff:>12.2e} {margin:>15.2e} {acc_b:>5.3f}/{acc_1:.3f}"
+            )
             spread = ""
             if args.repeats > 1:
                 bs, ss = batched_t[method.name, b], single_t[method.name]
-                spread = (f" (passes: batched {n / max(bs):.1f}-{n / min(bs):.1f}, "
-                          f"one-at-a-time {n / max(ss):.1f}-{n / min(ss):.1f} ep/s)")
-            summary.append(f"{method.name.upper()}: batched {n / batch_s:.1f} ep/s (batch {b}) vs one-at-a-time "
-                           f"{n / single_s:.1f} ep/s -> {single_s / batch_s:.2f}x{spread}")
+                spread = (
+                    f" (passes: batched {n / max(bs):.1f}-{n / min(bs):.1f}, "
+                    f"one-at-a-time {n / max(ss):.1f}-{n / min(ss):.1f} ep/s)"
+                )
+            summary.append(
+                f"{method.name.upper()}: batched {n / batch_s:.1f} ep/s (batch {b}) vs one-at-a-time "
+                f"{n / single_s:.1f} ep/s -> {single_s / batch_s:.2f}x{spread}"
+            )
     print()
     print("\n".join(summary))
     # issue targets: >= 10x on a GPU with a 7B-sized model in bf16, >= 2x on 2 CPU cores with SmolLM2-135M
     target = 10.0 if device.type == "cuda" else 2.0
-    best = {m.name: max(statistics.median(single_t[m.name]) / statistics.median(batched_t[m.name, b]) for b in scorers)
-            for m, _ in methods}
-    print("verdict: " + "; ".join(f"{name.upper()} {r:.2f}x vs target {target:g}x: {'pass' if r >= target else 'short'}"
-                                  for name, r in best.items())
-          + ("" if device.type == "cuda" or lm.name.startswith("smollm2") else " (the CPU target is for SmolLM2-135M)"))
-    print("(max tie margin: the largest top-2 log-prob gap, in the one-at-a-time scores, among episodes whose "
-          "argmax differs; 0 when all agree)")
+    best = {
+        m.name: max(statistics.median(single_t[m.name]) / statistics.median(batched_t[m.name, b]) for b in scorers)
+        for m, _ in methods
+    }
+    print(
+        "verdict: "
+        + "; ".join(
+            f"{name.upper()} {r:.2f}x vs target {target:g}x: {'pass' if r >= target else 'short'}"
+            for name, r in best.items()
+        )
+        + ("" if device.type == "cuda" or lm.name.startswith("smollm2") else " (the CPU target is for SmolLM2-135M)")
+    )
+    print(
+        "(max tie margin: the largest top-2 log-prob gap, in the one-at-a-time scores, among episodes whose "
+        "argmax differs; 0 when all agree)"
+    )
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 

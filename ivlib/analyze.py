@@ -3,6 +3,7 @@
 User errors print one line, `iv.py: error: ...; accepted: ...`, and return 2, like the runner,
 so a sweep script can tell a wrong command from a crash.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,17 +26,24 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="iv.py", description="Analyse a results file written by iv.py runs.")
     sub = p.add_subparsers(dest="subcommand", metavar="{select,report}")
-    metric_help = f"metric to rank and report by: {', '.join(METRICS)} (default macro; "\
-                  "records without it fall back to accuracy)"
+    metric_help = (
+        f"metric to rank and report by: {', '.join(METRICS)} (default macro; records without it fall back to accuracy)"
+    )
 
     s = sub.add_parser("select", help="best validation setting per model/task/method")
     s.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read")
     s.add_argument("--metric", default="macro", metavar="NAME", help=metric_help)
     s.add_argument("--commands", action="store_true", help="also print the test command of each best setting")
-    s.add_argument("--results-out", metavar="PATH",
-                   help="--results of the printed test commands (default: the input file)")
-    s.add_argument("-n", "--eval-episodes", type=int, metavar="N",
-                   help="-n of the printed test commands (default: none, i.e. iv.py's own default)")
+    s.add_argument(
+        "--results-out", metavar="PATH", help="--results of the printed test commands (default: the input file)"
+    )
+    s.add_argument(
+        "-n",
+        "--eval-episodes",
+        type=int,
+        metavar="N",
+        help="-n of the printed test commands (default: none, i.e. iv.py's own default)",
+    )
 
     r = sub.add_parser("report", help="comparison table (markdown, CSV) and plots")
     r.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read")
@@ -57,8 +65,10 @@ def run_select(args: argparse.Namespace) -> int:
     records = load_records(args.results)
     choices = select_best(records, args.metric)
     if not choices:
-        raise UsageError(f"--results '{args.results}' has no validation records to select from; "
-                         "accepted: a file with runs made without --run-test")
+        raise UsageError(
+            f"--results '{args.results}' has no validation records to select from; "
+            "accepted: a file with runs made without --run-test"
+        )
     for c in choices:
         b = c.best
         print(f"{b.model} | {b.task} | {b.method} | {_interval(c)} | best of {c.n_settings} setting(s) | {b.setting}")
@@ -68,8 +78,11 @@ def run_select(args: argparse.Namespace) -> int:
         for c in choices:
             line = make_test_command(c.best.record, target, args.eval_episodes)
             if line is None:
-                print(f"warning: {c.best.model}/{c.best.task}/{c.best.method}: the record has no 'command'; "
-                      "no test command", file=sys.stderr)
+                print(
+                    f"warning: {c.best.model}/{c.best.task}/{c.best.method}: the record has no 'command'; "
+                    "no test command",
+                    file=sys.stderr,
+                )
             else:
                 print(line)
     return 0
@@ -77,6 +90,7 @@ def run_select(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from .report import write_report  # only here: it is the part that needs matplotlib
+
     check_metric(args.metric)
     records = load_records(args.results)
     for path in write_report(records, args.out, args.metric):

@@ -5,23 +5,72 @@ sentences it has negations ("was not great") and contrast clauses ("X was great,
 awful") whose label follows the last clause. A 135M model gets the plain ones from one
 demonstration and stumbles on the rest, which leaves room for a steering method to help.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 ITEMS = [
-    "food", "service", "movie", "hotel room", "phone", "book", "concert", "staff", "plot",
-    "ending", "battery", "screen", "music", "coffee", "price", "soup", "show", "game",
-    "camera", "album", "seats", "view", "dessert", "driver", "lecture", "trip", "app",
+    "food",
+    "service",
+    "movie",
+    "hotel room",
+    "phone",
+    "book",
+    "concert",
+    "staff",
+    "plot",
+    "ending",
+    "battery",
+    "screen",
+    "music",
+    "coffee",
+    "price",
+    "soup",
+    "show",
+    "game",
+    "camera",
+    "album",
+    "seats",
+    "view",
+    "dessert",
+    "driver",
+    "lecture",
+    "trip",
+    "app",
 ]
 POSITIVE = [
-    "wonderful", "excellent", "delightful", "superb", "charming", "great", "fantastic",
-    "lovely", "brilliant", "pleasant", "impressive", "enjoyable", "perfect", "amazing",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "superb",
+    "charming",
+    "great",
+    "fantastic",
+    "lovely",
+    "brilliant",
+    "pleasant",
+    "impressive",
+    "enjoyable",
+    "perfect",
+    "amazing",
 ]
 NEGATIVE = [
-    "awful", "terrible", "dreadful", "boring", "disappointing", "horrible", "bland", "poor",
-    "mediocre", "unpleasant", "annoying", "painful", "useless", "dull",
+    "awful",
+    "terrible",
+    "dreadful",
+    "boring",
+    "disappointing",
+    "horrible",
+    "bland",
+    "poor",
+    "mediocre",
+    "unpleasant",
+    "annoying",
+    "painful",
+    "useless",
+    "dull",
 ]
 ADVERBS = ["", "", "really ", "quite ", "truly ", "rather ", "very "]
 LABELS = ["negative", "positive"]

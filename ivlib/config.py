@@ -5,6 +5,7 @@ base entry of the same name whole (no deep merge), so what a user writes is what
 Relative file paths in an entry are resolved against the directory of the file that holds it,
 so a config can sit beside its data and still be run from anywhere.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -111,9 +112,7 @@ def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path)
             raise UsageError(f"config '{path}': {kind}.{name} must be a string or a mapping")
         for key in entry:
             if key not in allowed:
-                raise UsageError(
-                    f"config '{path}': unknown key '{kind}.{name}.{key}'; accepted: {', '.join(allowed)}"
-                )
+                raise UsageError(f"config '{path}': unknown key '{kind}.{name}.{key}'; accepted: {', '.join(allowed)}")
         checked[str(name)] = _resolve_paths(entry, path.parent)
     return checked
 

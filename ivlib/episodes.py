@@ -4,6 +4,7 @@ Queries and demonstrations come from two separate random streams keyed by (seed,
 the queries depend only on those, so zero-shot, ICL and every steered method are scored on the
 very same queries, and changing the shot count changes the demonstrations, not the questions.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -27,7 +28,7 @@ class Episode:
     demos: tuple[Example, ...]  # shuffled, `shot` per class
     query: Example
 
-    def query_only(self) -> "Episode":
+    def query_only(self) -> Episode:
         return Episode((), self.query)
 
 
@@ -41,8 +42,10 @@ def check_shots(split: Split, split_name: str, n_classes: int, shot: int, label_
         raise UsageError(f"{flag} {shot} is negative; accepted: 0 or more")
     if split.options is not None:  # multiple choice: `shot` demonstrations in all, not per class
         if len(split.texts) < shot + 1:
-            raise UsageError(f"{flag} {shot} is too large for split '{split_name}' ({len(split.texts)} examples); "
-                             f"accepted: at most {len(split.texts) - 1}")
+            raise UsageError(
+                f"{flag} {shot} is too large for split '{split_name}' ({len(split.texts)} examples); "
+                f"accepted: at most {len(split.texts) - 1}"
+            )
         return
     counts = split.class_counts(n_classes)
     smallest = int(counts.argmin())
@@ -85,6 +88,7 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
 
 def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.random.Generator) -> list[Episode]:
     """Answers are positions among per-question options, not classes: `shot` random other questions."""
+
     def example(i: int) -> Example:
         return Example(split.texts[i], int(split.labels[i]), tuple(split.options[i]))
 
@@ -93,7 +97,9 @@ def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng:
         picks = rng.choice(len(split.texts), size=min(len(split.texts), shot + 3), replace=False)
         good = [int(i) for i in picks if i != q and split.texts[i] != split.texts[q]][:shot]
         if len(good) < shot:
-            good = [int(i) for i in rng.permutation(len(split.texts)) if i != q and split.texts[i] != split.texts[q]][:shot]
+            good = [int(i) for i in rng.permutation(len(split.texts)) if i != q and split.texts[i] != split.texts[q]][
+                :shot
+            ]
         if len(good) < shot:
             raise UsageError(f"not enough distinct questions for {shot} shots")
         episodes.append(Episode(tuple(example(i) for i in good), example(int(q))))

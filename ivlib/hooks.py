@@ -4,10 +4,11 @@ A hook keeps only the rows it was asked to read (as float32 copies), never whole
 and is removed on exit even when the forward raises. Positions are passed as flat (row, col)
 index tensors, so each layer's edit is one indexed add, with no Python loop over tokens.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,8 +17,14 @@ from torch import nn
 class OutputSite:
     """What one hooked module does during a forward: an indexed replace or add, then a read."""
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, add: torch.Tensor | None, read: bool,
-                 replace: torch.Tensor | None = None):
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        add: torch.Tensor | None,
+        read: bool,
+        replace: torch.Tensor | None = None,
+    ):
         self.rows, self.cols, self.add, self.read, self.replace = rows, cols, add, read, replace
         self.value: torch.Tensor | None = None  # [N, D] float32 after the forward, if read
 
@@ -47,10 +54,14 @@ def _installed(modules: Sequence[nn.Module], hooks: Sequence, pre: bool) -> Iter
 
 
 @contextmanager
-def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Tensor,
-                 add: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
-                 read: bool = False,
-                 replace: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> Iterator[list[OutputSite]]:
+def edit_outputs(
+    modules: Sequence[nn.Module],
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    add: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    read: bool = False,
+    replace: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+) -> Iterator[list[OutputSite]]:
     """Hook `modules[l]`: set `replace[l]` and/or add `add[l]` ([N, D]) at (rows, cols), then read there if `read`.
 
     The N (row, col) positions must be distinct (every caller edits separators or the last token,
@@ -58,8 +69,10 @@ def edit_outputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.T
 
     Yields one `OutputSite` per module; after the forward, `site.value` holds the read rows.
     """
-    sites = [OutputSite(rows, cols, None if add is None else add[i], read, None if replace is None else replace[i])
-             for i in range(len(modules))]
+    sites = [
+        OutputSite(rows, cols, None if add is None else add[i], read, None if replace is None else replace[i])
+        for i in range(len(modules))
+    ]
     with _installed(modules, sites, pre=False):
         yield sites
 
@@ -71,8 +84,9 @@ class InputSite:
     slice, say), so rows of one batch can patch different heads in one forward.
     """
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, read: bool,
-                 patch: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self, rows: torch.Tensor, cols: torch.Tensor, read: bool, patch: tuple[torch.Tensor, torch.Tensor] | None = None
+    ):
         self.rows, self.cols, self.read, self.patch = rows, cols, read, patch
         self.value: torch.Tensor | None = None  # [N, F] float32 after the forward, if read
 
@@ -101,8 +115,13 @@ def head_patch(mean_act: torch.Tensor, layer: int, heads: list[int]) -> tuple[to
 
 
 @contextmanager
-def edit_inputs(modules: Sequence[nn.Module], rows: torch.Tensor, cols: torch.Tensor, read: bool = False,
-                patch: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Iterator[list[InputSite]]:
+def edit_inputs(
+    modules: Sequence[nn.Module],
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    read: bool = False,
+    patch: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+) -> Iterator[list[InputSite]]:
     """Pre-hook `modules[l]`: patch its input at (rows, cols) with `patch[l]` and/or read the input there."""
     sites = [InputSite(rows, cols, read, None if patch is None else patch[i]) for i in range(len(modules))]
     with _installed(modules, sites, pre=True):

@@ -7,6 +7,7 @@ or re-encodes entries, which would silently change the method, so those are refu
 The per-layer and per-head searches of TV and FV run many one-token forwards over one prefix;
 `repeated_with_room` gives them a fixed-length cache those forwards write into in place.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,13 +21,20 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [
 def _layers(cache, model_name: str) -> list:
     layers = getattr(cache, "layers", None)
     if layers is None:
-        raise UsageError(f"model '{model_name}' returns a {type(cache).__name__} cache without per-layer entries; "
-                         "accepted: models with a standard transformers DynamicCache")
+        raise UsageError(
+            f"model '{model_name}' returns a {type(cache).__name__} cache without per-layer entries; "
+            "accepted: models with a standard transformers DynamicCache"
+        )
     for layer in layers:
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys") or type(layer).__name__ not in (
-                "DynamicLayer",):
-            raise UsageError(f"model '{model_name}' uses a {type(layer).__name__} cache layer, which cannot be tuned; "
-                             "accepted: models whose cache layers are DynamicLayer (full attention)")
+        if (
+            getattr(layer, "is_sliding", False)
+            or not hasattr(layer, "keys")
+            or type(layer).__name__ not in ("DynamicLayer",)
+        ):
+            raise UsageError(
+                f"model '{model_name}' uses a {type(layer).__name__} cache layer, which cannot be tuned; "
+                "accepted: models whose cache layers are DynamicLayer (full attention)"
+            )
     return layers
 
 
@@ -87,5 +95,9 @@ def repeated_with_room(cache, repeats: int, free: int = 1) -> Cache | None:
     if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
         return None  # (an uninitialised layer: one that shares another layer's keys and values)
     length = layers[0].keys.shape[-2]
-    return Cache(layers=[_SlotLayer(_with_room(layer.keys, repeats, free), _with_room(layer.values, repeats, free), length)
-                         for layer in layers])
+    return Cache(
+        layers=[
+            _SlotLayer(_with_room(layer.keys, repeats, free), _with_room(layer.values, repeats, free), length)
+            for layer in layers
+        ]
+    )

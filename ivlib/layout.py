@@ -4,6 +4,7 @@ This is the only module with model-specific knowledge. It is discovered from the
 tree and config), never from the checkpoint's name, so a new checkpoint of a known family needs
 no edit and an unknown family needs at most two module names in YAML.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,14 @@ class ModelLayout:
         return len(self.blocks)
 
     def describe(self) -> dict:
-        return {"blocks": self.blocks_path, "attn_out": self.attn_out_path, "n_layers": self.n_layers,
-                "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "d_model": self.d_model}
+        return {
+            "blocks": self.blocks_path,
+            "attn_out": self.attn_out_path,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_model": self.d_model,
+        }
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -102,7 +109,7 @@ def discover_layout(model: nn.Module, override: dict | None = None) -> ModelLayo
     unknown = sorted(set(override) - {"blocks", "attn_out"})
     if unknown:
         raise UsageError(f"layout key '{unknown[0]}' is unknown; accepted: blocks, attn_out")
-    hint = ("name them in the model's config entry, e.g. layout: {blocks: model.layers, attn_out: self_attn.o_proj}")
+    hint = "name them in the model's config entry, e.g. layout: {blocks: model.layers, attn_out: self_attn.o_proj}"
     try:
         blocks_path = override.get("blocks") or _find_blocks(model, n_layers)
         blocks = list(_get(model, blocks_path))

@@ -1,4 +1,5 @@
 """F1 scores over episodes (one query each) and their bootstrap 95% intervals."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,9 @@ def f1_scores(y_true, y_pred, n_classes: int) -> dict[str, float]:
     return {k: float(v) for k, v in _f1_from_counts(*_counts(y_true, y_pred, n_classes)).items()}
 
 
-def bootstrap_f1(y_true, y_pred, n_classes: int, resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict[str, dict[str, float]]:
+def bootstrap_f1(
+    y_true, y_pred, n_classes: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict[str, float]]:
     """Point value and percentile interval per average, resampling episodes with replacement."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     n = len(y_true)
@@ -60,8 +62,11 @@ def bootstrap_f1(y_true, y_pred, n_classes: int, resamples: int = 1000, seed: in
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     for k in AVERAGES:
         values = np.concatenate(reps[k])
-        out[k] = {"value": point[k], "ci_low": float(np.percentile(values, lo)),
-                  "ci_high": float(np.percentile(values, hi))}
+        out[k] = {
+            "value": point[k],
+            "ci_low": float(np.percentile(values, lo)),
+            "ci_high": float(np.percentile(values, hi)),
+        }
     return out
 
 
@@ -73,12 +78,14 @@ def selection_score(y_true, y_pred, n_classes: int, multiple_choice: bool) -> fl
     return f1_scores(y_true, y_pred, n_classes)["macro"]
 
 
-def bootstrap_accuracy(y_true, y_pred, resamples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> dict[str, float]:
+def bootstrap_accuracy(y_true, y_pred, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """Accuracy and its percentile interval over episodes resampled with replacement."""
     hit = (np.asarray(y_true) == np.asarray(y_pred)).astype(float)
     rng = np.random.default_rng(seed)
     means = hit[rng.integers(0, len(hit), size=(resamples, len(hit)))].mean(axis=1)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {"value": float(hit.mean()), "ci_low": float(np.percentile(means, lo)),
-            "ci_high": float(np.percentile(means, hi))}
+    return {
+        "value": float(hit.mean()),
+        "ci_low": float(np.percentile(means, lo)),
+        "ci_high": float(np.percentile(means, hi)),
+    }

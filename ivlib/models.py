@@ -4,6 +4,7 @@ Sources, all through `from_pretrained` where one exists: a local directory, a hu
 local HF cache when offline), a GGUF file in a directory or in an installed package (dequantized
 once, then cached as a normal checkpoint), or a built-in tiny model made from a config.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -35,7 +36,9 @@ class LoadedModel:
     @property
     def context_length(self) -> int | None:
         """Longest sequence the model's position scheme allows, when its config says."""
-        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        config = (
+            self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        )
         for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
             value = getattr(config, name, None)
             if isinstance(value, int) and value > 0:
@@ -52,8 +55,11 @@ def resolve_device(gpu: int | None) -> torch.device:
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if gpu >= count:
-        raise UsageError(f"-g {gpu}: no such GPU; accepted: -1 (CPU) or 0..{count - 1}" if count else
-                         f"-g {gpu}: no GPU is visible; accepted: -1 (CPU)")
+        raise UsageError(
+            f"-g {gpu}: no such GPU; accepted: -1 (CPU) or 0..{count - 1}"
+            if count
+            else f"-g {gpu}: no GPU is visible; accepted: -1 (CPU)"
+        )
     return torch.device(f"cuda:{gpu}")
 
 
@@ -101,21 +107,32 @@ def _gguf_checkpoint(name: str, folder: str, gguf_file: str, quiet: bool) -> str
     return str(target)
 
 
-def load_model(name: str, entry: dict[str, Any], device: torch.device, *, no_half: bool = False,
-               device_map: str | None = None, mem_limit: str | None = None, flash_attention: bool = False,
-               quiet: bool = False) -> LoadedModel:
+def load_model(
+    name: str,
+    entry: dict[str, Any],
+    device: torch.device,
+    *,
+    no_half: bool = False,
+    device_map: str | None = None,
+    mem_limit: str | None = None,
+    flash_attention: bool = False,
+    quiet: bool = False,
+) -> LoadedModel:
     dtype = choose_dtype(entry, device, no_half)
     if "builtin" in entry:
         arch = str(entry["builtin"]).removeprefix("tiny-")
         if arch not in TINY_ARCHS:
-            raise UsageError(f"model '{name}': builtin '{entry['builtin']}' unknown; accepted: "
-                             + ", ".join("tiny-" + a for a in TINY_ARCHS))
+            raise UsageError(
+                f"model '{name}': builtin '{entry['builtin']}' unknown; accepted: "
+                + ", ".join("tiny-" + a for a in TINY_ARCHS)
+            )
         model, tokenizer = build_tiny(arch)
         model = model.to(device=device, dtype=dtype)
         source = f"builtin:{entry['builtin']}"
     else:
-        model, tokenizer, source = _from_pretrained(name, entry, device, dtype, device_map, mem_limit,
-                                                    flash_attention, quiet)
+        model, tokenizer, source = _from_pretrained(
+            name, entry, device, dtype, device_map, mem_limit, flash_attention, quiet
+        )
     model.eval()
     layout = discover_layout(model, entry.get("layout"))
     if tokenizer.pad_token_id is None:
@@ -153,8 +170,10 @@ def _from_pretrained(name, entry, device, dtype, device_map, mem_limit, flash_at
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"model '{name}': cannot load '{folder}' ({reason}); give a local directory "
-                         "or a hub id present in the local cache") from None
+        raise UsageError(
+            f"model '{name}': cannot load '{folder}' ({reason}); give a local directory "
+            "or a hub id present in the local cache"
+        ) from None
     if device_map is None:
         model = model.to(device)
     return model, tokenizer, folder

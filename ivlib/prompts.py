@@ -6,6 +6,7 @@ tokenization changes merges and, for SentencePiece models, inserts spurious word
 Batches are left-padded so every row's answer position is the last column, which lets the
 model compute logits for that column only.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -46,7 +47,7 @@ class PromptBatch:
     option_ids: torch.Tensor | None = None  # [B, C, Lo] multiple choice: option tokens, right-padded
     option_lens: torch.Tensor | None = None  # [B, C] tokens per option, 0 where a row has fewer options
 
-    def to(self, device: torch.device | str) -> "PromptBatch":
+    def to(self, device: torch.device | str) -> PromptBatch:
         fields = {k: v for k, v in self.__dict__.items() if v is not None}
         if all(v.device == torch.device(device) for v in fields.values()):
             return self
@@ -84,7 +85,9 @@ class PromptEncoder:
         self.label_ids = [self._first_token_after_sep(w) for w in label_words]  # empty for multiple choice
         self._label_len = max((len(self._tokenize(IO_SEP + w)["input_ids"]) for w in label_words), default=0)
         if max_example_tokens <= self._label_len + 1:
-            raise UsageError(f"--max-example-tokens {max_example_tokens} leaves no room for the input; accepted: > {self._label_len + 1}")
+            raise UsageError(
+                f"--max-example-tokens {max_example_tokens} leaves no room for the input; accepted: > {self._label_len + 1}"
+            )
         self._trunc_cache: dict[str, str] = {}
 
     def _tokenize(self, text: str):
@@ -150,8 +153,14 @@ class PromptEncoder:
         options = None
         if episode.query.options is not None:
             options = [self._continuation(self.truncate(o)) for o in episode.query.options]
-        return EncodedPrompt(ids, sep_pos, sep_class, episode.query.label,
-                             _token_boundary(enc["offset_mapping"], query_char) + len(self.bos), options)
+        return EncodedPrompt(
+            ids,
+            sep_pos,
+            sep_class,
+            episode.query.label,
+            _token_boundary(enc["offset_mapping"], query_char) + len(self.bos),
+            options,
+        )
 
     def answer_text(self, example: Example) -> str:
         """What follows a demonstration's separator: its label word, or its correct option."""
@@ -176,7 +185,9 @@ def _token_boundary(offsets: list[tuple[int, int]], char: int) -> int:
         if start >= char:
             return i
         if end > char:
-            raise UsageError("the tokenizer merges the last demonstration into the query; this tokenizer is not supported")
+            raise UsageError(
+                "the tokenizer merges the last demonstration into the query; this tokenizer is not supported"
+            )
     return len(offsets)
 
 

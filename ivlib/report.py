@@ -4,13 +4,15 @@ Every test number shown is that of the setting chosen on validation (selection.p
 table can be compared with the paper's Table 1 without test-set tuning creeping in. matplotlib
 is imported inside the plotting functions: analysis is optional, the runner must not need it.
 """
+
 from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import UsageError
 from .selection import Scored, check_metric, choose, latest, latest_per_setting, score_records, test_for
@@ -25,6 +27,7 @@ DPI = 100
 @dataclass(frozen=True)
 class Cell:
     """One table entry; `selected` is False for a test run shown without a validation choice."""
+
     run: Scored
     selected: bool
 
@@ -62,6 +65,7 @@ def table_cells(scored: list[Scored]) -> tuple[list[Cell], list[tuple[str, str, 
 
 
 # ---- markdown ---------------------------------------------------------------------------------
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -104,29 +108,48 @@ def model_table(model: str, cells: list[Cell], metric: str) -> tuple[list[str], 
     for task in tasks:
         present = {m: by_key[task, m].run.value for m in methods if (task, m) in by_key}
         bold = _bold_set(present)
-        lines.append(_row([task, *(format_cell(by_key[task, m], metric, m in bold) if m in present else MISSING
-                                   for m in methods)]))
+        lines.append(
+            _row(
+                [task, *(format_cell(by_key[task, m], metric, m in bold) if m in present else MISSING for m in methods)]
+            )
+        )
     complete = [t for t in tasks if all((t, m) in by_key for m in methods)]
     averages = {m: sum(by_key[t, m].run.value for t in complete) / len(complete) for m in methods} if complete else {}
     bold = _bold_set(averages)
-    lines.append(_row(["Average", *((f"**{_pct(averages[m])}**" if m in bold else _pct(averages[m]))
-                                    if m in averages else MISSING for m in methods)]))
+    lines.append(
+        _row(
+            [
+                "Average",
+                *(
+                    (f"**{_pct(averages[m])}**" if m in bold else _pct(averages[m])) if m in averages else MISSING
+                    for m in methods
+                ),
+            ]
+        )
+    )
     return lines, len(complete)
 
 
 def markdown(cells: list[Cell], untested: list[tuple[str, str, str]], metric: str) -> str:
-    lines = [f"# Test {metric} (%), setting chosen on validation", "",
-             "Each cell: the test-split value of the method's best validation setting, with its 95% "
-             "bootstrap interval. Best per row in **bold**.", ""]
+    lines = [
+        f"# Test {metric} (%), setting chosen on validation",
+        "",
+        "Each cell: the test-split value of the method's best validation setting, with its 95% "
+        "bootstrap interval. Best per row in **bold**.",
+        "",
+    ]
     for model in sorted({c.run.model for c in cells}):
         mine = [c for c in cells if c.run.model == model]
         table, n_complete = model_table(model, mine, metric)
         lines += [f"## {model}", "", *table, ""]
         lines += _footnotes(mine, n_complete, metric)
     if untested:
-        lines += ["## Not yet run on test", "",
-                  "Best validation setting with no test record "
-                  "(`python iv.py select --commands` prints the commands):", ""]
+        lines += [
+            "## Not yet run on test",
+            "",
+            "Best validation setting with no test record (`python iv.py select --commands` prints the commands):",
+            "",
+        ]
         lines += [f"- {model} / {task} / {method}" for model, task, method in untested]
         lines.append("")
     if not cells:
@@ -141,8 +164,10 @@ def _footnotes(cells: list[Cell], n_complete: int, metric: str) -> list[str]:
     else:
         notes.append("Average: no task has a value for every shown method.")
     if any(not c.selected for c in cells):
-        notes.append(f"{DAGGER} No validation runs for this method: its latest test run is shown, "
-                     "not a setting chosen on validation.")
+        notes.append(
+            f"{DAGGER} No validation runs for this method: its latest test run is shown, "
+            "not a setting chosen on validation."
+        )
     if any(c.run.metric != metric for c in cells):
         notes.append(f"{FALLBACK_MARK} accuracy: the record has no '{metric}' metric (multiple-choice task).")
     return [f"- {n}" for n in notes] + [""]
@@ -160,11 +185,22 @@ def write_csv(cells: list[Cell], path: Path) -> None:
         writer.writerow(CSV_COLUMNS)
         for c in cells:
             r = c.run
-            writer.writerow([r.model, r.task, r.method, r.split, r.value,
-                             "" if r.ci_low is None else r.ci_low, "" if r.ci_high is None else r.ci_high, r.setting])
+            writer.writerow(
+                [
+                    r.model,
+                    r.task,
+                    r.method,
+                    r.split,
+                    r.value,
+                    "" if r.ci_low is None else r.ci_low,
+                    "" if r.ci_high is None else r.ci_high,
+                    r.setting,
+                ]
+            )
 
 
 # ---- plots ------------------------------------------------------------------------------------
+
 
 def safe_name(name: str) -> str:
     """File-name form of a model or task name (task names such as tweet_eval/emotion hold '/')."""
@@ -173,8 +209,10 @@ def safe_name(name: str) -> str:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -210,8 +248,9 @@ def plot_heatmap(model: str, task: str, runs: list[Scored], metric: str, path: P
     if vmin == vmax:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     # the last, narrow column holds one colour bar shared by all panels (same vmin/vmax)
-    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(4.2 * len(shots) + 1.0, 4.4),
-                             width_ratios=[1.0] * len(shots) + [0.06])
+    fig, axes = plt.subplots(
+        1, len(shots) + 1, figsize=(4.2 * len(shots) + 1.0, 4.4), width_ratios=[1.0] * len(shots) + [0.06]
+    )
     image = None
     for ax, shot in zip(axes[:-1], shots):
         image = _heatmap_panel(ax, grids[shot], shot, vmin, vmax)
@@ -225,6 +264,7 @@ def plot_heatmap(model: str, task: str, runs: list[Scored], metric: str, path: P
 
 def _heatmap_panel(ax, grid: dict[tuple[float, float], float], shot: Any, vmin: float, vmax: float):
     import numpy as np
+
     xs = sorted({x for x, _ in grid})
     ys = sorted({y for _, y in grid})
     data = np.full((len(ys), len(xs)), np.nan)
@@ -235,8 +275,15 @@ def _heatmap_panel(ax, grid: dict[tuple[float, float], float], shot: Any, vmin: 
     for i in range(len(ys)):
         for j in range(len(xs)):
             if not np.isnan(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=9,
-                        color="black" if data[i, j] > middle else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="black" if data[i, j] > middle else "white",
+                )
     ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
     ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
     ax.set_xlabel("strength")
@@ -248,6 +295,7 @@ def _heatmap_panel(ax, grid: dict[tuple[float, float], float], shot: Any, vmin: 
 def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
     """Test values per task, grouped by method, with the bootstrap interval as error bars."""
     import numpy as np
+
     plt = _pyplot()
     methods = method_order(c.run.method for c in cells)
     tasks = sorted({c.run.task for c in cells})
@@ -279,12 +327,14 @@ def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
 
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
 # ---- entry point ------------------------------------------------------------------------------
+
 
 def write_report(records: list[dict[str, Any]], out_dir: str | Path, metric: str = "macro") -> list[Path]:
     """table.md, table.csv, heatmap_<model>_<task>.png and bars_<model>.png under out_dir."""
@@ -293,8 +343,9 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, metric: str
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"--out '{out_dir}': cannot create directory ({exc.strerror}); "
-                         "accepted: a writable directory path") from None
+        raise UsageError(
+            f"--out '{out_dir}': cannot create directory ({exc.strerror}); accepted: a writable directory path"
+        ) from None
     scored = score_records(records, metric)
     cells, untested = table_cells(scored)
     written = [out / "table.md", out / "table.csv"]

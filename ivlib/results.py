@@ -4,15 +4,17 @@ Appends take an exclusive lock and write the whole line with one `write` on an O
 descriptor, so two processes sharing a results file never interleave, and a killed run leaves
 either its whole line or nothing.
 """
+
 from __future__ import annotations
 
 import fcntl
 import json
 import os
 import signal
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import UsageError
 
@@ -33,8 +35,10 @@ def check_writable(path: str) -> None:
         with open(p, "rb") as f:  # a torn line left by a killed writer may come first: look at a few
             head = [f.readline(1 << 20) for _ in range(3)]
         if not any(_is_record(line) for line in head):
-            raise UsageError(f"--results '{path}' is not a JSONL results file (its first lines are not JSON objects); "
-                             "accepted: a new path or a file written by iv.py")
+            raise UsageError(
+                f"--results '{path}' is not a JSONL results file (its first lines are not JSON objects); "
+                "accepted: a new path or a file written by iv.py"
+            )
 
 
 def _is_record(line: bytes) -> bool:
@@ -67,8 +71,10 @@ def signals_held() -> Iterator[None]:
     """
     caught: list[int] = []
     try:
-        previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
     except ValueError:  # not the main thread: Python delivers no signals here anyway
         yield
         return

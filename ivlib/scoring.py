@@ -1,9 +1,11 @@
 """Forward passes that end in label scores, and the batched loop every method's evaluation uses."""
+
 from __future__ import annotations
 
 import copy
 import inspect
-from typing import Callable, ContextManager, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -22,8 +24,9 @@ class Scorer:
     every position is a large share of a small model's compute and is never needed here.
     """
 
-    def __init__(self, lm: LoadedModel, label_ids: list[int], batch_size: int, quiet: bool = False,
-                 shrink_on_oom: bool = False):
+    def __init__(
+        self, lm: LoadedModel, label_ids: list[int], batch_size: int, quiet: bool = False, shrink_on_oom: bool = False
+    ):
         self.lm = lm
         self.label_ids = torch.tensor(label_ids, dtype=torch.long, device=lm.device)  # indexed every batch: moved once
         self.batch_size = batch_size
@@ -42,26 +45,36 @@ class Scorer:
     def batch(self, prompts: list[EncodedPrompt]) -> PromptBatch:
         longest = max(len(p.ids) for p in prompts)
         if self._context is not None and longest > self._context:
-            raise UsageError(f"a prompt of {longest} tokens exceeds the context of model '{self.lm.name}' "
-                             f"({self._context}); lower --shot/--ext-shot or --max-example-tokens")
+            raise UsageError(
+                f"a prompt of {longest} tokens exceeds the context of model '{self.lm.name}' "
+                f"({self._context}); lower --shot/--ext-shot or --max-example-tokens"
+            )
         return collate(prompts, self.lm.tokenizer.pad_token_id).to(self.lm.device)
 
     @torch.inference_mode()
     def forward(self, batch: PromptBatch) -> torch.Tensor:
         """Next-token logits at each row's answer position: [B, V]."""
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
-        out = self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, use_cache=False, **kwargs)
+        out = self.lm.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            **kwargs,
+        )
         return out.logits[:, -1]
 
-    def last_token_variants(self, batch: PromptBatch, edits: Sequence[Callable[[], ContextManager]]) -> torch.Tensor:
+    def last_token_variants(
+        self, batch: PromptBatch, edits: Sequence[Callable[[], AbstractContextManager]]
+    ) -> torch.Tensor:
         """[V, B, C] label log-probs of the same batch under V edits that touch only the last token."""
         groups = self.last_token_groups(batch, [(1, edit) for edit in edits])
         return torch.stack([g[:, 0] for g in groups])
 
     @torch.inference_mode()
-    def last_token_groups(self, batch: PromptBatch,
-                          edits: Sequence[tuple[int, Callable[[], ContextManager]]]) -> list[torch.Tensor]:
+    def last_token_groups(
+        self, batch: PromptBatch, edits: Sequence[tuple[int, Callable[[], AbstractContextManager]]]
+    ) -> list[torch.Tensor]:
         """Label log-probs of the batch under edits that touch only the last token: one [B, g, C] per edit.
 
         The prefix (all but the last column) is encoded once into a KV cache; each edit then runs
@@ -70,9 +83,13 @@ class Scorer:
         reach earlier positions, which is what makes a per-layer or per-head search affordable.
         """
         cut = batch.input_ids.shape[1] - 1
-        prefix = self.lm.model(input_ids=batch.input_ids[:, :cut], attention_mask=batch.attention_mask[:, :cut],
-                               position_ids=batch.position_ids[:, :cut], use_cache=True,
-                               **({"logits_to_keep": 1} if self._keep_last else {}))
+        prefix = self.lm.model(
+            input_ids=batch.input_ids[:, :cut],
+            attention_mask=batch.attention_mask[:, :cut],
+            position_ids=batch.position_ids[:, :cut],
+            use_cache=True,
+            **({"logits_to_keep": 1} if self._keep_last else {}),
+        )
         base = self.cache_of(prefix)
         caches: dict[int, object] = {}
         out = []
@@ -80,10 +97,13 @@ class Scorer:
             if g not in caches:
                 caches[g] = self._repeated_cache(base, g)
             with edit():
-                step = self.lm.model(input_ids=batch.input_ids[:, cut:].repeat_interleave(g, 0),
-                                     attention_mask=batch.attention_mask.repeat_interleave(g, 0),
-                                     position_ids=batch.position_ids[:, cut:].repeat_interleave(g, 0),
-                                     use_cache=True, **{self._cache_kwarg: caches[g]})
+                step = self.lm.model(
+                    input_ids=batch.input_ids[:, cut:].repeat_interleave(g, 0),
+                    attention_mask=batch.attention_mask.repeat_interleave(g, 0),
+                    position_ids=batch.position_ids[:, cut:].repeat_interleave(g, 0),
+                    use_cache=True,
+                    **{self._cache_kwarg: caches[g]},
+                )
             caches[g].crop(-1)  # negative = tokens to remove: the next edit starts from the bare prefix
             out.append(self._label_logprobs(step.logits[:, -1]).view(batch.input_ids.shape[0], g, -1))
         return out
@@ -122,16 +142,24 @@ class Scorer:
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1], self.cache_of(out)
 
-    def score_after(self, past, past_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                    positions: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
+    def score_after(
+        self,
+        past,
+        past_mask: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        batch: PromptBatch,
+    ) -> torch.Tensor:
         """Answer scores [B, C] of the query `ids` [B, T] run over a prepared cache `past`."""
         full_mask = torch.cat([past_mask, mask], dim=1)
         logits, cache = self.encode(ids, full_mask, positions, past=past)
         return self._answer_scores(logits, cache, full_mask, positions[:, -1] + 1, batch)
 
     @torch.inference_mode()
-    def _answer_scores(self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor,
-                       batch: PromptBatch) -> torch.Tensor:
+    def _answer_scores(
+        self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor, batch: PromptBatch
+    ) -> torch.Tensor:
         """Classification: each label's first-token log-prob. Multiple choice: each option's summed
         continuation log-prob (-inf for a missing option), running the options over the prompt's cache
         so the prompt is encoded once however many options there are."""
@@ -145,9 +173,13 @@ class Scorer:
             cache.batch_repeat_interleave(c)
             steps = opt[:, :, :-1].reshape(b * c, width - 1)  # tokens fed; each predicts the next one
             step_mask = (torch.arange(width - 1, device=opt.device) < (lens.reshape(-1, 1) - 1)).long()
-            out = self.lm.model(input_ids=steps, attention_mask=torch.cat([mask.repeat_interleave(c, 0), step_mask], 1),
-                                position_ids=next_pos.repeat_interleave(c)[:, None] + torch.arange(width - 1, device=opt.device),
-                                use_cache=True, **{self._cache_kwarg: cache})
+            out = self.lm.model(
+                input_ids=steps,
+                attention_mask=torch.cat([mask.repeat_interleave(c, 0), step_mask], 1),
+                position_ids=next_pos.repeat_interleave(c)[:, None] + torch.arange(width - 1, device=opt.device),
+                use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
             logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B*C, Lo-1, V]
             rest = logprobs.gather(2, opt[:, :, 1:].reshape(b * c, width - 1, 1)).squeeze(2)
             total = total + (rest * step_mask).sum(dim=1).view(b, c)
@@ -164,8 +196,10 @@ class Scorer:
         """After an out-of-memory error: halve the batch size and return it (--batch-size auto), or stop
         with a one-line error naming the size that did not fit."""
         if not self.shrink_on_oom or self.batch_size == 1:
-            raise UsageError(f"{desc}: out of memory at batch size {self.batch_size}; "
-                             "accepted: a smaller --batch-size, or --batch-size auto") from None
+            raise UsageError(
+                f"{desc}: out of memory at batch size {self.batch_size}; "
+                "accepted: a smaller --batch-size, or --batch-size auto"
+            ) from None
         if self.lm.device.type == "cuda":
             torch.cuda.empty_cache()
         self.batch_size = max(1, self.batch_size // 2)
@@ -188,6 +222,7 @@ class Scorer:
                 real = hidden[mask] if hidden.shape[:2] == mask.shape else hidden  # pads may hold anything
                 if not first and not torch.isfinite(real).all():
                     first.append(layer)
+
             return hook
 
         handles = [block.register_forward_hook(watch(i)) for i, block in enumerate(self.layout.blocks)]
@@ -197,8 +232,10 @@ class Scorer:
             for h in handles:
                 h.remove()
         where = f"first at layer {first[0]}" if first else "in the output head"
-        return (f"{desc}: non-finite values (inf/NaN) in the activations, {where}; "
-                "run with --no-half or lower the strengths")
+        return (
+            f"{desc}: non-finite values (inf/NaN) in the activations, {where}; "
+            "run with --no-half or lower the strengths"
+        )
 
     @staticmethod
     def predictions(scores: torch.Tensor, prompts: list[EncodedPrompt]) -> np.ndarray:
@@ -211,8 +248,9 @@ class Scorer:
     def progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)
 
-    def run_batched(self, prompts: list[EncodedPrompt], fn: Callable[[PromptBatch], torch.Tensor],
-                    desc: str) -> torch.Tensor:
+    def run_batched(
+        self, prompts: list[EncodedPrompt], fn: Callable[[PromptBatch], torch.Tensor], desc: str
+    ) -> torch.Tensor:
         """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order."""
         out: torch.Tensor | None = None
         with self.progress(len(prompts), desc) as bar:

@@ -4,16 +4,18 @@ A results file is an append-only log of runs (see results.py). Selection reads i
 records from other versions, or lines cut short by a killed writer, are reported on stderr and
 skipped, because one bad line should not cost a whole sweep's summary.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import shlex
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import UsageError
 from .results import read_records
@@ -66,8 +68,10 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         else:
             usable.append(record)
     if not usable:
-        raise UsageError(f"--results '{path}' holds no valid run records; "
-                         f"accepted: a .jsonl file of records written by iv.py (fields {', '.join(REQUIRED)})")
+        raise UsageError(
+            f"--results '{path}' holds no valid run records; "
+            f"accepted: a .jsonl file of records written by iv.py (fields {', '.join(REQUIRED)})"
+        )
     return usable
 
 
@@ -92,9 +96,11 @@ def _problem(record: dict[str, Any]) -> str | None:
 
 # ---- scoring ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Scored:
     """A record with the metric read out; `metric` differs from the one asked for on fallback."""
+
     record: dict[str, Any]
     order: int
     metric: str
@@ -153,8 +159,11 @@ def score_records(records: Iterable[dict[str, Any]], metric: str = "macro") -> l
             warn(f"{_describe(record)}: no '{metric}' or '{FALLBACK_METRIC}' metric; skipped")
             continue
         name, entry = found
-        scored.append(Scored(record, order, name, float(entry["value"]),
-                             _number(entry.get("ci_low")), _number(entry.get("ci_high"))))
+        scored.append(
+            Scored(
+                record, order, name, float(entry["value"]), _number(entry.get("ci_low")), _number(entry.get("ci_high"))
+            )
+        )
     return scored
 
 
@@ -171,7 +180,7 @@ def _time(record: dict[str, Any]) -> datetime | None:
         t = datetime.fromisoformat(raw)
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def latest(candidates: list[Scored]) -> Scored:
@@ -196,9 +205,11 @@ def latest_per_setting(scored: Iterable[Scored]) -> list[Scored]:
 
 # ---- selection --------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Choice:
     """The best validation setting of one method on one (model, task)."""
+
     best: Scored
     n_settings: int
 
@@ -235,6 +246,7 @@ def select_best(records: Iterable[dict[str, Any]], metric: str = "macro") -> lis
 
 
 # ---- test commands ----------------------------------------------------------------------------
+
 
 def strip_eval_flags(args: list[str]) -> list[str]:
     """The run's arguments minus those that say where and how much to evaluate.
@@ -318,8 +330,16 @@ def _command_key(record: dict[str, Any]) -> tuple[str, ...] | None:
     return tuple(strip_eval_flags(command))
 
 
-def has_record(records: Iterable[dict[str, Any]], model: str, task: str, method: str, split: str,
-               hyperparameters: dict[str, Any], seed: int | None, n_eval_episodes: int | None) -> bool:
+def has_record(
+    records: Iterable[dict[str, Any]],
+    model: str,
+    task: str,
+    method: str,
+    split: str,
+    hyperparameters: dict[str, Any],
+    seed: int | None,
+    n_eval_episodes: int | None,
+) -> bool:
     """Whether this exact run is already in the file, so a resumed sweep can skip it."""
     wanted = canonical(hyperparameters)
     for r in records:

@@ -3,6 +3,7 @@
 The file's metadata names the model, task, labels and fitting settings, so a load can refuse a
 file fitted for another model or task instead of silently steering with the wrong vectors.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ def save_state(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
     try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: json.dumps(v) for k, v in meta.items()})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in tensors.items()},
+            str(tmp),
+            metadata={k: json.dumps(v) for k, v in meta.items()},
+        )
         os.replace(tmp, target)  # complete file or none
     finally:
         tmp.unlink(missing_ok=True)  # an interrupted save leaves nothing behind
@@ -35,10 +39,14 @@ def check_save_path(path: str) -> None:
     """Fail before any compute if the fitted state could not be saved at the end of the fit."""
     target = Path(path)
     if target.is_dir():
-        raise UsageError(f"--save-vectors '{path}' is a directory; accepted: a file path, e.g. {target / 'iv.safetensors'}")
+        raise UsageError(
+            f"--save-vectors '{path}' is a directory; accepted: a file path, e.g. {target / 'iv.safetensors'}"
+        )
     existing = next(p for p in (target.parent, *target.parent.parents, Path(".")) if p.exists())
     if not existing.is_dir():
-        raise UsageError(f"--save-vectors '{path}': '{existing}' is a file, not a directory; accepted: a path under a directory")
+        raise UsageError(
+            f"--save-vectors '{path}': '{existing}' is a file, not a directory; accepted: a path under a directory"
+        )
     if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise UsageError(f"--save-vectors '{path}' is not writable; accepted: a path in a writable directory")
 
@@ -66,5 +74,7 @@ def load_state(path: str, expect: dict[str, Any]) -> tuple[dict[str, torch.Tenso
     tensors, meta = _open(path, tensors=True)
     for key in MATCH_KEYS:
         if key in expect and meta.get(key) != expect[key]:
-            raise UsageError(f"--load-vectors '{path}' was fitted with {key}={meta.get(key)!r}; this run has {expect[key]!r}")
+            raise UsageError(
+                f"--load-vectors '{path}' was fitted with {key}={meta.get(key)!r}; this run has {expect[key]!r}"
+            )
     return tensors, meta

@@ -5,6 +5,7 @@ Hub datasets, local parquet/csv/jsonl files and ivlib's generated tasks all go t
 Splits a dataset lacks are carved from train with a fixed shuffle that does not depend on the
 run's seed, so every run and method sees the same validation and test sets.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,9 +31,12 @@ class Split:
     labels: np.ndarray  # [N] int64 class indices (multiple choice: index of the correct option)
     options: list[list[str]] | None = None  # multiple choice: each example's options
 
-    def subset(self, idx: np.ndarray) -> "Split":
-        return Split([self.texts[i] for i in idx], self.labels[idx],
-                     None if self.options is None else [self.options[i] for i in idx])
+    def subset(self, idx: np.ndarray) -> Split:
+        return Split(
+            [self.texts[i] for i in idx],
+            self.labels[idx],
+            None if self.options is None else [self.options[i] for i in idx],
+        )
 
     def class_counts(self, n_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=n_classes)
@@ -77,7 +81,9 @@ def _load_dataset_dict(name: str, spec: dict[str, Any]):
     if "builtin" in spec:
         generator = BUILTIN_TASKS.get(spec["builtin"])
         if generator is None:
-            raise UsageError(f"task '{name}': unknown builtin '{spec['builtin']}'; accepted: {', '.join(BUILTIN_TASKS)}")
+            raise UsageError(
+                f"task '{name}': unknown builtin '{spec['builtin']}'; accepted: {', '.join(BUILTIN_TASKS)}"
+            )
         columns, names = generator()
         features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
         return datasets.DatasetDict({s: datasets.Dataset.from_dict(c, features=features) for s, c in columns.items()})
@@ -164,19 +170,25 @@ def _multiple_choice_split(name: str, ds, spec: dict[str, Any], text_cols: list[
     """Questions, their options, and the correct option's index, from the fields `spec` names."""
     mc = spec["multiple_choice"]
     if not isinstance(mc, dict) or "options" not in mc or "answer" not in mc or set(mc) - set(MC_KEYS):
-        raise UsageError(f"task '{name}': multiple_choice must be a mapping with options and answer; "
-                         f"accepted keys: {', '.join(MC_KEYS)}")
+        raise UsageError(
+            f"task '{name}': multiple_choice must be a mapping with options and answer; "
+            f"accepted keys: {', '.join(MC_KEYS)}"
+        )
     base = int(mc.get("answer_base", 0))
     texts, labels, options = [], [], []
     for i, row in enumerate(ds):
         try:
-            opts = ([str(row[f]) for f in mc["options"]] if isinstance(mc["options"], list)
-                    else [str(o) for o in _field(row, mc["options"])])
+            opts = (
+                [str(row[f]) for f in mc["options"]]
+                if isinstance(mc["options"], list)
+                else [str(o) for o in _field(row, mc["options"])]
+            )
             answer = _field(row, mc["answer"])
             keys = _field(row, mc["option_keys"]) if "option_keys" in mc else None
         except (KeyError, TypeError):
-            raise UsageError(f"task '{name}': row {i} lacks a multiple_choice field ({mc}); "
-                             f"columns: {', '.join(ds.column_names)}") from None
+            raise UsageError(
+                f"task '{name}': row {i} lacks a multiple_choice field ({mc}); columns: {', '.join(ds.column_names)}"
+            ) from None
         if keys is not None:
             index = list(keys).index(answer) if answer in keys else -1
         else:
@@ -201,7 +213,9 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
         if role not in ROLES:
             raise UsageError(f"task '{name}': unknown split role '{role}'; accepted: {', '.join(ROLES)}")
     if mapping["train"] not in dsd:
-        raise UsageError(f"task '{name}': dataset has no split '{mapping['train']}' for train; splits: {', '.join(dsd)}")
+        raise UsageError(
+            f"task '{name}': dataset has no split '{mapping['train']}' for train; splits: {', '.join(dsd)}"
+        )
     label_field = spec.get("label_field", "label")
     train_ds = dsd[mapping["train"]]
     multiple_choice = "multiple_choice" in spec
@@ -210,7 +224,9 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
         to_split = partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols)
         return _assemble(name, [], dsd, mapping, to_split)
     if label_field not in train_ds.column_names:
-        raise UsageError(f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}")
+        raise UsageError(
+            f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}"
+        )
     names = _label_names(name, train_ds, label_field, spec)
     words = [str(w) for w in spec.get("label_words", names)]
     if len(words) != len(names):
@@ -241,7 +257,9 @@ def _assemble(name: str, words: list[str], dsd, mapping: dict[str, str], to_spli
         for role, idx in cuts.items():
             splits[role] = whole.subset(idx)
         provenance["carved"] = {
-            "from": mapping["train"], "roles": missing, "seed": CARVE_SEED,
+            "from": mapping["train"],
+            "roles": missing,
+            "seed": CARVE_SEED,
             "sizes": {r: int(len(i)) for r, i in cuts.items()},
         }
     for role, split in splits.items():
@@ -249,6 +267,8 @@ def _assemble(name: str, words: list[str], dsd, mapping: dict[str, str], to_spli
             raise UsageError(f"task '{name}': split '{role}' is empty")
         empty = [i for i, t in enumerate(split.texts) if not t.strip()]
         if empty:  # an empty input makes a prompt of separators only; better fixed in the data than guessed
-            raise UsageError(f"task '{name}': split '{role}' has {len(empty)} empty text(s), first at row {empty[0]}; "
-                             "accepted: non-empty text fields (remove or fill those rows)")
+            raise UsageError(
+                f"task '{name}': split '{role}' has {len(empty)} empty text(s), first at row {empty[0]}; "
+                "accepted: non-empty text fields (remove or fill those rows)"
+            )
     return Task(name=name, label_words=words, splits=splits, provenance=provenance)

@@ -3,6 +3,7 @@
 They exist for tests and the offline smoke run: every architecture ivlib supports can be built
 in a second, deterministically, and exercised through the same code as a real checkpoint.
 """
+
 from __future__ import annotations
 
 import string
@@ -15,8 +16,26 @@ SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]
 CONTEXT = 1024  # whitespace is a token here, so prompts run about twice as long as with BPE
 # label words of the registry's tasks, so tiny models can run them on local fixture data
 # without the character fallback making labels collide (Sports / Sci/Tech)
-LABEL_WORDS = ["World", "Sports", "Business", "Sci", "Tech", "negative", "positive", "neutral", "terrible",
-               "great", "neg", "pos", "Abbreviation", "Entity", "Description", "Person", "Location", "Number"]
+LABEL_WORDS = [
+    "World",
+    "Sports",
+    "Business",
+    "Sci",
+    "Tech",
+    "negative",
+    "positive",
+    "neutral",
+    "terrible",
+    "great",
+    "neg",
+    "pos",
+    "Abbreviation",
+    "Entity",
+    "Description",
+    "Person",
+    "Location",
+    "Number",
+]
 
 
 def build_tokenizer(extra_words: list[str] | None = None):
@@ -45,19 +64,39 @@ def tiny_config(arch: str, vocab_size: int):
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=0)
-    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=CONTEXT, **common)
+    llama_like = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        **common,
+    )
     configs = {
         "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, **common),
         "gptj": lambda: tf.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=CONTEXT, **common),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, max_position_embeddings=CONTEXT, **common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=CONTEXT,
+            **common,
+        ),
         "llama": lambda: tf.LlamaConfig(**llama_like),
         "qwen2": lambda: tf.Qwen2Config(**llama_like),
         "mistral": lambda: tf.MistralConfig(**llama_like),
         "gemma": lambda: tf.GemmaConfig(head_dim=16, **llama_like),
-        "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                    word_embed_proj_dim=64, max_position_embeddings=CONTEXT, **common),
+        "opt": lambda: tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=CONTEXT,
+            **common,
+        ),
     }
     if arch not in configs:
         raise KeyError(arch)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models built from configs and the built-in task (no download)."""
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,9 @@ TASK_SPEC = {"builtin": "review_sentiment", "label_words": ["bad", "good"]}
 
 def wrap(arch: str) -> LoadedModel:
     model, tok = build_tiny(arch)
-    return LoadedModel(f"tiny-{arch}", model, tok, discover_layout(model), torch.device("cpu"),
-                       torch.float32, "test", add_bos=True)
+    return LoadedModel(
+        f"tiny-{arch}", model, tok, discover_layout(model), torch.device("cpu"), torch.float32, "test", add_bos=True
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """Bad input: exit code 2, one line naming the problem, and the results file left as it was."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -33,16 +34,26 @@ def _no_label_parquet(tmp):
 def _parquet_task(tmp, frame, files="train"):
     path = tmp / "data.parquet"
     frame.to_parquet(path)
-    return _yaml(tmp, f"models:\n  tiny-gpt2: {{builtin: tiny-gpt2}}\ntasks:\n  t: {{data_files: {{{files}: {path}}}}}\n")
+    return _yaml(
+        tmp, f"models:\n  tiny-gpt2: {{builtin: tiny-gpt2}}\ntasks:\n  t: {{data_files: {{{files}: {path}}}}}\n"
+    )
 
 
 def _labelled(texts):
-    return pd.DataFrame({"text": texts, "label": [i % 2 for i in range(len(texts))],
-                         "label_text": [["neg", "pos"][i % 2] for i in range(len(texts))]})
+    return pd.DataFrame(
+        {
+            "text": texts,
+            "label": [i % 2 for i in range(len(texts))],
+            "label_text": [["neg", "pos"][i % 2] for i in range(len(texts))],
+        }
+    )
 
 
 def _vectors_for_another_task(tmp):
-    cfg = _yaml(tmp, "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  other_reviews: {builtin: review_sentiment, label_words: [bad, good]}\n")
+    cfg = _yaml(
+        tmp,
+        "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  other_reviews: {builtin: review_sentiment, label_words: [bad, good]}\n",
+    )
     vec = tmp / "other.safetensors"
     argv = _replace(_replace(GOOD, "-c", cfg), "-t", "other_reviews")
     assert main(argv + ["-s", "1", "--save-vectors", str(vec), "--results", str(tmp / "other.jsonl")]) == 0
@@ -51,7 +62,10 @@ def _vectors_for_another_task(tmp):
 
 def _vectors_fitted_otherwise(tmp):
     vec = tmp / "a1.safetensors"
-    assert main(GOOD + ["-s", "1", "--ext-strength", "0.7", "--save-vectors", str(vec), "--results", str(tmp / "f.jsonl")]) == 0
+    assert (
+        main(GOOD + ["-s", "1", "--ext-strength", "0.7", "--save-vectors", str(vec), "--results", str(tmp / "f.jsonl")])
+        == 0
+    )
     return GOOD + ["-s", "1", "--ext-strength", "0.5", "--load-vectors", str(vec)]
 
 
@@ -66,10 +80,15 @@ CASES = {
     "unknown task": (lambda t: _replace(GOOD, "-t", "nope_task"), "'nope_task'"),
     "missing config": (lambda t: _replace(GOOD, "-c", str(t / "absent.yaml")), "absent.yaml"),
     "malformed yaml": (lambda t: _replace(GOOD, "-c", _yaml(t, "models: [unclosed\n")), "not valid YAML"),
-    "unknown model key": (lambda t: _replace(GOOD, "-c", _yaml(t, "models:\n  x: {path: a, foo: 1}\n")), "models.x.foo"),
+    "unknown model key": (
+        lambda t: _replace(GOOD, "-c", _yaml(t, "models:\n  x: {path: a, foo: 1}\n")),
+        "models.x.foo",
+    ),
     "unknown top key": (lambda t: _replace(GOOD, "-c", _yaml(t, "modles: {}\n")), "'modles'"),
-    "missing model path": (lambda t: _replace(_replace(GOOD, "-c", _yaml(t, "models:\n  ghost: /nonexistent/dir\n")),
-                                              "-m", "ghost"), "/nonexistent/dir"),
+    "missing model path": (
+        lambda t: _replace(_replace(GOOD, "-c", _yaml(t, "models:\n  ghost: /nonexistent/dir\n")), "-m", "ghost"),
+        "/nonexistent/dir",
+    ),
     "ext-shot too large": (lambda t: GOOD + ["-s", "100000"], "--ext-shot 100000"),
     "shot too large": (lambda t: GOOD + ["--shot", "100000"], "--shot 100000"),
     "zero episodes": (lambda t: _replace(GOOD, "-e", "0"), "--episodes 0"),
@@ -78,37 +97,80 @@ CASES = {
     "strength nan": (lambda t: GOOD + ["--strength", "nan"], "--strength nan"),
     "unknown method": (lambda t: GOOD + ["--method", "bogus"], "'bogus'"),
     "unknown flag": (lambda t: GOOD + ["--bogus-flag"], "--bogus-flag"),
-    "colliding labels": (lambda t: _replace(GOOD, "-c", _yaml(
-        t, "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  review_sentiment: "
-           "{builtin: review_sentiment, label_words: [goodish, good]}\n")), "'good'"),
+    "colliding labels": (
+        lambda t: _replace(
+            GOOD,
+            "-c",
+            _yaml(
+                t,
+                "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  review_sentiment: "
+                "{builtin: review_sentiment, label_words: [goodish, good]}\n",
+            ),
+        ),
+        "'good'",
+    ),
     "missing vectors file": (lambda t: GOOD + ["--load-vectors", str(t / "none.safetensors")], "none.safetensors"),
-    "vectors for a stateless method": (lambda t: GOOD + ["--method", "icl", "--save-vectors", str(t / "v.st")], "'icl'"),
-    "results under a file": (lambda t: _replace(GOOD + ["--results", "x"], "--results", str(t / "runs.jsonl" / "x.jsonl")),
-                             "runs.jsonl"),
+    "vectors for a stateless method": (
+        lambda t: GOOD + ["--method", "icl", "--save-vectors", str(t / "v.st")],
+        "'icl'",
+    ),
+    "results under a file": (
+        lambda t: _replace(GOOD + ["--results", "x"], "--results", str(t / "runs.jsonl" / "x.jsonl")),
+        "runs.jsonl",
+    ),
     "no such gpu": (lambda t: GOOD + ["-g", "99"], "-g 99"),
     "device map on cpu": (lambda t: GOOD + ["--device-map", "balanced"], "--device-map"),
-    "task without label column": (lambda t: _replace(_replace(GOOD, "-c", _no_label_parquet(t)), "-t", "nolabel"),
-                                  "'label'"),
+    "task without label column": (
+        lambda t: _replace(_replace(GOOD, "-c", _no_label_parquet(t)), "-t", "nolabel"),
+        "'label'",
+    ),
     "yaml entry of the wrong type": (lambda t: _replace(GOOD, "-c", _yaml(t, "models:\n  x: 5\n")), "models.x"),
-    "yaml label_words of the wrong length": (lambda t: _replace(GOOD, "-c", _yaml(
-        t, "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  review_sentiment: "
-           "{builtin: review_sentiment, label_words: [bad]}\n")), "label_words"),
-    "dataset without a train split": (lambda t: _replace(_replace(GOOD, "-c", _parquet_task(
-        t, _labelled([f"row {i}" for i in range(20)]), files="validation")), "-t", "t"), "'train'"),
-    "empty text field": (lambda t: _replace(_replace(GOOD, "-c", _parquet_task(
-        t, _labelled([f"row {i}" if i != 5 else "  " for i in range(40)]))), "-t", "t"), "empty text"),
+    "yaml label_words of the wrong length": (
+        lambda t: _replace(
+            GOOD,
+            "-c",
+            _yaml(
+                t,
+                "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n  review_sentiment: "
+                "{builtin: review_sentiment, label_words: [bad]}\n",
+            ),
+        ),
+        "label_words",
+    ),
+    "dataset without a train split": (
+        lambda t: _replace(
+            _replace(GOOD, "-c", _parquet_task(t, _labelled([f"row {i}" for i in range(20)]), files="validation")),
+            "-t",
+            "t",
+        ),
+        "'train'",
+    ),
+    "empty text field": (
+        lambda t: _replace(
+            _replace(GOOD, "-c", _parquet_task(t, _labelled([f"row {i}" if i != 5 else "  " for i in range(40)]))),
+            "-t",
+            "t",
+        ),
+        "empty text",
+    ),
     "vectors from another task": (_vectors_for_another_task, "task='other_reviews'"),
     "results file that is not JSONL": (_not_jsonl, "table.csv"),
     "non-writable results directory": (lambda t: GOOD + ["--results", "/proc/1/runs.jsonl"], "not writable"),
     "dt with too few steps": (lambda t: GOOD + ["--method", "dt", "--dt-steps", "0"], "--dt-steps 0"),
-    "vectors path under a file": (lambda t: GOOD + ["--save-vectors", str(t / "runs.jsonl" / "v.safetensors")],
-                                  "is a file, not a directory"),
+    "vectors path under a file": (
+        lambda t: GOOD + ["--save-vectors", str(t / "runs.jsonl" / "v.safetensors")],
+        "is a file, not a directory",
+    ),
     "vectors path is a directory": (lambda t: GOOD + ["--save-vectors", str(t)], "is a directory"),
     "loaded vectors fitted with another a1": (_vectors_fitted_otherwise, "--ext-strength 0.7; this command gives 0.5"),
-    "dt shifted past the position table": (lambda t: GOOD + ["--method", "dt", "--shot", "14", "--dt-steps", "2",
-                                                             "--select-episodes", "2"], "--dt-positions pinned"),
-    "unknown builtin model": (lambda t: _replace(_replace(GOOD, "-c", _yaml(t, "models:\n  m: {builtin: tiny-rwkv}\n")),
-                                                 "-m", "m"), "tiny-rwkv"),
+    "dt shifted past the position table": (
+        lambda t: GOOD + ["--method", "dt", "--shot", "14", "--dt-steps", "2", "--select-episodes", "2"],
+        "--dt-positions pinned",
+    ),
+    "unknown builtin model": (
+        lambda t: _replace(_replace(GOOD, "-c", _yaml(t, "models:\n  m: {builtin: tiny-rwkv}\n")), "-m", "m"),
+        "tiny-rwkv",
+    ),
 }
 
 
@@ -135,8 +197,13 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, monkeypatch, capsys):
 
 
 def test_real_process_exit_code_and_clean_stderr(tmp_path):
-    proc = subprocess.run([sys.executable, "iv.py", *_replace(GOOD, "-m", "nope"), "--results", str(tmp_path / "r")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "iv.py", *_replace(GOOD, "-m", "nope"), "--results", str(tmp_path / "r")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("iv.py: error: unknown model 'nope'")
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
 """--batch-size auto: halve on out-of-memory and carry on, with the same results as a fixed size."""
+
 import json
 
 import pytest
@@ -17,7 +18,8 @@ def _prompts(encoder, task, n=23):
 def test_out_of_memory_halves_the_batch_and_gives_the_same_scores(lm, encoder, task):
     prompts = _prompts(encoder, task)
     reference = Scorer(lm, encoder.label_ids, 4, quiet=True).run_batched(
-        prompts, lambda b: Scorer(lm, encoder.label_ids, 4).label_scores(b), "ref")
+        prompts, lambda b: Scorer(lm, encoder.label_ids, 4).label_scores(b), "ref"
+    )
     scorer = Scorer(lm, encoder.label_ids, 32, quiet=True, shrink_on_oom=True)
     sizes = []
 
@@ -45,8 +47,28 @@ def test_fixed_batch_size_out_of_memory_is_a_clear_error(lm, encoder, task):
 
 def test_cli_auto_on_cpu_uses_the_cpu_default_and_records_it(tmp_path, monkeypatch):
     out = tmp_path / "runs.jsonl"
-    assert main(["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "icl",
-                 "-n", "6", "--batch-size", "auto", "--quiet", "--results", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-c",
+                "config/tiny.yaml",
+                "-m",
+                "tiny-gpt2",
+                "-t",
+                "review_sentiment",
+                "--method",
+                "icl",
+                "-n",
+                "6",
+                "--batch-size",
+                "auto",
+                "--quiet",
+                "--results",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["batch_size_requested"] == "auto" and record["batch_size"] == 16
 

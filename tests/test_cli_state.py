@@ -1,4 +1,5 @@
 """Runs of the CLI in-process: records, and reusing a saved extraction."""
+
 import json
 from pathlib import Path
 
@@ -6,8 +7,21 @@ from ivlib.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
-BASE = ["-c", "config/tiny.yaml", "-t", "review_sentiment", "-s", "1", "-e", "6", "-n", "30", "--quiet",
-        "--batch-size", "8"]
+BASE = [
+    "-c",
+    "config/tiny.yaml",
+    "-t",
+    "review_sentiment",
+    "-s",
+    "1",
+    "-e",
+    "6",
+    "-n",
+    "30",
+    "--quiet",
+    "--batch-size",
+    "8",
+]
 
 
 def _records(path):
@@ -56,8 +70,13 @@ def test_loaded_vectors_record_the_settings_they_were_fitted_with(tmp_path, monk
     assert main(base + ["-m", "tiny-gpt2", "--results", str(results), "--save-vectors", str(vectors)] + fit_flags) == 0
     assert main(base + ["-m", "tiny-gpt2", "--results", str(results), "--load-vectors", str(vectors)]) == 0
     fitted, loaded = _records(results)
-    for key, value in (("ext_shot", 1), ("ext_strength", 0.7), ("ext_batch", 2), ("episodes", 6),
-                       ("max_example_tokens", 64)):
+    for key, value in (
+        ("ext_shot", 1),
+        ("ext_strength", 0.7),
+        ("ext_batch", 2),
+        ("episodes", 6),
+        ("max_example_tokens", 64),
+    ):
         assert fitted["hyperparameters"][key] == loaded["hyperparameters"][key] == value, key
     assert loaded["metrics"] == fitted["metrics"]
     assert main(base + ["-m", "tiny-gpt2", "--results", str(results), "--load-vectors", str(vectors), "--resume"]) == 0
@@ -67,7 +86,25 @@ def test_loaded_vectors_record_the_settings_they_were_fitted_with(tmp_path, monk
 def test_dt_records_no_training_episodes(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     results = tmp_path / "runs.jsonl"
-    assert main(BASE + ["-m", "tiny-gpt2", "--method", "dt", "--dt-steps", "2", "--select-episodes", "4", "-e", "7",
-                        "--results", str(results)]) == 0
-    record, = _records(results)
+    assert (
+        main(
+            BASE
+            + [
+                "-m",
+                "tiny-gpt2",
+                "--method",
+                "dt",
+                "--dt-steps",
+                "2",
+                "--select-episodes",
+                "4",
+                "-e",
+                "7",
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
+    (record,) = _records(results)
     assert record["n_fit_episodes"] == 0 and record["hyperparameters"]["select_episodes"] == 4

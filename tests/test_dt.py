@@ -1,4 +1,5 @@
 """Deep-Thinking: step 1 is plain ICL, the update rule's invariants, batching, and the CLI record."""
+
 import json
 
 import pytest
@@ -22,8 +23,7 @@ def _batch(lm, encoder, task, n=4, shot=1, seed=5):
 def test_step_one_equals_plain_icl(lm, encoder, task):
     scorer, _, batch = _batch(lm, encoder, task, shot=2)
     dt = DeepThinking(steps=1)
-    torch.testing.assert_close(dt.step_scores(scorer, batch, 1)[:, 0], scorer.label_scores(batch),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dt.step_scores(scorer, batch, 1)[:, 0], scorer.label_scores(batch), atol=1e-4, rtol=1e-4)
 
 
 def test_eta_zero_keeps_every_step_at_step_one(lm, encoder, task):
@@ -101,9 +101,29 @@ def test_fit_picks_the_best_step_on_validation(lm, encoder, task):
 
 def test_cli_dt_record_has_the_curve_and_step(tmp_path, capsys):
     out = tmp_path / "runs.jsonl"
-    rc = main(["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "dt",
-               "--dt-steps", "3", "--select-episodes", "8", "-n", "8", "--batch-size", "4", "--quiet",
-               "--results", str(out)])
+    rc = main(
+        [
+            "-c",
+            "config/tiny.yaml",
+            "-m",
+            "tiny-llama",
+            "-t",
+            "review_sentiment",
+            "--method",
+            "dt",
+            "--dt-steps",
+            "3",
+            "--select-episodes",
+            "8",
+            "-n",
+            "8",
+            "--batch-size",
+            "4",
+            "--quiet",
+            "--results",
+            str(out),
+        ]
+    )
     assert rc == 0
     record = json.loads(out.read_text())
     assert record["method"] == "dt" and len(record["fit"]["curve"]) == 3
@@ -113,8 +133,22 @@ def test_cli_dt_record_has_the_curve_and_step(tmp_path, capsys):
 
 
 def test_cli_dt_refuses_zero_shot(tmp_path, capsys):
-    rc = main(["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "dt",
-               "--shot", "0", "--results", str(tmp_path / "r.jsonl")])
+    rc = main(
+        [
+            "-c",
+            "config/tiny.yaml",
+            "-m",
+            "tiny-llama",
+            "-t",
+            "review_sentiment",
+            "--method",
+            "dt",
+            "--shot",
+            "0",
+            "--results",
+            str(tmp_path / "r.jsonl"),
+        ]
+    )
     assert rc == 2 and "--shot 0" in capsys.readouterr().err
 
 

@@ -1,4 +1,5 @@
 """Function Vectors: cached indirect effects equal plain patched forwards; the edit changes logits."""
+
 import contextlib
 import json
 from functools import partial
@@ -35,8 +36,9 @@ def _plain_effect(lm, encoder, fv, prompt, layer, head):
         def pre(mod, args):
             x = args[0].clone()
             if patch:
-                x[0, last, head * hd:(head + 1) * hd] = fv.mean_act[layer, head]
+                x[0, last, head * hd : (head + 1) * hd] = fv.mean_act[layer, head]
             return (x,)
+
         handle = lm.layout.attn_out[layer].register_forward_pre_hook(pre)
         try:
             with torch.no_grad():
@@ -74,7 +76,7 @@ def test_vector_is_the_sum_of_projected_head_means_and_changes_logits(lm, encode
     expected = torch.zeros(lm.layout.d_model)
     for layer, head in fv.heads:
         x = torch.zeros(1, lm.layout.n_heads * hd)
-        x[0, head * hd:(head + 1) * hd] = fv.mean_act[layer, head]
+        x[0, head * hd : (head + 1) * hd] = fv.mean_act[layer, head]
         with torch.no_grad():
             expected += lm.layout.attn_out[layer](x)[0]
     torch.testing.assert_close(fv.vector, expected, atol=1e-5, rtol=1e-5)
@@ -106,8 +108,29 @@ def test_default_head_count_rule():
 def test_fv_through_the_cli_records_heads_and_reloads(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     results, state = tmp_path / "runs.jsonl", tmp_path / "fv.safetensors"
-    argv = ["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "fv", "-s", "1",
-            "-e", "6", "--ie-episodes", "4", "--n-top-heads", "3", "-n", "20", "--quiet", "--results", str(results)]
+    argv = [
+        "-c",
+        "config/tiny.yaml",
+        "-m",
+        "tiny-gpt2",
+        "-t",
+        "review_sentiment",
+        "--method",
+        "fv",
+        "-s",
+        "1",
+        "-e",
+        "6",
+        "--ie-episodes",
+        "4",
+        "--n-top-heads",
+        "3",
+        "-n",
+        "20",
+        "--quiet",
+        "--results",
+        str(results),
+    ]
     assert main(argv + ["--save-vectors", str(state)]) == 0
     assert main(argv + ["--load-vectors", str(state)]) == 0
     fitted, loaded = [json.loads(line) for line in results.read_text().splitlines()]
@@ -151,8 +174,11 @@ def test_last_token_edits_write_one_slot_of_a_preallocated_prefix_cache(lm, enco
         return made[-1]
 
     monkeypatch.setattr(Scorer, "_repeated_cache", spy)
-    edits = [(1, contextlib.nullcontext), (4, partial(fv._patch_heads, scorer, 3, 1, [0, 1, 2, 3])),
-             (4, partial(fv._patch_heads, scorer, 3, 0, [0, 1, 2, 3]))]
+    edits = [
+        (1, contextlib.nullcontext),
+        (4, partial(fv._patch_heads, scorer, 3, 1, [0, 1, 2, 3])),
+        (4, partial(fv._patch_heads, scorer, 3, 0, [0, 1, 2, 3])),
+    ]
     in_place = scorer.last_token_groups(batch, edits)
     assert [type(c.layers[0]).__name__ for c in made] == ["_SlotLayer", "_SlotLayer"]  # one per repeat count, reused
     keys = made[1].layers[0].keys  # [B * 4, kv_heads, cut + 1, head_dim]
@@ -198,7 +224,7 @@ def test_head_search_out_of_memory_halves_the_rows_per_forward_not_the_batch(gpt
     scorer = Scorer(gpt2, encoder.label_ids, 3, quiet=True)  # a fixed batch size: it must stay 3
     effects = fv.indirect_effects(scorer, trials)
     assert scorer.batch_size == 3 and fv.rows_per_forward == 8  # 128 -> 64 -> 32 -> 16 -> 8: 2 heads x 3 rows
-    assert max(seen) == 12 and 6 in seen and all(r <= 6 for r in seen[seen.index(6):])
+    assert max(seen) == 12 and 6 in seen and all(r <= 6 for r in seen[seen.index(6) :])
     torch.testing.assert_close(effects, expected, atol=1e-6, rtol=1e-5)
 
     _fits_rows(monkeypatch, 2, seen)  # not even one head per row of the batch: the batch must shrink
@@ -216,12 +242,32 @@ def test_resume_skips_an_fv_run_whose_head_count_comes_from_the_default_rule(tmp
     """The record keeps the head count as asked (None: the ~2% rule), so the same command matches it."""
     monkeypatch.chdir(REPO)
     results = tmp_path / "runs.jsonl"
-    argv = ["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "fv", "-s", "1",
-            "-e", "4", "--ie-episodes", "2", "-n", "10", "--quiet", "--results", str(results), "--resume"]
+    argv = [
+        "-c",
+        "config/tiny.yaml",
+        "-m",
+        "tiny-gpt2",
+        "-t",
+        "review_sentiment",
+        "--method",
+        "fv",
+        "-s",
+        "1",
+        "-e",
+        "4",
+        "--ie-episodes",
+        "2",
+        "-n",
+        "10",
+        "--quiet",
+        "--results",
+        str(results),
+        "--resume",
+    ]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(argv) == 0
     assert "skipped (--resume)" in capsys.readouterr().out
-    record, = [json.loads(line) for line in results.read_text().splitlines()]
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
     assert record["hyperparameters"]["n_top_heads"] is None
     assert len(record["fit"]["top_heads"]) == default_top_heads(2, 4)

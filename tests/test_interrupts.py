@@ -1,5 +1,6 @@
 """SIGINT / SIGTERM mid-run: every results line parses, the vectors file is whole or absent, the
 message says what was saved, and --resume finishes the job."""
+
 import json
 import signal
 import subprocess
@@ -15,9 +16,31 @@ STRENGTHS = ["0.1", "0.3", "0.5", "0.7", "0.9"]
 
 
 def _argv(results, vectors, episodes="20", n="400"):
-    return [sys.executable, "iv.py", "-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment",
-            "-s", "1", "-e", episodes, "-n", n, "--batch-size", "4", "--quiet", "--results", str(results),
-            "--save-vectors", str(vectors), "--strength", *STRENGTHS]
+    return [
+        sys.executable,
+        "iv.py",
+        "-c",
+        "config/tiny.yaml",
+        "-m",
+        "tiny-gpt2",
+        "-t",
+        "review_sentiment",
+        "-s",
+        "1",
+        "-e",
+        episodes,
+        "-n",
+        n,
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--results",
+        str(results),
+        "--save-vectors",
+        str(vectors),
+        "--strength",
+        *STRENGTHS,
+    ]
 
 
 def _lines(path):
@@ -32,8 +55,9 @@ def _check_vectors(vectors):
 
 def test_sigterm_during_evaluation_keeps_finished_records_and_resume_completes(tmp_path):
     results, vectors = tmp_path / "runs.jsonl", tmp_path / "iv.safetensors"
-    proc = subprocess.Popen(_argv(results, vectors), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        _argv(results, vectors), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not _lines(results):
         time.sleep(0.05)
@@ -47,8 +71,9 @@ def test_sigterm_during_evaluation_keeps_finished_records_and_resume_completes(t
     assert f"{len(written)} record(s) of this run written" in err and "vectors saved to" in err and "--resume" in err
     _check_vectors(vectors)
     assert vectors.exists()  # evaluation starts only after the vectors are saved
-    rerun = subprocess.run(_argv(results, vectors) + ["--resume"], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        _argv(results, vectors) + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(r["hyperparameters"]["strength"] for r in _lines(results)) == [float(a) for a in STRENGTHS]
 

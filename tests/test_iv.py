@@ -1,4 +1,5 @@
 """IV against a plain one-episode-at-a-time reference loop written from the paper's algorithm."""
+
 import torch
 
 from ivlib.episodes import sample_episodes
@@ -11,12 +12,14 @@ def _plain_reads(lm, ids, positions, adds=None):
     """One prompt, no padding: o_proj outputs at `positions` per layer, after adding adds[l] ([P, D])."""
     reads, handles = [], []
     for layer, module in enumerate(lm.layout.attn_out):
+
         def hook(mod, args, out, layer=layer):
             out = out.clone()
             if adds is not None:
                 out[0, positions] += adds[layer]
             reads.append(out[0, positions].clone())
             return out
+
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -38,8 +41,9 @@ def reference_extract(lm, encoder, episodes, a1, b):
         pos_read = _plain_reads(lm, pos.ids, pos.sep_pos, adds)  # [L, P, D]
         neg_read = _plain_reads(lm, neg.ids, neg.sep_pos)[:, -1:]  # [L, 1, D] at the separator itself
         delta = pos_read - neg_read
-        sample = torch.stack([delta[:, [j for j, c in enumerate(pos.sep_class) if c == k]].mean(1)
-                              for k in range(n_slots)], dim=1)  # [L, C+1, D]
+        sample = torch.stack(
+            [delta[:, [j for j, c in enumerate(pos.sep_class) if c == k]].mean(1) for k in range(n_slots)], dim=1
+        )  # [L, C+1, D]
         samples.append(sample)
         if b > 0 and i % b == 0:
             current = torch.stack(samples).mean(0)
@@ -101,10 +105,12 @@ def test_evaluation_adds_strength_times_vectors_at_every_separator(lm, encoder, 
         # reference: plain forward with the same edit, full logits at the last position
         handles = []
         for layer, module in enumerate(lm.layout.attn_out):
+
             def hook(mod, args, out, layer=layer):
                 out = out.clone()
                 out[0, p.sep_pos] += adds[layer]
                 return out
+
             handles.append(module.register_forward_hook(hook))
         with torch.no_grad():
             logits = lm.model(input_ids=torch.tensor([p.ids])).logits[0, -1]

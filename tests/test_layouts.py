@@ -1,9 +1,10 @@
 """Every supported family, as a tiny random model: layout found, edits exact, batching harmless."""
+
 import pytest
 import torch
+from conftest import wrap
 from torch import nn
 
-from conftest import wrap
 from ivlib.episodes import sample_episodes
 from ivlib.errors import UsageError
 from ivlib.hooks import edit_outputs, stack_reads

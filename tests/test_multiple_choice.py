@@ -1,4 +1,5 @@
 """Multiple-choice tasks: options scored as continuations, CommonsenseQA's schema from local files."""
+
 import json
 
 import numpy as np
@@ -23,10 +24,18 @@ def write_csqa(path, n=60, seed=0):
         for i in range(n):
             opts = list(rng.permutation(COLOURS))
             answer = int(rng.integers(0, 5))
-            f.write(json.dumps({"id": str(i), "question": f"Which colour is number {i} in the list of {opts[answer]}?",
-                                "question_concept": "colour",
-                                "choices": {"label": list("ABCDE"), "text": opts},
-                                "answerKey": "ABCDE"[answer] if i != 7 else ""}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": str(i),
+                        "question": f"Which colour is number {i} in the list of {opts[answer]}?",
+                        "question_concept": "colour",
+                        "choices": {"label": list("ABCDE"), "text": opts},
+                        "answerKey": "ABCDE"[answer] if i != 7 else "",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -81,8 +90,9 @@ def test_dt_step_one_equals_icl_on_options(lm, mc_task):
     eps = sample_episodes(mc_task.splits["validation"], 5, 2, 3, 2, "validation/eval")
     scorer = Scorer(lm, [], 3, quiet=True)
     batch = scorer.batch([encoder.encode(e) for e in eps])
-    torch.testing.assert_close(DeepThinking().step_scores(scorer, batch, 2)[:, 0], scorer.label_scores(batch),
-                               atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        DeepThinking().step_scores(scorer, batch, 2)[:, 0], scorer.label_scores(batch), atol=1e-3, rtol=1e-4
+    )
 
 
 def test_length_normalised_prediction():
@@ -98,17 +108,40 @@ def test_length_normalised_prediction():
 def mc_config(tmp_path):
     data = write_csqa(tmp_path / "csqa-train.jsonl")
     cfg = tmp_path / "mc.yaml"
-    cfg.write_text("models:\n  tiny-llama: {builtin: tiny-llama}\ntasks:\n  csqa-local:\n"
-                   f"    data_files: {{train: {data}}}\n"
-                   "    multiple_choice: {options: choices.text, option_keys: choices.label, answer: answerKey}\n")
+    cfg.write_text(
+        "models:\n  tiny-llama: {builtin: tiny-llama}\ntasks:\n  csqa-local:\n"
+        f"    data_files: {{train: {data}}}\n"
+        "    multiple_choice: {options: choices.text, option_keys: choices.label, answer: answerKey}\n"
+    )
     return str(cfg)
 
 
 @pytest.mark.parametrize("method", ["zero-shot", "icl", "dt"])
 def test_cli_runs_multiple_choice(mc_config, tmp_path, method):
     out = tmp_path / "runs.jsonl"
-    rc = main(["-c", mc_config, "-m", "tiny-llama", "-t", "csqa-local", "--method", method, "--dt-steps", "2",
-               "--select-episodes", "4", "-n", "6", "--batch-size", "3", "--quiet", "--results", str(out)])
+    rc = main(
+        [
+            "-c",
+            mc_config,
+            "-m",
+            "tiny-llama",
+            "-t",
+            "csqa-local",
+            "--method",
+            method,
+            "--dt-steps",
+            "2",
+            "--select-episodes",
+            "4",
+            "-n",
+            "6",
+            "--batch-size",
+            "3",
+            "--quiet",
+            "--results",
+            str(out),
+        ]
+    )
     assert rc == 0
     record = json.loads(out.read_text())
     assert record["task_kind"] == "multiple_choice"

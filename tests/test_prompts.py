@@ -23,8 +23,19 @@ def test_separator_positions_point_at_the_newline_before_each_answer(gpt2, task)
     assert p.sep_pos[-1] == len(p.ids) - 1
     assert p.sep_class == [1, 0, 2] and p.label == 1
     text = tok.decode(p.ids[1:])
-    assert text == "The food was great." + IO_SEP + "good" + EXAMPLE_SEP + "The plot was dull." + IO_SEP + "bad" \
-        + EXAMPLE_SEP + "The view was lovely." + IO_SEP
+    assert (
+        text
+        == "The food was great."
+        + IO_SEP
+        + "good"
+        + EXAMPLE_SEP
+        + "The plot was dull."
+        + IO_SEP
+        + "bad"
+        + EXAMPLE_SEP
+        + "The view was lovely."
+        + IO_SEP
+    )
 
 
 def test_no_bos_when_not_asked(gpt2, task):
@@ -63,7 +74,9 @@ def test_collate_left_pads_and_shifts_positions(gpt2, task):
     assert b.sep_rows.tolist() == [0, 1, 1, 1]
     assert b.sep_cols.tolist() == [short.sep_pos[0] + pad] + long.sep_pos
     assert (b.query_cols == width - 1).all()
-    assert torch.equal(b.input_ids[b.sep_rows, b.sep_cols], torch.tensor([short.ids[-1]] + [long.ids[i] for i in long.sep_pos]))
+    assert torch.equal(
+        b.input_ids[b.sep_rows, b.sep_cols], torch.tensor([short.ids[-1]] + [long.ids[i] for i in long.sep_pos])
+    )
 
 
 def test_a_batch_moves_as_one_packed_copy_per_dtype(gpt2, task):
@@ -95,8 +108,10 @@ def test_a_tokenizer_that_merges_two_separators_is_refused(gpt2, task, monkeypat
         second_sep = text.index("The plot was dull.") + len("The plot was dull.")
         offsets = list(out["offset_mapping"])
         n = next(i for i, (_, e) in enumerate(offsets) if e > second_sep)
-        return {"input_ids": [out["input_ids"][0]] + list(out["input_ids"][n + 1:]),
-                "offset_mapping": [(0, offsets[n][1])] + offsets[n + 1:]}
+        return {
+            "input_ids": [out["input_ids"][0]] + list(out["input_ids"][n + 1 :]),
+            "offset_mapping": [(0, offsets[n][1])] + offsets[n + 1 :],
+        }
 
     monkeypatch.setattr(enc, "_tokenize", merging)
     with pytest.raises(UsageError, match="merges two separators"):

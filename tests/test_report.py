@@ -1,4 +1,5 @@
 """The report from a crafted results file: bold cells, average row, daggers, CSV rows, real PNGs."""
+
 from __future__ import annotations
 
 import csv
@@ -18,15 +19,30 @@ BEST_IV = (4, 0.5, 0.3)  # ext_shot, strength, ext_strength
 
 
 def iv_hp(ext_shot: int, strength: float, ext_strength: float) -> dict:
-    return {"strength": strength, "ext_strength": ext_strength, "ext_batch": 10, "shot": 1,
-            "ext_shot": ext_shot, "episodes": 200, "max_example_tokens": 256}
+    return {
+        "strength": strength,
+        "ext_strength": ext_strength,
+        "ext_batch": 10,
+        "shot": 1,
+        "ext_shot": ext_shot,
+        "episodes": 200,
+        "max_example_tokens": 256,
+    }
 
 
 def rec(model: str, task: str, method: str, split: str, hp: dict, value: float) -> dict:
-    return {"method": method, "model": model, "task": task, "split": split, "hyperparameters": hp, "seed": 42,
-            "n_eval_episodes": 200, "time": "2026-11-24T17:00:00+00:00",
-            "metrics": {"macro": {"value": value, "ci_low": value - 0.05, "ci_high": value + 0.05}},
-            "command": ["-m", model, "-t", task, "--method", method]}
+    return {
+        "method": method,
+        "model": model,
+        "task": task,
+        "split": split,
+        "hyperparameters": hp,
+        "seed": 42,
+        "n_eval_episodes": 200,
+        "time": "2026-11-24T17:00:00+00:00",
+        "metrics": {"macro": {"value": value, "ci_low": value - 0.05, "ci_high": value + 0.05}},
+        "command": ["-m", model, "-t", task, "--method", method],
+    }
 
 
 def iv_grid(model: str, task: str, best: float) -> list[dict]:
@@ -81,8 +97,9 @@ def test_table_marks_the_known_best_in_bold(report):
     out, _ = report
     md = (out / "table.md").read_text()
     assert row(md, M1, "Task") == "| Task | zero-shot | icl | tv | iv |"
-    assert row(md, M1, RT) == ("| rotten_tomatoes-local | 50.0 [45.0, 55.0] | 60.0 [55.0, 65.0] | "
-                               "70.0† [65.0, 75.0] | **71.2** [66.2, 76.2] |")
+    assert row(md, M1, RT) == (
+        "| rotten_tomatoes-local | 50.0 [45.0, 55.0] | 60.0 [55.0, 65.0] | 70.0† [65.0, 75.0] | **71.2** [66.2, 76.2] |"
+    )
     assert "| **45.0** [40.0, 50.0] |" in row(md, M1, EMO)
     assert row(md, M1, AG) == "| ag_news | – | **80.0**† [75.0, 85.0] | – | – |"
     assert row(md, M1, "Average") == "| Average | 40.0 | 52.5 | 45.0 | **55.6** |"  # ag_news left out
@@ -98,8 +115,10 @@ def test_csv_has_one_row_per_cell(report):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["model", "task", "method", "split", "value", "ci_low", "ci_high", "setting"]
     assert sorted((r["model"], r["task"], r["method"]) for r in rows) == sorted(
-        [(M1, AG, "icl")] + [(M1, t, m) for t in (RT, EMO) for m in ("zero-shot", "icl", "tv", "iv")]
-        + [(M2, RT, m) for m in ("zero-shot", "icl", "iv")])
+        [(M1, AG, "icl")]
+        + [(M1, t, m) for t in (RT, EMO) for m in ("zero-shot", "icl", "tv", "iv")]
+        + [(M2, RT, m) for m in ("zero-shot", "icl", "iv")]
+    )
     iv = next(r for r in rows if (r["model"], r["task"], r["method"]) == (M1, RT, "iv"))
     assert iv["split"] == "test" and float(iv["value"]) == 0.712
     assert json.loads(iv["setting"]) == iv_hp(*BEST_IV)
@@ -107,6 +126,7 @@ def test_csv_has_one_row_per_cell(report):
 
 def test_pngs_are_real_images(report):
     import matplotlib.image
+
     out, paths = report
     expected = {f"heatmap_{safe_name(m)}_{safe_name(t)}.png" for m, t in [(M1, RT), (M1, EMO), (M1, AG), (M2, RT)]}
     expected |= {f"bars_{M1}.png", f"bars_{M2}.png"}
@@ -140,8 +160,10 @@ def test_cli_report_unknown_metric_is_a_one_line_error(tmp_path, capsys):
 def test_heatmap_cells_take_the_best_over_other_hyperparameters():
     from ivlib.report import heatmap_grids
     from ivlib.selection import score_records
-    runs = [rec(M1, RT, "iv", "validation", {**iv_hp(4, 0.5, 0.3), "ext_batch": b}, v)
-            for b, v in ((0, 0.6), (10, 0.7))]
+
+    runs = [
+        rec(M1, RT, "iv", "validation", {**iv_hp(4, 0.5, 0.3), "ext_batch": b}, v) for b, v in ((0, 0.6), (10, 0.7))
+    ]
     runs.append(rec(M1, RT, "iv", "validation", {"ext_shot": 4}, 0.9))  # no strengths: not placeable
     grids, merged = heatmap_grids(score_records(runs))
     assert grids == {4: {(0.5, 0.3): 0.7}} and merged

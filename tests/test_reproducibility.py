@@ -1,4 +1,5 @@
 """Same command, same record; batch size changes nothing; local model and data never touch the network."""
+
 import json
 import socket
 from pathlib import Path
@@ -12,8 +13,21 @@ from ivlib.tiny import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 VOLATILE = {"time", "timing_s", "eval_episodes_per_s", "command", "batch_size", "batch_size_requested"}
-RUN = ["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "-s", "2", "-e", "10", "-n", "40",
-       "--quiet"]
+RUN = [
+    "-c",
+    "config/tiny.yaml",
+    "-m",
+    "tiny-llama",
+    "-t",
+    "review_sentiment",
+    "-s",
+    "2",
+    "-e",
+    "10",
+    "-n",
+    "40",
+    "--quiet",
+]
 
 
 def _stable(record):
@@ -44,15 +58,23 @@ def test_local_model_and_data_run_with_the_network_cut(tmp_path, monkeypatch):
     model, tok = build_tiny("llama")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    texts = [f"The film was {w} {i}." for i in range(60) for w in ("great",)] + \
-            [f"The film was awful {i}." for i in range(60)]
-    pd.DataFrame({"text": texts, "label": [1] * 60 + [0] * 60,
-                  "label_text": ["positive"] * 60 + ["negative"] * 60}).to_parquet(tmp_path / "train.parquet")
+    texts = [f"The film was {w} {i}." for i in range(60) for w in ("great",)] + [
+        f"The film was awful {i}." for i in range(60)
+    ]
+    pd.DataFrame(
+        {"text": texts, "label": [1] * 60 + [0] * 60, "label_text": ["positive"] * 60 + ["negative"] * 60}
+    ).to_parquet(tmp_path / "train.parquet")
     cfg = tmp_path / "offline.yaml"
-    cfg.write_text(f"models:\n  local-llama: {tmp_path / 'model'}\n"
-                   f"tasks:\n  local-reviews: {{data_files: {{train: {tmp_path / 'train.parquet'}}}}}\n")
-    for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-                       ("HF_ENDPOINT", "http://127.0.0.1:9")):
+    cfg.write_text(
+        f"models:\n  local-llama: {tmp_path / 'model'}\n"
+        f"tasks:\n  local-reviews: {{data_files: {{train: {tmp_path / 'train.parquet'}}}}}\n"
+    )
+    for var, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_DATASETS_OFFLINE", "1"),
+        ("TRANSFORMERS_OFFLINE", "1"),
+        ("HF_ENDPOINT", "http://127.0.0.1:9"),
+    ):
         monkeypatch.setenv(var, value)
     attempts = []
 
@@ -65,7 +87,29 @@ def test_local_model_and_data_run_with_the_network_cut(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: refuse(None, address))
     out = tmp_path / "runs.jsonl"
     for method in ("icl", "iv"):
-        assert main(["-c", str(cfg), "-m", "local-llama", "-t", "local-reviews", "--method", method, "-s", "1",
-                     "-e", "6", "-n", "10", "--quiet", "--results", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "-c",
+                    str(cfg),
+                    "-m",
+                    "local-llama",
+                    "-t",
+                    "local-reviews",
+                    "--method",
+                    method,
+                    "-s",
+                    "1",
+                    "-e",
+                    "6",
+                    "-n",
+                    "10",
+                    "--quiet",
+                    "--results",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     assert attempts == []
     assert len(out.read_text().splitlines()) == 2

@@ -1,4 +1,5 @@
 """Selection on validation from a crafted results file: ties, re-runs, bad lines, test commands."""
+
 from __future__ import annotations
 
 import json
@@ -8,27 +9,70 @@ import pytest
 
 from ivlib import analyze
 from ivlib.errors import UsageError
-from ivlib.selection import (canonical, has_record, load_records, make_test_command, select_best,
-                             strip_eval_flags)
+from ivlib.selection import canonical, has_record, load_records, make_test_command, select_best, strip_eval_flags
 
 MODEL, TASK = "smollm2-135m", "rotten_tomatoes-local"
 
 
 def iv_hp(strength: float, ext_strength: float = 0.3) -> dict:
-    return {"strength": strength, "ext_strength": ext_strength, "ext_batch": 10, "shot": 1, "ext_shot": 4,
-            "episodes": 200, "max_example_tokens": 256}
+    return {
+        "strength": strength,
+        "ext_strength": ext_strength,
+        "ext_batch": 10,
+        "shot": 1,
+        "ext_shot": 4,
+        "episodes": 200,
+        "max_example_tokens": 256,
+    }
 
 
-def rec(method: str, hp: dict, value: float, ci_low: float, split: str = "validation",
-        time: str = "2026-11-24T17:00:00+00:00", task: str = TASK, metrics: dict | None = None) -> dict:
-    command = ["-c", "config/local.yaml", "-m", MODEL, "-t", task, "--method", method, "-s", "4",
-               "--strength", str(hp.get("strength", 0.5)), "-n", "200", "--quiet",
-               "--results", "old/runs.jsonl", "--load-vectors", "vec.safetensors"]
-    return {"method": method, "model": MODEL, "task": task, "split": split, "hyperparameters": hp,
-            "seed": 42, "n_eval_episodes": 200,
-            "metrics": metrics or {"macro": {"value": value, "ci_low": ci_low, "ci_high": value + 0.05},
-                                   "micro": {"value": value + 0.01, "ci_low": ci_low, "ci_high": value + 0.06}},
-            "command": command, "time": time}
+def rec(
+    method: str,
+    hp: dict,
+    value: float,
+    ci_low: float,
+    split: str = "validation",
+    time: str = "2026-11-24T17:00:00+00:00",
+    task: str = TASK,
+    metrics: dict | None = None,
+) -> dict:
+    command = [
+        "-c",
+        "config/local.yaml",
+        "-m",
+        MODEL,
+        "-t",
+        task,
+        "--method",
+        method,
+        "-s",
+        "4",
+        "--strength",
+        str(hp.get("strength", 0.5)),
+        "-n",
+        "200",
+        "--quiet",
+        "--results",
+        "old/runs.jsonl",
+        "--load-vectors",
+        "vec.safetensors",
+    ]
+    return {
+        "method": method,
+        "model": MODEL,
+        "task": task,
+        "split": split,
+        "hyperparameters": hp,
+        "seed": 42,
+        "n_eval_episodes": 200,
+        "metrics": metrics
+        or {
+            "macro": {"value": value, "ci_low": ci_low, "ci_high": value + 0.05},
+            "micro": {"value": value + 0.01, "ci_low": ci_low, "ci_high": value + 0.06},
+        },
+        "command": command,
+        "time": time,
+    }
 
 
 def crafted_lines() -> list[str]:
@@ -37,19 +81,20 @@ def crafted_lines() -> list[str]:
     no_metrics = rec("iv", iv_hp(0.1), 0.99, 0.9)
     del no_metrics["metrics"]
     records = [
-        rec("iv", iv_hp(0.5), 0.60, 0.50),                                   # 1: tie on value ...
-        rec("iv", iv_hp(0.3), 0.60, 0.55),                                   # 2: ... won by ci_low
+        rec("iv", iv_hp(0.5), 0.60, 0.50),  # 1: tie on value ...
+        rec("iv", iv_hp(0.3), 0.60, 0.55),  # 2: ... won by ci_low
         rec("iv", iv_hp(0.7), 0.90, 0.85, time="2026-11-24T10:00:00+00:00"),  # 3: superseded by line 7
-        None,                                                               # 4: corrupt
-        rec("iv", iv_hp(0.9), 0.99, 0.98, split="test"),                     # 5: test: never selected
-        no_metrics,                                                         # 6: skipped with warning
+        None,  # 4: corrupt
+        rec("iv", iv_hp(0.9), 0.99, 0.98, split="test"),  # 5: test: never selected
+        no_metrics,  # 6: skipped with warning
         rec("iv", iv_hp(0.7), 0.40, 0.35, time="2026-11-24T12:00:00+00:00"),  # 7: the re-run wins
-        rec("icl", icl_hp, 0.55, 0.45),                                      # 8
-        rec("icl", {**icl_hp, "shot": 2}, 0.58, 0.40),                       # 9: best icl
-        rec("tv", {"layer": 3, "shot": 1}, 0.50, 0.40),                      # 10: exact tie with 11 ...
-        rec("tv", {"layer": 2, "shot": 1}, 0.50, 0.40),                      # 11: ... alphabetically first wins
-        rec("icl", icl_hp, 0.0, 0.0, task="mc-task",
-            metrics={"accuracy": {"value": 0.7, "ci_low": 0.6, "ci_high": 0.8}}),  # 12: accuracy fallback
+        rec("icl", icl_hp, 0.55, 0.45),  # 8
+        rec("icl", {**icl_hp, "shot": 2}, 0.58, 0.40),  # 9: best icl
+        rec("tv", {"layer": 3, "shot": 1}, 0.50, 0.40),  # 10: exact tie with 11 ...
+        rec("tv", {"layer": 2, "shot": 1}, 0.50, 0.40),  # 11: ... alphabetically first wins
+        rec(
+            "icl", icl_hp, 0.0, 0.0, task="mc-task", metrics={"accuracy": {"value": 0.7, "ci_low": 0.6, "ci_high": 0.8}}
+        ),  # 12: accuracy fallback
     ]
     return ['{"method": "iv", "model": "cut off' if r is None else json.dumps(r) for r in records]
 
@@ -81,8 +126,11 @@ def test_the_latest_rerun_replaces_the_earlier_one(results):
     records = load_records(results)
     assert select_best(records)[0].best.value != 0.90
     # with the re-run removed, the superseded high score would have won: the test is not vacuous
-    without_rerun = [r for r in records
-                     if not (r["hyperparameters"].get("strength") == 0.7 and r["metrics"]["macro"]["value"] == 0.40)]
+    without_rerun = [
+        r
+        for r in records
+        if not (r["hyperparameters"].get("strength") == 0.7 and r["metrics"]["macro"]["value"] == 0.40)
+    ]
     assert {c.key: c for c in select_best(without_rerun)}[MODEL, TASK, "iv"].best.value == 0.90
 
 
@@ -120,8 +168,9 @@ def test_test_command_reruns_on_test_without_loaded_vectors(results):
 
 
 def test_strip_eval_flags_handles_equals_and_glued_forms():
-    assert strip_eval_flags(["-m", "x", "--results=a.jsonl", "-n5", "--eval-episodes", "9", "--run-test",
-                             "--save-vectors=v", "--shot", "2"]) == ["-m", "x", "--shot", "2"]
+    assert strip_eval_flags(
+        ["-m", "x", "--results=a.jsonl", "-n5", "--eval-episodes", "9", "--run-test", "--save-vectors=v", "--shot", "2"]
+    ) == ["-m", "x", "--shot", "2"]
 
 
 def test_has_record_compares_canonical_settings(results):
@@ -142,13 +191,16 @@ def test_cli_select_prints_best_and_commands(results, capsys):
     assert len(commands) == 4 and all("--run-test" in c and "--load-vectors" not in c for c in commands)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["select", "--results", "{missing}"], "does not exist"),
-    (["select", "--results", "{results}", "--metric", "f2"], "--metric 'f2' is unknown; accepted: macro"),
-    (["report", "--results", "{empty}"], "holds no valid run records"),
-    (["select"], "the following arguments are required: --results; accepted:"),
-    (["frobnicate"], "unknown subcommand 'frobnicate'; accepted: select, report"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["select", "--results", "{missing}"], "does not exist"),
+        (["select", "--results", "{results}", "--metric", "f2"], "--metric 'f2' is unknown; accepted: macro"),
+        (["report", "--results", "{empty}"], "holds no valid run records"),
+        (["select"], "the following arguments are required: --results; accepted:"),
+        (["frobnicate"], "unknown subcommand 'frobnicate'; accepted: select, report"),
+    ],
+)
 def test_cli_user_errors_are_one_line_and_exit_2(argv, expected, results, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("not json\n")

@@ -1,4 +1,5 @@
 """Sweeps: several strengths from one extraction, --resume, and scripts.sh surviving a kill."""
+
 import json
 import os
 import signal
@@ -10,8 +11,25 @@ from pathlib import Path
 from ivlib.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = ["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "-s", "1", "-e", "6", "-n", "12",
-        "--ext-strength", "0.3", "--batch-size", "4", "--quiet"]
+BASE = [
+    "-c",
+    "config/tiny.yaml",
+    "-m",
+    "tiny-gpt2",
+    "-t",
+    "review_sentiment",
+    "-s",
+    "1",
+    "-e",
+    "6",
+    "-n",
+    "12",
+    "--ext-strength",
+    "0.3",
+    "--batch-size",
+    "4",
+    "--quiet",
+]
 
 
 def _records(path):
@@ -50,23 +68,55 @@ def test_resume_skips_recorded_settings_only(tmp_path, monkeypatch, capsys):
 
 
 def test_several_strengths_refused_for_a_method_without_strength(tmp_path, capsys):
-    rc = main(["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "icl",
-               "--strength", "0.1", "0.5", "--results", str(tmp_path / "r.jsonl")])
+    rc = main(
+        [
+            "-c",
+            "config/tiny.yaml",
+            "-m",
+            "tiny-gpt2",
+            "-t",
+            "review_sentiment",
+            "--method",
+            "icl",
+            "--strength",
+            "0.1",
+            "0.5",
+            "--results",
+            str(tmp_path / "r.jsonl"),
+        ]
+    )
     assert rc == 2 and "--strength" in capsys.readouterr().err
 
 
 def _grid_env(tmp_path):
-    return {**os.environ, "PY": sys.executable, "CONFIG": "config/tiny.yaml", "MODELS": "tiny-gpt2",
-            "TASKS": "review_sentiment", "EXT_SHOTS": "1 2", "EXT_STRENGTHS": "0.1 0.5", "STRENGTHS": "0.3 0.7",
-            "EPISODES": "6", "EXT_BATCH": "2", "RESULTS": str(tmp_path / "grid.jsonl"),
-            "VECTORS": str(tmp_path / "vectors"), "EXTRA": "--batch-size 4"}
+    return {
+        **os.environ,
+        "PY": sys.executable,
+        "CONFIG": "config/tiny.yaml",
+        "MODELS": "tiny-gpt2",
+        "TASKS": "review_sentiment",
+        "EXT_SHOTS": "1 2",
+        "EXT_STRENGTHS": "0.1 0.5",
+        "STRENGTHS": "0.3 0.7",
+        "EPISODES": "6",
+        "EXT_BATCH": "2",
+        "RESULTS": str(tmp_path / "grid.jsonl"),
+        "VECTORS": str(tmp_path / "vectors"),
+        "EXTRA": "--batch-size 4",
+    }
 
 
 def test_grid_killed_midway_resumes_to_one_record_per_setting(tmp_path):
     env = _grid_env(tmp_path)
     results = Path(env["RESULTS"])
-    proc = subprocess.Popen(["bash", "scripts.sh", "iv-grid"], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["bash", "scripts.sh", "iv-grid"],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if results.exists() and len(results.read_text().splitlines()) >= 3:
@@ -77,12 +127,15 @@ def test_grid_killed_midway_resumes_to_one_record_per_setting(tmp_path):
     proc.wait(timeout=30)
     done_before = len(_records(results))
     assert 3 <= done_before < 8
-    rerun = subprocess.run(["bash", "scripts.sh", "iv-grid"], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        ["bash", "scripts.sh", "iv-grid"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr
     records = _records(results)  # every line parses: the kill left no partial line
-    settings = [(r["hyperparameters"]["ext_shot"], r["hyperparameters"]["ext_strength"],
-                 r["hyperparameters"]["strength"]) for r in records]
+    settings = [
+        (r["hyperparameters"]["ext_shot"], r["hyperparameters"]["ext_strength"], r["hyperparameters"]["strength"])
+        for r in records
+    ]
     assert sorted(settings) == sorted({(s, a1, a2) for s in (1, 2) for a1 in (0.1, 0.5) for a2 in (0.3, 0.7)})
     assert rerun.stdout.count("skipped (--resume)") >= 1
     vectors = sorted(p.name for p in Path(env["VECTORS"]).iterdir())  # EXTRA's checksum keeps other flags' fits apart
@@ -91,8 +144,9 @@ def test_grid_killed_midway_resumes_to_one_record_per_setting(tmp_path):
     # the test step re-runs the best validation setting on test; the report step reads it all back
     env["TEST_EPISODES"] = "8"
     env["REPORT"] = str(tmp_path / "report")
-    tested = subprocess.run(["bash", "scripts.sh", "test"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    tested = subprocess.run(
+        ["bash", "scripts.sh", "test"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert tested.returncode == 0, tested.stderr
     test_records = [r for r in _records(results) if r["split"] == "test"]
     val = [r for r in records if r["split"] == "validation"]
@@ -102,8 +156,9 @@ def test_grid_killed_midway_resumes_to_one_record_per_setting(tmp_path):
     chosen = [r for r in val if all(r["hyperparameters"][k] == hp[k] for k in ("ext_shot", "ext_strength", "strength"))]
     assert len(chosen) == 1  # one strength on test, not the whole row the extraction served
     assert (chosen[0]["metrics"]["macro"]["value"], chosen[0]["metrics"]["macro"]["ci_low"]) == top
-    reported = subprocess.run(["bash", "scripts.sh", "report"], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
+    reported = subprocess.run(
+        ["bash", "scripts.sh", "report"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert reported.returncode == 0, reported.stderr
     table = (tmp_path / "report" / "table.md").read_text()
     assert "review_sentiment" in table and "**" in table

@@ -7,8 +7,13 @@ from ivlib.tasks import load_task
 
 
 def _frame(n):
-    return pd.DataFrame({"text": [f"row {i}" for i in range(n)], "label": [i % 3 for i in range(n)],
-                         "label_text": [["World", "Sports", "Business"][i % 3] for i in range(n)]})
+    return pd.DataFrame(
+        {
+            "text": [f"row {i}" for i in range(n)],
+            "label": [i % 3 for i in range(n)],
+            "label_text": [["World", "Sports", "Business"][i % 3] for i in range(n)],
+        }
+    )
 
 
 def test_local_parquet_with_only_train_is_carved_deterministically(tmp_path):
@@ -36,8 +41,10 @@ def test_train_and_test_files_carve_only_validation(tmp_path):
 def test_csv_with_label_names_and_label_words(tmp_path):
     path = tmp_path / "d.csv"
     pd.DataFrame({"sentence": [f"s {i}" for i in range(20)], "y": [i % 2 for i in range(20)]}).to_csv(path, index=False)
-    task = load_task("t", {"data_files": str(path), "label_field": "y", "label_names": ["neg", "pos"],
-                           "label_words": ["bad", "good"]})
+    task = load_task(
+        "t",
+        {"data_files": str(path), "label_field": "y", "label_names": ["neg", "pos"], "label_words": ["bad", "good"]},
+    )
     assert task.label_words == ["bad", "good"]
     assert task.splits["train"].texts[0].startswith("s ")
     assert sorted(set(task.splits["train"].labels.tolist())) == [0, 1]
@@ -55,10 +62,32 @@ def test_missing_label_column_and_unknown_suffix_are_clear_errors(tmp_path):
 
 def test_registry_has_the_paper_tasks_and_reference_models():
     cfg = load_config(None)
-    for name in ["ag_news", "SetFit/sst5", "rotten_tomatoes", "trec", "sst2", "emotion", "financial_phrasebank",
-                 "subj", "review_sentiment"] + [f"tweet_eval/{s}" for s in (
-                     "sentiment", "stance_abortion", "stance_atheism", "stance_climate", "stance_feminist",
-                     "stance_hillary", "hate", "irony", "offensive", "emotion", "emoji")]:
+    for name in [
+        "ag_news",
+        "SetFit/sst5",
+        "rotten_tomatoes",
+        "trec",
+        "sst2",
+        "emotion",
+        "financial_phrasebank",
+        "subj",
+        "review_sentiment",
+    ] + [
+        f"tweet_eval/{s}"
+        for s in (
+            "sentiment",
+            "stance_abortion",
+            "stance_atheism",
+            "stance_climate",
+            "stance_feminist",
+            "stance_hillary",
+            "hate",
+            "irony",
+            "offensive",
+            "emotion",
+            "emoji",
+        )
+    ]:
         assert name in cfg.tasks
     for name in ["gpt-j-6b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "smollm2-135m"]:
         assert name in cfg.models
@@ -82,8 +111,10 @@ def test_split_used_as_test_is_never_also_validation(tmp_path):
     other = _frame(20)
     other["text"] = [f"held out {i}" for i in range(20)]
     other.to_parquet(tmp_path / "validation.parquet")
-    spec = {"data_files": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "validation.parquet")},
-            "splits": {"train": "train", "test": "validation"}}
+    spec = {
+        "data_files": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "validation.parquet")},
+        "splits": {"train": "train", "test": "validation"},
+    }
     task = load_task("t", spec)
     assert task.splits["test"].texts == [f"held out {i}" for i in range(20)]
     assert not set(task.splits["validation"].texts) & set(task.splits["test"].texts)

@@ -1,4 +1,5 @@
 """Task Vectors: the edit is one replaced position at one layer; the cached layer search is exact."""
+
 import json
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_tv_replaces_exactly_one_position_at_one_layer(lm, encoder, task):
         return [s.value.view(b, t, -1) for s in sites]
 
     import contextlib
+
     plain = block_outputs(contextlib.nullcontext)
     edited = block_outputs(lambda: tv._replace_at_last(scorer, batch, 0, batch.query_cols))
     mask = batch.attention_mask.bool()
@@ -66,8 +68,27 @@ def test_tv_replaces_exactly_one_position_at_one_layer(lm, encoder, task):
 def test_tv_through_the_cli_records_its_layer(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     results, state = tmp_path / "runs.jsonl", tmp_path / "tv.safetensors"
-    argv = ["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "tv", "-s", "1",
-            "-e", "6", "-n", "20", "--select-episodes", "12", "--quiet", "--results", str(results)]
+    argv = [
+        "-c",
+        "config/tiny.yaml",
+        "-m",
+        "tiny-llama",
+        "-t",
+        "review_sentiment",
+        "--method",
+        "tv",
+        "-s",
+        "1",
+        "-e",
+        "6",
+        "-n",
+        "20",
+        "--select-episodes",
+        "12",
+        "--quiet",
+        "--results",
+        str(results),
+    ]
     assert main(argv + ["--save-vectors", str(state)]) == 0
     assert main(argv + ["--load-vectors", str(state)]) == 0
     fitted, loaded = [json.loads(line) for line in results.read_text().splitlines()]

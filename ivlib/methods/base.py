@@ -3,6 +3,7 @@
 A new method is one file with one subclass, plus a line in `ivlib.methods.METHODS`; the CLI,
 episode sampling, batching, metrics and records are shared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,16 @@ class Method(ABC):
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Method":
+    def from_args(cls, args: argparse.Namespace) -> Method:
         return cls()
 
     def hyperparameters(self) -> dict[str, Any]:
         """What goes into the run record beside the shared protocol settings."""
         return {}
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
-            validation: list[Episode] | None = None) -> None:
+    def fit(
+        self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
+    ) -> None:
         """Learn from training episodes; `validation` is given to methods that select on it."""
 
     def fit_summary(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ L..2L-1, so C_t - P also carries a position shift; `pinned` re-uses 0..L-1.
 The number of steps T is chosen on validation episodes (scores after every step 1..T are
 computed in one pass); the reference picked the best step on test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ def split_demos(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.T
     query_w = width - int(starts.min())
     cols = torch.arange(width - query_w, width, device=ids.device)
     query_mask = (cols[None, :] >= starts[:, None]).long()  # [B, Lq]
-    return demo_ids, demo_mask, ids[:, width - query_w:], query_mask, n_demo
+    return demo_ids, demo_mask, ids[:, width - query_w :], query_mask, n_demo
 
 
 class DeepThinking(Method):
@@ -59,8 +60,9 @@ class DeepThinking(Method):
     needs_validation = True  # chooses the number of steps
     supports_multiple_choice = True
 
-    def __init__(self, steps: int = 15, eta: float = 0.01, beta: float = 0.9, positions: str = "shifted",
-                 step: int | None = None):
+    def __init__(
+        self, steps: int = 15, eta: float = 0.01, beta: float = 0.9, positions: str = "shifted", step: int | None = None
+    ):
         if positions not in POSITIONS:
             raise UsageError(f"--dt-positions '{positions}' is not accepted; accepted: {', '.join(POSITIONS)}")
         self.steps = steps
@@ -72,16 +74,24 @@ class DeepThinking(Method):
         self.curve: list[float] = []  # validation score after each step 1..steps
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DeepThinking":
+    def from_args(cls, args: argparse.Namespace) -> DeepThinking:
         return cls(args.dt_steps, args.dt_eta, args.dt_beta, args.dt_positions, args.dt_step)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"dt_steps": self.steps, "dt_eta": self.eta, "dt_beta": self.beta, "dt_positions": self.positions,
-                "dt_step": self.step if self.user_step else None}
+        return {
+            "dt_steps": self.steps,
+            "dt_eta": self.eta,
+            "dt_beta": self.beta,
+            "dt_positions": self.positions,
+            "dt_step": self.step if self.user_step else None,
+        }
 
     def fit_summary(self) -> dict[str, Any]:
-        return {"step": self.step, "step_chosen_by": "user" if self.user_step else "validation",
-                "curve": [round(s, 4) for s in self.curve]}
+        return {
+            "step": self.step,
+            "step_chosen_by": "user" if self.user_step else "validation",
+            "curve": [round(s, 4) for s in self.curve],
+        }
 
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
         """`shifted` re-encodes the demonstrations after themselves, at positions up to 2 x (BOS + demos) - 1:
@@ -90,14 +100,17 @@ class DeepThinking(Method):
         context = scorer.lm.context_length
         longest = max(p.query_start for p in prompts)
         if self.positions == "shifted" and context is not None and 2 * longest > context:
-            raise UsageError(f"dt: --dt-positions shifted re-encodes {longest} demonstration tokens at positions up to "
-                             f"{2 * longest - 1}, beyond the context of model '{scorer.lm.name}' ({context}); accepted: "
-                             "--dt-positions pinned, or a lower --shot or --max-example-tokens")
+            raise UsageError(
+                f"dt: --dt-positions shifted re-encodes {longest} demonstration tokens at positions up to "
+                f"{2 * longest - 1}, beyond the context of model '{scorer.lm.name}' ({context}); accepted: "
+                "--dt-positions pinned, or a lower --shot or --max-example-tokens"
+            )
 
     # ---- the tuning loop ------------------------------------------------------------------------
     @torch.inference_mode()
-    def step_scores(self, scorer: Scorer, batch: PromptBatch, upto: int,
-                    trace: list[KV] | None = None, every_step: bool = True) -> torch.Tensor:
+    def step_scores(
+        self, scorer: Scorer, batch: PromptBatch, upto: int, trace: list[KV] | None = None, every_step: bool = True
+    ) -> torch.Tensor:
         """[B, upto, C] answer scores after each step 1..upto (float32), or [B, 1, C] after step `upto`
         alone when not `every_step` (evaluation: scoring skipped steps would be wasted forwards);
         `trace` collects each step's cache."""
@@ -124,8 +137,11 @@ class DeepThinking(Method):
             scorer.encode(demo_ids, twice, again_pos, past=cache)
             fresh = [(k[..., -width:, :].float(), v[..., -width:, :].float()) for k, v in read_kv(cache, name)]
             grads = [(ck - pk, cv - pv) for (ck, cv), (pk, pv) in zip(fresh, state)]
-            momentum = grads if momentum is None else [
-                (gk + self.beta * mk, gv + self.beta * mv) for (gk, gv), (mk, mv) in zip(grads, momentum)]
+            momentum = (
+                grads
+                if momentum is None
+                else [(gk + self.beta * mk, gv + self.beta * mv) for (gk, gv), (mk, mv) in zip(grads, momentum)]
+            )
             state = [(pk + self.eta * mk, pv + self.eta * mv) for (pk, pv), (mk, mv) in zip(state, momentum)]
             _check_finite(state, demo_mask, t)
             if every_step or t == upto:
@@ -134,8 +150,9 @@ class DeepThinking(Method):
                 trace.append(state)
         return torch.stack(out, dim=1)
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
-            validation: list[Episode] | None = None) -> None:
+    def fit(
+        self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
+    ) -> None:
         if self.user_step:
             return
         if not validation:
@@ -145,8 +162,10 @@ class DeepThinking(Method):
         scores = scorer.run_batched(prompts, lambda b: self.step_scores(scorer, b, self.steps), "DT step search")
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None
-        self.curve = [selection_score(labels, scorer.predictions(scores[:, t], prompts), scores.shape[-1], mc)
-                      for t in range(self.steps)]
+        self.curve = [
+            selection_score(labels, scorer.predictions(scores[:, t], prompts), scores.shape[-1], mc)
+            for t in range(self.steps)
+        ]
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
@@ -159,5 +178,7 @@ def _check_finite(state: KV, demo_mask: torch.Tensor, step: int) -> None:
     ok = torch.stack([(torch.isfinite(k) | pad).all() & (torch.isfinite(v) | pad).all() for k, v in state])
     if not bool(ok.all()):
         layer = int((~ok).nonzero()[0])
-        raise UsageError(f"dt: non-finite values in the tuned cache at layer {layer}, step {step}; "
-                         "lower --dt-eta or run with --no-half")
+        raise UsageError(
+            f"dt: non-finite values in the tuned cache at layer {layer}, step {step}; "
+            "lower --dt-eta or run with --no-half"
+        )

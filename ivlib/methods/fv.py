@@ -12,6 +12,7 @@
 Unlike the original code, the vector is added whether a block returns a tensor or a tuple (the
 hooks handle both), and unlike the IV release, the patch touches the last token only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,7 @@ class FunctionVectors(Method):
         self.layer: int | None = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "FunctionVectors":
+    def from_args(cls, args: argparse.Namespace) -> FunctionVectors:
         return cls(args.n_top_heads, args.ie_episodes, args.seed)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -68,16 +69,20 @@ class FunctionVectors(Method):
 
     def fit_summary(self) -> dict[str, Any]:
         assert self.effects is not None
-        return {"layer": self.layer, "top_heads": [[l, h, round(float(self.effects[l, h]), 6)] for l, h in self.heads],
-                "ie_rows_per_forward": self.rows_per_forward}
+        return {
+            "layer": self.layer,
+            "top_heads": [[l, h, round(float(self.effects[l, h]), 6)] for l, h in self.heads],
+            "ie_rows_per_forward": self.rows_per_forward,
+        }
 
     def _patch_heads(self, scorer: Scorer, n_rows: int, layer: int, heads: list[int]):
         """Row b * len(heads) + j of the (repeated) last token gets head heads[j] overwritten by its mean."""
         keep, value = head_patch(self.mean_act, layer, heads)  # [g, F] each
         rows = torch.arange(n_rows * len(heads))
         last = torch.zeros_like(rows)
-        return edit_inputs([scorer.layout.attn_out[layer]], rows, last,
-                           patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))])
+        return edit_inputs(
+            [scorer.layout.attn_out[layer]], rows, last, patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))]
+        )
 
     def _fewer_rows(self, scorer: Scorer, n_rows: int) -> bool:
         """After an out-of-memory error in the head search, halve the rows per forward (the repeated
@@ -108,8 +113,9 @@ class FunctionVectors(Method):
         mean = scorer.run_batched(prompts, read, "FV mean activations").mean(dim=0)  # [L, F]
         return mean.view(layout.n_layers, layout.n_heads, -1)
 
-    def indirect_effects(self, scorer: Scorer, trials: list[EncodedPrompt],
-                         layers: list[int] | None = None) -> torch.Tensor:
+    def indirect_effects(
+        self, scorer: Scorer, trials: list[EncodedPrompt], layers: list[int] | None = None
+    ) -> torch.Tensor:
         """[len(layers), H]: mean gain in P(correct label) when one head takes its mean at the last token."""
         layers = list(range(scorer.layout.n_layers)) if layers is None else layers
         n_heads = scorer.layout.n_heads
@@ -136,8 +142,9 @@ class FunctionVectors(Method):
 
         return scorer.run_batched(trials, gains, "FV indirect effects").mean(dim=0).view(len(layers), n_heads)
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
-            validation: list[Episode] | None = None) -> None:
+    def fit(
+        self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
+    ) -> None:
         layout = scorer.layout
         n_layers, n_heads = layout.n_layers, layout.n_heads
 
@@ -170,8 +177,13 @@ class FunctionVectors(Method):
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"vector": self.vector, "layer": torch.tensor(self.layer), "heads": torch.tensor(self.heads),
-                "effects": self.effects, "mean_act": self.mean_act}
+        return {
+            "vector": self.vector,
+            "layer": torch.tensor(self.layer),
+            "heads": torch.tensor(self.heads),
+            "effects": self.effects,
+            "mean_act": self.mean_act,
+        }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.vector = tensors["vector"].float()

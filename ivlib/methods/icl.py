@@ -1,4 +1,5 @@
 """In-context learning without edits: the few-shot baseline and, with no demonstrations, zero-shot."""
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ reference reads the zero-shot prompt one token early), and extraction uses train
 The query's answer is not appended to either prompt: every read is at or before the query's
 separator, so under causal attention the answer tokens could not change what is read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ class IterativeVectors(Method):
         self._device_vectors: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "IterativeVectors":
+    def from_args(cls, args: argparse.Namespace) -> IterativeVectors:
         strength = args.strength[0] if isinstance(args.strength, list) else args.strength
         return cls(strength, args.ext_strength, args.ext_batch)
 
@@ -62,8 +63,9 @@ class IterativeVectors(Method):
             scorer.forward(batch)
         return stack_reads(sites)
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
-            validation: list[Episode] | None = None) -> None:
+    def fit(
+        self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
+    ) -> None:
         layout = scorer.layout
         n_layers, n_slots, dim = layout.n_layers, encoder.n_classes + 1, layout.d_model
         device = scorer.lm.device
@@ -92,8 +94,15 @@ class IterativeVectors(Method):
         self.vectors = (total / count).cpu()
         self._device_vectors.clear()
 
-    def _window_batch(self, scorer: Scorer, prompts: list, idx: list[int], neg: torch.Tensor,
-                      current: torch.Tensor | None, n_slots: int) -> torch.Tensor:
+    def _window_batch(
+        self,
+        scorer: Scorer,
+        prompts: list,
+        idx: list[int],
+        neg: torch.Tensor,
+        current: torch.Tensor | None,
+        n_slots: int,
+    ) -> torch.Tensor:
         """[L, n_slots, D]: the summed samples of these episodes, steered by the window's `current`."""
         batch = scorer.batch(prompts)
         add = None

@@ -6,6 +6,7 @@ At evaluation, that position's hidden state at one layer is *replaced* by theta.
 one with the best macro-F1 on validation episodes; the search encodes each prompt's prefix once
 and re-runs only the last token per layer, since the edit touches nothing before it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ class TaskVectors(Method):
         self.layer_scores: list[float] = []  # validation macro-F1 per layer
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TaskVectors":
+    def from_args(cls, args: argparse.Namespace) -> TaskVectors:
         return cls()
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -48,8 +49,9 @@ class TaskVectors(Method):
         value = self.theta[layer].to(scorer.lm.device, scorer.lm.dtype).expand(len(rows), -1)  # [B, D]
         return edit_outputs([scorer.layout.blocks[layer]], rows, col, replace=[value])
 
-    def fit(self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode],
-            validation: list[Episode] | None = None) -> None:
+    def fit(
+        self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
+    ) -> None:
         blocks = scorer.layout.blocks
         prompts = [encoder.encode(e) for e in episodes]
 
@@ -80,8 +82,11 @@ class TaskVectors(Method):
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"theta": self.theta.contiguous(), "layer": torch.tensor(self.layer),
-                "layer_scores": torch.tensor(self.layer_scores)}
+        return {
+            "theta": self.theta.contiguous(),
+            "layer": torch.tensor(self.layer),
+            "layer_scores": torch.tensor(self.layer_scores),
+        }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.theta = tensors["theta"].float()
