@@ -24,10 +24,12 @@ STRENGTHS="${STRENGTHS:-0.1 0.3 0.5 0.7 0.9}"
 EPISODES="${EPISODES:-200}"            # extraction episodes, and validation episodes of every search
 TEST_EPISODES="${TEST_EPISODES:-1000}"
 EXT_BATCH="${EXT_BATCH:-10}"
-BASELINES="${BASELINES:-zero-shot icl tv fv dt}"
+BASELINES="${BASELINES:-}"            # default: every registered method but iv (python iv.py methods)
 METRIC="${METRIC:-macro}"
 EXTRA="${EXTRA:-}"                     # more iv.py flags for every run, e.g. "--batch-size 32 --no-half"
-PY="${PY:-python}"
+PY="${PY:-python}"                     # the Python with ivlib's requirements: the project's .venv when there is one
+[ "$PY" = python ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+[ -n "$BASELINES" ] || BASELINES="$("$PY" iv.py methods | grep -vx iv | tr '\n' ' ')"
 
 # shellcheck disable=SC2086  # EXTRA is a list of flags
 run() { "$PY" iv.py -c "$CONFIG" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"; }

@@ -109,8 +109,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise SystemExit(f"dt.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
     scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
     icl = ICL()
-    dt1 = DeepThinking(steps=1, step=1)
-    dtn = DeepThinking(steps=args.steps, step=args.steps)
+    dt1 = DeepThinking(dt_steps=1, dt_step=1)
+    dtn = DeepThinking(dt_steps=args.steps, dt_step=args.steps)
     names = path_names(args.steps)
     paths: dict[str, Callable[[PromptBatch], torch.Tensor]] = {
         names[0]: lambda b: icl.predict(scorer, b),

@@ -134,9 +134,9 @@ def prepare(args: argparse.Namespace, fit: bool = True) -> Bench:
     pad = lm.tokenizer.pad_token_id
     plan = length_sorted_batches(prompts, args.batch_size)
     batches = [collate([prompts[i] for i in idx], pad).to(lm.device) for idx in plan]
-    methods = {"icl": ICL(), "iv": iv, "dt(1)": DeepThinking(steps=1, step=1)}
+    methods = {"icl": ICL(), "iv": iv, "dt(1)": DeepThinking(dt_steps=1, dt_step=1)}
     if args.dt_step > 1:
-        methods[f"dt({args.dt_step})"] = DeepThinking(steps=args.dt_step, step=args.dt_step)
+        methods[f"dt({args.dt_step})"] = DeepThinking(dt_steps=args.dt_step, dt_step=args.dt_step)
 
     def subset(which: list[int]) -> list[EncodedPrompt]:  # all of them in input order: rows come back in it
         return prompts if len(which) == len(plan) else [prompts[i] for b in which for i in plan[b]]

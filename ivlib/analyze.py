@@ -9,22 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UsageError
+from .errors import Parser, UsageError
 from .selection import METRICS, Choice, check_metric, load_records, make_test_command, select_best
 
 SUBCOMMANDS = ("select", "report")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse prints usage plus a message and exits; we want the one-line error contract."""
-
-    def error(self, message: str):
-        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
-        raise UsageError(f"{message}; accepted: {usage}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="iv.py", description="Analyse a results file written by iv.py runs.")
+    p = Parser(prog="iv.py", description="Analyse a results file written by iv.py runs.")
     sub = p.add_subparsers(dest="subcommand", metavar="{select,report}")
     metric_help = (
         f"metric to rank and report by: {', '.join(METRICS)} (default macro; records without it fall back to accuracy)"

@@ -1,5 +1,10 @@
 """The one exception type that reaches the user as a one-line message and exit code 2."""
 
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
 
 class UsageError(Exception):
     """Bad input from the user (flags, config, data, paths).
@@ -7,3 +12,13 @@ class UsageError(Exception):
     Raised anywhere in the library; the CLI prints it on one line and exits 2 without a
     traceback, so a sweep script can tell "fix your command" apart from a crash.
     """
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are `UsageError`s: one line and exit code 2, like every other bad input,
+    instead of argparse's usage block. The main command and the subcommands all use it."""
+
+    def error(self, message: str) -> NoReturn:
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        accepted = usage if len(usage) <= 200 else f"see {self.prog} --help"  # the main command's is pages long
+        raise UsageError(f"{message}; accepted: {accepted}")

@@ -220,49 +220,60 @@ def _float(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def heatmap_grids(runs: list[Scored]) -> tuple[dict[Any, dict[tuple[float, float], float]], bool]:
-    """ext_shot -> {(strength, ext_strength): best value}, and whether any cell took a max over
-    several runs (other hyperparameters such as ext_batch varied), which the title then says."""
+Axes = tuple[str, str, str]  # (x, y, one panel per value of): setting names, from a method's `grid_axes`
+
+
+def heatmap_grids(
+    runs: list[Scored], axes: Axes = ("strength", "ext_strength", "ext_shot")
+) -> tuple[dict[Any, dict[tuple[float, float], float]], bool]:
+    """panel value -> {(x, y): best value}, and whether any cell took a max over several runs (other
+    hyperparameters such as ext_batch varied), which the title then says."""
+    x_name, y_name, panel_name = axes
     grids: dict[Any, dict[tuple[float, float], float]] = {}
     merged = False
     for r in runs:
         hp = r.hyperparameters
-        x, y = _float(hp.get("strength")), _float(hp.get("ext_strength"))
+        x, y = _float(hp.get(x_name)), _float(hp.get(y_name))
         if x is None or y is None:
             continue
-        grid = grids.setdefault(hp.get("ext_shot"), {})
+        grid = grids.setdefault(hp.get(panel_name), {})
         merged |= (x, y) in grid
         grid[x, y] = max(grid.get((x, y), r.value), r.value)
     return grids, merged
 
 
-def plot_heatmap(model: str, task: str, runs: list[Scored], metric: str, path: Path) -> bool:
-    """One panel per ext_shot so the strength landscape can be read at a glance; False if no grid."""
-    grids, merged = heatmap_grids(runs)
+def plot_heatmap(
+    model: str, task: str, method: str, runs: list[Scored], metric: str, path: Path, axes: Axes, names: dict[str, str]
+) -> bool:
+    """One panel per value of the third axis, so the landscape can be read at a glance; False if no grid.
+    `names` gives each axis the label a reader knows (the paper's symbol beside the setting)."""
+    grids, merged = heatmap_grids(runs, axes)
     if not grids:
         return False
     plt = _pyplot()
-    shots = sorted(grids, key=lambda s: (s is None, s if isinstance(s, (int, float)) else 0, str(s)))
+    panels = sorted(grids, key=lambda s: (s is None, s if isinstance(s, (int, float)) else 0, str(s)))
     values = [100 * v for g in grids.values() for v in g.values()]
     vmin, vmax = min(values), max(values)
     if vmin == vmax:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     # the last, narrow column holds one colour bar shared by all panels (same vmin/vmax)
-    fig, axes = plt.subplots(
-        1, len(shots) + 1, figsize=(4.2 * len(shots) + 1.0, 4.4), width_ratios=[1.0] * len(shots) + [0.06]
+    fig, ax_row = plt.subplots(
+        1, len(panels) + 1, figsize=(4.2 * len(panels) + 1.0, 4.4), width_ratios=[1.0] * len(panels) + [0.06]
     )
     image = None
-    for ax, shot in zip(axes[:-1], shots):
-        image = _heatmap_panel(ax, grids[shot], shot, vmin, vmax)
+    for ax, panel in zip(ax_row[:-1], panels):
+        image = _heatmap_panel(ax, grids[panel], f"{names[axes[2]]} = {panel}", vmin, vmax)
+        ax.set_xlabel(names[axes[0]])
+        ax.set_ylabel(names[axes[1]])
     used = "/".join(sorted({r.metric for r in runs}))
     note = "\n(each cell: best over the other hyperparameters)" if merged else ""
-    fig.suptitle(f"{model} | {task} | iv validation {used} (%){note}")
-    fig.colorbar(image, cax=axes[-1], label=f"{used} (%)")
+    fig.suptitle(f"{model} | {task} | {method} validation {used} (%){note}")
+    fig.colorbar(image, cax=ax_row[-1], label=f"{used} (%)")
     _save(fig, path)
     return True
 
 
-def _heatmap_panel(ax, grid: dict[tuple[float, float], float], shot: Any, vmin: float, vmax: float):
+def _heatmap_panel(ax, grid: dict[tuple[float, float], float], title: str, vmin: float, vmax: float):
     import numpy as np
 
     xs = sorted({x for x, _ in grid})
@@ -275,20 +286,11 @@ def _heatmap_panel(ax, grid: dict[tuple[float, float], float], shot: Any, vmin: 
     for i in range(len(ys)):
         for j in range(len(xs)):
             if not np.isnan(data[i, j]):
-                ax.text(
-                    j,
-                    i,
-                    f"{data[i, j]:.1f}",
-                    ha="center",
-                    va="center",
-                    fontsize=9,
-                    color="black" if data[i, j] > middle else "white",
-                )
+                colour = "black" if data[i, j] > middle else "white"
+                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=9, color=colour)
     ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
     ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    ax.set_xlabel("strength")
-    ax.set_ylabel("ext_strength")
-    ax.set_title(f"ext_shot = {shot}")
+    ax.set_title(title)
     return image
 
 
@@ -359,14 +361,31 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, metric: str
     return written
 
 
+def _grid_methods() -> dict[str, tuple[Axes, dict[str, str]]]:
+    """method -> (its declared heatmap axes, axis labels), for every method that declares a grid."""
+    from .experiment import PROTOCOL
+    from .methods import METHODS
+
+    out = {}
+    for name, cls in METHODS.items():
+        if cls.grid_axes is None:
+            continue
+        declared = {s.name: s for s in (*PROTOCOL, *cls.settings)}
+        names = {a: f"{a} ({declared[a].symbol})" if a in declared and declared[a].symbol else a for a in cls.grid_axes}
+        out[name] = (cls.grid_axes, names)
+    return out
+
+
 def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
-    groups: dict[tuple[str, str], list[Scored]] = {}
+    grids = _grid_methods()
+    groups: dict[tuple[str, str, str], list[Scored]] = {}
     for s in latest_per_setting(scored):
-        if s.method == "iv" and s.split == "validation":
-            groups.setdefault((s.model, s.task), []).append(s)
+        if s.method in grids and s.split == "validation":
+            groups.setdefault((s.model, s.task, s.method), []).append(s)
     written = []
-    for (model, task), runs in sorted(groups.items()):
-        path = out / f"heatmap_{safe_name(model)}_{safe_name(task)}.png"
-        if plot_heatmap(model, task, runs, metric, path):
+    for (model, task, method), runs in sorted(groups.items()):
+        path = out / f"heatmap_{safe_name(model)}_{safe_name(task)}_{safe_name(method)}.png"
+        axes, names = grids[method]
+        if plot_heatmap(model, task, method, runs, metric, path, axes, names):
             written.append(path)
     return written

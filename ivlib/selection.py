@@ -248,27 +248,34 @@ def select_best(records: Iterable[dict[str, Any]], metric: str = "macro") -> lis
 # ---- test commands ----------------------------------------------------------------------------
 
 
+def _eval_flags() -> set[str]:
+    """Flags of every method's evaluation settings (they take several values, one record each)."""
+    from .methods import METHODS  # here, not at import: reading results needs no torch
+
+    return {s.flag for cls in METHODS.values() for s in cls.eval_settings()}
+
+
 def strip_eval_flags(args: list[str]) -> list[str]:
     """The run's arguments minus those that say where and how much to evaluate.
 
     What remains identifies the setting, so a test run made from it is the same configuration.
-    Handles `--flag value`, `--flag=value` and `-n5`.
+    Handles `--flag value`, `--flag=value` and `-n5`; an evaluation setting's values (several,
+    e.g. `--strength 0.1 0.5`) go too, since the record names the one it holds.
     """
+    several = _eval_flags()
     out: list[str] = []
-    skip_next = in_strengths = False
+    skip_next = in_values = False
     for arg in args:
         if skip_next:
             skip_next = False
             continue
-        if in_strengths and _is_number(arg):  # --strength takes several values; the record names its own
+        if in_values and (not arg.startswith("-") or _is_number(arg)):
             continue
-        in_strengths = False
-        if arg == "--strength":
-            in_strengths = True
-            continue
-        if arg.startswith("--strength="):
-            continue
+        in_values = False
         name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if name in several:
+            in_values = "=" not in arg
+            continue
         if name in _DROP_ALONE:
             continue
         if name in _DROP_WITH_VALUE:
@@ -298,12 +305,24 @@ def make_test_command(record: dict[str, Any], results_path: str, eval_episodes: 
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         return None
     args = strip_eval_flags(command) + ["--run-test", "--results", str(results_path)]
-    strength = (record.get("hyperparameters") or {}).get("strength")
-    if strength is not None:  # one extraction may have served several strengths: test the chosen one
-        args += ["--strength", str(strength)]
+    args += _chosen_eval_settings(record)
     if eval_episodes is not None:
         args += ["-n", str(eval_episodes)]
     return shlex.join(["python", "iv.py", *args])
+
+
+def _chosen_eval_settings(record: dict[str, Any]) -> list[str]:
+    """`--flag value` of the record's evaluation settings: one fit may have served several values,
+    and the test run must evaluate the chosen one."""
+    from .methods import METHODS
+
+    cls = METHODS.get(record.get("method", ""))
+    hp = record.get("hyperparameters") or {}
+    out: list[str] = []
+    for setting in cls.eval_settings() if cls is not None else ():
+        if hp.get(setting.name) is not None:
+            out += [setting.flag, str(hp[setting.name])]
+    return out
 
 
 def test_for(choice: Choice, scored: Iterable[Scored]) -> Scored | None:

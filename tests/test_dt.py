@@ -22,16 +22,16 @@ def _batch(lm, encoder, task, n=4, shot=1, seed=5):
 
 def test_step_one_equals_plain_icl(lm, encoder, task):
     scorer, _, batch = _batch(lm, encoder, task, shot=2)
-    dt = DeepThinking(steps=1)
+    dt = DeepThinking(dt_steps=1)
     torch.testing.assert_close(dt.step_scores(scorer, batch, 1)[:, 0], scorer.label_scores(batch), atol=1e-4, rtol=1e-4)
 
 
 def test_eta_zero_keeps_every_step_at_step_one(lm, encoder, task):
     scorer, _, batch = _batch(lm, encoder, task)
-    scores = DeepThinking(eta=0.0).step_scores(scorer, batch, 4)  # [B, 4, C]
+    scores = DeepThinking(dt_eta=0.0).step_scores(scorer, batch, 4)  # [B, 4, C]
     for t in range(1, 4):
         torch.testing.assert_close(scores[:, t], scores[:, 0], atol=1e-5, rtol=1e-5)
-    moving = DeepThinking(eta=0.5).step_scores(scorer, batch, 4)
+    moving = DeepThinking(dt_eta=0.5).step_scores(scorer, batch, 4)
     assert (moving[:, 3] - moving[:, 0]).abs().max() > 1e-3  # the update does something when eta > 0
 
 
@@ -41,7 +41,7 @@ def test_pinned_positions_leave_layer0_cache_unchanged(lm, encoder, task, positi
     reproduces them exactly, shifted re-encoding moves them (GPT-2: absolute, Llama: rotary)."""
     scorer, _, batch = _batch(lm, encoder, task)
     trace = []
-    DeepThinking(eta=0.5, positions=positions).step_scores(scorer, batch, 3, trace=trace)
+    DeepThinking(dt_eta=0.5, dt_positions=positions).step_scores(scorer, batch, 3, trace=trace)
     assert len(trace) == 3
     k0, v0 = trace[0][0]
     for state in trace[1:]:
@@ -66,7 +66,7 @@ def test_gqa_cache_shapes(encoder, task):
 
 def test_batched_equals_one_at_a_time(lm, encoder, task):
     scorer, prompts, batch = _batch(lm, encoder, task, n=5, shot=2)
-    dt = DeepThinking(eta=0.2)
+    dt = DeepThinking(dt_eta=0.2)
     together = dt.step_scores(scorer, batch, 3)
     for i, p in enumerate(prompts):
         alone = dt.step_scores(scorer, scorer.batch([p]), 3)
@@ -79,7 +79,7 @@ def test_overflowing_cache_is_reported_with_its_layer(gpt2, task):
     encoder = PromptEncoder(gpt2.tokenizer, task.label_words, add_bos=True)
     scorer, _, batch = _batch(gpt2, encoder, task)
     with pytest.raises(UsageError, match=r"non-finite values in the tuned cache at layer \d+, step 2"):
-        DeepThinking(eta=1e300).step_scores(scorer, batch, 2)  # overflows float32, as fp16 would at 65504
+        DeepThinking(dt_eta=1e300).step_scores(scorer, batch, 2)  # overflows float32, as fp16 would at 65504
 
 
 def test_cache_without_layers_is_refused():
@@ -90,11 +90,11 @@ def test_cache_without_layers_is_refused():
 def test_fit_picks_the_best_step_on_validation(lm, encoder, task):
     val = sample_episodes(task.splits["validation"], 2, 1, 12, 1, "validation/select")
     scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
-    dt = DeepThinking(steps=4, eta=0.3)
+    dt = DeepThinking(dt_steps=4, dt_eta=0.3)
     dt.fit(scorer, encoder, [], val)
     assert len(dt.curve) == 4
     assert dt.step == 1 + max(range(4), key=lambda t: (dt.curve[t], -t))
-    fixed = DeepThinking(steps=4, step=2)
+    fixed = DeepThinking(dt_steps=4, dt_step=2)
     fixed.fit(scorer, encoder, [], val)
     assert fixed.step == 2 and fixed.curve == []
 
@@ -154,7 +154,7 @@ def test_cli_dt_refuses_zero_shot(tmp_path, capsys):
 
 def test_final_step_alone_equals_the_last_of_every_step(lm, encoder, task):
     scorer, _, batch = _batch(lm, encoder, task)
-    dt = DeepThinking(eta=0.3)
+    dt = DeepThinking(dt_eta=0.3)
     every = dt.step_scores(scorer, batch, 3)
     last = dt.step_scores(scorer, batch, 3, every_step=False)
     assert last.shape[1] == 1

@@ -128,9 +128,9 @@ def test_pngs_are_real_images(report):
     import matplotlib.image
 
     out, paths = report
-    expected = {f"heatmap_{safe_name(m)}_{safe_name(t)}.png" for m, t in [(M1, RT), (M1, EMO), (M1, AG), (M2, RT)]}
+    expected = {f"heatmap_{safe_name(m)}_{safe_name(t)}_iv.png" for m, t in [(M1, RT), (M1, EMO), (M1, AG), (M2, RT)]}
     expected |= {f"bars_{M1}.png", f"bars_{M2}.png"}
-    assert "heatmap_smollm2-135m_tweet_eval_emotion.png" in expected
+    assert "heatmap_smollm2-135m_tweet_eval_emotion_iv.png" in expected
     assert {p.name for p in paths} == expected | {"table.md", "table.csv"}
     for name in expected:
         path = out / name

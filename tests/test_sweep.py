@@ -162,4 +162,4 @@ def test_grid_killed_midway_resumes_to_one_record_per_setting(tmp_path):
     assert reported.returncode == 0, reported.stderr
     table = (tmp_path / "report" / "table.md").read_text()
     assert "review_sentiment" in table and "**" in table
-    assert (tmp_path / "report" / "heatmap_tiny-gpt2_review_sentiment.png").stat().st_size > 5000
+    assert (tmp_path / "report" / "heatmap_tiny-gpt2_review_sentiment_iv.png").stat().st_size > 5000

@@ -1,14 +1,9 @@
-"""Registry of methods by their `--method` name."""
+"""The methods, registered by `@register` as their modules are imported (one file each).
 
-from .base import Method
-from .dt import DeepThinking
-from .fv import FunctionVectors
-from .icl import ICL, ZeroShot
-from .iv import IterativeVectors
-from .tv import TaskVectors
+The import order is the registry's order: the order `--help`, messages and `iv.py methods` list.
+"""
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (ZeroShot, ICL, IterativeVectors, TaskVectors, FunctionVectors, DeepThinking)
-}
+from . import icl, iv, tv, fv, dt  # noqa: F401, I001  (importing registers them, in this order)
+from .base import METHODS, Method, get_method, register
 
-__all__ = ["METHODS", "Method"]
+__all__ = ["METHODS", "Method", "get_method", "register"]

@@ -1,37 +1,68 @@
-"""The interface every method implements: fit on training episodes, then score evaluation batches.
+"""The interface every method implements, and the registry that makes a method one file.
 
-A new method is one file with one subclass, plus a line in `ivlib.methods.METHODS`; the CLI,
-episode sampling, batching, metrics and records are shared.
+A method is a `Method` subclass decorated with `@register`. It declares its settings
+(`settings`, a tuple of `Setting`) and what it needs from the protocol (`needs_fit`,
+`needs_validation`, ...); the runner, the CLI's flags, `--resume`, `--save/--load-vectors`,
+`select` and the report learn everything about it from those declarations. Its constructor takes
+exactly those settings (positionally in declaration order, or by name) and checks them, so a
+method built from Python is validated like one built from flags.
 """
 
 from __future__ import annotations
 
-import argparse
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from ..episodes import Episode
+from ..errors import UsageError
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
+from ..settings import EVAL, FIT, Setting, bind
 
 
 class Method(ABC):
     name: ClassVar[str]
+    settings: ClassVar[tuple[Setting, ...]] = ()
     needs_fit: ClassVar[bool] = False  # whether `fit` uses training episodes at all
     needs_validation: ClassVar[bool] = False  # whether `fit` also selects something on validation episodes
     fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
-    uses_strength: ClassVar[bool] = False  # evaluates at `strength`: several strengths can share one fit
+    min_shot: ClassVar[int] = 0  # fewest evaluation demonstrations per class it can work with
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options
+    has_state: ClassVar[bool] = False  # whether fitting leaves tensors worth saving (--save-vectors)
+    # the report's heatmap of a validation grid: (x, y, one panel per value of) setting names
+    grid_axes: ClassVar[tuple[str, str, str] | None] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in bind(type(self).settings, args, kwargs, type(self).__name__).items():
+            setattr(self, key, value)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Method:
-        return cls()
+    def from_settings(cls, values: dict[str, Any], seed: int) -> Method:
+        """Build from checked setting values; `seed` is the run's, for methods that draw at random."""
+        return cls(**values)
+
+    @classmethod
+    def setting(cls, name: str) -> Setting:
+        for s in cls.settings:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @classmethod
+    def eval_settings(cls) -> tuple[Setting, ...]:
+        """Settings applied at evaluation only: several values of them share one fit."""
+        return tuple(s for s in cls.settings if s.role == EVAL)
+
+    @classmethod
+    def fit_settings(cls) -> tuple[Setting, ...]:
+        """Settings that define what fitting computes (saved with the state, adopted on load)."""
+        return tuple(s for s in cls.settings if s.role == FIT)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """What goes into the run record beside the shared protocol settings."""
-        return {}
+        """The method's settings as the run record names them (what --resume and select match)."""
+        return {s.name: getattr(self, s.name) for s in self.settings}
 
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
@@ -43,8 +74,8 @@ class Method(ABC):
         return {}
 
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
-        """Refuse, before any compute, prompts this method cannot run (the context-length check every
-        method shares is `Scorer.batch`); a method that needs more room than the prompt says so here."""
+        """Refuse, before any compute, prompts (or a model) this method cannot run; the context-length
+        check every method shares is `Scorer.batch`."""
 
     @abstractmethod
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
@@ -56,3 +87,28 @@ class Method(ABC):
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError(f"{self.name} has no state to load")
+
+
+METHODS: dict[str, type[Method]] = {}  # --method name -> class, in registration order
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register(cls: M) -> M:
+    """Class decorator: make a method known to the runner, the CLI, select and the report."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"a method named '{name}' is already registered ({METHODS[name].__name__})")
+    names = [s.name for s in cls.settings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{cls.__name__} declares a setting twice")
+    METHODS[name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise UsageError(f"--method '{name}' is unknown; accepted: {', '.join(METHODS)}")
+    return METHODS[name]

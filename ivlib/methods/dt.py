@@ -17,7 +17,6 @@ computed in one pass); the reference picked the best step on test.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,8 @@ from ..kvcache import KV, read_kv, write_kv
 from ..metrics import selection_score
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
-from .base import Method
+from ..settings import Setting
+from .base import Method, register
 
 POSITIONS = ("shifted", "pinned")
 
@@ -55,41 +55,44 @@ def split_demos(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return demo_ids, demo_mask, ids[:, width - query_w :], query_mask, n_demo
 
 
+@register
 class DeepThinking(Method):
     name = "dt"
     needs_validation = True  # chooses the number of steps
     supports_multiple_choice = True
+    min_shot = 1  # the demonstrations are what it tunes
+    settings = (
+        Setting("dt_steps", int, 15, "most tuning steps T tried on validation", low=1, symbol="T max"),
+        Setting(
+            "dt_step", int, None, "use this T instead of choosing it on validation", low=1, optional=True, symbol="T"
+        ),
+        Setting("dt_eta", float, 0.01, "step size of the cache update", symbol="eta"),
+        Setting("dt_beta", float, 0.9, "momentum", symbol="beta"),
+        Setting(
+            "dt_positions",
+            str,
+            "shifted",
+            "positions of the re-encoded demonstrations: continue after them "
+            "(shifted, the reference) or re-use theirs (pinned)",
+            choices=POSITIONS,
+        ),
+    )
 
-    def __init__(
-        self, steps: int = 15, eta: float = 0.01, beta: float = 0.9, positions: str = "shifted", step: int | None = None
-    ):
-        if positions not in POSITIONS:
-            raise UsageError(f"--dt-positions '{positions}' is not accepted; accepted: {', '.join(POSITIONS)}")
-        self.steps = steps
-        self.eta = eta
-        self.beta = beta
-        self.positions = positions
-        self.step = step  # the T used at evaluation; None until chosen on validation
-        self.user_step = step is not None
-        self.curve: list[float] = []  # validation score after each step 1..steps
+    dt_steps: int
+    dt_step: int | None
+    dt_eta: float
+    dt_beta: float
+    dt_positions: str
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DeepThinking:
-        return cls(args.dt_steps, args.dt_eta, args.dt_beta, args.dt_positions, args.dt_step)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "dt_steps": self.steps,
-            "dt_eta": self.eta,
-            "dt_beta": self.beta,
-            "dt_positions": self.positions,
-            "dt_step": self.step if self.user_step else None,
-        }
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step = self.dt_step  # the T used at evaluation; None until chosen on validation
+        self.curve: list[float] = []  # validation score after each step 1..dt_steps
 
     def fit_summary(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "step_chosen_by": "user" if self.user_step else "validation",
+            "step_chosen_by": "user" if self.dt_step is not None else "validation",
             "curve": [round(s, 4) for s in self.curve],
         }
 
@@ -99,7 +102,7 @@ class DeepThinking(Method):
         rotary model's trained length it is silently out of distribution."""
         context = scorer.lm.context_length
         longest = max(p.query_start for p in prompts)
-        if self.positions == "shifted" and context is not None and 2 * longest > context:
+        if self.dt_positions == "shifted" and context is not None and 2 * longest > context:
             raise UsageError(
                 f"dt: --dt-positions shifted re-encodes {longest} demonstration tokens at positions up to "
                 f"{2 * longest - 1}, beyond the context of model '{scorer.lm.name}' ({context}); accepted: "
@@ -123,7 +126,7 @@ class DeepThinking(Method):
         momentum: KV | None = None
         width = demo_ids.shape[1]
         twice = torch.cat([demo_mask, demo_mask], dim=1)
-        again_pos = demo_pos + n_demo[:, None] if self.positions == "shifted" else demo_pos
+        again_pos = demo_pos + n_demo[:, None] if self.dt_positions == "shifted" else demo_pos
 
         def score() -> torch.Tensor:
             write_kv(cache, state, dtype, name)
@@ -140,9 +143,9 @@ class DeepThinking(Method):
             momentum = (
                 grads
                 if momentum is None
-                else [(gk + self.beta * mk, gv + self.beta * mv) for (gk, gv), (mk, mv) in zip(grads, momentum)]
+                else [(gk + self.dt_beta * mk, gv + self.dt_beta * mv) for (gk, gv), (mk, mv) in zip(grads, momentum)]
             )
-            state = [(pk + self.eta * mk, pv + self.eta * mv) for (pk, pv), (mk, mv) in zip(state, momentum)]
+            state = [(pk + self.dt_eta * mk, pv + self.dt_eta * mv) for (pk, pv), (mk, mv) in zip(state, momentum)]
             _check_finite(state, demo_mask, t)
             if every_step or t == upto:
                 out.append(score())
@@ -153,18 +156,18 @@ class DeepThinking(Method):
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
-        if self.user_step:
+        if self.dt_step is not None:
             return
         if not validation:
             raise ValueError("DT chooses its number of steps on validation episodes")
         prompts = [encoder.encode(e) for e in validation]
         self.check_prompts(scorer, prompts)
-        scores = scorer.run_batched(prompts, lambda b: self.step_scores(scorer, b, self.steps), "DT step search")
+        scores = scorer.run_batched(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None
         self.curve = [
             selection_score(labels, scorer.predictions(scores[:, t], prompts), scores.shape[-1], mc)
-            for t in range(self.steps)
+            for t in range(self.dt_steps)
         ]
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest
 

@@ -15,7 +15,6 @@ hooks handle both), and unlike the IV release, the patch touches the last token 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from functools import partial
 from typing import Any
@@ -24,10 +23,12 @@ import numpy as np
 import torch
 
 from ..episodes import Episode, Example
+from ..errors import UsageError
 from ..hooks import edit_inputs, edit_outputs, head_patch, stack_reads
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
-from .base import Method
+from ..settings import Setting
+from .base import Method, register
 
 
 def default_top_heads(n_layers: int, n_heads: int) -> int:
@@ -45,15 +46,31 @@ def shuffle_labels(episodes: list[Episode], seed: int) -> list[Episode]:
     return out
 
 
+@register
 class FunctionVectors(Method):
     name = "fv"
     needs_fit = True
+    has_state = True
+    settings = (
+        Setting(
+            "n_top_heads",
+            int,
+            None,
+            "heads summed into the vector (default: the model entry's fv_heads, else about 2% of all heads)",
+            low=1,
+            optional=True,
+            model_default="fv_heads",
+        ),
+        Setting("ie_episodes", int, 200, "shuffled-label trials for the indirect effects (at most -e)", low=1),
+    )
     rows_per_forward = 128  # batch rows x heads tried in one last-token forward (each needs a cache copy)
 
-    def __init__(self, n_top_heads: int | None, ie_episodes: int, seed: int = 42):
-        self.n_top_heads = n_top_heads
-        self.ie_episodes = ie_episodes
-        self.seed = seed
+    n_top_heads: int | None
+    ie_episodes: int
+
+    def __init__(self, *args: Any, seed: int = 42, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed  # the run's: which labels the indirect-effect trials shuffle
         self.mean_act: torch.Tensor | None = None  # [L, H, head_dim] float32
         self.effects: torch.Tensor | None = None  # [L, H] mean probability gain
         self.heads: list[tuple[int, int]] = []
@@ -61,11 +78,13 @@ class FunctionVectors(Method):
         self.layer: int | None = None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> FunctionVectors:
-        return cls(args.n_top_heads, args.ie_episodes, args.seed)
+    def from_settings(cls, values: dict[str, Any], seed: int) -> FunctionVectors:
+        return cls(**values, seed=seed)
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"n_top_heads": self.n_top_heads, "ie_episodes": self.ie_episodes}
+    def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
+        total = scorer.layout.n_layers * scorer.layout.n_heads
+        if self.n_top_heads is not None and self.n_top_heads > total:
+            raise UsageError(f"--n-top-heads {self.n_top_heads} exceeds the model's {total} heads")
 
     def fit_summary(self) -> dict[str, Any]:
         assert self.effects is not None

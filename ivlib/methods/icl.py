@@ -6,9 +6,10 @@ import torch
 
 from ..prompts import PromptBatch
 from ..scoring import Scorer
-from .base import Method
+from .base import Method, register
 
 
+@register
 class ICL(Method):
     """The reference code's "clean" run: the same prompts IV edits, left unedited."""
 
@@ -19,6 +20,7 @@ class ICL(Method):
         return scorer.label_scores(batch)
 
 
+@register
 class ZeroShot(ICL):
     name = "zero-shot"
     fixed_eval_shot = 0

@@ -14,7 +14,6 @@ separator, so under causal attention the answer tokens could not change what is 
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -23,7 +22,8 @@ from ..episodes import Episode
 from ..hooks import edit_outputs, stack_reads
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import Scorer
-from .base import Method
+from ..settings import EVAL, Setting
+from .base import Method, register
 
 
 def refresh_windows(n_episodes: int, ext_batch: int) -> list[list[int]]:
@@ -36,25 +36,40 @@ def refresh_windows(n_episodes: int, ext_batch: int) -> list[list[int]]:
     return windows
 
 
+@register
 class IterativeVectors(Method):
     name = "iv"
     needs_fit = True
-    uses_strength = True
+    has_state = True
+    settings = (
+        Setting(
+            "strength",
+            float,
+            0.5,
+            "evaluation strength a2 of the vectors; several values share one extraction, one record each",
+            role=EVAL,
+            symbol="a2",
+        ),
+        Setting("ext_strength", float, 0.3, "extraction strength a1 of the current vectors", symbol="a1"),
+        Setting(
+            "ext_batch",
+            int,
+            10,
+            "episodes between refreshes of the vectors; 0 = one pass, no iteration",
+            low=0,
+            symbol="b",
+        ),
+    )
+    grid_axes = ("strength", "ext_strength", "ext_shot")  # the paper's grid: a2 x a1, one panel per ext-shot
 
-    def __init__(self, strength: float, ext_strength: float, ext_batch: int):
-        self.strength = strength
-        self.ext_strength = ext_strength
-        self.ext_batch = ext_batch
+    strength: float
+    ext_strength: float
+    ext_batch: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.vectors: torch.Tensor | None = None  # [L, C + 1, D] float32
         self._device_vectors: dict[tuple, torch.Tensor] = {}
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> IterativeVectors:
-        strength = args.strength[0] if isinstance(args.strength, list) else args.strength
-        return cls(strength, args.ext_strength, args.ext_batch)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"strength": self.strength, "ext_strength": self.ext_strength, "ext_batch": self.ext_batch}
 
     # ---- extraction -------------------------------------------------------------------------
     def _read_separators(self, scorer: Scorer, batch: PromptBatch, add: torch.Tensor | None) -> torch.Tensor:

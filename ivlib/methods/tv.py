@@ -9,7 +9,6 @@ and re-runs only the last token per layer, since the edit touches nothing before
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Any
 
@@ -21,25 +20,21 @@ from ..hooks import edit_outputs, stack_reads
 from ..metrics import f1_scores
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import Scorer
-from .base import Method
+from .base import Method, register
 
 
+@register
 class TaskVectors(Method):
     name = "tv"
     needs_fit = True
     needs_validation = True
+    has_state = True
 
     def __init__(self) -> None:
+        super().__init__()
         self.theta: torch.Tensor | None = None  # [L, D] float32
         self.layer: int | None = None
         self.layer_scores: list[float] = []  # validation macro-F1 per layer
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TaskVectors:
-        return cls()
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}  # the layer is chosen by fitting: see fit_summary
 
     def fit_summary(self) -> dict[str, Any]:
         return {"layer": self.layer, "layer_scores": [round(s, 4) for s in self.layer_scores]}

@@ -1,0 +1,579 @@
+"""One run as a library object: a `RunSpec` says what to run, an `Experiment` runs it step by step.
+
+The CLI, a notebook and a launcher share this. The steps can be called alone, in order:
+`prepare` (every check that needs no model: settings, registry, paths, --resume), `load` (task,
+model, encoder), `sample` (evaluation episodes), `fit` (or load a fitted state), then
+`evaluate_all` (one record per evaluation setting; several share one fit). `run` does all of
+them. Nothing here knows a method by name: what a method needs comes from its declaration
+(`ivlib.methods.base.Method`). Every user error is a `UsageError`, raised before any record or
+state file is touched; `progress` says what is safely on disk, for an interrupt message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import REPO_DIR, Config, load_config, lookup
+from .episodes import Episode, check_shots, sample_episodes
+from .errors import UsageError
+from .methods import METHODS, Method, get_method
+from .metrics import bootstrap_accuracy, bootstrap_f1
+from .results import append_record, check_writable, read_records, signals_held
+from .selection import has_record
+from .settings import Setting, by_name
+from .state import check_save_path, load_state, read_meta, save_state
+
+AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
+AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
+SPLITS = ("validation", "test")
+
+
+def parse_batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    return int(text)
+
+
+# The protocol's settings, shared by every method: the same declaration as a method's settings, so the
+# CLI derives their flags and checks the same way.
+PROTOCOL = (
+    Setting("ext_shot", int, 4, "extraction demonstrations per class (methods that fit)", low=0, short="-s"),
+    Setting("episodes", int, 200, "extraction episodes, drawn from train", low=1, short="-e"),
+    Setting("shot", int, 1, "evaluation demonstrations per class", low=0),
+    Setting("eval_episodes", int, 10_000, "evaluation episodes", low=1, short="-n"),
+    Setting(
+        "select_episodes", int, 200, "validation episodes a method selects on (tv: its layer, dt: its steps)", low=1
+    ),
+    Setting("seed", int, 42, "seed of the episodes (and of the bootstrap): every method sees the same queries", low=0),
+    Setting(
+        "batch_size",
+        int,
+        16,
+        f"episodes per forward pass, or 'auto': on GPU start at {AUTO_GPU_START} and "
+        f"halve on out-of-memory; on CPU {AUTO_CPU}",
+        low=1,
+        parse=parse_batch_size,
+        accepts="a positive integer or 'auto'",
+    ),
+    Setting(
+        "max_example_tokens", int, 256, "each example's input is truncated so input + separator + label fit", low=8
+    ),
+)
+# protocol settings that define a fitted state: a loaded file's values become this run's
+PROTOCOL_FIT = ("ext_shot", "episodes", "select_episodes", "max_example_tokens")
+_P = by_name(PROTOCOL)
+
+
+@dataclass
+class RunSpec:
+    """Everything one run needs, by registry name; the CLI's flags map onto it one to one.
+
+    `settings` holds the method's own settings that were given (the others take the method's
+    defaults); an evaluation setting (e.g. IV's `strength`) may hold a list of values, each
+    evaluated with the same fit and written as its own record.
+    """
+
+    model: str
+    task: str
+    method: str = "iv"
+    settings: dict[str, Any] = field(default_factory=dict)
+    config: str | None = None
+    split: str = "validation"
+    ext_shot: int = _P["ext_shot"].default
+    episodes: int = _P["episodes"].default
+    shot: int = _P["shot"].default
+    eval_episodes: int = _P["eval_episodes"].default
+    select_episodes: int = _P["select_episodes"].default
+    seed: int = _P["seed"].default
+    batch_size: int | str = _P["batch_size"].default
+    max_example_tokens: int = _P["max_example_tokens"].default
+    gpu: int = -1
+    no_half: bool = False
+    device_map: str | None = None
+    mem_limit: str | None = None
+    flash_attention: bool = False
+    results: str = "results/runs.jsonl"
+    save_vectors: str | None = None
+    load_vectors: str | None = None
+    resume: bool = False
+    quiet: bool = False
+    command: list[str] | None = None  # what the record says was run
+
+
+@dataclass
+class Progress:
+    """What this run has safely written, so an interrupt can say so."""
+
+    records: int = 0
+    vectors: str | None = None
+
+
+class Experiment:
+    """Runs one `RunSpec`; the attributes below are filled by the steps, in order."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.progress = Progress()
+        self.method_cls: type[Method] = get_method(spec.method)
+        self.config: Config | None = None
+        self.model_entry: dict[str, Any] = {}
+        self.task_entry: dict[str, Any] = {}
+        self.values: dict[str, Any] = {}  # the method's settings; evaluation settings as lists
+        self.pending: list[dict[str, Any]] = []  # one entry per evaluation setting still to record
+        self.fitted_with: dict[str, Any] | None = None  # the --load-vectors file's fitting settings
+        self.fit_s = 0.0
+        self.fit_info: dict[str, Any] = {}
+
+    # ---- what the spec implies ---------------------------------------------------------------
+    @property
+    def eval_shot(self) -> int:
+        fixed = self.method_cls.fixed_eval_shot
+        return self.spec.shot if fixed is None else fixed
+
+    @property
+    def fitting(self) -> bool:
+        """Whether this run fits anything (methods that fit or select, unless the state is loaded)."""
+        cls = self.method_cls
+        return (cls.needs_fit or cls.needs_validation) and not self.spec.load_vectors
+
+    def hyperparameters(self, method: Method) -> dict[str, Any]:
+        """Everything that defines a run's setting, known before any compute (what --resume matches)."""
+        cls, spec = self.method_cls, self.spec
+        return {
+            **method.hyperparameters(),
+            "shot": self.eval_shot,
+            "ext_shot": spec.ext_shot if cls.needs_fit else None,
+            "episodes": spec.episodes if cls.needs_fit else None,
+            **({"select_episodes": spec.select_episodes} if cls.needs_validation else {}),
+            "max_example_tokens": spec.max_example_tokens,
+        }
+
+    # ---- step 1: every check that needs no model -----------------------------------------------
+    def prepare(self) -> list[dict[str, Any]]:
+        """Check the spec, the registry and the paths; returns the evaluation settings still to run
+        (empty when --resume finds them all recorded)."""
+        spec = self.spec
+        if spec.quiet:
+            _silence_libraries()
+        self._check_protocol()
+        self.values = self._given_settings()
+        self.config = load_config(spec.config)
+        self.model_entry = lookup(self.config.models, "model", spec.model)
+        self.task_entry = lookup(self.config.tasks, "task", spec.task)
+        check_writable(spec.results)
+        self._check_state_flags()
+        if spec.save_vectors:
+            check_save_path(spec.save_vectors)
+        if spec.load_vectors:
+            self._adopt_fit_settings()
+        self._fill_defaults()
+        combos = self._eval_combinations()
+        if spec.resume:
+            combos = self._not_yet_recorded(combos)
+        self.pending = combos
+        return combos
+
+    def _check_protocol(self) -> None:
+        spec, cls = self.spec, self.method_cls
+        if spec.split not in SPLITS:
+            raise UsageError(f"split '{spec.split}' is not accepted; accepted: {', '.join(SPLITS)}")
+        for setting in PROTOCOL:
+            setattr(spec, setting.name, setting.check(getattr(spec, setting.name)))
+        if cls.needs_fit and spec.ext_shot < 1:
+            raise UsageError(f"--ext-shot {spec.ext_shot} is out of range; accepted: an integer >= 1")
+        if self.eval_shot < cls.min_shot:
+            raise UsageError(
+                f"--shot {spec.shot} is too few for --method {cls.name}; accepted: --shot "
+                f"{cls.min_shot} or more with --method {cls.name}"
+            )
+        if spec.mem_limit and not spec.device_map:
+            raise UsageError("--mem-limit needs --device-map")
+        if spec.device_map and spec.gpu < 0:
+            raise UsageError("--device-map needs a GPU (-g 0 or higher)")
+
+    def _given_settings(self) -> dict[str, Any]:
+        """The spec's method settings, checked. A setting of another method is ignored, so one flag set
+        can serve a sweep over several methods (as scripts.sh's EXTRA does); a setting no method
+        declares is refused."""
+        own = by_name(self.method_cls.settings)
+        known = {s.name for cls in METHODS.values() for s in cls.settings}
+        values: dict[str, Any] = {}
+        for name, value in self.spec.settings.items():
+            if name not in own:
+                if name not in known:
+                    raise UsageError(f"setting '{name}' is unknown; accepted: {', '.join(sorted(known))}")
+                if isinstance(value, (list, tuple)) and len(value) > 1:  # one record each: not for this method
+                    users = [m for m, c in METHODS.items() if any(s.name == name for s in c.settings)]
+                    flag = "--" + name.replace("_", "-")
+                    raise UsageError(
+                        f"{flag} takes several values only with a method that uses it "
+                        f"({', '.join(users)}); method '{self.method_cls.name}' got {len(value)}"
+                    )
+                continue
+            setting = own[name]
+            many = isinstance(value, (list, tuple))
+            if many and not setting.many:
+                raise UsageError(f"{setting.flag} takes one value; {len(value)} given")
+            values[name] = [setting.check(v) for v in value] if many else setting.check(value)
+        return values
+
+    def _check_state_flags(self) -> None:
+        cls = self.method_cls
+        for flag, value in (("--load-vectors", self.spec.load_vectors), ("--save-vectors", self.spec.save_vectors)):
+            if value and not cls.has_state:
+                fitted = ", ".join(name for name, c in METHODS.items() if c.has_state)
+                raise UsageError(f"{flag}: method '{cls.name}' has no fitted state; accepted with: {fitted}")
+
+    def _adopt_fit_settings(self) -> None:
+        """Take the fitting settings of the --load-vectors file, so the record (and --resume, select,
+        the report) names the setting the state was really fitted with; refuse a conflicting flag."""
+        spec, path = self.spec, self.spec.load_vectors
+        assert path is not None
+        meta = read_meta(path)
+        if meta.get("method") != spec.method:
+            raise UsageError(
+                f"--load-vectors '{path}' was fitted with method={meta.get('method')!r}; this run has {spec.method!r}"
+            )
+        fitted = meta.get("fit") or {}
+        self.fitted_with = fitted
+        for setting in (*(_P[k] for k in PROTOCOL_FIT), *self.method_cls.fit_settings()):
+            if setting.name not in fitted:
+                continue
+            protocol = setting.name in PROTOCOL_FIT
+            current = getattr(spec, setting.name) if protocol else self.values.get(setting.name, setting.default)
+            if current == fitted[setting.name]:
+                continue
+            given = current != setting.default if protocol else setting.name in self.values
+            if given:
+                raise UsageError(
+                    f"--load-vectors '{path}' was fitted with {setting.flag} {fitted[setting.name]}; "
+                    f"this command gives {current}; accepted: the same value, or leave {setting.flag} out"
+                )
+            if protocol:
+                setattr(spec, setting.name, fitted[setting.name])
+            else:
+                self.values[setting.name] = fitted[setting.name]
+
+    def _fill_defaults(self) -> None:
+        """Settings not given take the model entry's value where one is declared (unless a state file
+        was loaded: its value is the fitted one), else the method's default."""
+        for setting in self.method_cls.settings:
+            if setting.name in self.values:
+                continue
+            from_entry = setting.model_default and not self.spec.load_vectors
+            entry_value = self.model_entry.get(setting.model_default) if from_entry else None
+            self.values[setting.name] = setting.check(entry_value) if entry_value is not None else setting.default
+
+    def _eval_combinations(self) -> list[dict[str, Any]]:
+        """One settings dict per combination of evaluation-setting values (given order kept)."""
+        lists = {k: v if isinstance(v, list) else [v] for k, v in self.values.items()}
+        names = list(lists)
+        combos = [dict(zip(names, values)) for values in itertools.product(*(lists[n] for n in names))]
+        unique: dict[str, dict[str, Any]] = {}
+        for combo in combos:
+            unique.setdefault(repr(sorted(combo.items())), combo)
+        return list(unique.values())
+
+    def _not_yet_recorded(self, combos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        spec = self.spec
+        if not Path(spec.results).is_file():
+            return combos
+        records, _ = read_records(spec.results)
+        return [
+            c
+            for c in combos
+            if not has_record(
+                records,
+                spec.model,
+                spec.task,
+                spec.method,
+                spec.split,
+                self.hyperparameters(self._build(c)),
+                spec.seed,
+                spec.eval_episodes,
+            )
+        ]
+
+    def _build(self, values: dict[str, Any]) -> Method:
+        return self.method_cls.from_settings(values, self.spec.seed)
+
+    # ---- step 2: task, model, prompts ---------------------------------------------------------
+    def load(self) -> None:
+        """Load the task and the model; check everything that needs them but no compute."""
+        from .models import load_model, resolve_device
+        from .prompts import PromptEncoder
+        from .scoring import Scorer
+        from .tasks import load_task
+
+        spec, cls = self.spec, self.method_cls
+        self.device = resolve_device(spec.gpu)
+        self.task = task = load_task(spec.task, self.task_entry)
+        if task.multiple_choice and not cls.supports_multiple_choice:
+            accepted = ", ".join(name for name, c in METHODS.items() if c.supports_multiple_choice)
+            raise UsageError(
+                f"--method {spec.method} does not apply to multiple-choice task '{spec.task}' "
+                f"(it steers towards class labels); accepted: {accepted}"
+            )
+        check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
+        if self.fitting and cls.needs_fit:
+            check_shots(task.splits["train"], "train", task.n_classes, spec.ext_shot, task.label_words, "--ext-shot")
+        if self.fitting and cls.needs_validation:
+            check_shots(task.splits["validation"], "validation", task.n_classes, spec.shot, task.label_words, "--shot")
+        t0 = time.perf_counter()
+        self.lm = lm = load_model(
+            spec.model,
+            self.model_entry,
+            self.device,
+            no_half=spec.no_half,
+            device_map=spec.device_map,
+            mem_limit=spec.mem_limit,
+            flash_attention=spec.flash_attention,
+            quiet=spec.quiet,
+        )
+        self.load_s = time.perf_counter() - t0
+        self.encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, spec.max_example_tokens)
+        if not task.multiple_choice:
+            self.encoder.check_label_collisions()
+        auto = spec.batch_size == "auto"
+        start = (AUTO_GPU_START if self.device.type == "cuda" else AUTO_CPU) if auto else int(spec.batch_size)
+        self.scorer = Scorer(lm, self.encoder.label_ids, start, spec.quiet, shrink_on_oom=auto)
+
+    # ---- step 3: episodes -------------------------------------------------------------------
+    def sample(self) -> None:
+        """The evaluation episodes and their prompts; methods refuse prompts they cannot run here."""
+        spec, task = self.spec, self.task
+        self.eval_episodes = sample_episodes(
+            task.splits[spec.split], task.n_classes, self.eval_shot, spec.eval_episodes, spec.seed, f"{spec.split}/eval"
+        )
+        self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
+        self.methods = [self._build(c) for c in self.pending]
+        self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
+
+    def fit_episodes(self) -> tuple[list[Episode], list[Episode] | None]:
+        """(training episodes, validation episodes to select on) of the method's declared needs."""
+        spec, task, cls = self.spec, self.task, self.method_cls
+        train = (
+            sample_episodes(
+                task.splits["train"], task.n_classes, spec.ext_shot, spec.episodes, spec.seed, "train/extract"
+            )
+            if cls.needs_fit
+            else []
+        )
+        select = (
+            sample_episodes(
+                task.splits["validation"],
+                task.n_classes,
+                spec.shot,
+                spec.select_episodes,
+                spec.seed,
+                "validation/select",
+            )
+            if cls.needs_validation
+            else None
+        )
+        return train, select
+
+    # ---- step 4: fit, or load a fitted state ----------------------------------------------------
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a state file must match to be used for this run."""
+        return {
+            "method": self.spec.method,
+            "model": self.spec.model,
+            "task": self.spec.task,
+            "label_words": self.task.label_words,
+            "n_layers": self.lm.layout.n_layers,
+            "d_model": self.lm.layout.d_model,
+        }
+
+    def fit(self) -> None:
+        """Fit the first method (or load its state), save it if asked, and share it with the others."""
+        spec, cls = self.spec, self.method_cls
+        method = self.methods[0]
+        if spec.load_vectors:
+            tensors, meta = load_state(spec.load_vectors, self.identity)
+            method.load_state(tensors)
+            self.fit_info = {"loaded_from": spec.load_vectors, "fitted_with": meta.get("fit"), **method.fit_summary()}
+        elif self.fitting:
+            train, select = self.fit_episodes()
+            t0 = time.perf_counter()
+            method.fit(self.scorer, self.encoder, train, select)
+            self.fit_s = time.perf_counter() - t0
+            self.fit_info = self._fit_info(method)
+            if spec.save_vectors:
+                with signals_held():  # a small file: saved, and known to be saved, before an interrupt lands
+                    save_state(spec.save_vectors, method.state(), {**self.identity, "fit": self.fit_info})
+                    self.progress.vectors = spec.save_vectors
+        for setting in cls.eval_settings():
+            given = self.values[setting.name]
+            if isinstance(given, list) and len(given) > 1:
+                self.fit_info[f"shared_by_{setting.name}s"] = sorted(
+                    {m.hyperparameters()[setting.name] for m in self.methods}
+                )
+        if len(self.methods) > 1:
+            state = method.state()
+            for other in self.methods[1:]:
+                other.load_state(state)
+
+    def _fit_info(self, method: Method) -> dict[str, Any]:
+        """The record's (and the state file's) account of the fit: its settings, then what it chose."""
+        spec, cls = self.spec, self.method_cls
+        evaluated = {s.name for s in cls.eval_settings()}
+        return {
+            **({"ext_shot": spec.ext_shot, "episodes": spec.episodes} if cls.needs_fit else {}),
+            "seed": spec.seed,
+            "max_example_tokens": spec.max_example_tokens,
+            **{k: v for k, v in method.hyperparameters().items() if k not in evaluated},
+            **({"select_episodes": spec.select_episodes, "select_shot": spec.shot} if cls.needs_validation else {}),
+            **method.fit_summary(),
+        }
+
+    # ---- step 5: evaluate and record ------------------------------------------------------------
+    def evaluate(self, method: Method) -> dict[str, Any]:
+        """Score the evaluation prompts with one fitted method; the record, not yet written."""
+        spec, task, scorer = self.spec, self.task, self.scorer
+        t0 = time.perf_counter()
+        scores = scorer.run_batched(
+            self.prompts, lambda b: method.predict(scorer, b), f"{spec.method} eval ({spec.split})"
+        )
+        eval_s = time.perf_counter() - t0
+        y_true = np.array([p.label for p in self.prompts])
+        y_pred = scorer.predictions(scores, self.prompts)
+        if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
+            metrics = {
+                "accuracy": bootstrap_accuracy(y_true, y_pred, seed=spec.seed),
+                "accuracy_sum": bootstrap_accuracy(y_true, scores.argmax(dim=-1).numpy(), seed=spec.seed),
+            }
+        else:
+            metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=spec.seed)
+        answers = [f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else task.label_words
+        fractions = np.round(np.bincount(y_pred, minlength=len(answers)) / len(y_pred), 4).tolist()
+        return {
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            **self._shared_fields(),
+            "hyperparameters": self.hyperparameters(method),
+            "metrics": metrics,
+            "predicted_fraction": dict(zip(answers, fractions)),  # a method that collapses onto one answer shows here
+            "timing_s": {"load": round(self.load_s, 3), "fit": round(self.fit_s, 3), "eval": round(eval_s, 3)},
+            "eval_episodes_per_s": round(spec.eval_episodes / eval_s, 3) if eval_s > 0 else None,
+            "batch_size": scorer.batch_size,  # after any out-of-memory halving
+        }
+
+    def _shared_fields(self) -> dict[str, Any]:
+        spec, lm, task = self.spec, self.lm, self.task
+        assert self.config is not None
+        return {
+            "model": spec.model,
+            "task": spec.task,
+            "split": spec.split,
+            "method": spec.method,
+            "seed": spec.seed,
+            "n_eval_episodes": spec.eval_episodes,
+            "n_fit_episodes": spec.episodes if self.fitting and self.method_cls.needs_fit else 0,
+            "fit": self.fit_info,
+            "batch_size_requested": spec.batch_size,
+            "device": str(self.device),
+            "dtype": str(lm.dtype).removeprefix("torch."),
+            "device_map": spec.device_map,
+            "model_source": lm.source,
+            "layout": lm.layout.describe(),
+            "add_bos": lm.add_bos,
+            "label_words": task.label_words,
+            "task_kind": "multiple_choice" if task.multiple_choice else "classification",
+            "task_provenance": task.provenance,
+            "config_files": self.config.sources,
+            "versions": _versions(),
+            "git_commit": _git_commit(),
+            "command": spec.command,
+        }
+
+    def write(self, record: dict[str, Any]) -> None:
+        with signals_held():  # the interrupt message counts exactly the records in the file
+            append_record(self.spec.results, record)
+            self.progress.records += 1
+
+    def evaluate_all(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Evaluate, write and report each evaluation setting as soon as it is done."""
+        records = []
+        for method in self.methods:
+            record = self.evaluate(method)
+            self.write(record)
+            records.append(record)
+            if on_record is not None:
+                on_record(record)
+        return records
+
+    def run(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """All steps; the records written (none when --resume found every setting recorded)."""
+        if not self.prepare():
+            return []
+        self.load()
+        self.sample()
+        self.fit()
+        return self.evaluate_all(on_record)
+
+    # ---- for people -----------------------------------------------------------------------------
+    def label(self, record: dict[str, Any]) -> str:
+        """The method, and the evaluation settings that vary within this run (`iv a2=0.5`)."""
+        varied = [
+            s
+            for s in self.method_cls.eval_settings()
+            if isinstance(self.values.get(s.name), list) and len(self.values[s.name]) > 1
+        ]
+        hp = record["hyperparameters"]
+        return " ".join([self.spec.method, *(f"{s.label}={hp[s.name]}" for s in varied)])
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import torch
+    import transformers
+
+    return {
+        "ivlib": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _silence_libraries() -> None:
+    """--quiet: no progress bars or info chatter from datasets/transformers either."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
