@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     for each in methods.values():
         t0 = time.perf_counter()
-        scores = scorer.run_batched(prompts, lambda b: each.predict(scorer, b), f"{args.method} eval ({eval_split})")
+        scores = scorer.runner.map(prompts, lambda b: each.predict(scorer, b), f"{args.method} eval ({eval_split})")
         eval_s = time.perf_counter() - t0
         y_pred = Scorer.predictions(scores, prompts)
         if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
@@ -440,7 +440,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             ),
             "timing_s": {"load": round(load_s, 3), "fit": round(fit_s, 3), "eval": round(eval_s, 3)},
             "eval_episodes_per_s": round(args.eval_episodes / eval_s, 3) if eval_s > 0 else None,
-            "batch_size": scorer.batch_size,  # after any out-of-memory halving
+            "batch_size": scorer.runner.batch_size,  # after any out-of-memory halving
         }
         with signals_held():  # the interrupt message counts exactly the records in the file
             append_record(args.results, record)  # each setting lands as soon as it is done

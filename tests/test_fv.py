@@ -223,7 +223,7 @@ def test_head_search_out_of_memory_halves_the_rows_per_forward_not_the_batch(gpt
     fv.mean_act = reference.mean_act
     scorer = Scorer(gpt2, encoder.label_ids, 3, quiet=True)  # a fixed batch size: it must stay 3
     effects = fv.indirect_effects(scorer, trials)
-    assert scorer.batch_size == 3 and fv.rows_per_forward == 8  # 128 -> 64 -> 32 -> 16 -> 8: 2 heads x 3 rows
+    assert scorer.runner.batch_size == 3 and fv.rows_per_forward == 8  # 128 -> 64 -> 32 -> 16 -> 8: 2 heads x 3 rows
     assert max(seen) == 12 and 6 in seen and all(r <= 6 for r in seen[seen.index(6) :])
     torch.testing.assert_close(effects, expected, atol=1e-6, rtol=1e-5)
 
@@ -235,7 +235,7 @@ def test_head_search_out_of_memory_halves_the_rows_per_forward_not_the_batch(gpt
     fv.rows_per_forward = 128
     auto = Scorer(gpt2, encoder.label_ids, 3, quiet=True, shrink_on_oom=True)
     torch.testing.assert_close(fv.indirect_effects(auto, trials), expected, atol=1e-6, rtol=1e-5)
-    assert auto.batch_size == 1 and fv.rows_per_forward == 3  # rows down to the batch (3), then batch 3 -> 1
+    assert auto.runner.batch_size == 1 and fv.rows_per_forward == 3  # rows down to the batch (3), then batch 3 -> 1
 
 
 def test_resume_skips_an_fv_run_whose_head_count_comes_from_the_default_rule(tmp_path, monkeypatch, capsys):

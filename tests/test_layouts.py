@@ -74,7 +74,7 @@ def test_batched_equals_one_at_a_time(arch, task):
         outs = []
         for bs in (1, 6):
             scorer = Scorer(lm, encoder.label_ids, bs, quiet=True)
-            outs.append(scorer.run_batched(prompts, lambda b: method.predict(scorer, b), "t"))
+            outs.append(scorer.runner.map(prompts, lambda b: method.predict(scorer, b), "t"))
         torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 

@@ -110,7 +110,7 @@ class FunctionVectors(Method):
                 scorer.forward(batch)
             return stack_reads(sites).transpose(0, 1)
 
-        mean = scorer.run_batched(prompts, read, "FV mean activations").mean(dim=0)  # [L, F]
+        mean = scorer.runner.map(prompts, read, "FV mean activations").mean(dim=0)  # [L, F]
         return mean.view(layout.n_layers, layout.n_heads, -1)
 
     def indirect_effects(
@@ -140,7 +140,7 @@ class FunctionVectors(Method):
             p_correct = logprobs.exp()[rows, :, batch.labels.to(logprobs.device)]  # [B, 1 + len(layers) * H]
             return p_correct[:, 1:] - p_correct[:, :1]
 
-        return scorer.run_batched(trials, gains, "FV indirect effects").mean(dim=0).view(len(layers), n_heads)
+        return scorer.runner.map(trials, gains, "FV indirect effects").mean(dim=0).view(len(layers), n_heads)
 
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None

@@ -61,7 +61,7 @@ class TaskVectors(Method):
                 scorer.forward(batch)
             return stack_reads(sites).transpose(0, 1)
 
-        self.theta = scorer.run_batched(prompts, read, "TV extract").mean(dim=0)
+        self.theta = scorer.runner.map(prompts, read, "TV extract").mean(dim=0)
         if not validation:
             raise ValueError("TV chooses its layer on validation episodes")
         val_prompts = [encoder.encode(e) for e in validation]
@@ -71,7 +71,7 @@ class TaskVectors(Method):
             edits = [partial(self._replace_at_last, scorer, batch, layer, last) for layer in range(len(blocks))]
             return scorer.last_token_variants(batch, edits).transpose(0, 1)
 
-        scores = scorer.run_batched(val_prompts, per_layer, "TV layer search")  # [N, L, C]
+        scores = scorer.runner.map(val_prompts, per_layer, "TV layer search")  # [N, L, C]
         labels = np.array([p.label for p in val_prompts])
         preds = scores.argmax(dim=-1).numpy()  # [N, L]
         self.layer_scores = [f1_scores(labels, preds[:, l], encoder.n_classes)["macro"] for l in range(len(blocks))]

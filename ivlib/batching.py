@@ -1,0 +1,112 @@
+"""The batched loop over many prompts: progress bars, length-sorted batches, out-of-memory halving,
+and naming the layer that overflowed when a batch scores NaN.
+
+Kept apart from the forward passes (`scoring.Scorer`) because it is policy, not model code: how
+many rows go into one forward, what to do when they do not fit, how to report progress. A
+`BatchRunner` knows nothing of scoring; it is handed the function that turns prompts into a
+device batch, and each caller's per-batch function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .models import LoadedModel
+from .prompts import EncodedPrompt, PromptBatch, length_sorted_batches
+
+
+class BatchRunner:
+    """Runs per-batch functions over many prompts at `batch_size` rows per forward.
+
+    `batch_size` is the run's state, not a constant: with `shrink_on_oom` (--batch-size auto) an
+    out-of-memory error halves it for the rest of the run, and the record reports what was used.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        make_batch: Callable[[list[EncodedPrompt]], PromptBatch],
+        batch_size: int,
+        quiet: bool = False,
+        shrink_on_oom: bool = False,
+    ):
+        self.lm = lm
+        self.make_batch = make_batch  # prompts -> device batch (the scorer's, which checks the context)
+        self.batch_size = batch_size
+        self.shrink_on_oom = shrink_on_oom  # --batch-size auto: halve and retry instead of failing
+        self.quiet = quiet
+
+    def progress(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)
+
+    def shrink_after_oom(self, desc: str) -> int:
+        """After an out-of-memory error: halve the batch size and return it (--batch-size auto), or stop
+        with a one-line error naming the size that did not fit."""
+        if not self.shrink_on_oom or self.batch_size == 1:
+            raise UsageError(
+                f"{desc}: out of memory at batch size {self.batch_size}; "
+                "accepted: a smaller --batch-size, or --batch-size auto"
+            ) from None
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.batch_size = max(1, self.batch_size // 2)
+        return self.batch_size
+
+    def _shrink(self, pending: list[list[int]], prompts: list[EncodedPrompt], desc: str) -> list[list[int]]:
+        """Halve the batch size after an out-of-memory error and re-plan the batches not yet run."""
+        size = self.shrink_after_oom(desc)
+        rest = sorted((i for idx in pending for i in idx), key=lambda i: len(prompts[i].ids))
+        return [rest[i : i + size] for i in range(0, len(rest), size)]
+
+    def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> str:
+        """Re-run the failing batch watching every block's output, to name the first layer that overflowed."""
+        first: list[int] = []
+        mask = batch.attention_mask.bool()
+
+        def watch(layer: int):
+            def hook(module, inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                real = hidden[mask] if hidden.shape[:2] == mask.shape else hidden  # pads may hold anything
+                if not first and not torch.isfinite(real).all():
+                    first.append(layer)
+
+            return hook
+
+        handles = [block.register_forward_hook(watch(i)) for i, block in enumerate(self.lm.layout.blocks)]
+        try:
+            fn(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        where = f"first at layer {first[0]}" if first else "in the output head"
+        return (
+            f"{desc}: non-finite values (inf/NaN) in the activations, {where}; "
+            "run with --no-half or lower the strengths"
+        )
+
+    def map(self, prompts: list[EncodedPrompt], fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> torch.Tensor:
+        """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order."""
+        out: torch.Tensor | None = None
+        with self.progress(len(prompts), desc) as bar:
+            pending = length_sorted_batches(prompts, self.batch_size)
+            while pending:
+                idx = pending.pop(0)
+                batch = self.make_batch([prompts[i] for i in idx])
+                try:
+                    result = fn(batch).cpu()
+                except torch.OutOfMemoryError:
+                    del batch
+                    pending = self._shrink([idx, *pending], prompts, desc)
+                    continue
+                if torch.isnan(result).any():  # never score an overflow silently
+                    raise UsageError(self._nonfinite_report(batch, fn, desc))
+                if out is None:
+                    out = torch.empty((len(prompts), *result.shape[1:]), dtype=result.dtype)
+                out[torch.tensor(idx)] = result
+                bar.update(len(idx))
+        assert out is not None
+        return out
