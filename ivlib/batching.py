@@ -9,14 +9,14 @@ device batch, and each caller's per-batch function.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .models import LoadedModel
-from .prompts import EncodedPrompt, PromptBatch, length_sorted_batches
+from .prompts import EncodedPrompt, PromptBatch, length_order
 
 
 class BatchRunner:
@@ -43,24 +43,47 @@ class BatchRunner:
     def progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)
 
-    def shrink_after_oom(self, desc: str) -> int:
-        """After an out-of-memory error: halve the batch size and return it (--batch-size auto), or stop
-        with a one-line error naming the size that did not fit."""
+    def each(
+        self,
+        order: Sequence[int],
+        fn: Callable[[list[int]], None],
+        desc: str,
+        fallback: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Call `fn` on consecutive chunks of `order`, at most `batch_size` indices each, in order.
+
+        The library's one out-of-memory policy, so every loop that can run out of memory fails and
+        recovers the same way: a chunk that does not fit is run again, first through `fallback(rows)`
+        where one is given (a cheaper way to run the same rows, e.g. fewer rows per inner forward:
+        True = retry as is, False = it has nothing left), else at half the batch size with the rest
+        of `order` re-split at the new size (--batch-size auto); with a fixed size the run stops with
+        a one-line error. `fn` must leave no trace of a chunk that raised, since it runs again.
+        """
+        pending = list(order)
+        while pending:
+            idx = pending[: self.batch_size]
+            try:
+                fn(idx)
+                fitted = True
+            except torch.OutOfMemoryError:
+                fitted = False  # handled below, once the traceback (and the tensors its frames hold) is gone
+            if fitted:
+                del pending[: len(idx)]
+                continue
+            if self.lm.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if fallback is None or not fallback(len(idx)):
+                self._halve(desc)
+
+    def _halve(self, desc: str) -> None:
+        """Halve the batch size (--batch-size auto), or stop with a one-line error naming the size that
+        did not fit."""
         if not self.shrink_on_oom or self.batch_size == 1:
             raise UsageError(
                 f"{desc}: out of memory at batch size {self.batch_size}; "
                 "accepted: a smaller --batch-size, or --batch-size auto"
-            ) from None
-        if self.lm.device.type == "cuda":
-            torch.cuda.empty_cache()
+            )
         self.batch_size = max(1, self.batch_size // 2)
-        return self.batch_size
-
-    def _shrink(self, pending: list[list[int]], prompts: list[EncodedPrompt], desc: str) -> list[list[int]]:
-        """Halve the batch size after an out-of-memory error and re-plan the batches not yet run."""
-        size = self.shrink_after_oom(desc)
-        rest = sorted((i for idx in pending for i in idx), key=lambda i: len(prompts[i].ids))
-        return [rest[i : i + size] for i in range(0, len(rest), size)]
 
     def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> str:
         """Re-run the failing batch watching every block's output, to name the first layer that overflowed."""
@@ -88,25 +111,30 @@ class BatchRunner:
             "run with --no-half or lower the strengths"
         )
 
-    def map(self, prompts: list[EncodedPrompt], fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> torch.Tensor:
-        """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order."""
+    def map(
+        self,
+        prompts: list[EncodedPrompt],
+        fn: Callable[[PromptBatch], torch.Tensor],
+        desc: str,
+        fallback: Callable[[int], bool] | None = None,
+    ) -> torch.Tensor:
+        """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order.
+
+        Out of memory: see `each` (`fallback` is handed to it)."""
         out: torch.Tensor | None = None
         with self.progress(len(prompts), desc) as bar:
-            pending = length_sorted_batches(prompts, self.batch_size)
-            while pending:
-                idx = pending.pop(0)
+
+            def run(idx: list[int]) -> None:
+                nonlocal out
                 batch = self.make_batch([prompts[i] for i in idx])
-                try:
-                    result = fn(batch).cpu()
-                except torch.OutOfMemoryError:
-                    del batch
-                    pending = self._shrink([idx, *pending], prompts, desc)
-                    continue
+                result = fn(batch).cpu()
                 if torch.isnan(result).any():  # never score an overflow silently
                     raise UsageError(self._nonfinite_report(batch, fn, desc))
                 if out is None:
                     out = torch.empty((len(prompts), *result.shape[1:]), dtype=result.dtype)
                 out[torch.tensor(idx)] = result
                 bar.update(len(idx))
+
+            self.each(length_order(prompts), run, desc, fallback)
         assert out is not None
         return out

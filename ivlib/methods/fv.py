@@ -84,15 +84,13 @@ class FunctionVectors(Method):
             [scorer.layout.attn_out[layer]], rows, last, patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))]
         )
 
-    def _fewer_rows(self, scorer: Scorer, n_rows: int) -> bool:
-        """After an out-of-memory error in the head search, halve the rows per forward (the repeated
-        prefix cache grows with them), keeping the batch. False once each forward tries one head: then
-        the batch itself must shrink (--batch-size auto) or the run stops with a clear error."""
+    def _fewer_rows(self, n_rows: int) -> bool:
+        """The head search's out-of-memory fallback: halve the rows per forward (the repeated prefix
+        cache grows with them), keeping the batch of `n_rows`. False once each forward tries one head:
+        then the runner shrinks the batch itself (--batch-size auto) or stops with a clear error."""
         if self.rows_per_forward <= n_rows:
             return False
         self.rows_per_forward = max(n_rows, self.rows_per_forward // 2)
-        if scorer.lm.device.type == "cuda":
-            torch.cuda.empty_cache()
         return True
 
     def _head_chunks(self, n_rows: int, n_heads: int) -> list[list[int]]:
@@ -121,14 +119,6 @@ class FunctionVectors(Method):
         n_heads = scorer.layout.n_heads
 
         def gains(batch: PromptBatch) -> torch.Tensor:  # [B, len(layers) * H]
-            while True:
-                try:
-                    return batch_gains(batch)
-                except torch.OutOfMemoryError:
-                    if not self._fewer_rows(scorer, batch.input_ids.shape[0]):
-                        raise
-
-        def batch_gains(batch: PromptBatch) -> torch.Tensor:
             b = batch.input_ids.shape[0]
             edits = [(1, contextlib.nullcontext)]  # the unpatched shuffled prompt
             for layer in layers:
@@ -140,7 +130,9 @@ class FunctionVectors(Method):
             p_correct = logprobs.exp()[rows, :, batch.labels.to(logprobs.device)]  # [B, 1 + len(layers) * H]
             return p_correct[:, 1:] - p_correct[:, :1]
 
-        return scorer.runner.map(trials, gains, "FV indirect effects").mean(dim=0).view(len(layers), n_heads)
+        # out of memory: fewer rows per forward first, the batch only once each forward tries one head
+        effects = scorer.runner.map(trials, gains, "FV indirect effects", fallback=self._fewer_rows)
+        return effects.mean(dim=0).view(len(layers), n_heads)
 
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
