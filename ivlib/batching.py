@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
+from .hooks import watch_outputs
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, length_order
 
@@ -90,21 +91,13 @@ class BatchRunner:
         first: list[int] = []
         mask = batch.attention_mask.bool()
 
-        def watch(layer: int):
-            def hook(module, inputs, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                real = hidden[mask] if hidden.shape[:2] == mask.shape else hidden  # pads may hold anything
-                if not first and not torch.isfinite(real).all():
-                    first.append(layer)
+        def check(layer: int, hidden: torch.Tensor) -> None:
+            real = hidden[mask] if hidden.shape[:2] == mask.shape else hidden  # pads may hold anything
+            if not first and not torch.isfinite(real).all():
+                first.append(layer)
 
-            return hook
-
-        handles = [block.register_forward_hook(watch(i)) for i, block in enumerate(self.lm.layout.blocks)]
-        try:
+        with watch_outputs(self.lm.layout.blocks, check):
             fn(batch)
-        finally:
-            for h in handles:
-                h.remove()
         where = f"first at layer {first[0]}" if first else "in the output head"
         return (
             f"{desc}: non-finite values (inf/NaN) in the activations, {where}; "

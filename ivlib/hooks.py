@@ -7,7 +7,7 @@ index tensors, so each layer's edit is one indexed add, with no Python loop over
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -51,6 +51,21 @@ def _installed(modules: Sequence[nn.Module], hooks: Sequence, pre: bool) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def watch_outputs(modules: Sequence[nn.Module], fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Call `fn(i, hidden)` with `modules[i]`'s output ([B, T, D]; a tuple's first element) after each
+    of its forwards, changing nothing: for diagnostics that must see every layer, e.g. where a NaN began."""
+
+    def watcher(i: int):
+        def hook(module: nn.Module, args, output):
+            fn(i, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    with _installed(modules, [watcher(i) for i in range(len(modules))], pre=False):
+        yield
 
 
 @contextmanager
