@@ -28,9 +28,8 @@ from .methods import METHODS
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import load_model, resolve_device
 from .prompts import PromptEncoder
-from .results import append_record, check_writable, read_records, signals_held
+from .results import append_record, check_writable, has_record, read_records, signals_held
 from .scoring import Scorer
-from .selection import has_record
 from .state import check_save_path, load_state, read_meta, save_state
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
