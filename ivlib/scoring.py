@@ -4,6 +4,7 @@ options scored over a cache. The loop over many prompts is `batching.BatchRunner
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Sequence
@@ -17,6 +18,17 @@ from .errors import UsageError
 from .kvcache import repeated_with_room
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, collate, option_lengths
+
+LastTokenEdit = Callable[[torch.Tensor, torch.Tensor], AbstractContextManager]
+"""An edit of each row's last token, given where that token sits in the forward about to run:
+(rows [N], cols [N]) -> a context manager that installs it. The same edit serves the prefix-cache
+search (`Scorer.last_token_groups`: the token alone, column 0, rows repeated) and full forwards
+(`Scorer.at_last_token`: the query separator), so neither TV nor FV builds positions itself."""
+
+
+def no_edit(rows: torch.Tensor, cols: torch.Tensor) -> AbstractContextManager:
+    """The unedited baseline among a search's edits."""
+    return contextlib.nullcontext()
 
 
 class Scorer:
@@ -65,23 +77,26 @@ class Scorer:
         )
         return out.logits[:, -1]
 
-    def last_token_variants(
-        self, batch: PromptBatch, edits: Sequence[Callable[[], AbstractContextManager]]
-    ) -> torch.Tensor:
+    def at_last_token(self, batch: PromptBatch, edit: LastTokenEdit) -> AbstractContextManager:
+        """`edit` installed at every row's last token (the query separator) for full forwards of `batch`:
+        the same edit a last-token search tried, so what it chose is what evaluation runs."""
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        return edit(rows, batch.query_cols)
+
+    def last_token_variants(self, batch: PromptBatch, edits: Sequence[LastTokenEdit]) -> torch.Tensor:
         """[V, B, C] label log-probs of the same batch under V edits that touch only the last token."""
         groups = self.last_token_groups(batch, [(1, edit) for edit in edits])
         return torch.stack([g[:, 0] for g in groups])
 
     @torch.inference_mode()
-    def last_token_groups(
-        self, batch: PromptBatch, edits: Sequence[tuple[int, Callable[[], AbstractContextManager]]]
-    ) -> list[torch.Tensor]:
+    def last_token_groups(self, batch: PromptBatch, edits: Sequence[tuple[int, LastTokenEdit]]) -> list[torch.Tensor]:
         """Label log-probs of the batch under edits that touch only the last token: one [B, g, C] per edit.
 
         The prefix (all but the last column) is encoded once into a KV cache; each edit then runs
         only the last token over it, with every row repeated g times (row b * g + j), so one forward
         can try g variants (e.g. one head each). Equal to full forwards when the edits cannot
         reach earlier positions, which is what makes a per-layer or per-head search affordable.
+        Each edit is called with that forward's positions: rows 0..B*g-1, column 0.
         """
         cut = batch.input_ids.shape[1] - 1
         prefix = self.lm.model(
@@ -97,7 +112,8 @@ class Scorer:
         for g, edit in edits:
             if g not in caches:
                 caches[g] = self._repeated_cache(base, g)
-            with edit():
+            rows = torch.arange(batch.input_ids.shape[0] * g, device=batch.input_ids.device)
+            with edit(rows, torch.zeros_like(rows)):
                 step = self.lm.model(
                     input_ids=batch.input_ids[:, cut:].repeat_interleave(g, 0),
                     attention_mask=batch.attention_mask.repeat_interleave(g, 0),

@@ -1,6 +1,5 @@
 """Function Vectors: cached indirect effects equal plain patched forwards; the edit changes logits."""
 
-import contextlib
 import json
 from functools import partial
 from pathlib import Path
@@ -14,7 +13,7 @@ from ivlib.errors import UsageError
 from ivlib.hooks import edit_inputs
 from ivlib.methods.fv import FunctionVectors, default_top_heads, shuffle_labels
 from ivlib.methods.icl import ICL
-from ivlib.scoring import Scorer
+from ivlib.scoring import Scorer, no_edit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,9 +174,9 @@ def test_last_token_edits_write_one_slot_of_a_preallocated_prefix_cache(lm, enco
 
     monkeypatch.setattr(Scorer, "_repeated_cache", spy)
     edits = [
-        (1, contextlib.nullcontext),
-        (4, partial(fv._patch_heads, scorer, 3, 1, [0, 1, 2, 3])),
-        (4, partial(fv._patch_heads, scorer, 3, 0, [0, 1, 2, 3])),
+        (1, no_edit),
+        (4, partial(fv._patch_heads, scorer, 1, [0, 1, 2, 3])),
+        (4, partial(fv._patch_heads, scorer, 0, [0, 1, 2, 3])),
     ]
     in_place = scorer.last_token_groups(batch, edits)
     assert [type(c.layers[0]).__name__ for c in made] == ["_SlotLayer", "_SlotLayer"]  # one per repeat count, reused

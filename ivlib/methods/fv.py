@@ -16,7 +16,6 @@ hooks handle both), and unlike the IV release, the patch touches the last token 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from functools import partial
 from typing import Any
 
@@ -24,9 +23,9 @@ import numpy as np
 import torch
 
 from ..episodes import Episode, Example
-from ..hooks import edit_inputs, edit_outputs, head_patch, stack_reads
+from ..hooks import edit_inputs, head_patch, stack_reads, vector_edit
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..scoring import Scorer, no_edit
 from .base import Method
 
 
@@ -75,13 +74,13 @@ class FunctionVectors(Method):
             "ie_rows_per_forward": self.rows_per_forward,
         }
 
-    def _patch_heads(self, scorer: Scorer, n_rows: int, layer: int, heads: list[int]):
-        """Row b * len(heads) + j of the (repeated) last token gets head heads[j] overwritten by its mean."""
+    def _patch_heads(self, scorer: Scorer, layer: int, heads: list[int], rows: torch.Tensor, cols: torch.Tensor):
+        """A last-token edit (see `LastTokenEdit`) for rows repeated len(heads) times, as
+        `last_token_groups` lays them out: row b * len(heads) + j gets head heads[j] overwritten by its mean."""
         keep, value = head_patch(self.mean_act, layer, heads)  # [g, F] each
-        rows = torch.arange(n_rows * len(heads))
-        last = torch.zeros_like(rows)
+        n_rows = len(rows) // len(heads)
         return edit_inputs(
-            [scorer.layout.attn_out[layer]], rows, last, patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))]
+            [scorer.layout.attn_out[layer]], rows, cols, patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))]
         )
 
     def _fewer_rows(self, n_rows: int) -> bool:
@@ -103,8 +102,7 @@ class FunctionVectors(Method):
         layout = scorer.layout
 
         def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, H * head_dim]
-            rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-            with edit_inputs(layout.attn_out, rows, batch.query_cols, read=True) as sites:
+            with scorer.at_last_token(batch, partial(edit_inputs, layout.attn_out, read=True)) as sites:
                 scorer.forward(batch)
             return stack_reads(sites).transpose(0, 1)
 
@@ -120,10 +118,10 @@ class FunctionVectors(Method):
 
         def gains(batch: PromptBatch) -> torch.Tensor:  # [B, len(layers) * H]
             b = batch.input_ids.shape[0]
-            edits = [(1, contextlib.nullcontext)]  # the unpatched shuffled prompt
+            edits = [(1, no_edit)]  # the unpatched shuffled prompt
             for layer in layers:
                 for heads in self._head_chunks(b, n_heads):
-                    edits.append((len(heads), partial(self._patch_heads, scorer, b, layer, heads)))
+                    edits.append((len(heads), partial(self._patch_heads, scorer, layer, heads)))
             groups = scorer.last_token_groups(batch, edits)  # [B, 1, C], then [B, g, C] per chunk
             logprobs = torch.cat(groups, dim=1)  # [B, 1 + len(layers) * H, C], (layer, head) order
             rows = torch.arange(b, device=logprobs.device)
@@ -163,9 +161,8 @@ class FunctionVectors(Method):
         return total
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-        add = self.vector.to(scorer.lm.device, scorer.lm.dtype).expand(len(rows), -1)  # [B, D]
-        with edit_outputs([scorer.layout.blocks[self.layer]], rows, batch.query_cols, add=[add]):
+        vector = self.vector.to(scorer.lm.device, scorer.lm.dtype)  # [D]
+        with scorer.at_last_token(batch, vector_edit(scorer.layout.blocks[self.layer], vector)):
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
