@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ivlib.builtin_tasks import vocabulary  # noqa: E402
 from ivlib.config import load_config, lookup  # noqa: E402
 from ivlib.layout import discover_layout  # noqa: E402
 from ivlib.models import LoadedModel, load_model, resolve_device  # noqa: E402
@@ -41,7 +42,7 @@ def random_llama7b(
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     if tokenizer_dir is None:
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(vocabulary())
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         if tokenizer.pad_token_id is None:

@@ -5,7 +5,7 @@ size. In ivlib's episodic protocol every episode brings its own demonstrations, 
 them: per batch it encodes the demonstrations once (L tokens), runs T-1 tuning passes over 2L
 positions, and scores the query over the tuned cache once, after the last step
 (`DeepThinking.predict`). ICL runs the whole prompt once. This script times
-three paths over the very same prompts through `Scorer.run_batched`:
+three paths over the very same prompts through `scorer.runner.map`:
 
     icl      ICL().predict: one forward over demonstrations + query
     dt(1)    DeepThinking with T=1: demonstrations into a cache, query over it; no tuning, so the
@@ -122,7 +122,7 @@ def prepare(args: argparse.Namespace) -> Setup:
 
 
 def run(s: Setup, name: str, prompts: list[EncodedPrompt] | None = None) -> torch.Tensor:
-    return s.scorer.run_batched(s.prompts if prompts is None else prompts, s.paths[name], name)
+    return s.scorer.runner.map(s.prompts if prompts is None else prompts, s.paths[name], name)
 
 
 # ---- peak memory ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ are collated and moved to the device *before* the clock starts (`limit`); `limit
 same with collate and the copy inside the clock, to split ivlib's overhead into batch building
 and the rest. Timed over the very same prompts:
 
-    icl      `Scorer.run_batched(prompts, ICL().predict)`
+    icl      `scorer.runner.map(prompts, ICL().predict)`
     iv       the same with `IterativeVectors.predict` (vectors fitted by ivlib on `--fit-episodes`
              train episodes, 1-shot, a1 0.3, refresh 10, added at a2 0.5; their quality does not matter)
     dt(1)    DeepThinking with T=1 (demonstrations into a cache, query over it)
@@ -150,7 +150,7 @@ def prepare(args: argparse.Namespace, fit: bool = True) -> Bench:
             plain_forward(lm, collate([prompts[i] for i in plan[b]], pad).to(lm.device), keep_last)
 
     def ivlib(method) -> Callable[[list[int]], torch.Tensor]:
-        return lambda which: scorer.run_batched(subset(which), lambda b: method.predict(scorer, b), method.name)
+        return lambda which: scorer.runner.map(subset(which), lambda b: method.predict(scorer, b), method.name)
 
     paths = {"limit": limit, "limit+collate": limit_collate, **{name: ivlib(m) for name, m in methods.items()}}
     return Bench(lm, task, prompts, scorer, iv, keep_last, plan, batches, paths)

@@ -1,6 +1,6 @@
 """Evaluation throughput: ivlib's batched path vs one episode per forward, same model and episodes.
 
-ivlib's path is `Scorer.run_batched` with the method's own `predict`: length-sorted, left-padded
+ivlib's path is `scorer.runner.map` with the method's own `predict`: length-sorted, left-padded
 batches, logits of the last position only, IV added by one indexed add per layer. The
 one-at-a-time loop is the plainest correct implementation (what the reference code does): each
 prompt alone in its own forward, unpadded, full logits, IV added by hooks registered per episode
@@ -67,7 +67,7 @@ def one_at_a_time(
 
 def batched(scorer: Scorer, method, prompts: list[EncodedPrompt]) -> torch.Tensor:
     """[N, C] label scores from ivlib's evaluation path, rows in prompt order."""
-    return scorer.run_batched(prompts, lambda b: method.predict(scorer, b), method.name)
+    return scorer.runner.map(prompts, lambda b: method.predict(scorer, b), method.name)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:

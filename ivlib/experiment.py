@@ -29,8 +29,7 @@ from .episodes import Episode, check_shots, sample_episodes
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
-from .results import append_record, check_writable, read_records, signals_held
-from .selection import has_record
+from .results import append_record, check_writable, has_record, read_records, signals_held
 from .settings import Setting, by_name
 from .state import check_save_path, load_state, read_meta, save_state
 
@@ -444,7 +443,7 @@ class Experiment:
         """Score the evaluation prompts with one fitted method; the record, not yet written."""
         spec, task, scorer = self.spec, self.task, self.scorer
         t0 = time.perf_counter()
-        scores = scorer.run_batched(
+        scores = scorer.runner.map(
             self.prompts, lambda b: method.predict(scorer, b), f"{spec.method} eval ({spec.split})"
         )
         eval_s = time.perf_counter() - t0
@@ -467,7 +466,7 @@ class Experiment:
             "predicted_fraction": dict(zip(answers, fractions)),  # a method that collapses onto one answer shows here
             "timing_s": {"load": round(self.load_s, 3), "fit": round(self.fit_s, 3), "eval": round(eval_s, 3)},
             "eval_episodes_per_s": round(spec.eval_episodes / eval_s, 3) if eval_s > 0 else None,
-            "batch_size": scorer.batch_size,  # after any out-of-memory halving
+            "batch_size": scorer.runner.batch_size,  # after any out-of-memory halving
         }
 
     def _shared_fields(self) -> dict[str, Any]:

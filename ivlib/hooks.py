@@ -7,8 +7,8 @@ index tensors, so each layer's edit is one indexed add, with no Python loop over
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -54,6 +54,21 @@ def _installed(modules: Sequence[nn.Module], hooks: Sequence, pre: bool) -> Iter
 
 
 @contextmanager
+def watch_outputs(modules: Sequence[nn.Module], fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Call `fn(i, hidden)` with `modules[i]`'s output ([B, T, D]; a tuple's first element) after each
+    of its forwards, changing nothing: for diagnostics that must see every layer, e.g. where a NaN began."""
+
+    def watcher(i: int):
+        def hook(module: nn.Module, args, output):
+            fn(i, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    with _installed(modules, [watcher(i) for i in range(len(modules))], pre=False):
+        yield
+
+
+@contextmanager
 def edit_outputs(
     modules: Sequence[nn.Module],
     rows: torch.Tensor,
@@ -75,6 +90,24 @@ def edit_outputs(
     ]
     with _installed(modules, sites, pre=False):
         yield sites
+
+
+def vector_edit(
+    module: nn.Module, vector: torch.Tensor, replace: bool = False
+) -> Callable[[torch.Tensor, torch.Tensor], AbstractContextManager[list[OutputSite]]]:
+    """An edit that adds one [D] `vector` to `module`'s output at the given (rows, cols), or with
+    `replace` writes it there: TV's theta at one block and FV's function vector are this edit, so
+    the layer search and evaluation (and both methods) share it."""
+
+    def edit(rows: torch.Tensor, cols: torch.Tensor) -> AbstractContextManager[list[OutputSite]]:
+        value = [vector.expand(len(rows), -1)]  # [N, D], a view of the one vector
+        return (
+            edit_outputs([module], rows, cols, replace=value)
+            if replace
+            else edit_outputs([module], rows, cols, add=value)
+        )
+
+    return edit
 
 
 class InputSite:

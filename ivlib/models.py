@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .builtin_tasks import vocabulary
 from .errors import UsageError
 from .layout import ModelLayout, discover_layout
 from .tiny import TINY_ARCHS, build_tiny
@@ -126,7 +127,7 @@ def load_model(
                 f"model '{name}': builtin '{entry['builtin']}' unknown; accepted: "
                 + ", ".join("tiny-" + a for a in TINY_ARCHS)
             )
-        model, tokenizer = build_tiny(arch)
+        model, tokenizer = build_tiny(arch, vocabulary())  # the generated tasks' words stay whole
         model = model.to(device=device, dtype=dtype)
         source = f"builtin:{entry['builtin']}"
     else:

@@ -239,7 +239,12 @@ def option_lengths(prompts: list[EncodedPrompt]) -> torch.Tensor:
     return torch.tensor([[len(o) for o in p.options] + [0] * (n_opt - len(p.options)) for p in prompts])
 
 
+def length_order(prompts: list[EncodedPrompt]) -> list[int]:
+    """Prompt indices, shortest first (ties in input order): padding is wasted compute, so batch neighbours in length."""
+    return sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+
+
 def length_sorted_batches(prompts: list[EncodedPrompt], batch_size: int) -> list[list[int]]:
-    """Index groups of similar length: padding is wasted compute, so batch neighbours in length."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    """Index groups of similar length (consecutive chunks of `length_order`)."""
+    order = length_order(prompts)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -2,7 +2,8 @@
 
 Appends take an exclusive lock and write the whole line with one `write` on an O_APPEND
 descriptor, so two processes sharing a results file never interleave, and a killed run leaves
-either its whole line or nothing.
+either its whole line or nothing. `has_record` (and the `canonical` setting key it compares)
+live here, beside the records, because resuming a run needs them and selection does not own them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import fcntl
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,31 @@ def read_records(path: str) -> tuple[list[dict[str, Any]], list[int]]:
             else:
                 bad.append(number)
     return records, bad
+
+
+def canonical(hyperparameters: dict[str, Any]) -> str:
+    """One string per setting, so equal settings compare equal whatever their key order."""
+    return json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def has_record(
+    records: Iterable[dict[str, Any]],
+    model: str,
+    task: str,
+    method: str,
+    split: str,
+    hyperparameters: dict[str, Any],
+    seed: int | None,
+    n_eval_episodes: int | None,
+) -> bool:
+    """Whether this exact run is already in the file, so a resumed sweep can skip it."""
+    wanted = canonical(hyperparameters)
+    for r in records:
+        if (r.get("model"), r.get("task"), r.get("method"), r.get("split")) != (model, task, method, split):
+            continue
+        if r.get("seed") != seed or r.get("n_eval_episodes") != n_eval_episodes:
+            continue
+        hp = r.get("hyperparameters")
+        if isinstance(hp, dict) and canonical(hp) == wanted:
+            return True
+    return False

@@ -1,7 +1,10 @@
-"""Forward passes that end in label scores, and the batched loop every method's evaluation uses."""
+"""Forward passes that end in label scores: the answer column, the prefix-cache last-token search,
+options scored over a cache. The loop over many prompts is `batching.BatchRunner`, reached as
+`scorer.runner`, so a method gets both from the one object it is handed."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Sequence
@@ -9,12 +12,23 @@ from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .batching import BatchRunner
 from .errors import UsageError
 from .kvcache import repeated_with_room
 from .models import LoadedModel
-from .prompts import EncodedPrompt, PromptBatch, collate, length_sorted_batches, option_lengths
+from .prompts import EncodedPrompt, PromptBatch, collate, option_lengths
+
+LastTokenEdit = Callable[[torch.Tensor, torch.Tensor], AbstractContextManager]
+"""An edit of each row's last token, given where that token sits in the forward about to run:
+(rows [N], cols [N]) -> a context manager that installs it. The same edit serves the prefix-cache
+search (`Scorer.last_token_groups`: the token alone, column 0, rows repeated) and full forwards
+(`Scorer.at_last_token`: the query separator), so neither TV nor FV builds positions itself."""
+
+
+def no_edit(rows: torch.Tensor, cols: torch.Tensor) -> AbstractContextManager:
+    """The unedited baseline among a search's edits."""
+    return contextlib.nullcontext()
 
 
 class Scorer:
@@ -29,9 +43,8 @@ class Scorer:
     ):
         self.lm = lm
         self.label_ids = torch.tensor(label_ids, dtype=torch.long, device=lm.device)  # indexed every batch: moved once
-        self.batch_size = batch_size
-        self.shrink_on_oom = shrink_on_oom  # --batch-size auto: halve and retry instead of failing
-        self.quiet = quiet
+        # the batched loop (progress, batch size, out-of-memory halving): policy, kept out of the forwards
+        self.runner = BatchRunner(lm, self.batch, batch_size, quiet=quiet, shrink_on_oom=shrink_on_oom)
         self._keep_last = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         self._context = lm.context_length
         params = inspect.signature(lm.model.forward).parameters
@@ -64,23 +77,26 @@ class Scorer:
         )
         return out.logits[:, -1]
 
-    def last_token_variants(
-        self, batch: PromptBatch, edits: Sequence[Callable[[], AbstractContextManager]]
-    ) -> torch.Tensor:
+    def at_last_token(self, batch: PromptBatch, edit: LastTokenEdit) -> AbstractContextManager:
+        """`edit` installed at every row's last token (the query separator) for full forwards of `batch`:
+        the same edit a last-token search tried, so what it chose is what evaluation runs."""
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        return edit(rows, batch.query_cols)
+
+    def last_token_variants(self, batch: PromptBatch, edits: Sequence[LastTokenEdit]) -> torch.Tensor:
         """[V, B, C] label log-probs of the same batch under V edits that touch only the last token."""
         groups = self.last_token_groups(batch, [(1, edit) for edit in edits])
         return torch.stack([g[:, 0] for g in groups])
 
     @torch.inference_mode()
-    def last_token_groups(
-        self, batch: PromptBatch, edits: Sequence[tuple[int, Callable[[], AbstractContextManager]]]
-    ) -> list[torch.Tensor]:
+    def last_token_groups(self, batch: PromptBatch, edits: Sequence[tuple[int, LastTokenEdit]]) -> list[torch.Tensor]:
         """Label log-probs of the batch under edits that touch only the last token: one [B, g, C] per edit.
 
         The prefix (all but the last column) is encoded once into a KV cache; each edit then runs
         only the last token over it, with every row repeated g times (row b * g + j), so one forward
         can try g variants (e.g. one head each). Equal to full forwards when the edits cannot
         reach earlier positions, which is what makes a per-layer or per-head search affordable.
+        Each edit is called with that forward's positions: rows 0..B*g-1, column 0.
         """
         cut = batch.input_ids.shape[1] - 1
         prefix = self.lm.model(
@@ -96,7 +112,8 @@ class Scorer:
         for g, edit in edits:
             if g not in caches:
                 caches[g] = self._repeated_cache(base, g)
-            with edit():
+            rows = torch.arange(batch.input_ids.shape[0] * g, device=batch.input_ids.device)
+            with edit(rows, torch.zeros_like(rows)):
                 step = self.lm.model(
                     input_ids=batch.input_ids[:, cut:].repeat_interleave(g, 0),
                     attention_mask=batch.attention_mask.repeat_interleave(g, 0),
@@ -192,51 +209,6 @@ class Scorer:
         logits, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self._answer_scores(logits, cache, batch.attention_mask, batch.position_ids[:, -1] + 1, batch)
 
-    def shrink_after_oom(self, desc: str) -> int:
-        """After an out-of-memory error: halve the batch size and return it (--batch-size auto), or stop
-        with a one-line error naming the size that did not fit."""
-        if not self.shrink_on_oom or self.batch_size == 1:
-            raise UsageError(
-                f"{desc}: out of memory at batch size {self.batch_size}; "
-                "accepted: a smaller --batch-size, or --batch-size auto"
-            ) from None
-        if self.lm.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.batch_size = max(1, self.batch_size // 2)
-        return self.batch_size
-
-    def _shrink(self, pending: list[list[int]], prompts: list[EncodedPrompt], desc: str) -> list[list[int]]:
-        """Halve the batch size after an out-of-memory error and re-plan the batches not yet run."""
-        size = self.shrink_after_oom(desc)
-        rest = sorted((i for idx in pending for i in idx), key=lambda i: len(prompts[i].ids))
-        return [rest[i : i + size] for i in range(0, len(rest), size)]
-
-    def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> str:
-        """Re-run the failing batch watching every block's output, to name the first layer that overflowed."""
-        first: list[int] = []
-        mask = batch.attention_mask.bool()
-
-        def watch(layer: int):
-            def hook(module, inputs, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                real = hidden[mask] if hidden.shape[:2] == mask.shape else hidden  # pads may hold anything
-                if not first and not torch.isfinite(real).all():
-                    first.append(layer)
-
-            return hook
-
-        handles = [block.register_forward_hook(watch(i)) for i, block in enumerate(self.layout.blocks)]
-        try:
-            fn(batch)
-        finally:
-            for h in handles:
-                h.remove()
-        where = f"first at layer {first[0]}" if first else "in the output head"
-        return (
-            f"{desc}: non-finite values (inf/NaN) in the activations, {where}; "
-            "run with --no-half or lower the strengths"
-        )
-
     @staticmethod
     def predictions(scores: torch.Tensor, prompts: list[EncodedPrompt]) -> np.ndarray:
         """Chosen answer per row of [N, C] scores; multiple-choice options are compared per token
@@ -244,31 +216,3 @@ class Scorer:
         if prompts and prompts[0].options is not None:
             return (scores / option_lengths(prompts).clamp(min=1)).argmax(dim=-1).numpy()
         return scores.argmax(dim=-1).numpy()
-
-    def progress(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)
-
-    def run_batched(
-        self, prompts: list[EncodedPrompt], fn: Callable[[PromptBatch], torch.Tensor], desc: str
-    ) -> torch.Tensor:
-        """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order."""
-        out: torch.Tensor | None = None
-        with self.progress(len(prompts), desc) as bar:
-            pending = length_sorted_batches(prompts, self.batch_size)
-            while pending:
-                idx = pending.pop(0)
-                batch = self.batch([prompts[i] for i in idx])
-                try:
-                    result = fn(batch).cpu()
-                except torch.OutOfMemoryError:
-                    del batch
-                    pending = self._shrink([idx, *pending], prompts, desc)
-                    continue
-                if torch.isnan(result).any():  # never score an overflow silently
-                    raise UsageError(self._nonfinite_report(batch, fn, desc))
-                if out is None:
-                    out = torch.empty((len(prompts), *result.shape[1:]), dtype=result.dtype)
-                out[torch.tensor(idx)] = result
-                bar.update(len(idx))
-        assert out is not None
-        return out

@@ -7,7 +7,6 @@ skipped, because one bad line should not cost a whole sweep's summary.
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .results import read_records
+from .results import canonical, read_records
 
 METRICS = ("macro", "micro", "weighted", "accuracy")
 FALLBACK_METRIC = "accuracy"
@@ -31,11 +30,6 @@ _DROP_ALONE = ("--run-test", "--quiet")
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def canonical(hyperparameters: dict[str, Any]) -> str:
-    """One string per setting, so equal settings compare equal whatever their key order."""
-    return json.dumps(hyperparameters, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def check_metric(metric: str) -> str:
@@ -347,26 +341,3 @@ def _command_key(record: dict[str, Any]) -> tuple[str, ...] | None:
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         return None
     return tuple(strip_eval_flags(command))
-
-
-def has_record(
-    records: Iterable[dict[str, Any]],
-    model: str,
-    task: str,
-    method: str,
-    split: str,
-    hyperparameters: dict[str, Any],
-    seed: int | None,
-    n_eval_episodes: int | None,
-) -> bool:
-    """Whether this exact run is already in the file, so a resumed sweep can skip it."""
-    wanted = canonical(hyperparameters)
-    for r in records:
-        if (r.get("model"), r.get("task"), r.get("method"), r.get("split")) != (model, task, method, split):
-            continue
-        if r.get("seed") != seed or r.get("n_eval_episodes") != n_eval_episodes:
-            continue
-        hp = r.get("hyperparameters")
-        if isinstance(hp, dict) and canonical(hp) == wanted:
-            return True
-    return False

@@ -7,10 +7,9 @@ in a second, deterministically, and exercised through the same code as a real ch
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 
 import torch
-
-from .builtin_tasks import vocabulary
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]
 CONTEXT = 1024  # whitespace is a token here, so prompts run about twice as long as with BPE
@@ -38,16 +37,19 @@ LABEL_WORDS = [
 ]
 
 
-def build_tokenizer(extra_words: list[str] | None = None):
-    """Word-level tokens for the built-in vocabulary, falling back to characters for any ASCII word.
+def build_tokenizer(words: Iterable[str]):
+    """Word-level tokens for `words` (and the registry's label words), falling back to characters for
+    any other ASCII word.
 
-    Whitespace characters are tokens of their own, as separators are in real tokenizers.
+    The words come from the caller (the registry passes the built-in tasks' `vocabulary()`), so this
+    module depends on no task: a tokenizer is made from a word list, whoever owns it. Whitespace
+    characters are tokens of their own, as separators are in real tokenizers.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = list(string.ascii_letters + string.digits + string.punctuation) + [" ", "\n", "\t"]
-    words = sorted(set(vocabulary()) | set(LABEL_WORDS) | set(extra_words or []))
+    words = sorted(set(words) | set(LABEL_WORDS))
     pieces = SPECIALS + chars + ["##" + c for c in string.ascii_letters + string.digits] + words
     vocab: dict[str, int] = {}
     for p in pieces:
@@ -106,11 +108,12 @@ def tiny_config(arch: str, vocab_size: int):
 TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "opt")
 
 
-def build_tiny(arch: str = "gpt2", seed: int = 0):
-    """(model, tokenizer), with weights fixed by `seed` so runs are reproducible."""
+def build_tiny(arch: str, words: Iterable[str], seed: int = 0):
+    """(model, tokenizer), with weights fixed by `seed` so runs are reproducible; `words` are the
+    tokenizer's whole words (see `build_tokenizer`), and fix the vocabulary size, hence the weights."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(words)
     config = tiny_config(arch, len(tokenizer))
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -11,6 +11,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ivlib.builtin_tasks import vocabulary  # noqa: E402
 from ivlib.layout import discover_layout  # noqa: E402
 from ivlib.models import LoadedModel  # noqa: E402
 from ivlib.prompts import PromptEncoder  # noqa: E402
@@ -21,7 +22,7 @@ TASK_SPEC = {"builtin": "review_sentiment", "label_words": ["bad", "good"]}
 
 
 def wrap(arch: str) -> LoadedModel:
-    model, tok = build_tiny(arch)
+    model, tok = build_tiny(arch, vocabulary())
     return LoadedModel(
         f"tiny-{arch}", model, tok, discover_layout(model), torch.device("cpu"), torch.float32, "test", add_bos=True
     )

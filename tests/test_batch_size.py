@@ -17,7 +17,7 @@ def _prompts(encoder, task, n=23):
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_scores(lm, encoder, task):
     prompts = _prompts(encoder, task)
-    reference = Scorer(lm, encoder.label_ids, 4, quiet=True).run_batched(
+    reference = Scorer(lm, encoder.label_ids, 4, quiet=True).runner.map(
         prompts, lambda b: Scorer(lm, encoder.label_ids, 4).label_scores(b), "ref"
     )
     scorer = Scorer(lm, encoder.label_ids, 32, quiet=True, shrink_on_oom=True)
@@ -29,8 +29,8 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_scores(lm, encoder, t
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return scorer.label_scores(batch)
 
-    scores = scorer.run_batched(prompts, fits_only_five, "auto")
-    assert scorer.batch_size == 4  # 32 -> 16 -> 8 -> 4
+    scores = scorer.runner.map(prompts, fits_only_five, "auto")
+    assert scorer.runner.batch_size == 4  # 32 -> 16 -> 8 -> 4
     assert sizes[:4] == [23, 16, 8, 4] and max(sizes[4:]) <= 4
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=1e-5)
 
@@ -42,7 +42,7 @@ def test_fixed_batch_size_out_of_memory_is_a_clear_error(lm, encoder, task):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     with pytest.raises(UsageError, match="out of memory at batch size 8.*--batch-size auto"):
-        scorer.run_batched(_prompts(encoder, task, 5), never_fits, "eval")
+        scorer.runner.map(_prompts(encoder, task, 5), never_fits, "eval")
 
 
 def test_cli_auto_on_cpu_uses_the_cpu_default_and_records_it(tmp_path, monkeypatch):
@@ -80,7 +80,7 @@ def test_cli_rejects_a_batch_size_word(tmp_path, capsys):
 
 
 def test_iv_extraction_halves_on_out_of_memory_and_fits_the_same_vectors(lm, encoder, task, monkeypatch):
-    """The steered few-shot pass runs its own windows, not run_batched: it must shrink there too."""
+    """The steered few-shot pass runs its own windows, not runner.map: it must shrink there too."""
     from ivlib.methods.iv import IterativeVectors
 
     train = sample_episodes(task.splits["train"], 2, 1, 9, 3, "train/extract")
@@ -103,7 +103,7 @@ def test_iv_extraction_halves_on_out_of_memory_and_fits_the_same_vectors(lm, enc
     scorer = Scorer(lm, encoder.label_ids, 8, quiet=True, shrink_on_oom=True)
     iv.fit(scorer, encoder, train)
     # window [0]: 1 row; window [1..4]: 4 rows fail at batch 8, again at 4, then run 2 by 2
-    assert scorer.batch_size == 2 and few_shot_rows[:3] == [1, 4, 4] and max(few_shot_rows[3:]) == 2
+    assert scorer.runner.batch_size == 2 and few_shot_rows[:3] == [1, 4, 4] and max(few_shot_rows[3:]) == 2
     torch.testing.assert_close(iv.vectors, reference.vectors, atol=1e-5, rtol=1e-5)
 
     with pytest.raises(UsageError, match="IV extract: few-shot: out of memory at batch size 4"):

@@ -1,6 +1,5 @@
 """Function Vectors: cached indirect effects equal plain patched forwards; the edit changes logits."""
 
-import contextlib
 import json
 from functools import partial
 from pathlib import Path
@@ -14,7 +13,7 @@ from ivlib.errors import UsageError
 from ivlib.hooks import edit_inputs
 from ivlib.methods.fv import FunctionVectors, default_top_heads, shuffle_labels
 from ivlib.methods.icl import ICL
-from ivlib.scoring import Scorer
+from ivlib.scoring import Scorer, no_edit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,9 +174,9 @@ def test_last_token_edits_write_one_slot_of_a_preallocated_prefix_cache(lm, enco
 
     monkeypatch.setattr(Scorer, "_repeated_cache", spy)
     edits = [
-        (1, contextlib.nullcontext),
-        (4, partial(fv._patch_heads, scorer, 3, 1, [0, 1, 2, 3])),
-        (4, partial(fv._patch_heads, scorer, 3, 0, [0, 1, 2, 3])),
+        (1, no_edit),
+        (4, partial(fv._patch_heads, scorer, 1, [0, 1, 2, 3])),
+        (4, partial(fv._patch_heads, scorer, 0, [0, 1, 2, 3])),
     ]
     in_place = scorer.last_token_groups(batch, edits)
     assert [type(c.layers[0]).__name__ for c in made] == ["_SlotLayer", "_SlotLayer"]  # one per repeat count, reused
@@ -223,7 +222,7 @@ def test_head_search_out_of_memory_halves_the_rows_per_forward_not_the_batch(gpt
     fv.mean_act = reference.mean_act
     scorer = Scorer(gpt2, encoder.label_ids, 3, quiet=True)  # a fixed batch size: it must stay 3
     effects = fv.indirect_effects(scorer, trials)
-    assert scorer.batch_size == 3 and fv.rows_per_forward == 8  # 128 -> 64 -> 32 -> 16 -> 8: 2 heads x 3 rows
+    assert scorer.runner.batch_size == 3 and fv.rows_per_forward == 8  # 128 -> 64 -> 32 -> 16 -> 8: 2 heads x 3 rows
     assert max(seen) == 12 and 6 in seen and all(r <= 6 for r in seen[seen.index(6) :])
     torch.testing.assert_close(effects, expected, atol=1e-6, rtol=1e-5)
 
@@ -235,7 +234,7 @@ def test_head_search_out_of_memory_halves_the_rows_per_forward_not_the_batch(gpt
     fv.rows_per_forward = 128
     auto = Scorer(gpt2, encoder.label_ids, 3, quiet=True, shrink_on_oom=True)
     torch.testing.assert_close(fv.indirect_effects(auto, trials), expected, atol=1e-6, rtol=1e-5)
-    assert auto.batch_size == 1 and fv.rows_per_forward == 3  # rows down to the batch (3), then batch 3 -> 1
+    assert auto.runner.batch_size == 1 and fv.rows_per_forward == 3  # rows down to the batch (3), then batch 3 -> 1
 
 
 def test_resume_skips_an_fv_run_whose_head_count_comes_from_the_default_rule(tmp_path, monkeypatch, capsys):

@@ -131,5 +131,5 @@ def test_batched_predictions_equal_one_at_a_time(lm, encoder, task):
         results = []
         for batch_size in (1, 5):
             scorer = Scorer(lm, encoder.label_ids, batch_size, quiet=True)
-            results.append(scorer.run_batched(prompts, lambda b: method.predict(scorer, b), "t"))
+            results.append(scorer.runner.map(prompts, lambda b: method.predict(scorer, b), "t"))
         torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)

@@ -74,7 +74,7 @@ def test_batched_equals_one_at_a_time(arch, task):
         outs = []
         for bs in (1, 6):
             scorer = Scorer(lm, encoder.label_ids, bs, quiet=True)
-            outs.append(scorer.run_batched(prompts, lambda b: method.predict(scorer, b), "t"))
+            outs.append(scorer.runner.map(prompts, lambda b: method.predict(scorer, b), "t"))
         torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
@@ -107,8 +107,6 @@ def test_unknown_architecture_is_a_clear_error_and_yaml_names_fix_it():
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_prefix_cache_then_last_token_equals_full_forward(arch, task):
     """The KV-cache path the layer search uses, on every family's cache implementation."""
-    from functools import partial
-
     from ivlib.methods.tv import TaskVectors
 
     lm = tiny(arch)
@@ -118,10 +116,9 @@ def test_prefix_cache_then_last_token_equals_full_forward(arch, task):
     batch = scorer.batch(prompts)
     tv = TaskVectors()
     tv.theta = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
-    last = torch.zeros(len(prompts), dtype=torch.long)
-    cached = scorer.last_token_variants(batch, [partial(tv._replace_at_last, scorer, batch, l, last) for l in (0, 1)])
+    cached = scorer.last_token_variants(batch, [tv._edit(scorer, l) for l in (0, 1)])
     for layer in (0, 1):
-        with tv._replace_at_last(scorer, batch, layer, batch.query_cols):
+        with scorer.at_last_token(batch, tv._edit(scorer, layer)):
             torch.testing.assert_close(cached[layer], scorer.label_scores(batch), atol=1e-4, rtol=1e-4)
 
 

@@ -46,7 +46,7 @@ class QueryShift(Method):
             return stack_reads(sites)[0]
 
         prompts = [encoder.encode(e) for e in episodes]
-        self.vector = scorer.run_batched(prompts, read, "query-shift fit").mean(dim=0)
+        self.vector = scorer.runner.map(prompts, read, "query-shift fit").mean(dim=0)
 
     def predict(self, scorer, batch):
         rows = torch.arange(batch.input_ids.shape[0])

@@ -8,6 +8,7 @@ import datasets  # noqa: F401  imported before the offline variables are set, as
 import pandas as pd
 import pytest
 
+from ivlib.builtin_tasks import vocabulary
 from ivlib.cli import main
 from ivlib.tiny import build_tiny
 
@@ -55,7 +56,7 @@ def test_batch_size_does_not_change_predictions(tmp_path, monkeypatch):
 
 
 def test_local_model_and_data_run_with_the_network_cut(tmp_path, monkeypatch):
-    model, tok = build_tiny("llama")
+    model, tok = build_tiny("llama", vocabulary())
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     texts = [f"The film was {w} {i}." for i in range(60) for w in ("great",)] + [

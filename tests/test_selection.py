@@ -9,7 +9,8 @@ import pytest
 
 from ivlib import analyze
 from ivlib.errors import UsageError
-from ivlib.selection import canonical, has_record, load_records, make_test_command, select_best, strip_eval_flags
+from ivlib.results import canonical, has_record
+from ivlib.selection import load_records, make_test_command, select_best, strip_eval_flags
 
 MODEL, TASK = "smollm2-135m", "rotten_tomatoes-local"
 

@@ -1,7 +1,6 @@
 """Task Vectors: the edit is one replaced position at one layer; the cached layer search is exact."""
 
 import json
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,11 +26,10 @@ def test_cached_layer_search_equals_full_forwards(lm, encoder, task):
     tv, val = _fitted(lm, encoder, task)
     scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
     batch = scorer.batch([encoder.encode(e) for e in val[:5]])
-    last = torch.zeros(5, dtype=torch.long)
-    edits = [partial(tv._replace_at_last, scorer, batch, layer, last) for layer in range(lm.layout.n_layers)]
+    edits = [tv._edit(scorer, layer) for layer in range(lm.layout.n_layers)]
     cached = scorer.last_token_variants(batch, edits)  # [L, B, C]
     for layer in range(lm.layout.n_layers):
-        with tv._replace_at_last(scorer, batch, layer, batch.query_cols):
+        with scorer.at_last_token(batch, tv._edit(scorer, layer)):
             full = scorer.label_scores(batch)
         torch.testing.assert_close(cached[layer], full, atol=1e-4, rtol=1e-4)
     assert tv.layer == max(range(lm.layout.n_layers), key=lambda l: (tv.layer_scores[l], -l))
@@ -55,7 +53,7 @@ def test_tv_replaces_exactly_one_position_at_one_layer(lm, encoder, task):
     import contextlib
 
     plain = block_outputs(contextlib.nullcontext)
-    edited = block_outputs(lambda: tv._replace_at_last(scorer, batch, 0, batch.query_cols))
+    edited = block_outputs(lambda: scorer.at_last_token(batch, tv._edit(scorer, 0)))
     mask = batch.attention_mask.bool()
     # layer 0: only the last column changed, and it now holds theta
     torch.testing.assert_close(edited[0][:, -1], tv.theta[0].expand(b, -1), atol=1e-5, rtol=1e-5)

@@ -162,7 +162,7 @@ class DeepThinking(Method):
             raise ValueError("DT chooses its number of steps on validation episodes")
         prompts = [encoder.encode(e) for e in validation]
         self.check_prompts(scorer, prompts)
-        scores = scorer.run_batched(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
+        scores = scorer.runner.map(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None
         self.curve = [

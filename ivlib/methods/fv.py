@@ -15,7 +15,6 @@ hooks handle both), and unlike the IV release, the patch touches the last token 
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from typing import Any
 
@@ -24,9 +23,9 @@ import torch
 
 from ..episodes import Episode, Example
 from ..errors import UsageError
-from ..hooks import edit_inputs, edit_outputs, head_patch, stack_reads
+from ..hooks import edit_inputs, head_patch, stack_reads, vector_edit
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..scoring import Scorer, no_edit
 from ..settings import Setting
 from .base import Method, register
 
@@ -94,24 +93,22 @@ class FunctionVectors(Method):
             "ie_rows_per_forward": self.rows_per_forward,
         }
 
-    def _patch_heads(self, scorer: Scorer, n_rows: int, layer: int, heads: list[int]):
-        """Row b * len(heads) + j of the (repeated) last token gets head heads[j] overwritten by its mean."""
+    def _patch_heads(self, scorer: Scorer, layer: int, heads: list[int], rows: torch.Tensor, cols: torch.Tensor):
+        """A last-token edit (see `LastTokenEdit`) for rows repeated len(heads) times, as
+        `last_token_groups` lays them out: row b * len(heads) + j gets head heads[j] overwritten by its mean."""
         keep, value = head_patch(self.mean_act, layer, heads)  # [g, F] each
-        rows = torch.arange(n_rows * len(heads))
-        last = torch.zeros_like(rows)
+        n_rows = len(rows) // len(heads)
         return edit_inputs(
-            [scorer.layout.attn_out[layer]], rows, last, patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))]
+            [scorer.layout.attn_out[layer]], rows, cols, patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))]
         )
 
-    def _fewer_rows(self, scorer: Scorer, n_rows: int) -> bool:
-        """After an out-of-memory error in the head search, halve the rows per forward (the repeated
-        prefix cache grows with them), keeping the batch. False once each forward tries one head: then
-        the batch itself must shrink (--batch-size auto) or the run stops with a clear error."""
+    def _fewer_rows(self, n_rows: int) -> bool:
+        """The head search's out-of-memory fallback: halve the rows per forward (the repeated prefix
+        cache grows with them), keeping the batch of `n_rows`. False once each forward tries one head:
+        then the runner shrinks the batch itself (--batch-size auto) or stops with a clear error."""
         if self.rows_per_forward <= n_rows:
             return False
         self.rows_per_forward = max(n_rows, self.rows_per_forward // 2)
-        if scorer.lm.device.type == "cuda":
-            torch.cuda.empty_cache()
         return True
 
     def _head_chunks(self, n_rows: int, n_heads: int) -> list[list[int]]:
@@ -124,12 +121,11 @@ class FunctionVectors(Method):
         layout = scorer.layout
 
         def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, H * head_dim]
-            rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-            with edit_inputs(layout.attn_out, rows, batch.query_cols, read=True) as sites:
+            with scorer.at_last_token(batch, partial(edit_inputs, layout.attn_out, read=True)) as sites:
                 scorer.forward(batch)
             return stack_reads(sites).transpose(0, 1)
 
-        mean = scorer.run_batched(prompts, read, "FV mean activations").mean(dim=0)  # [L, F]
+        mean = scorer.runner.map(prompts, read, "FV mean activations").mean(dim=0)  # [L, F]
         return mean.view(layout.n_layers, layout.n_heads, -1)
 
     def indirect_effects(
@@ -140,26 +136,20 @@ class FunctionVectors(Method):
         n_heads = scorer.layout.n_heads
 
         def gains(batch: PromptBatch) -> torch.Tensor:  # [B, len(layers) * H]
-            while True:
-                try:
-                    return batch_gains(batch)
-                except torch.OutOfMemoryError:
-                    if not self._fewer_rows(scorer, batch.input_ids.shape[0]):
-                        raise
-
-        def batch_gains(batch: PromptBatch) -> torch.Tensor:
             b = batch.input_ids.shape[0]
-            edits = [(1, contextlib.nullcontext)]  # the unpatched shuffled prompt
+            edits = [(1, no_edit)]  # the unpatched shuffled prompt
             for layer in layers:
                 for heads in self._head_chunks(b, n_heads):
-                    edits.append((len(heads), partial(self._patch_heads, scorer, b, layer, heads)))
+                    edits.append((len(heads), partial(self._patch_heads, scorer, layer, heads)))
             groups = scorer.last_token_groups(batch, edits)  # [B, 1, C], then [B, g, C] per chunk
             logprobs = torch.cat(groups, dim=1)  # [B, 1 + len(layers) * H, C], (layer, head) order
             rows = torch.arange(b, device=logprobs.device)
             p_correct = logprobs.exp()[rows, :, batch.labels.to(logprobs.device)]  # [B, 1 + len(layers) * H]
             return p_correct[:, 1:] - p_correct[:, :1]
 
-        return scorer.run_batched(trials, gains, "FV indirect effects").mean(dim=0).view(len(layers), n_heads)
+        # out of memory: fewer rows per forward first, the batch only once each forward tries one head
+        effects = scorer.runner.map(trials, gains, "FV indirect effects", fallback=self._fewer_rows)
+        return effects.mean(dim=0).view(len(layers), n_heads)
 
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
@@ -190,9 +180,8 @@ class FunctionVectors(Method):
         return total
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-        add = self.vector.to(scorer.lm.device, scorer.lm.dtype).expand(len(rows), -1)  # [B, D]
-        with edit_outputs([scorer.layout.blocks[self.layer]], rows, batch.query_cols, add=[add]):
+        vector = self.vector.to(scorer.lm.device, scorer.lm.dtype)  # [D]
+        with scorer.at_last_token(batch, vector_edit(scorer.layout.blocks[self.layer], vector)):
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -86,26 +86,24 @@ class IterativeVectors(Method):
         device = scorer.lm.device
         # The zero-shot side never sees the vectors, so all of it runs first, batched freely.
         neg_prompts = [encoder.encode(e.query_only()) for e in episodes]
-        neg = scorer.run_batched(  # [E, L, D]: each episode's query separator, unsteered
+        neg = scorer.runner.map(  # [E, L, D]: each episode's query separator, unsteered
             neg_prompts, lambda b: self._read_separators(scorer, b, None).transpose(0, 1), "IV extract: zero-shot"
         ).to(device)
         pos_prompts = [encoder.encode(e) for e in episodes]
         total = torch.zeros(n_layers, n_slots, dim, device=device)  # sum of per-episode samples
         count = 0
-        with scorer.progress(len(episodes), "IV extract: few-shot") as bar:
+        desc = "IV extract: few-shot"
+        with scorer.runner.progress(len(episodes), desc) as bar:
             for window in refresh_windows(len(episodes), self.ext_batch):
                 current = total / count if count else None  # fixed within the window
-                pending = list(window)
-                while pending:
-                    idx, pending = pending[: scorer.batch_size], pending[scorer.batch_size :]
-                    try:
-                        total += self._window_batch(scorer, [pos_prompts[i] for i in idx], idx, neg, current, n_slots)
-                    except torch.OutOfMemoryError:  # halve (--batch-size auto) and redo this batch, or stop
-                        scorer.shrink_after_oom("IV extract: few-shot")
-                        pending = idx + pending
-                        continue
+
+                def run(idx: list[int]) -> None:  # adds nothing until its batch has fitted: the runner may redo it
+                    nonlocal count
+                    total.add_(self._window_batch(scorer, [pos_prompts[i] for i in idx], idx, neg, current, n_slots))
                     count += len(idx)
                     bar.update(len(idx))
+
+                scorer.runner.each(window, run, desc)  # out of memory: halved (--batch-size auto) and redone
         self.vectors = (total / count).cpu()
         self._device_vectors.clear()
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from ..episodes import Episode
-from ..hooks import edit_outputs, stack_reads
+from ..hooks import edit_outputs, stack_reads, vector_edit
 from ..metrics import f1_scores
 from ..prompts import PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..scoring import LastTokenEdit, Scorer
 from .base import Method, register
 
 
@@ -39,10 +39,11 @@ class TaskVectors(Method):
     def fit_summary(self) -> dict[str, Any]:
         return {"layer": self.layer, "layer_scores": [round(s, 4) for s in self.layer_scores]}
 
-    def _replace_at_last(self, scorer: Scorer, batch: PromptBatch, layer: int, col: torch.Tensor):
-        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-        value = self.theta[layer].to(scorer.lm.device, scorer.lm.dtype).expand(len(rows), -1)  # [B, D]
-        return edit_outputs([scorer.layout.blocks[layer]], rows, col, replace=[value])
+    def _edit(self, scorer: Scorer, layer: int) -> LastTokenEdit:
+        """theta[layer] written over block `layer`'s output at the last token: tried per layer by the
+        search, then run at the chosen layer by `predict`."""
+        theta = self.theta[layer].to(scorer.lm.device, scorer.lm.dtype)  # [D]
+        return vector_edit(scorer.layout.blocks[layer], theta, replace=True)
 
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
@@ -51,29 +52,27 @@ class TaskVectors(Method):
         prompts = [encoder.encode(e) for e in episodes]
 
         def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, D] block outputs at the query separator
-            rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-            with edit_outputs(blocks, rows, batch.query_cols, read=True) as sites:
+            with scorer.at_last_token(batch, partial(edit_outputs, blocks, read=True)) as sites:
                 scorer.forward(batch)
             return stack_reads(sites).transpose(0, 1)
 
-        self.theta = scorer.run_batched(prompts, read, "TV extract").mean(dim=0)
+        self.theta = scorer.runner.map(prompts, read, "TV extract").mean(dim=0)
         if not validation:
             raise ValueError("TV chooses its layer on validation episodes")
         val_prompts = [encoder.encode(e) for e in validation]
 
         def per_layer(batch: PromptBatch) -> torch.Tensor:  # [B, L, C]
-            last = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)
-            edits = [partial(self._replace_at_last, scorer, batch, layer, last) for layer in range(len(blocks))]
+            edits = [self._edit(scorer, layer) for layer in range(len(blocks))]
             return scorer.last_token_variants(batch, edits).transpose(0, 1)
 
-        scores = scorer.run_batched(val_prompts, per_layer, "TV layer search")  # [N, L, C]
+        scores = scorer.runner.map(val_prompts, per_layer, "TV layer search")  # [N, L, C]
         labels = np.array([p.label for p in val_prompts])
         preds = scores.argmax(dim=-1).numpy()  # [N, L]
         self.layer_scores = [f1_scores(labels, preds[:, l], encoder.n_classes)["macro"] for l in range(len(blocks))]
         self.layer = int(np.argmax(self.layer_scores))  # ties: the earliest layer
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        with self._replace_at_last(scorer, batch, self.layer, batch.query_cols):
+        with scorer.at_last_token(batch, self._edit(scorer, self.layer)):
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
