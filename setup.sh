@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh machine:  bash setup.sh demo   |   bash setup.sh test
-# Creates .venv (once), installs the pinned requirements, then runs the demo or the test suite.
+# Creates .venv (once), installs the pinned requirements and ivlib itself (editable, so the `ivlib`
+# command in .venv/bin runs this checkout), then runs the demo or the test suite.
 set -euo pipefail
 cd "$(dirname "$0")"
 what="${1:-}"
@@ -11,10 +12,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! cmp -s requirements.txt .venv/.installed 2>/dev/null; then
+# Reinstall when requirements.txt or pyproject.toml (entry points, package data) changed.
+stamp="$(cat requirements.txt pyproject.toml)"
+if [ "$stamp" != "$(cat .venv/.installed 2>/dev/null)" ] || [ ! -x .venv/bin/ivlib ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
-  cp requirements.txt .venv/.installed
+  # The project itself: no dependencies (requirements.txt pinned them) and no build isolation
+  # (the pinned setuptools builds it; nothing is fetched for a build environment).
+  python -m pip install -q --no-deps --no-build-isolation -e .
+  printf '%s' "$stamp" >.venv/.installed
 fi
 
 if [ "$what" = test ]; then
