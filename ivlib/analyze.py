@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from .errors import UsageError
 from .selection import METRICS, Choice, check_metric, load_records, make_test_command, select_best
@@ -18,7 +19,7 @@ SUBCOMMANDS = ("select", "report")
 class _Parser(argparse.ArgumentParser):
     """argparse prints usage plus a message and exits; we want the one-line error contract."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
         raise UsageError(f"{message}; accepted: {usage}")
 

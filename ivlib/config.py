@@ -103,12 +103,12 @@ def _resolve_paths(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path) -> dict[str, dict]:
+def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     if entries is None:
         return {}
     if not isinstance(entries, dict):
         raise UsageError(f"config '{path}': '{kind}' must be a mapping of name -> entry")
-    checked: dict[str, dict] = {}
+    checked: dict[str, dict[str, Any]] = {}
     for name, entry in entries.items():
         if isinstance(entry, str):
             entry = {"path": entry} if kind == "models" else {"dataset": entry}
@@ -137,7 +137,7 @@ def load_config(user_file: str | None) -> Config:
     return cfg
 
 
-def lookup(registry: dict[str, dict], kind: str, name: str) -> dict[str, Any]:
+def lookup(registry: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     if name not in registry:
         known = ", ".join(sorted(registry)) or "(none)"
         raise UsageError(f"unknown {kind} '{name}'; known {kind}s: {known}")

@@ -7,10 +7,15 @@ in a second, deterministically, and exercised through the same code as a real ch
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .builtin_tasks import vocabulary
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]
 CONTEXT = 1024  # whitespace is a token here, so prompts run about twice as long as with BPE
@@ -38,7 +43,7 @@ LABEL_WORDS = [
 ]
 
 
-def build_tokenizer(extra_words: list[str] | None = None):
+def build_tokenizer(extra_words: list[str] | None = None) -> PreTrainedTokenizerFast:
     """Word-level tokens for the built-in vocabulary, falling back to characters for any ASCII word.
 
     Whitespace characters are tokens of their own, as separators are in real tokenizers.
@@ -59,12 +64,12 @@ def build_tokenizer(extra_words: list[str] | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]")
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int) -> PretrainedConfig:
     """A 2-layer, 64-wide config of the named architecture family."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=0)
-    llama_like = dict(
+    common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    llama_like: dict[str, Any] = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -73,7 +78,7 @@ def tiny_config(arch: str, vocab_size: int):
         max_position_embeddings=CONTEXT,
         **common,
     )
-    configs = {
+    configs: dict[str, Callable[[], PretrainedConfig]] = {
         "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, **common),
         "gptj": lambda: tf.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=CONTEXT, **common),
         "gpt_neox": lambda: tf.GPTNeoXConfig(
@@ -106,7 +111,7 @@ def tiny_config(arch: str, vocab_size: int):
 TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "opt")
 
 
-def build_tiny(arch: str = "gpt2", seed: int = 0):
+def build_tiny(arch: str = "gpt2", seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """(model, tokenizer), with weights fixed by `seed` so runs are reproducible."""
     from transformers import AutoModelForCausalLM
 
