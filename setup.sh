@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One command from a fresh machine:  bash setup.sh demo   |   bash setup.sh test
+# One command from a fresh machine:  bash setup.sh demo   |   bash setup.sh test   |   bash setup.sh lint
 # Creates .venv (once), installs the pinned requirements and ivlib itself (editable, so the `ivlib`
-# command in .venv/bin runs this checkout), then runs the demo or the test suite.
+# command in .venv/bin runs this checkout), then runs the demo, the test suite or the linters.
 set -euo pipefail
 cd "$(dirname "$0")"
 what="${1:-}"
-case "$what" in demo|test) ;; *) echo "usage: bash setup.sh demo|test" >&2; exit 2 ;; esac
+case "$what" in demo|test|lint) ;; *) echo "usage: bash setup.sh demo|test|lint" >&2; exit 2 ;; esac
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
@@ -25,6 +25,15 @@ fi
 
 if [ "$what" = test ]; then
   exec python -m pytest -q tests
+fi
+
+if [ "$what" = lint ]; then
+  echo "+ ruff check ."
+  ruff check .
+  echo "+ ruff format --check ."
+  ruff format --check .
+  echo "+ mypy"
+  exec mypy
 fi
 
 # The demo: ICL vs Iterative Vectors on SmolLM2-135M (a real model from PyPI, no hub) and the
