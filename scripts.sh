@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-CONFIG="${CONFIG:-config/base.yaml}"
+CONFIG="${CONFIG:-}"                   # a -c file merged over the base registry; empty: the base alone
 GPU="${GPU:--1}"
 MODELS="${MODELS:-smollm2-135m}"
 TASKS="${TASKS:-review_sentiment}"
@@ -31,8 +31,10 @@ PY="${PY:-python}"                     # the Python with ivlib's requirements: t
 [ "$PY" = python ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 [ -n "$BASELINES" ] || BASELINES="$("$PY" iv.py methods | grep -vx iv | tr '\n' ' ')"
 
+config_flag=()
+[ -n "$CONFIG" ] && config_flag=(-c "$CONFIG")
 # shellcheck disable=SC2086  # EXTRA is a list of flags
-run() { "$PY" iv.py -c "$CONFIG" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"; }
+run() { "$PY" iv.py "${config_flag[@]}" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"; }
 
 iv_grid() {
   mkdir -p "$VECTORS"

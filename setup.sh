@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# One command from a fresh machine:  bash setup.sh demo   |   bash setup.sh test
-# Creates .venv (once), installs the pinned requirements, then runs the demo or the test suite.
+# One command from a fresh machine:  bash setup.sh demo   |   bash setup.sh test   |   bash setup.sh lint
+# Creates .venv (once), installs the pinned requirements and ivlib itself (editable, so the `ivlib`
+# command in .venv/bin runs this checkout), then runs the demo, the test suite or the linters.
 set -euo pipefail
 cd "$(dirname "$0")"
 what="${1:-}"
-case "$what" in demo|test) ;; *) echo "usage: bash setup.sh demo|test" >&2; exit 2 ;; esac
+case "$what" in demo|test|lint) ;; *) echo "usage: bash setup.sh demo|test|lint" >&2; exit 2 ;; esac
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! cmp -s requirements.txt .venv/.installed 2>/dev/null; then
+# Reinstall when requirements.txt or pyproject.toml (entry points, package data) changed.
+stamp="$(cat requirements.txt pyproject.toml)"
+if [ "$stamp" != "$(cat .venv/.installed 2>/dev/null)" ] || [ ! -x .venv/bin/ivlib ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
-  cp requirements.txt .venv/.installed
+  # The project itself: no dependencies (requirements.txt pinned them) and no build isolation
+  # (the pinned setuptools builds it; nothing is fetched for a build environment).
+  python -m pip install -q --no-deps --no-build-isolation -e .
+  printf '%s' "$stamp" >.venv/.installed
 fi
 
 if [ "$what" = test ]; then
   exec python -m pytest -q tests
+fi
+
+if [ "$what" = lint ]; then
+  echo "+ ruff check ."
+  ruff check .
+  echo "+ ruff format --check ."
+  ruff format --check .
+  echo "+ mypy"
+  exec mypy
 fi
 
 # The demo: ICL vs Iterative Vectors on SmolLM2-135M (a real model from PyPI, no hub) and the

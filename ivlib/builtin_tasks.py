@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 ITEMS = [
     "food",
@@ -107,17 +108,17 @@ def _review(rng: random.Random) -> tuple[str, int]:
     return sentence, label
 
 
-def review_sentiment(sizes: dict[str, int], seed: int = 1234) -> tuple[dict[str, dict[str, list]], list[str]]:
+def review_sentiment(sizes: dict[str, int], seed: int = 1234) -> tuple[dict[str, dict[str, list[Any]]], list[str]]:
     """Deterministic splits of generated reviews: {split: {"text": [...], "label": [...]}}, names."""
     rng = random.Random(seed)
-    splits = {}
+    splits: dict[str, dict[str, list[Any]]] = {}
     for split, n in sizes.items():
         rows = [_review(rng) for _ in range(n)]
         splits[split] = {"text": [t for t, _ in rows], "label": [y for _, y in rows]}
     return splits, LABELS
 
 
-BUILTIN_TASKS: dict[str, Callable[[], tuple[dict[str, dict[str, list]], list[str]]]] = {
+BUILTIN_TASKS: dict[str, Callable[[], tuple[dict[str, dict[str, list[Any]]], list[str]]]] = {
     "review_sentiment": lambda: review_sentiment({"train": 4000, "validation": 1000, "test": 2000}),
 }
 

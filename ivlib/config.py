@@ -1,4 +1,5 @@
-"""The YAML registries of models and tasks: `config/base.yaml`, with the user's file merged over it.
+"""The YAML registries of models and tasks: `ivlib/base.yaml` (shipped inside the package), with
+the user's file merged over it.
 
 A config file has two mappings, `models:` and `tasks:`. An entry in the user's file replaces the
 base entry of the same name whole (no deep merge), so what a user writes is what runs.
@@ -16,8 +17,11 @@ import yaml
 
 from .errors import UsageError
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-BASE_CONFIG = REPO_DIR / "config" / "base.yaml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The checkout holding the package, where the record's git commit is looked up; in an installed
+# (non-editable) copy it is site-packages' parent, usually in no repository: no commit then.
+REPO_DIR = PACKAGE_DIR.parent
+BASE_CONFIG = PACKAGE_DIR / "base.yaml"  # package data: the base registry travels with the code
 
 MODEL_KEYS = {
     "path": "local directory or hub id",
@@ -99,12 +103,12 @@ def _resolve_paths(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path) -> dict[str, dict]:
+def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     if entries is None:
         return {}
     if not isinstance(entries, dict):
         raise UsageError(f"config '{path}': '{kind}' must be a mapping of name -> entry")
-    checked: dict[str, dict] = {}
+    checked: dict[str, dict[str, Any]] = {}
     for name, entry in entries.items():
         if isinstance(entry, str):
             entry = {"path": entry} if kind == "models" else {"dataset": entry}
@@ -133,7 +137,7 @@ def load_config(user_file: str | None) -> Config:
     return cfg
 
 
-def lookup(registry: dict[str, dict], kind: str, name: str) -> dict[str, Any]:
+def lookup(registry: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     if name not in registry:
         known = ", ".join(sorted(registry)) or "(none)"
         raise UsageError(f"unknown {kind} '{name}'; known {kind}s: {known}")

@@ -88,9 +88,11 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
 
 def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.random.Generator) -> list[Episode]:
     """Answers are positions among per-question options, not classes: `shot` random other questions."""
+    options = split.options
+    assert options is not None, "a multiple-choice split has options"
 
     def example(i: int) -> Example:
-        return Example(split.texts[i], int(split.labels[i]), tuple(split.options[i]))
+        return Example(split.texts[i], int(split.labels[i]), tuple(options[i]))
 
     episodes = []
     for q in queries:

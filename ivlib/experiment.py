@@ -270,8 +270,8 @@ class Experiment:
         for setting in self.method_cls.settings:
             if setting.name in self.values:
                 continue
-            from_entry = setting.model_default and not self.spec.load_vectors
-            entry_value = self.model_entry.get(setting.model_default) if from_entry else None
+            key = setting.model_default
+            entry_value = self.model_entry.get(key) if key is not None and not self.spec.load_vectors else None
             self.values[setting.name] = setting.check(entry_value) if entry_value is not None else setting.default
 
     def _eval_combinations(self) -> list[dict[str, Any]]:

@@ -10,6 +10,8 @@ The per-layer and per-head searches of TV and FV run many one-token forwards ove
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
@@ -18,7 +20,7 @@ from .errors import UsageError
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [B, n_kv_heads, T, head_dim]
 
 
-def _layers(cache, model_name: str) -> list:
+def _layers(cache: Any, model_name: str) -> list[Any]:
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise UsageError(
@@ -38,12 +40,12 @@ def _layers(cache, model_name: str) -> list:
     return layers
 
 
-def read_kv(cache, model_name: str = "model") -> KV:
+def read_kv(cache: Any, model_name: str = "model") -> KV:
     """The cache's tensors (not copies): callers must not modify them in place."""
     return [(layer.keys, layer.values) for layer in _layers(cache, model_name)]
 
 
-def write_kv(cache, kv: KV, dtype: torch.dtype, model_name: str = "model") -> None:
+def write_kv(cache: Any, kv: KV, dtype: torch.dtype, model_name: str = "model") -> None:
     """Make `cache` hold `kv` (cast to the model's dtype), replacing whatever it held.
 
     The cache's layers append with `torch.cat`, so the tensors given here are never modified
@@ -65,7 +67,7 @@ class _SlotLayer(StaticLayer):
     zero fill (a pass over the whole buffer) is skipped.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         super().__init__(max_cache_len=keys.shape[-2])
         self.keys, self.values = keys, values  # [B, kv_heads, length + free slots, head_dim]
         self.device = keys.device
@@ -83,7 +85,7 @@ def _with_room(t: torch.Tensor, repeats: int, free: int) -> torch.Tensor:
     return out.view(b * repeats, h, length + free, d)
 
 
-def repeated_with_room(cache, repeats: int, free: int = 1) -> Cache | None:
+def repeated_with_room(cache: Any, repeats: int, free: int = 1) -> Cache | None:
     """A fixed-length copy of a growing cache, each row repeated, with `free` slots after the prefix.
 
     Forwards over it write their tokens into the free slots in place; `crop(-n)` rewinds so the

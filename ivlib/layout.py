@@ -8,6 +8,7 @@ no edit and an unknown family needs at most two module names in YAML.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from torch import nn
 
@@ -31,7 +32,7 @@ class ModelLayout:
     def n_layers(self) -> int:
         return len(self.blocks)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "blocks": self.blocks_path,
             "attn_out": self.attn_out_path,
@@ -72,11 +73,11 @@ def _linear_out(module: nn.Module) -> int | None:
         return module.out_features
     weight = getattr(module, "weight", None)  # GPT-2's Conv1D stores [in, out]
     if type(module).__name__ == "Conv1D" and weight is not None:
-        return weight.shape[1]
+        return int(weight.shape[1])
     return None
 
 
-def _find_attn_out(block: nn.Module, d_model: int) -> str:
+def _find_attn_out(block: nn.Module, d_model: int | None) -> str:
     attn_name = next((n for n in ATTN_NAMES if hasattr(block, n)), None)
     if attn_name is None:
         attn_name = next((n for n, m in block.named_children() if "attention" in type(m).__name__.lower()), None)
@@ -90,7 +91,7 @@ def _find_attn_out(block: nn.Module, d_model: int) -> str:
     raise LookupError(f"no output projection in '{attn_name}'")
 
 
-def _config_int(config, *names: str) -> int | None:
+def _config_int(config: Any, *names: str) -> int | None:
     for name in names:
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -98,9 +99,10 @@ def _config_int(config, *names: str) -> int | None:
     return None
 
 
-def discover_layout(model: nn.Module, override: dict | None = None) -> ModelLayout:
+def discover_layout(model: nn.Module, override: dict[str, str] | None = None) -> ModelLayout:
     """Find the layout; `override` ({blocks, attn_out}) names modules for unknown families."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_config: Any = model.config  # a transformers PretrainedConfig
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
     d_model = _config_int(config, "hidden_size", "n_embd", "d_model")
     n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
@@ -112,11 +114,12 @@ def discover_layout(model: nn.Module, override: dict | None = None) -> ModelLayo
     hint = "name them in the model's config entry, e.g. layout: {blocks: model.layers, attn_out: self_attn.o_proj}"
     try:
         blocks_path = override.get("blocks") or _find_blocks(model, n_layers)
-        blocks = list(_get(model, blocks_path))
+        blocks = list(cast(nn.ModuleList, _get(model, blocks_path)))
         attn_out_path = override.get("attn_out") or _find_attn_out(blocks[0], d_model)
         attn_out = [_get(b, attn_out_path) for b in blocks]
     except (LookupError, AttributeError) as exc:
         raise UsageError(f"cannot find the layout of {type(model).__name__} ({exc}); {hint}") from None
     if n_heads is None or d_model is None:
         raise UsageError(f"{type(model).__name__}: the config gives no head count or hidden size")
+    assert n_kv is not None  # n_heads when the config names no key/value heads
     return ModelLayout(blocks, attn_out, blocks_path, attn_out_path, n_heads, n_kv, d_model)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import numpy.typing as npt
+
+Labels = Sequence[int] | npt.NDArray[np.integer]  # one class (or option) index per episode
 
 AVERAGES = ("micro", "macro", "weighted")
 
@@ -25,7 +30,9 @@ def _f1_from_counts(tp: np.ndarray, pred: np.ndarray, true: np.ndarray) -> dict[
     }
 
 
-def _counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None):
+def _counts(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """tp, predicted and true counts per class; `weights` [R, N] gives R bootstrap replicates."""
     if weights is None:
         tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
@@ -36,13 +43,13 @@ def _counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.
     return weights @ (onehot_t * hit[:, None]), weights @ onehot_p, weights @ onehot_t
 
 
-def f1_scores(y_true, y_pred, n_classes: int) -> dict[str, float]:
+def f1_scores(y_true: Labels, y_pred: Labels, n_classes: int) -> dict[str, float]:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     return {k: float(v) for k, v in _f1_from_counts(*_counts(y_true, y_pred, n_classes)).items()}
 
 
 def bootstrap_f1(
-    y_true, y_pred, n_classes: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
+    y_true: Labels, y_pred: Labels, n_classes: int, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> dict[str, dict[str, float]]:
     """Point value and percentile interval per average, resampling episodes with replacement."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -70,7 +77,7 @@ def bootstrap_f1(
     return out
 
 
-def selection_score(y_true, y_pred, n_classes: int, multiple_choice: bool) -> float:
+def selection_score(y_true: Labels, y_pred: Labels, n_classes: int, multiple_choice: bool) -> float:
     """What a method maximises on validation: macro-F1 for classes, accuracy for multiple choice
     (option positions are not classes, so their F1 has no meaning)."""
     if multiple_choice:
@@ -78,7 +85,9 @@ def selection_score(y_true, y_pred, n_classes: int, multiple_choice: bool) -> fl
     return f1_scores(y_true, y_pred, n_classes)["macro"]
 
 
-def bootstrap_accuracy(y_true, y_pred, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+def bootstrap_accuracy(
+    y_true: Labels, y_pred: Labels, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Accuracy and its percentile interval over episodes resampled with replacement."""
     hit = (np.asarray(y_true) == np.asarray(y_pred)).astype(float)
     rng = np.random.default_rng(seed)

@@ -120,6 +120,7 @@ def load_model(
     quiet: bool = False,
 ) -> LoadedModel:
     dtype = choose_dtype(entry, device, no_half)
+    model: Any  # a transformers PreTrainedModel (whose decorated `.to` mypy cannot call)
     if "builtin" in entry:
         arch = str(entry["builtin"]).removeprefix("tiny-")
         if arch not in TINY_ARCHS:
@@ -146,7 +147,16 @@ def load_model(
     return LoadedModel(name, model, tokenizer, layout, first, dtype, source, add_bos)
 
 
-def _from_pretrained(name, entry, device, dtype, device_map, mem_limit, flash_attention, quiet):
+def _from_pretrained(
+    name: str,
+    entry: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    device_map: str | None,
+    mem_limit: str | None,
+    flash_attention: bool,
+    quiet: bool,
+) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if "package" in entry:
@@ -168,7 +178,7 @@ def _from_pretrained(name, entry, device, dtype, device_map, mem_limit, flash_at
             kwargs["max_memory"] = {i: mem_limit for i in range(torch.cuda.device_count())}
     try:
         tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", folder))
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)  # see load_model
     except (OSError, ValueError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .episodes import Episode, Example
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 IO_SEP = "\n"
 EXAMPLE_SEP = "\n\n\n"
@@ -76,7 +80,9 @@ def move_packed(tensors: dict[str, torch.Tensor], device: torch.device | str) ->
 class PromptEncoder:
     """Tokenizes episodes; owns BOS, truncation and the label words' first tokens."""
 
-    def __init__(self, tokenizer, label_words: list[str], add_bos: bool, max_example_tokens: int = 256):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, label_words: list[str], add_bos: bool, max_example_tokens: int = 256
+    ) -> None:
         self.tok = tokenizer
         self.label_words = label_words
         self.n_classes = len(label_words)
@@ -90,7 +96,7 @@ class PromptEncoder:
             )
         self._trunc_cache: dict[str, str] = {}
 
-    def _tokenize(self, text: str):
+    def _tokenize(self, text: str) -> BatchEncoding:
         return self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
 
     def _first_token_after_sep(self, word: str) -> int:
@@ -197,7 +203,10 @@ def collate(prompts: list[EncodedPrompt], pad_id: int) -> PromptBatch:
     b = len(prompts)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
-    rows, cols, classes, starts = [], [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    classes: list[int] = []
+    starts: list[int] = []
     for r, p in enumerate(prompts):
         pad = width - len(p.ids)
         starts.append(p.query_start + pad)
@@ -221,13 +230,23 @@ def collate(prompts: list[EncodedPrompt], pad_id: int) -> PromptBatch:
     )
 
 
+def _options(prompts: list[EncodedPrompt]) -> list[list[list[int]]]:
+    """Each prompt's option tokens (multiple-choice prompts only)."""
+    out = []
+    for p in prompts:
+        assert p.options is not None, "a multiple-choice prompt has options"
+        out.append(p.options)
+    return out
+
+
 def _collate_options(prompts: list[EncodedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
-    n_opt = max(len(p.options) for p in prompts)
-    width = max(len(o) for p in prompts for o in p.options)
+    options = _options(prompts)
+    n_opt = max(len(opts) for opts in options)
+    width = max(len(o) for opts in options for o in opts)
     ids = torch.full((len(prompts), n_opt, width), pad_id, dtype=torch.long)
     lens = torch.zeros((len(prompts), n_opt), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        for j, o in enumerate(p.options):
+    for r, opts in enumerate(options):
+        for j, o in enumerate(opts):
             ids[r, j, : len(o)] = torch.tensor(o, dtype=torch.long)
             lens[r, j] = len(o)
     return {"option_ids": ids, "option_lens": lens}
@@ -235,8 +254,9 @@ def _collate_options(prompts: list[EncodedPrompt], pad_id: int) -> dict[str, tor
 
 def option_lengths(prompts: list[EncodedPrompt]) -> torch.Tensor:
     """[N, C] tokens per option (0 where a prompt has fewer options), for length-normalised scores."""
-    n_opt = max(len(p.options) for p in prompts)
-    return torch.tensor([[len(o) for o in p.options] + [0] * (n_opt - len(p.options)) for p in prompts])
+    options = _options(prompts)
+    n_opt = max(len(opts) for opts in options)
+    return torch.tensor([[len(o) for o in opts] + [0] * (n_opt - len(opts)) for opts in options])
 
 
 def length_order(prompts: list[EncodedPrompt]) -> list[int]:

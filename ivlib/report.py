@@ -207,7 +207,7 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
 
 
-def _pyplot():
+def _pyplot() -> Any:  # matplotlib.pyplot, imported on first use
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +273,7 @@ def plot_heatmap(
     return True
 
 
-def _heatmap_panel(ax, grid: dict[tuple[float, float], float], title: str, vmin: float, vmax: float):
+def _heatmap_panel(ax: Any, grid: dict[tuple[float, float], float], title: str, vmin: float, vmax: float) -> Any:
     import numpy as np
 
     xs = sorted({x for x, _ in grid})
@@ -327,7 +327,7 @@ def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

@@ -12,9 +12,10 @@ import fcntl
 import json
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from .errors import UsageError
@@ -72,7 +73,7 @@ def signals_held() -> Iterator[None]:
     """
     caught: list[int] = []
     try:
-        previous = {
+        previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {
             sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
             for sig in (signal.SIGINT, signal.SIGTERM)
         }

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from .errors import UsageError
 
-FIT = "fit"  # part of what fitting computes: saved with the state, adopted on load
-EVAL = "eval"  # applied at evaluation only: several values can share one fit
 Role = Literal["fit", "eval"]
+FIT: Role = "fit"  # part of what fitting computes: saved with the state, adopted on load
+EVAL: Role = "eval"  # applied at evaluation only: several values can share one fit
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ run's seed, so every run and method sees the same validation and test sets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -57,7 +58,7 @@ class Task:
     def n_classes(self) -> int:
         """Classes, or for multiple choice the most options any question has (the score width)."""
         if self.multiple_choice:
-            return max(len(o) for split in self.splits.values() for o in split.options)
+            return max(len(o) for split in self.splits.values() for o in split.options or [])
         return len(self.label_words)
 
 
@@ -71,7 +72,7 @@ def _loader_for(data_files: Any) -> str:
     return _LOCAL_LOADERS[suffix]
 
 
-def _load_dataset_dict(name: str, spec: dict[str, Any]):
+def _load_dataset_dict(name: str, spec: dict[str, Any]) -> Any:
     import datasets
 
     # `datasets` pings S3 to count every load, local parquet/csv/json included, unless the offline
@@ -126,7 +127,7 @@ def _text_columns(name: str, columns: list[str], spec: dict[str, Any]) -> list[s
     raise UsageError(f"task '{name}': no text column found; set text_fields (columns: {', '.join(columns)})")
 
 
-def _label_names(name: str, ds, label_field: str, spec: dict[str, Any]) -> list[str]:
+def _label_names(name: str, ds: Any, label_field: str, spec: dict[str, Any]) -> list[str]:
     feature = ds.features.get(label_field)
     if "label_names" in spec:
         return [str(n) for n in spec["label_names"]]
@@ -166,7 +167,7 @@ def _field(row: dict[str, Any], path: str) -> Any:
     return value
 
 
-def _multiple_choice_split(name: str, ds, spec: dict[str, Any], text_cols: list[str]) -> Split:
+def _multiple_choice_split(name: str, ds: Any, spec: dict[str, Any], text_cols: list[str]) -> Split:
     """Questions, their options, and the correct option's index, from the fields `spec` names."""
     mc = spec["multiple_choice"]
     if not isinstance(mc, dict) or "options" not in mc or "answer" not in mc or set(mc) - set(MC_KEYS):
@@ -221,8 +222,7 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
     multiple_choice = "multiple_choice" in spec
     if multiple_choice:
         text_cols = _text_columns(name, train_ds.column_names, spec)
-        to_split = partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols)
-        return _assemble(name, [], dsd, mapping, to_split)
+        return _assemble(name, [], dsd, mapping, partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols))
     if label_field not in train_ds.column_names:
         raise UsageError(
             f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}"
@@ -233,7 +233,7 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
         raise UsageError(f"task '{name}': {len(words)} label_words for {len(names)} classes")
     text_cols = _text_columns(name, train_ds.column_names, spec)
 
-    def to_split(ds) -> Split:
+    def to_split(ds: Any) -> Split:
         texts = [" ".join(str(t[c]).strip() for c in text_cols) for t in ds.select_columns(text_cols)]
         labels = np.asarray(ds[label_field], dtype=np.int64)
         keep = (labels >= 0) & (labels < len(names))  # hub test splits often carry -1
@@ -245,7 +245,7 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
     return _assemble(name, words, dsd, mapping, to_split)
 
 
-def _assemble(name: str, words: list[str], dsd, mapping: dict[str, str], to_split) -> Task:
+def _assemble(name: str, words: list[str], dsd: Any, mapping: dict[str, str], to_split: Callable[[Any], Split]) -> Task:
     """Present splits converted, missing ones carved from train, provenance recorded."""
     present = {role: dsd[mapping[role]] for role in ROLES if role in mapping and mapping[role] in dsd}
     missing = [role for role in ROLES if role not in present]

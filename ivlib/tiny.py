@@ -7,9 +7,13 @@ in a second, deterministically, and exercised through the same code as a real ch
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]
 CONTEXT = 1024  # whitespace is a token here, so prompts run about twice as long as with BPE
@@ -37,7 +41,7 @@ LABEL_WORDS = [
 ]
 
 
-def build_tokenizer(words: Iterable[str]):
+def build_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     """Word-level tokens for `words` (and the registry's label words), falling back to characters for
     any other ASCII word.
 
@@ -61,12 +65,12 @@ def build_tokenizer(words: Iterable[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]")
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int) -> PretrainedConfig:
     """A 2-layer, 64-wide config of the named architecture family."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=0)
-    llama_like = dict(
+    common: dict[str, Any] = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    llama_like: dict[str, Any] = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -75,7 +79,7 @@ def tiny_config(arch: str, vocab_size: int):
         max_position_embeddings=CONTEXT,
         **common,
     )
-    configs = {
+    configs: dict[str, Callable[[], PretrainedConfig]] = {
         "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=CONTEXT, **common),
         "gptj": lambda: tf.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=CONTEXT, **common),
         "gpt_neox": lambda: tf.GPTNeoXConfig(
@@ -108,7 +112,7 @@ def tiny_config(arch: str, vocab_size: int):
 TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "opt")
 
 
-def build_tiny(arch: str, words: Iterable[str], seed: int = 0):
+def build_tiny(arch: str, words: Iterable[str], seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """(model, tokenizer), with weights fixed by `seed` so runs are reproducible; `words` are the
     tokenizer's whole words (see `build_tokenizer`), and fix the vocabulary size, hence the weights."""
     from transformers import AutoModelForCausalLM

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from ivlib.builtin_tasks import vocabulary  # noqa: E402
-from ivlib.layout import discover_layout  # noqa: E402
-from ivlib.models import LoadedModel  # noqa: E402
-from ivlib.prompts import PromptEncoder  # noqa: E402
-from ivlib.tasks import load_task  # noqa: E402
-from ivlib.tiny import build_tiny  # noqa: E402
+from ivlib.builtin_tasks import vocabulary
+from ivlib.layout import discover_layout
+from ivlib.models import LoadedModel
+from ivlib.prompts import PromptEncoder
+from ivlib.tasks import load_task
+from ivlib.tiny import build_tiny
 
 TASK_SPEC = {"builtin": "review_sentiment", "label_words": ["bad", "good"]}
 

@@ -27,10 +27,11 @@ def test_a_partial_line_left_by_a_killed_writer_does_not_swallow_the_next_record
 def test_two_processes_appending_never_interleave(tmp_path):
     path = tmp_path / "runs.jsonl"
     script = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from ivlib.results import append_record\n"
-        "for i in range(200): append_record(sys.argv[2], {'writer': sys.argv[3], 'i': i, 'pad': 'x' * 5000})"
+        "import sys; from ivlib.results import append_record\n"
+        "for i in range(200): append_record(sys.argv[1], {'writer': sys.argv[2], 'i': i, 'pad': 'x' * 5000})"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(REPO), str(path), w]) for w in "ab"]
+    # `python -c` puts the working directory first on sys.path: run from the checkout to import it
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), w], cwd=REPO) for w in "ab"]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     lines = path.read_text().splitlines()
     assert len(lines) == 400
