@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"metric to rank and report by: {', '.join(METRICS)} (default macro; records without it fall back to accuracy)"
     )
 
-    s = sub.add_parser("select", help="best validation setting per model/task/method")
+    s = sub.add_parser(
+        "select",
+        help="best validation setting per model/task/method",
+        description="Print each (model, task, method)'s best validation setting (ties: the higher interval "
+        "lower bound, then the setting's sorted JSON), and with --commands the command that re-runs it on test.",
+    )
     s.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read")
     s.add_argument("--metric", default="macro", metavar="NAME", help=metric_help)
     s.add_argument("--commands", action="store_true", help="also print the test command of each best setting")
@@ -37,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="-n of the printed test commands (default: none, i.e. iv.py's own default)",
     )
 
-    r = sub.add_parser("report", help="comparison table (markdown, CSV) and plots")
+    r = sub.add_parser(
+        "report",
+        help="comparison table (markdown, CSV) and plots",
+        description="Write the test values of each method's validation-chosen setting as table.md and table.csv, "
+        "a heatmap of each validation grid and a bar chart per model, into --out.",
+    )
     r.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read")
     r.add_argument("--out", default="report", metavar="DIR", help="directory for the files (default report/)")
     r.add_argument("--metric", default="macro", metavar="NAME", help=metric_help)

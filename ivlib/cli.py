@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import Parser, UsageError
@@ -52,9 +53,14 @@ def _add_setting(group: Any, setting: Setting) -> None:
     )
 
 
+def program() -> str:
+    """`ivlib` when run as the console script, else `iv.py` (the seed's entry point)."""
+    return "ivlib" if Path(sys.argv[0]).name == "ivlib" else "iv.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="iv.py",
+        prog=program(),
         description="Iterative Vectors and the in-context learning methods it is compared with, "
         "on the same seeded episodes.",
         epilog=EPILOG,
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment = Experiment(spec)
         run(spec, experiment)
     except UsageError as exc:
-        print(f"iv.py: error: {exc}", file=sys.stderr)
+        print(f"{program()}: error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         print(_interrupted(experiment, isinstance(exc, Terminated)), file=sys.stderr)

@@ -9,6 +9,7 @@ import copy
 import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class Scorer:
             **({"logits_to_keep": 1} if self._keep_last else {}),
         )
         base = self.cache_of(prefix)
-        caches: dict[int, object] = {}
+        caches: dict[int, Any] = {}  # transformers Cache objects, one per repeat count
         out = []
         for g, edit in edits:
             if g not in caches:
@@ -183,6 +184,7 @@ class Scorer:
         if batch.option_ids is None:
             return self._label_logprobs(last_logits)
         opt, lens = batch.option_ids, batch.option_lens  # [B, C, Lo], [B, C]
+        assert lens is not None  # collated together with option_ids
         b, c, width = opt.shape
         first = torch.log_softmax(last_logits.float(), dim=-1).gather(1, opt[:, :, 0])  # [B, C]
         total = first
