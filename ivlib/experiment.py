@@ -130,6 +130,7 @@ class Experiment:
         self.task_entry: dict[str, Any] = {}
         self.values: dict[str, Any] = {}  # the method's settings; evaluation settings as lists
         self.pending: list[dict[str, Any]] = []  # one entry per evaluation setting still to record
+        self.methods: list[Method] = []  # built from `pending`
         self.fitted_with: dict[str, Any] | None = None  # the --load-vectors file's fitting settings
         self.fit_s = 0.0
         self.fit_info: dict[str, Any] = {}
@@ -181,6 +182,7 @@ class Experiment:
         if spec.resume:
             combos = self._not_yet_recorded(combos)
         self.pending = combos
+        self.methods = [self._build(c) for c in combos]  # one per evaluation setting; the first is fitted
         return combos
 
     def _check_protocol(self) -> None:
@@ -356,7 +358,6 @@ class Experiment:
             task.splits[spec.split], task.n_classes, self.eval_shot, spec.eval_episodes, spec.seed, f"{spec.split}/eval"
         )
         self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
-        self.methods = [self._build(c) for c in self.pending]
         self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
 
     def fit_episodes(self) -> tuple[list[Episode], list[Episode] | None]:

@@ -68,21 +68,7 @@ def registered():
     del METHODS[NAME]
 
 
-BASE = [
-    "-c",
-    "config/tiny.yaml",
-    "-m",
-    "tiny-gpt2",
-    "-t",
-    "review_sentiment",
-    "-s",
-    "1",
-    "-e",
-    "6",
-    "-n",
-    "24",
-    "--quiet",
-]
+BASE = "-c config/tiny.yaml -m tiny-gpt2 -t review_sentiment -s 1 -e 6 -n 24 --quiet".split()
 
 
 def _records(path):
