@@ -33,6 +33,7 @@ class Method(ABC):
     has_state: ClassVar[bool] = False  # whether fitting leaves tensors worth saving (--save-vectors)
     # the report's heatmap of a validation grid: (x, y, one panel per value of) setting names
     grid_axes: ClassVar[tuple[str, str, str] | None] = None
+    fit_info: dict[str, Any] | None = None  # how it was fitted (set by ivlib.fit / ivlib.load; saved with the state)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         for key, value in bind(type(self).settings, args, kwargs, type(self).__name__).items():

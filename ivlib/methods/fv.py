@@ -24,7 +24,8 @@ import torch
 
 from ..episodes import Episode, Example
 from ..errors import UsageError
-from ..hooks import edit_inputs, edit_outputs, head_patch, stack_reads
+from ..hooks import Edit, edit_inputs, head_patch, stack_reads
+from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import Setting
@@ -189,10 +190,16 @@ class FunctionVectors(Method):
             total += proj(padded).float().view(-1).cpu()
         return total
 
-    def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+    def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
+        """The vector added to layer `layer`'s output at each row's query separator; steady: the same vector."""
         rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-        add = self.vector.to(scorer.lm.device, scorer.lm.dtype).expand(len(rows), -1)  # [B, D]
-        with edit_outputs([scorer.layout.blocks[self.layer]], rows, batch.query_cols, add=[add]):
+        vector = self.vector.to(lm.device, lm.dtype)
+        return Edit(
+            [lm.layout.blocks[self.layer]], rows, batch.query_cols, add=[vector.expand(len(rows), -1)], steady=[vector]
+        )
+
+    def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
+        with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:

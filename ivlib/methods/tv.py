@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ..episodes import Episode
-from ..hooks import edit_outputs, stack_reads
+from ..hooks import Edit, edit_outputs, stack_reads
 from ..metrics import f1_scores
+from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from .base import Method, register
@@ -72,8 +73,14 @@ class TaskVectors(Method):
         self.layer_scores = [f1_scores(labels, preds[:, l], encoder.n_classes)["macro"] for l in range(len(blocks))]
         self.layer = int(np.argmax(self.layer_scores))  # ties: the earliest layer
 
+    def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
+        """theta replaces the chosen layer's output at each row's query separator (no steady vector)."""
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        value = self.theta[self.layer].to(lm.device, lm.dtype).expand(len(rows), -1)  # [B, D]
+        return Edit([lm.layout.blocks[self.layer]], rows, batch.query_cols, replace=[value])
+
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        with self._replace_at_last(scorer, batch, self.layer, batch.query_cols):
+        with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
