@@ -32,6 +32,7 @@ from .metrics import bootstrap_accuracy, bootstrap_f1
 from .results import append_record, check_writable, has_record, read_records, signals_held
 from .settings import Setting, by_name
 from .state import check_save_path, load_state, read_meta, save_state
+from .tasks import Task
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
@@ -71,7 +72,8 @@ PROTOCOL = (
 )
 # protocol settings that define a fitted state: a loaded file's values become this run's
 PROTOCOL_FIT = ("ext_shot", "episodes", "select_episodes", "max_example_tokens")
-_P = by_name(PROTOCOL)
+_P: dict[str, Setting] = by_name(PROTOCOL)
+PROTOCOL_BY_NAME: dict[str, Setting] = _P  # name -> the protocol's Setting (its default and check)
 
 
 @dataclass
@@ -362,27 +364,10 @@ class Experiment:
 
     def fit_episodes(self) -> tuple[list[Episode], list[Episode] | None]:
         """(training episodes, validation episodes to select on) of the method's declared needs."""
-        spec, task, cls = self.spec, self.task, self.method_cls
-        train = (
-            sample_episodes(
-                task.splits["train"], task.n_classes, spec.ext_shot, spec.episodes, spec.seed, "train/extract"
-            )
-            if cls.needs_fit
-            else []
+        spec = self.spec
+        return fit_episodes(
+            self.task, self.method_cls, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed
         )
-        select = (
-            sample_episodes(
-                task.splits["validation"],
-                task.n_classes,
-                spec.shot,
-                spec.select_episodes,
-                spec.seed,
-                "validation/select",
-            )
-            if cls.needs_validation
-            else None
-        )
-        return train, select
 
     # ---- step 4: fit, or load a fitted state ----------------------------------------------------
     @property
@@ -428,16 +413,10 @@ class Experiment:
 
     def _fit_info(self, method: Method) -> dict[str, Any]:
         """The record's (and the state file's) account of the fit: its settings, then what it chose."""
-        spec, cls = self.spec, self.method_cls
-        evaluated = {s.name for s in cls.eval_settings()}
-        return {
-            **({"ext_shot": spec.ext_shot, "episodes": spec.episodes} if cls.needs_fit else {}),
-            "seed": spec.seed,
-            "max_example_tokens": spec.max_example_tokens,
-            **{k: v for k, v in method.hyperparameters().items() if k not in evaluated},
-            **({"select_episodes": spec.select_episodes, "select_shot": spec.shot} if cls.needs_validation else {}),
-            **method.fit_summary(),
-        }
+        spec = self.spec
+        return fit_info(
+            method, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed, spec.max_example_tokens
+        )
 
     # ---- step 5: evaluate and record ------------------------------------------------------------
     def evaluate(self, method: Method) -> dict[str, Any]:
@@ -450,13 +429,7 @@ class Experiment:
         eval_s = time.perf_counter() - t0
         y_true = np.array([p.label for p in self.prompts])
         y_pred = scorer.predictions(scores, self.prompts)
-        if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
-            metrics = {
-                "accuracy": bootstrap_accuracy(y_true, y_pred, seed=spec.seed),
-                "accuracy_sum": bootstrap_accuracy(y_true, scores.argmax(dim=-1).numpy(), seed=spec.seed),
-            }
-        else:
-            metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=spec.seed)
+        metrics = score_metrics(task, y_true, y_pred, scores, spec.seed)
         answers = [f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else task.label_words
         fractions = np.round(np.bincount(y_pred, minlength=len(answers)) / len(y_pred), 4).tolist()
         return {
@@ -533,6 +506,57 @@ class Experiment:
         ]
         hp = record["hyperparameters"]
         return " ".join([self.spec.method, *(f"{s.label}={hp[s.name]}" for s in varied)])
+
+
+# ---- the steps' pieces that need no spec: the Python API (ivlib.api) calls these too, so an API run
+# sees the same episodes, fits the same state and computes the same metrics as the CLI's
+def fit_episodes(
+    task: Task, cls: type[Method], ext_shot: int, episodes: int, shot: int, select_episodes: int, seed: int
+) -> tuple[list[Episode], list[Episode] | None]:
+    """(training episodes, validation episodes to select on) of the method's declared needs."""
+    train = (
+        sample_episodes(task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract")
+        if cls.needs_fit
+        else []
+    )
+    select = (
+        sample_episodes(task.splits["validation"], task.n_classes, shot, select_episodes, seed, "validation/select")
+        if cls.needs_validation
+        else None
+    )
+    return train, select
+
+
+def fit_info(
+    method: Method,
+    ext_shot: int,
+    episodes: int,
+    shot: int,
+    select_episodes: int,
+    seed: int,
+    max_example_tokens: int,
+) -> dict[str, Any]:
+    """The record's (and the state file's) account of a fit: its settings, then what it chose."""
+    cls = type(method)
+    evaluated = {s.name for s in cls.eval_settings()}
+    return {
+        **({"ext_shot": ext_shot, "episodes": episodes} if cls.needs_fit else {}),
+        "seed": seed,
+        "max_example_tokens": max_example_tokens,
+        **{k: v for k, v in method.hyperparameters().items() if k not in evaluated},
+        **({"select_episodes": select_episodes, "select_shot": shot} if cls.needs_validation else {}),
+        **method.fit_summary(),
+    }
+
+
+def score_metrics(task: Task, y_true: np.ndarray, y_pred: np.ndarray, scores: Any, seed: int) -> dict[str, Any]:
+    """The record's `metrics`: F1s (or for multiple choice accuracies) with bootstrap intervals."""
+    if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
+        return {
+            "accuracy": bootstrap_accuracy(y_true, y_pred, seed=seed),
+            "accuracy_sum": bootstrap_accuracy(y_true, scores.argmax(dim=-1).numpy(), seed=seed),
+        }
+    return bootstrap_f1(y_true, y_pred, task.n_classes, seed=seed)
 
 
 def _git_commit() -> str | None:

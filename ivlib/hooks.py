@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -163,5 +164,142 @@ def edit_inputs(
 
 def stack_reads(sites: Sequence[OutputSite]) -> torch.Tensor:
     """[L, N, D] float32 from the sites of one forward (on the first site's device)."""
-    device = sites[0].value.device
-    return torch.stack([s.value.to(device) for s in sites])
+    values = [s.value for s in sites if s.value is not None]
+    if len(values) != len(sites):
+        raise RuntimeError("stack_reads: a site was not read (no forward ran inside its block, or read=False)")
+    return torch.stack([v.to(values[0].device) for v in values])
+
+
+@dataclass
+class Edit:
+    """What a method does to one forward: at (rows, cols) of `modules[l]`'s output, replace with
+    `replace[l]` and/or add `add[l]` ([N, D]); `steady[l]` ([D]) is what it adds at every position
+    when a caller steers a whole generation (None: the method has no such vector, e.g. TV replaces).
+
+    Methods build one (`Method.edit`) and use it in `predict` (`with edit.apply():`, positions
+    relative to the batch); `steering` applies the same edit to a caller's `model(...)` or
+    `model.generate(...)`, at absolute positions of the sequence.
+    """
+
+    modules: Sequence[nn.Module]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    add: torch.Tensor | Sequence[torch.Tensor | None] | None = None
+    replace: torch.Tensor | Sequence[torch.Tensor | None] | None = None
+    steady: Sequence[torch.Tensor] | None = None
+
+    def apply(self) -> AbstractContextManager[list[OutputSite]]:
+        """The edit on one forward over the whole batch (what `predict` runs)."""
+        return edit_outputs(self.modules, self.rows, self.cols, self.add, replace=self.replace)
+
+
+class PositionClock:
+    """Where the current forward of a model starts in its sequence, for hooks that edit absolute positions.
+
+    A forward pre-hook on the top model reads the KV cache it is given: its length is the number of
+    positions already encoded (0 for a prefill, or any call without a cache), so under `generate`
+    the prefill covers positions 0..T-1 and each decoding step one position after them. A cache
+    whose length cannot be read falls back to counting the positions seen since the last forward
+    without a cache.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.seen = 0
+
+    def __call__(self, module: nn.Module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        width = 0 if ids is None else int(ids.shape[1])
+        cache = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+        if cache is None:
+            start = 0
+        elif hasattr(cache, "get_seq_length"):
+            start = int(cache.get_seq_length())
+        elif isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuples
+            start = int(cache[0][0].shape[-2])
+        else:
+            start = self.seen
+        self.start, self.seen = start, start + width
+
+
+class PositionalSite:
+    """A forward hook that edits absolute positions of a sequence that arrives in several forwards.
+
+    Each forward covers columns [clock.start, clock.start + T); the listed (row, col) edits that
+    fall inside are applied there (so a prompt's edits apply in generate's prefill only), and
+    `steady` is added at every position of every forward. A forward of k x `n_rows` rows (generate
+    with beams or several sequences per prompt repeats each row k times, adjacent) edits every copy.
+    """
+
+    def __init__(
+        self,
+        clock: PositionClock,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        add: torch.Tensor | None = None,
+        replace: torch.Tensor | None = None,
+        steady: torch.Tensor | None = None,
+        n_rows: int | None = None,
+    ):
+        self.clock, self.rows, self.cols = clock, rows, cols
+        self.add, self.replace, self.steady, self.n_rows = add, replace, steady, n_rows
+
+    def __call__(self, module: nn.Module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
+        start, width = self.clock.start, hidden.shape[1]
+        rows, cols = self.rows.to(hidden.device), self.cols.to(hidden.device)
+        inside = (cols >= start) & (cols < start + width) & (rows < hidden.shape[0])
+        if inside.any():
+            rows, cols = rows[inside], cols[inside] - start
+            pick = inside.nonzero().squeeze(1)  # which listed edits apply, repeated with the rows below
+            copies = hidden.shape[0] // self.n_rows if self.n_rows else 1
+            if self.n_rows and copies > 1 and hidden.shape[0] == copies * self.n_rows:
+                rows = (rows[:, None] * copies + torch.arange(copies, device=rows.device)).reshape(-1)
+                cols, pick = cols.repeat_interleave(copies), pick.repeat_interleave(copies)
+            if self.replace is not None:
+                hidden.index_put_((rows, cols), self.replace.to(hidden.device, hidden.dtype)[pick])
+            if self.add is not None:
+                hidden.index_put_((rows, cols), hidden[rows, cols] + self.add.to(hidden.device, hidden.dtype)[pick])
+        if self.steady is not None:
+            hidden.add_(self.steady.to(hidden.device, hidden.dtype))
+        return output
+
+
+@contextmanager
+def steering(
+    model: nn.Module, edit: Edit, positions: bool = True, every_position: bool = False, n_rows: int | None = None
+) -> Iterator[None]:
+    """Apply `edit` to every forward of `model` inside the block: its (rows, cols) as absolute positions
+    of the sequence (if `positions`), and/or its steady vectors at every position (if `every_position`).
+    `n_rows`: the edit's batch size, so a forward that repeats each row k times edits every copy.
+
+    The hooks are removed on exit, also when the block raises.
+    """
+    if every_position and edit.steady is None:
+        raise ValueError("this edit has no vector to add at every position")
+    clock = PositionClock()
+    n = len(edit.modules)
+
+    def part(values, i):
+        return None if values is None or not positions else values[i]
+
+    sites = [
+        PositionalSite(
+            clock,
+            edit.rows if positions else edit.rows[:0],
+            edit.cols if positions else edit.cols[:0],
+            part(edit.add, i),
+            part(edit.replace, i),
+            edit.steady[i] if every_position and edit.steady is not None else None,
+            n_rows,
+        )
+        for i in range(n)
+    ]
+    handle = model.register_forward_pre_hook(clock, with_kwargs=True)
+    try:
+        with _installed(edit.modules, sites, pre=False):
+            yield
+    finally:
+        handle.remove()

@@ -33,6 +33,7 @@ class Method(ABC):
     has_state: ClassVar[bool] = False  # whether fitting leaves tensors worth saving (--save-vectors)
     # the report's heatmap of a validation grid: (x, y, one panel per value of) setting names
     grid_axes: ClassVar[tuple[str, str, str] | None] = None
+    fit_info: dict[str, Any] | None = None  # how it was fitted (set by ivlib.fit / ivlib.load; saved with the state)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         for key, value in bind(type(self).settings, args, kwargs, type(self).__name__).items():
@@ -87,6 +88,16 @@ class Method(ABC):
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError(f"{self.name} has no state to load")
+
+
+T = TypeVar("T")
+
+
+def fitted(value: T | None, method: str) -> T:
+    """A fitted attribute, or a clear error when the method was neither fitted nor loaded."""
+    if value is None:
+        raise RuntimeError(f"{method}: fit the method or load its state first")
+    return value
 
 
 METHODS: dict[str, type[Method]] = {}  # --method name -> class, in registration order

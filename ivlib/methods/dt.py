@@ -29,7 +29,7 @@ from ..metrics import selection_score
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import Setting
-from .base import Method, register
+from .base import Method, fitted, register
 
 POSITIONS = ("shifted", "pinned")
 
@@ -172,7 +172,7 @@ class DeepThinking(Method):
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        return self.step_scores(scorer, batch, self.step, every_step=False)[:, -1]
+        return self.step_scores(scorer, batch, fitted(self.step, self.name), every_step=False)[:, -1]
 
 
 def _check_finite(state: KV, demo_mask: torch.Tensor, step: int) -> None:

@@ -23,11 +23,12 @@ import torch
 
 from ..episodes import Episode, Example
 from ..errors import UsageError
-from ..hooks import edit_inputs, head_patch, stack_reads, vector_edit
+from ..hooks import Edit, edit_inputs, head_patch, stack_reads
+from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer, no_edit
 from ..settings import Setting
-from .base import Method, register
+from .base import Method, fitted, register
 
 
 def default_top_heads(n_layers: int, n_heads: int) -> int:
@@ -96,7 +97,7 @@ class FunctionVectors(Method):
     def _patch_heads(self, scorer: Scorer, layer: int, heads: list[int], rows: torch.Tensor, cols: torch.Tensor):
         """A last-token edit (see `LastTokenEdit`) for rows repeated len(heads) times, as
         `last_token_groups` lays them out: row b * len(heads) + j gets head heads[j] overwritten by its mean."""
-        keep, value = head_patch(self.mean_act, layer, heads)  # [g, F] each
+        keep, value = head_patch(fitted(self.mean_act, self.name), layer, heads)  # [g, F] each
         n_rows = len(rows) // len(heads)
         return edit_inputs(
             [scorer.layout.attn_out[layer]], rows, cols, patch=[(keep.repeat(n_rows, 1), value.repeat(n_rows, 1))]
@@ -169,28 +170,40 @@ class FunctionVectors(Method):
 
     @torch.inference_mode()
     def _build_vector(self, scorer: Scorer) -> torch.Tensor:
-        hd = self.mean_act.shape[-1]
+        mean_act = fitted(self.mean_act, self.name)  # [L, H, head_dim]
+        hd = mean_act.shape[-1]
         total = torch.zeros(scorer.layout.d_model)
         for layer, head in self.heads:
             proj = scorer.layout.attn_out[layer]
             weight = next(proj.parameters())
-            padded = torch.zeros(1, 1, self.mean_act.shape[1] * hd, device=weight.device, dtype=weight.dtype)
-            padded[0, 0, head * hd : (head + 1) * hd] = self.mean_act[layer, head].to(weight.device, weight.dtype)
+            padded = torch.zeros(1, 1, mean_act.shape[1] * hd, device=weight.device, dtype=weight.dtype)
+            padded[0, 0, head * hd : (head + 1) * hd] = mean_act[layer, head].to(weight.device, weight.dtype)
             total += proj(padded).float().view(-1).cpu()
         return total
 
+    def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
+        """The vector added to layer `layer`'s output at each row's query separator; steady: the same vector."""
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        vector = fitted(self.vector, self.name).to(lm.device, lm.dtype)
+        return Edit(
+            [lm.layout.blocks[fitted(self.layer, self.name)]],
+            rows,
+            batch.query_cols,
+            add=[vector.expand(len(rows), -1)],
+            steady=[vector],
+        )
+
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        vector = self.vector.to(scorer.lm.device, scorer.lm.dtype)  # [D]
-        with scorer.at_last_token(batch, vector_edit(scorer.layout.blocks[self.layer], vector)):
+        with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {
-            "vector": self.vector,
+            "vector": fitted(self.vector, self.name),
             "layer": torch.tensor(self.layer),
             "heads": torch.tensor(self.heads),
-            "effects": self.effects,
-            "mean_act": self.mean_act,
+            "effects": fitted(self.effects, self.name),
+            "mean_act": fitted(self.mean_act, self.name),
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..episodes import Episode
-from ..hooks import edit_outputs, stack_reads
+from ..hooks import Edit, edit_outputs, stack_reads
+from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import EVAL, Setting
@@ -146,9 +147,19 @@ class IterativeVectors(Method):
             self._device_vectors[key] = (scale * self.vectors).to(device=device, dtype=dtype)
         return self._device_vectors[key]
 
+    def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
+        """strength x the vectors at every separator of the batch; steady: the query slot's, every layer."""
+        scaled = self._scaled(self.strength, lm.device, lm.dtype)  # [L, C + 1, D]
+        return Edit(
+            lm.layout.attn_out,
+            batch.sep_rows,
+            batch.sep_cols,
+            add=scaled[:, batch.sep_class],
+            steady=list(scaled[:, -1]),
+        )
+
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        add = self._scaled(self.strength, scorer.lm.device, scorer.lm.dtype)[:, batch.sep_class]  # [L, N, D]
-        with edit_outputs(scorer.layout.attn_out, batch.sep_rows, batch.sep_cols, add):
+        with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:

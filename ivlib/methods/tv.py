@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from ..episodes import Episode
-from ..hooks import edit_outputs, stack_reads, vector_edit
+from ..hooks import Edit, edit_outputs, stack_reads, vector_edit
 from ..metrics import f1_scores
+from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import LastTokenEdit, Scorer
-from .base import Method, register
+from .base import Method, fitted, register
 
 
 @register
@@ -42,7 +43,7 @@ class TaskVectors(Method):
     def _edit(self, scorer: Scorer, layer: int) -> LastTokenEdit:
         """theta[layer] written over block `layer`'s output at the last token: tried per layer by the
         search, then run at the chosen layer by `predict`."""
-        theta = self.theta[layer].to(scorer.lm.device, scorer.lm.dtype)  # [D]
+        theta = fitted(self.theta, self.name)[layer].to(scorer.lm.device, scorer.lm.dtype)  # [D]
         return vector_edit(scorer.layout.blocks[layer], theta, replace=True)
 
     def fit(
@@ -71,13 +72,20 @@ class TaskVectors(Method):
         self.layer_scores = [f1_scores(labels, preds[:, l], encoder.n_classes)["macro"] for l in range(len(blocks))]
         self.layer = int(np.argmax(self.layer_scores))  # ties: the earliest layer
 
+    def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
+        """theta replaces the chosen layer's output at each row's query separator (no steady vector)."""
+        rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+        layer = fitted(self.layer, self.name)
+        value = fitted(self.theta, self.name)[layer].to(lm.device, lm.dtype).expand(len(rows), -1)  # [B, D]
+        return Edit([lm.layout.blocks[layer]], rows, batch.query_cols, replace=[value])
+
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
-        with scorer.at_last_token(batch, self._edit(scorer, self.layer)):
+        with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {
-            "theta": self.theta.contiguous(),
+            "theta": fitted(self.theta, self.name).contiguous(),
             "layer": torch.tensor(self.layer),
             "layer_scores": torch.tensor(self.layer_scores),
         }

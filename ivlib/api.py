@@ -1,0 +1,473 @@
+"""The Python API: ivlib's methods on a model and tokenizer already in memory.
+
+It follows the transformers / steering-vectors shape: wrap what you loaded, fit a method, and
+steer the model's own `model(...)` / `model.generate(...)` inside a `with` block. Everything
+runs through the same pieces as the CLI (`ivlib.experiment`): the same episode streams, the same
+fit, the same metrics and the same state files, so an API run and a CLI run of the same settings
+agree exactly, and a file saved by one loads in the other.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import experiment
+from .config import load_config, lookup
+from .episodes import Episode, Example, check_shots
+from .episodes import sample_episodes as _sample
+from .errors import UsageError
+from .hooks import steering
+from .layout import discover_layout
+from .methods import Method, get_method
+from .models import LoadedModel
+from .prompts import EncodedPrompt, PromptBatch, PromptEncoder, collate
+from .scoring import Scorer
+from .state import check_save_path, load_state, read_meta, save_state
+from .tasks import ROLES, Split, Task, _carve
+from .tasks import load_task as _load_task_entry
+
+_P = experiment.PROTOCOL_BY_NAME  # the protocol's declared settings: their defaults and checks are the CLI's
+DEFAULT_STREAMS = {"train": "extract", "validation": "eval", "test": "eval"}
+
+
+# ---- models -----------------------------------------------------------------------------------
+def tiny_model(arch: str = "llama", seed: int = 0) -> tuple[Any, Any]:
+    """A tiny random (model, tokenizer) of a supported family (`ivlib.tiny.TINY_ARCHS`) whose
+    tokenizer knows the built-in task's words: for trying the API, and for tests, without a download."""
+    from .builtin_tasks import vocabulary
+    from .tiny import build_tiny
+
+    return build_tiny(arch, vocabulary(), seed)
+
+
+def wrap(
+    model: Any,
+    tokenizer: Any,
+    name: str = "model",
+    add_bos: bool | str = "auto",
+    layout: dict[str, str] | None = None,
+) -> LoadedModel:
+    """A model and tokenizer already in memory, as ivlib's methods use them.
+
+    `name` is what state files record (a file loads only for the same name: give the CLI's registry
+    name to share files with it); `add_bos`: "auto" (if the tokenizer has a BOS token), True or
+    False; `layout`: module names when discovery fails ({blocks: ..., attn_out: ...}, as in a
+    registry entry). The device and dtype are read from the model; the model is put in eval mode
+    and a tokenizer without a pad token gets one, as the CLI does.
+    """
+    if add_bos not in ("auto", True, False):
+        raise UsageError(f"add_bos {add_bos!r} unknown; accepted: 'auto', True, False")
+    model.eval()
+    found = discover_layout(model, layout)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    bos = tokenizer.bos_token_id is not None if add_bos == "auto" else bool(add_bos)
+    weight = model.get_input_embeddings().weight
+    return LoadedModel(name, model, tokenizer, found, weight.device, weight.dtype, "in-memory", bos)
+
+
+# ---- tasks ------------------------------------------------------------------------------------
+def load_task(name: str, config: str | None = None) -> Task:
+    """A task of the registry (`config/base.yaml`, with the YAML file `config` merged over it)."""
+    return _load_task_entry(name, lookup(load_config(config).tasks, "task", name))
+
+
+def task_from_lists(
+    label_words: Sequence[str],
+    train: tuple[Sequence[str], Sequence[int | str]],
+    validation: tuple[Sequence[str], Sequence[int | str]] | None = None,
+    test: tuple[Sequence[str], Sequence[int | str]] | None = None,
+    name: str = "custom",
+) -> Task:
+    """A classification task from (texts, labels) per split; labels are class indices or label words.
+
+    Splits not given are carved from train as the registry's tasks are (validation: the last 20% of
+    a fixed shuffle; both missing: 10% each).
+    """
+    words = list(label_words)
+    if len(words) < 2 or not all(isinstance(w, str) and w.strip() for w in words):
+        raise UsageError(f"label_words {words!r}: accepted: two or more non-empty strings")
+    if len(set(words)) != len(words):
+        raise UsageError(f"label_words {words!r} repeat a word; accepted: distinct words")
+    given = {"train": train, "validation": validation, "test": test}
+    splits: dict[str, Split] = {}
+    for role in ROLES:
+        if given[role] is not None:
+            splits[role] = _split_from_lists(role, given[role], words)
+    missing = [role for role in ROLES if role not in splits]
+    carved: dict[str, Any] = {}
+    if missing:
+        cuts = _carve(len(splits["train"].texts), missing)
+        whole = splits["train"]
+        for role, idx in cuts.items():
+            splits[role] = whole.subset(idx)
+        carved = {
+            "carved": {"from": "train", "roles": missing, "seed": 0, "sizes": {r: len(i) for r, i in cuts.items()}}
+        }
+    for role, split in splits.items():
+        if len(split.texts) == 0:
+            raise UsageError(f"task '{name}': split '{role}' is empty (too few training examples to carve it)")
+    return Task(name, words, splits, {"source": "lists", **carved})
+
+
+def _split_from_lists(role: str, pair: Any, words: list[str]) -> Split:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise UsageError(f"{role}: accepted: a pair (texts, labels)")
+    texts, labels = list(pair[0]), list(pair[1])
+    if len(texts) != len(labels):
+        raise UsageError(f"{role}: {len(texts)} texts but {len(labels)} labels; accepted: one label per text")
+    if not texts:
+        raise UsageError(f"{role}: no examples")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError(f"{role}: text {i} is empty or not a string; accepted: non-empty strings")
+    index = []
+    for i, label in enumerate(labels):
+        if isinstance(label, str):
+            if label not in words:
+                raise UsageError(f"{role}: label {i} '{label}' is not a label word; accepted: {', '.join(words)}")
+            index.append(words.index(label))
+        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(words):
+            index.append(int(label))
+        else:
+            raise UsageError(
+                f"{role}: label {i} {label!r} is out of range; accepted: 0..{len(words) - 1} or a label word"
+            )
+    return Split(texts, np.array(index, dtype=np.int64))
+
+
+# ---- episodes and prompts -----------------------------------------------------------------------
+def sample_episodes(
+    task: Task, split: str = "train", shot: int = 1, n: int = 200, seed: int = 42, stream: str | None = None
+) -> list[Episode]:
+    """`n` episodes of `shot` demonstrations per class from `split`, drawn as the CLI draws them.
+
+    `stream` names the purpose: "extract" (what fitting uses, train's default), "eval" (what
+    evaluation uses, validation's and test's default) or "select" (validation episodes a method
+    selects on); the same (seed, split, stream) gives the same queries as a CLI run.
+    """
+    if split not in task.splits:
+        raise UsageError(f"split '{split}' is not in task '{task.name}'; accepted: {', '.join(task.splits)}")
+    purpose = stream or DEFAULT_STREAMS.get(split, "eval")
+    check_shots(task.splits[split], split, task.n_classes, shot, task.label_words, "shot")
+    return _sample(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
+
+
+def encoder(lm: LoadedModel, task: Task, max_example_tokens: int = _P["max_example_tokens"].default) -> PromptEncoder:
+    """The prompt encoder of a model and task (BOS, truncation, the labels' first tokens)."""
+    return PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, _P["max_example_tokens"].check(max_example_tokens))
+
+
+def encode(
+    lm: LoadedModel,
+    task: Task,
+    demos: Sequence[tuple[str, int | str]] = (),
+    query: str | tuple[str, int | str] = "",
+    max_example_tokens: int = _P["max_example_tokens"].default,
+) -> EncodedPrompt:
+    """One prompt as ivlib writes it: demonstrations (text, label index or word), then the query's text
+    ending in its separator. `.ids` are its token ids; its separators are where IV edits."""
+    words = task.label_words
+
+    def label_of(value: int | str) -> int:
+        if isinstance(value, str):
+            if value not in words:
+                raise UsageError(f"label '{value}' is not a label word; accepted: {', '.join(words)}")
+            return words.index(value)
+        if not 0 <= int(value) < len(words):
+            raise UsageError(f"label {value} is out of range; accepted: 0..{len(words) - 1} or a label word")
+        return int(value)
+
+    text, label = (query, -1) if isinstance(query, str) else (query[0], label_of(query[1]))
+    if not text.strip():
+        raise UsageError("query is empty; accepted: a non-empty text")
+    episode = Episode(tuple(Example(t, label_of(y)) for t, y in demos), Example(text, label))
+    return encoder(lm, task, max_example_tokens).encode(episode)
+
+
+def batch(lm: LoadedModel, prompts: EncodedPrompt | Sequence[EncodedPrompt]) -> PromptBatch:
+    """Prompts left-padded into one batch on the model's device (`input_ids`, `attention_mask` for
+    `model(...)` or `model.generate(...)`)."""
+    listed = [prompts] if isinstance(prompts, EncodedPrompt) else list(prompts)
+    if not listed:
+        raise UsageError("no prompts given")
+    return collate(listed, lm.tokenizer.pad_token_id).to(lm.device)
+
+
+# ---- methods ----------------------------------------------------------------------------------
+def _build(method: Method | str, settings: dict[str, Any], seed: int) -> Method:
+    """A method from a name and settings; a built one is used as is, or copied with other evaluation
+    settings (e.g. IV's strength: several values share one fit, as on the command line)."""
+    if isinstance(method, Method):
+        if not settings:
+            return method
+        evaluated = {s.name: s for s in type(method).eval_settings()}
+        other = sorted(k for k in settings if k not in evaluated)
+        if other:
+            raise UsageError(
+                f"setting '{other[0]}' given with a built method; accepted there: its evaluation settings "
+                f"({', '.join(evaluated) or 'none'}), or a method name with any of its settings"
+            )
+        copied = copy.copy(method)
+        for key, value in settings.items():
+            setattr(copied, key, evaluated[key].check(value))
+        return copied
+    if not isinstance(method, str):
+        raise UsageError(f"method {method!r}: accepted: a method name or a Method instance")
+    cls = get_method(method)
+    try:
+        return cls.from_settings(settings, seed)
+    except TypeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _scorer(lm: LoadedModel, task: Task, enc: PromptEncoder, batch_size: int | str, progress: bool) -> Scorer:
+    if not task.multiple_choice:
+        enc.check_label_collisions()
+    batch_size = _P["batch_size"].check(batch_size)
+    auto = batch_size == "auto"
+    start = (experiment.AUTO_GPU_START if lm.device.type == "cuda" else experiment.AUTO_CPU) if auto else batch_size
+    return Scorer(lm, enc.label_ids, int(start), quiet=not progress, shrink_on_oom=auto)
+
+
+def _check_task(cls: type[Method], task: Task) -> None:
+    if task.multiple_choice and not cls.supports_multiple_choice:
+        raise UsageError(f"method '{cls.name}' does not apply to multiple-choice task '{task.name}'")
+
+
+def fit(
+    method: Method | str,
+    lm: LoadedModel,
+    task: Task,
+    *,
+    ext_shot: int = _P["ext_shot"].default,
+    episodes: int = _P["episodes"].default,
+    shot: int = _P["shot"].default,
+    select_episodes: int = _P["select_episodes"].default,
+    seed: int = _P["seed"].default,
+    batch_size: int | str = _P["batch_size"].default,
+    max_example_tokens: int = _P["max_example_tokens"].default,
+    progress: bool = False,
+    **settings: Any,
+) -> Method:
+    """Fit a method (a `Method`, or a name and its settings) on the task's train split, as the CLI does.
+
+    The protocol arguments mean what the CLI's flags mean (`ext_shot` = -s, `episodes` = -e, `shot`
+    and `select_episodes` for methods that select on validation); the fitted method is returned,
+    with `fit_info` (what a record's `fit` says) set. A method built by name takes `seed` as the CLI's
+    does (FV: which labels its trials shuffle); a built one keeps its own.
+    """
+    values = {
+        "ext_shot": ext_shot,
+        "episodes": episodes,
+        "shot": shot,
+        "select_episodes": select_episodes,
+        "seed": seed,
+        "max_example_tokens": max_example_tokens,
+    }
+    values = {k: _P[k].check(v) for k, v in values.items()}
+    built = _build(method, settings, values["seed"])
+    cls = type(built)
+    _check_task(cls, task)
+    if cls.needs_fit:
+        if values["ext_shot"] < 1:
+            raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
+        check_shots(task.splits["train"], "train", task.n_classes, values["ext_shot"], task.label_words, "ext_shot")
+    if cls.needs_validation:
+        check_shots(task.splits["validation"], "validation", task.n_classes, values["shot"], task.label_words, "shot")
+    enc = encoder(lm, task, values["max_example_tokens"])
+    scorer = _scorer(lm, task, enc, batch_size, progress)
+    train, select = experiment.fit_episodes(
+        task, cls, values["ext_shot"], values["episodes"], values["shot"], values["select_episodes"], values["seed"]
+    )
+    checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
+    if checked:
+        built.check_prompts(scorer, [enc.encode(e) for e in checked])
+    if cls.needs_fit or cls.needs_validation:
+        built.fit(scorer, enc, train, select)
+    built.fit_info = experiment.fit_info(
+        built,
+        values["ext_shot"],
+        values["episodes"],
+        values["shot"],
+        values["select_episodes"],
+        values["seed"],
+        values["max_example_tokens"],
+    )
+    return built
+
+
+@dataclass
+class Evaluation:
+    """One evaluation: `metrics` as a CLI record's (point values and bootstrap intervals), and per
+    episode the chosen answer, the true one and the answer scores [N, C]."""
+
+    metrics: dict[str, Any]
+    predictions: np.ndarray
+    labels: np.ndarray
+    scores: torch.Tensor
+    episodes: list[Episode] = field(repr=False, default_factory=list)
+
+
+def evaluate(
+    method: Method | str,
+    lm: LoadedModel,
+    task: Task,
+    split: str = "validation",
+    shot: int = _P["shot"].default,
+    n: int = _P["eval_episodes"].default,
+    seed: int = _P["seed"].default,
+    *,
+    batch_size: int | str = _P["batch_size"].default,
+    max_example_tokens: int | None = None,
+    progress: bool = False,
+    **settings: Any,
+) -> Evaluation:
+    """Score `n` episodes of `split` with a fitted method (or a method that fits nothing, e.g. "icl").
+
+    The episodes and metrics are the CLI's for the same seed, split, shot and n. `max_example_tokens`
+    defaults to the one the method was fitted with (else the CLI's default).
+    """
+    built = _build(method, settings, seed)
+    cls = type(built)
+    _check_task(cls, task)
+    if split not in task.splits:
+        raise UsageError(f"split '{split}' is not in task '{task.name}'; accepted: {', '.join(task.splits)}")
+    if not _fitted(built):
+        raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
+    eval_shot = _P["shot"].check(shot) if cls.fixed_eval_shot is None else cls.fixed_eval_shot
+    if eval_shot < cls.min_shot:
+        raise UsageError(f"shot {shot} is too few for method '{cls.name}'; accepted: {cls.min_shot} or more")
+    if max_example_tokens is None:
+        max_example_tokens = (getattr(built, "fit_info", None) or {}).get(
+            "max_example_tokens", _P["max_example_tokens"].default
+        )
+    seed = _P["seed"].check(seed)
+    episodes = sample_episodes(task, split, eval_shot, _P["eval_episodes"].check(n), seed, "eval")
+    enc = encoder(lm, task, max_example_tokens)
+    scorer = _scorer(lm, task, enc, batch_size, progress)
+    prompts = [enc.encode(e) for e in episodes]
+    built.check_prompts(scorer, prompts)
+    scores = scorer.runner.map(prompts, lambda b: built.predict(scorer, b), f"{cls.name} eval ({split})")
+    labels = np.array([p.label for p in prompts])
+    predictions = scorer.predictions(scores, prompts)
+    metrics = experiment.score_metrics(task, labels, predictions, scores, seed)
+    return Evaluation(metrics, predictions, labels, scores, episodes)
+
+
+def _fitted(method: Method) -> bool:
+    """Whether a method can predict: one with state has it (fitted or loaded), others need no check."""
+    if not type(method).has_state or method.fit_info is not None:
+        return True
+    try:
+        state = method.state()
+    except (AssertionError, AttributeError, TypeError):
+        return False
+    return bool(state) and all(v is not None for v in state.values())
+
+
+# ---- fitted state -------------------------------------------------------------------------------
+def _identity(name: str, lm: LoadedModel, task: Task) -> dict[str, Any]:
+    """What a state file records and a load checks: the same keys as the CLI's `Experiment.identity`."""
+    return {
+        "method": name,
+        "model": lm.name,
+        "task": task.name,
+        "label_words": task.label_words,
+        "n_layers": lm.layout.n_layers,
+        "d_model": lm.layout.d_model,
+    }
+
+
+def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
+    """Write a fitted method's state as the CLI's --save-vectors does (the CLI's --load-vectors reads it)."""
+    cls = type(method)
+    if not cls.has_state:
+        raise UsageError(f"method '{cls.name}' has no fitted state to save")
+    info = getattr(method, "fit_info", None)
+    if info is None:
+        raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit first")
+    check_save_path(path)
+    save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info})
+
+
+def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
+    """A method rebuilt from a state file (the API's or the CLI's --save-vectors), checked against the
+    model and task; its fitting settings are the file's, evaluation settings (IV's strength) may be given."""
+    meta = read_meta(path)
+    name = meta.get("method")
+    if not isinstance(name, str):
+        raise UsageError(f"state file '{path}' names no method")
+    cls = get_method(name)
+    info = meta.get("fit") or {}
+    fitted = {s.name: info[s.name] for s in cls.fit_settings() if s.name in info}
+    clash = sorted(k for k in settings if k in fitted and settings[k] != fitted[k])
+    if clash:
+        raise UsageError(
+            f"state file '{path}' was fitted with {clash[0]}={fitted[clash[0]]}; "
+            f"given {settings[clash[0]]}; accepted: the same value, or leave it out"
+        )
+    method = _build(name, {**fitted, **settings}, int(info.get("seed", _P["seed"].default)))
+    tensors, meta = load_state(path, _identity(name, lm, task))
+    method.load_state(tensors)
+    method.fit_info = meta.get("fit") or {}
+    return method
+
+
+# ---- steering -----------------------------------------------------------------------------------
+@contextmanager
+def steer(
+    method: Method,
+    lm: LoadedModel,
+    prompt: EncodedPrompt | Sequence[EncodedPrompt] | PromptBatch | None = None,
+    every_position: bool = False,
+    **settings: Any,
+) -> Iterator[PromptBatch | None]:
+    """Inside the block, `lm.model(...)` and `lm.model.generate(...)` are steered by a fitted method.
+
+    With `prompt` (from `ivlib.encode`; several are left-padded as `ivlib.batch` does), the method
+    edits what its `predict` edits, at that prompt's positions: IV at its separators, TV and FV at
+    the query's separator (the last token). Pass the yielded batch's `input_ids` (and
+    `attention_mask`) to the model. The positions are absolute in the sequence, so under `generate`
+    they are edited in the prefill only, not in the decoding steps. With `every_position=True`
+    instead, a steady vector is added at every position of every forward, prompt and generated
+    tokens alike (IV: its query-slot vector, FV: its vector; TV replaces a hidden state and has
+    none). Evaluation settings may be given for this block (IV: `strength=`). The hooks are removed
+    on exit, also when the block raises.
+    """
+    method = _build(method, settings, _P["seed"].default)
+    if not hasattr(method, "edit"):
+        raise UsageError(f"method '{method.name}' does not steer activations; accepted: iv, tv, fv")
+    if not _fitted(method):
+        raise UsageError(f"method '{method.name}' is not fitted; call ivlib.fit or ivlib.load first")
+    if every_position and prompt is not None:
+        raise UsageError("every_position adds at every position and edits no prompt positions; give no prompt")
+    if not every_position and prompt is None:
+        raise UsageError("steer needs a prompt (ivlib.encode) to edit its positions, or every_position=True")
+    if prompt is None:
+        empty = torch.empty(0, dtype=torch.long, device=lm.device)
+        edits = method.edit(lm, _no_positions(lm, empty))
+    else:
+        prompts = prompt if isinstance(prompt, PromptBatch) else batch(lm, prompt)
+        edits = method.edit(lm, prompts)
+    if every_position and edits.steady is None:
+        raise UsageError(
+            f"method '{method.name}' replaces a hidden state and has no vector to add at every position; "
+            "accepted with every_position: iv, fv"
+        )
+    rows = None if prompt is None else int(prompts.input_ids.shape[0])
+    with steering(lm.model, edits, positions=not every_position, every_position=every_position, n_rows=rows):
+        yield None if prompt is None else prompts
+
+
+def _no_positions(lm: LoadedModel, empty: torch.Tensor) -> PromptBatch:
+    """A batch of no rows: a method's edit built from it has no positions, only its steady vectors."""
+    none = torch.empty(0, 0, dtype=torch.long, device=lm.device)
+    return PromptBatch(none, none, none, empty, empty, empty, empty, empty, empty)
