@@ -75,7 +75,7 @@ def wrap(
 
 # ---- tasks ------------------------------------------------------------------------------------
 def load_task(name: str, config: str | None = None) -> Task:
-    """A task of the registry (`config/base.yaml`, with the YAML file `config` merged over it)."""
+    """A task of the registry (`ivlib/base.yaml`, with the YAML file `config` merged over it)."""
     return _load_task_entry(name, lookup(load_config(config).tasks, "task", name))
 
 
