@@ -58,6 +58,15 @@ def program() -> str:
     return "ivlib" if Path(sys.argv[0]).name == "ivlib" else "iv.py"
 
 
+def invocation() -> list[str]:
+    """How this run was started, as the record's `command` begins, so the command can be pasted:
+    `ivlib` (console script) or `python iv.py` (the script as given, else `iv.py`)."""
+    if program() == "ivlib":
+        return ["ivlib"]
+    script = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "iv.py" else "iv.py"
+    return ["python", script]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=program(),
@@ -140,7 +149,7 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         load_vectors=args.load_vectors,
         resume=args.resume,
         quiet=args.quiet,
-        command=argv,
+        command=[*invocation(), *argv],
     )
 
 
