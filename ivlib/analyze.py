@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print each (model, task, method)'s best validation setting (ties: the higher interval "
         "lower bound, then the setting's sorted JSON), and with --commands the command that re-runs it on test.",
     )
-    s.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read")
+    s.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read (required)")
     s.add_argument("--metric", default="macro", metavar="NAME", help=metric_help)
-    s.add_argument("--commands", action="store_true", help="also print the test command of each best setting")
+    s.add_argument(
+        "--commands", action="store_true", help="also print the test command of each best setting (default: off)"
+    )
     s.add_argument(
         "--results-out", metavar="PATH", help="--results of the printed test commands (default: the input file)"
     )
@@ -48,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the test values of each method's validation-chosen setting as table.md and table.csv, "
         "a heatmap of each validation grid and a bar chart per model, into --out.",
     )
-    r.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read")
-    r.add_argument("--out", default="report", metavar="DIR", help="directory for the files (default report/)")
+    r.add_argument("--results", required=True, metavar="PATH", help="JSONL results file to read (required)")
+    r.add_argument("--out", default="report", metavar="DIR", help="directory for the files (default: report/)")
     r.add_argument("--metric", default="macro", metavar="NAME", help=metric_help)
     return p
 

@@ -29,7 +29,7 @@ EPILOG = """subcommands (no model is loaded):
 
 def _help(setting: Setting) -> str:
     default = (
-        ""
+        ("" if "default" in setting.help else " (default: none)")
         if setting.default is None
         else f" (default: {setting.default:,})"
         if isinstance(setting.default, int)
@@ -58,6 +58,15 @@ def program() -> str:
     return "ivlib" if Path(sys.argv[0]).name == "ivlib" else "iv.py"
 
 
+def invocation() -> list[str]:
+    """How this run was started, as the record's `command` begins, so the command can be pasted:
+    `ivlib` (console script) or `python iv.py` (the script as given, else `iv.py`)."""
+    if program() == "ivlib":
+        return ["ivlib"]
+    script = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "iv.py" else "iv.py"
+    return ["python", script]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=program(),
@@ -66,12 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("-c", "--config", help="YAML registry merged over the built-in one (ivlib/base.yaml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="YAML registry merged over the built-in one, ivlib/base.yaml (default: none, the built-in one alone)",
+    )
     p.add_argument("-g", "--gpu", type=int, default=-1, help="GPU index; -1 (default) runs on CPU")
-    p.add_argument("-m", "--model", required=True, help="model name from the registry")
-    p.add_argument("-t", "--task", required=True, help="task name from the registry, e.g. ag_news, tweet_eval/emotion")
+    p.add_argument("-m", "--model", required=True, help="model name from the registry (required)")
+    p.add_argument(
+        "-t", "--task", required=True, help="task name from the registry, e.g. ag_news, tweet_eval/emotion (required)"
+    )
     p.add_argument("--method", choices=list(METHODS), help="method to run (default: iv)")
-    p.add_argument("--run-clean", action="store_true", help="same as --method icl (the reference code's name)")
+    p.add_argument(
+        "--run-clean", action="store_true", help="same as --method icl, the reference code's name (default: off)"
+    )
     p.add_argument("--run-test", action="store_true", help="evaluate on test (default: validation)")
     protocol = p.add_argument_group("protocol (every method)")
     for setting in PROTOCOL:
@@ -85,27 +102,39 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_setting(group, setting)
                 seen.add(setting.name)
     run = p.add_argument_group("model, device and files")
-    run.add_argument("--no-half", action="store_true", help="float32 on GPU (default there: bf16/fp16)")
+    run.add_argument(
+        "--no-half",
+        action="store_true",
+        help="float32 on GPU (default: off, i.e. bf16 there, or fp16 without bf16 support)",
+    )
     run.add_argument(
         "--device-map",
         choices=["auto", "balanced", "balanced_low_0", "sequential"],
-        help="spread the model over GPUs with accelerate",
+        help="spread the model over GPUs with accelerate (default: none, one device)",
     )
-    run.add_argument("--mem-limit", help="per-GPU memory cap with --device-map, e.g. 20GiB")
-    run.add_argument("--flash-attention", action="store_true", help="use flash_attention_2")
+    run.add_argument("--mem-limit", help="per-GPU memory cap with --device-map, e.g. 20GiB (default: none)")
+    run.add_argument("--flash-attention", action="store_true", help="use flash_attention_2 (default: off)")
     run.add_argument(
         "--results",
         default="results/runs.jsonl",
         help="JSONL file the run's records are appended to (default: results/runs.jsonl)",
     )
-    run.add_argument("--save-vectors", metavar="PATH", help="save the fitted state (safetensors)")
-    run.add_argument("--load-vectors", metavar="PATH", help="load a fitted state instead of fitting")
+    run.add_argument("--save-vectors", metavar="PATH", help="save the fitted state as safetensors (default: none)")
+    run.add_argument(
+        "--load-vectors",
+        metavar="PATH",
+        help="load a fitted state instead of fitting; its fitting settings are adopted (default: none)",
+    )
     run.add_argument(
         "--resume",
         action="store_true",
-        help="skip settings whose record is already in --results (an interrupted sweep picks up)",
+        help="skip settings whose record is already in --results, so an interrupted sweep picks up (default: off)",
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or library messages; the summary line and the one-time model conversion notice still print (default: off)",
+    )
     return p
 
 
@@ -140,17 +169,44 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         load_vectors=args.load_vectors,
         resume=args.resume,
         quiet=args.quiet,
-        command=argv,
+        command=[*invocation(), *argv],
     )
 
 
 def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:
+    """One line per record; numbers shown to people are percent with one decimal (records keep fractions)."""
     spec = experiment.spec
+    task = getattr(experiment, "task", None)
+    labels = [] if task is None or task.multiple_choice else [p.label for p in getattr(experiment, "prompts", [])]
+    warning = collapse_warning(record.get("predicted_fraction") or {}, labels)
     return (
         f"{experiment.label(record)} | {spec.model} | {spec.task} | {spec.split} | {spec.eval_episodes} episodes | "
         f"{_metric_summary(record['metrics'])} | fit {experiment.fit_s:.1f}s | "
-        f"eval {record['timing_s']['eval']:.1f}s | -> {spec.results}"
+        f"eval {record['timing_s']['eval']:.1f}s | -> {spec.results}" + (f" | {warning}" if warning else "")
     )
+
+
+COLLAPSE_SHARE = 0.8  # one answer taking more than this share of the predictions...
+BALANCED_RATIO = 1.5  # ...while no true class exceeds this multiple of its even share
+
+
+def collapse_warning(predicted_fraction: dict[str, float], true_labels: list[int]) -> str | None:
+    """A warning when one class takes most predictions although the true classes are balanced: a
+    setting (e.g. an IV strength tuned for another task) that pushes everything onto one label scores
+    near chance with no error; the record's `predicted_fraction` shows it, this line says it."""
+    n = len(predicted_fraction)
+    if n < 2 or not true_labels:
+        return None
+    counts = [0] * n
+    for y in true_labels:
+        if 0 <= y < n:
+            counts[y] += 1
+    if max(counts) > BALANCED_RATIO * sum(counts) / n:
+        return None  # unbalanced truth: a dominant prediction may be right
+    name, share = max(predicted_fraction.items(), key=lambda kv: kv[1])
+    if share <= COLLAPSE_SHARE:
+        return None
+    return f"warning: {100 * share:.1f}% of predictions '{name}', true classes balanced (README: Troubleshooting)"
 
 
 def _metric_summary(metrics: dict[str, dict[str, float]]) -> str:
@@ -159,9 +215,14 @@ def _metric_summary(metrics: dict[str, dict[str, float]]) -> str:
     rest = [(k, v) for k, v in metrics.items() if k != name]
     label = "macro-F1" if name == "macro" else name
     return " | ".join(
-        [f"{label} {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]"]
-        + [f"{k} {v['value']:.4f}" for k, v in rest]
+        [f"{label} {pct(m['value'])} [{pct(m['ci_low'])}, {pct(m['ci_high'])}]"]
+        + [f"{k} {pct(v['value'])}" for k, v in rest]
     )
+
+
+def pct(fraction: float) -> str:
+    """The one scale of human-facing numbers: percent, one decimal (0.7127 -> 71.3)."""
+    return f"{100 * fraction:.1f}"
 
 
 def run(spec: RunSpec, experiment: Experiment | None = None) -> list[dict[str, Any]]:

@@ -4,11 +4,15 @@ the user's file merged over it.
 A config file has two mappings, `models:` and `tasks:`. An entry in the user's file replaces the
 base entry of the same name whole (no deep merge), so what a user writes is what runs.
 Relative file paths in an entry are resolved against the directory of the file that holds it,
-so a config can sit beside its data and still be run from anywhere.
+so a config can sit beside its data and still be run from anywhere; path values may name
+environment variables (`${IVLIB_DATA:-../shared/data}/train.parquet`), so one config serves
+machines whose data sits elsewhere.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,14 +82,47 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _resolve_paths(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Make relative local paths absolute against the config file's directory.
+# $NAME, ${NAME} or ${NAME:-default} in a path value (e.g. ${IVLIB_DATA:-../shared/data}/x.parquet)
+_VARIABLE = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+ENV_KEY = "_env"  # not a user key: the variables a resolved entry's paths used, and their values (for messages)
+
+
+def expand_variables(value: str, where: str, used: dict[str, str]) -> str:
+    """Environment variables in a path value. A variable's value that is a relative path is taken
+    from the current directory (where it was set); a `:-default` stays relative to the config file.
+    A variable that is unset and has no default is an error naming it."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group("braced") or match.group("bare")
+        value = os.environ.get(name)
+        if value:
+            expanded = str(Path(value).expanduser().absolute())
+            used[name] = expanded
+            return expanded
+        default = match.group("default")
+        if default is None:
+            raise UsageError(
+                f"{where} uses ${name}, which is not set; accepted: set {name} (e.g. export {name}=/path/to/data) "
+                f"or write ${{{name}:-default}} in the config"
+            )
+        used[name] = f"unset: the default '{default}' was used"
+        return default
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def _resolve_paths(entry: dict[str, Any], base_dir: Path, where: str = "entry") -> dict[str, Any]:
+    """Expand environment variables, then make relative local paths absolute against the config file's directory.
 
     A value is treated as a local path only when it starts with '.' or '~', or exists relative to
     the config file; otherwise it stays as written (a hub id such as 'EleutherAI/gpt-j-6b').
     """
+    used: dict[str, str] = {}
 
-    def fix(value: str) -> str:
+    def fix(value: str, key: str) -> str:
+        value = expand_variables(value, f"{where}.{key}", used)
         if value.startswith("~"):
             return str(Path(value).expanduser())
         candidate = base_dir / value
@@ -97,9 +134,11 @@ def _resolve_paths(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     for key in _PATH_KEYS:
         value = out.get(key)
         if isinstance(value, str):
-            out[key] = fix(value)
+            out[key] = fix(value, key)
         elif isinstance(value, dict):
-            out[key] = {k: fix(v) if isinstance(v, str) else v for k, v in value.items()}
+            out[key] = {k: fix(v, key) if isinstance(v, str) else v for k, v in value.items()}
+    if used:
+        out[ENV_KEY] = used
     return out
 
 
@@ -117,7 +156,7 @@ def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path)
         for key in entry:
             if key not in allowed:
                 raise UsageError(f"config '{path}': unknown key '{kind}.{name}.{key}'; accepted: {', '.join(allowed)}")
-        checked[str(name)] = _resolve_paths(entry, path.parent)
+        checked[str(name)] = _resolve_paths(entry, path.parent, f"config '{path}': {kind}.{name}")
     return checked
 
 

@@ -7,19 +7,26 @@ once, then cached as a normal checkpoint), or a built-in tiny model made from a 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import math
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import hub
 from .builtin_tasks import vocabulary
 from .errors import UsageError
 from .layout import ModelLayout, discover_layout
 from .tiny import TINY_ARCHS, build_tiny
 
+GGUF_MB_PER_S = 3.0  # see _conversion_estimate_s; set from a measurement
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -81,6 +88,32 @@ def _package_dir(package: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+def _conversion_estimate_s(size_mb: float) -> int:
+    """Seconds the one-time GGUF conversion takes, roughly: measured on 2 CPU cores at about
+    GGUF_MB_PER_S (SmolLM2-135M's 90 MB file), rounded up to 10 s."""
+    return max(10, 10 * math.ceil(size_mb / GGUF_MB_PER_S / 10))
+
+
+@contextlib.contextmanager
+def _gguf_bar_silenced(quiet: bool) -> Iterator[None]:
+    """transformers draws the GGUF de-quantization bar with its own tqdm, deaf to
+    `disable_progress_bar()`: under --quiet that tqdm is swapped for a disabled one."""
+    if not quiet:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _gguf_checkpoint(name: str, folder: str, gguf_file: str, quiet: bool) -> str:
     """Dequantize a GGUF file once and keep a normal checkpoint, so later runs load in a second."""
     target = cache_dir() / "models" / name
@@ -90,10 +123,17 @@ def _gguf_checkpoint(name: str, folder: str, gguf_file: str, quiet: bool) -> str
         raise UsageError(f"GGUF file '{Path(folder) / gguf_file}' does not exist")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if not quiet:
-        print(f"[ivlib] converting {gguf_file} to a checkpoint in {target} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # one line even with --quiet (which silences bars, not this): the pause that follows is long
+    size_mb = (Path(folder) / gguf_file).stat().st_size / 2**20
+    print(
+        f"[ivlib] converting {gguf_file} to a checkpoint once, about {_conversion_estimate_s(size_mb)} s; "
+        f"cached in {target} (IVLIB_CACHE moves it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    with _gguf_bar_silenced(quiet):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     settings = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))
     model.load_state_dict(quantized.state_dict())
@@ -176,14 +216,22 @@ def _from_pretrained(
         kwargs["device_map"] = device_map
         if mem_limit is not None:
             kwargs["max_memory"] = {i: mem_limit for i in range(torch.cuda.device_count())}
+    tokenizer_source = str(entry.get("tokenizer", folder))
+    from_hub = any(not Path(p).expanduser().exists() for p in (folder, tokenizer_source))
+    online = hub.hub_reachable() if from_hub else True  # offline: fail at once, not after the retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(entry.get("tokenizer", folder))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)  # see load_model
     except (OSError, ValueError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        where = (
+            f"the hub ({hub.endpoint()}) cannot be reached and '{folder}' is not in the local HF cache"
+            if not online
+            else f"cannot load '{folder}' ({reason})"
+        )
         raise UsageError(
-            f"model '{name}': cannot load '{folder}' ({reason}); give a local directory "
-            "or a hub id present in the local cache"
+            f"model '{name}': {where}; accepted: a local directory as the entry's path (save_pretrained), "
+            f"or a hub id already in the local cache ({hub.OFFLINE_HINT})"
         ) from None
     if device_map is None:
         model = model.to(device)

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .selection import Scored, check_metric, choose, latest, latest_per_setting, score_records, test_for
+from .selection import (
+    Scored,
+    best_of,
+    check_metric,
+    choose,
+    latest,
+    latest_per_setting,
+    score_records,
+    test_for,
+)
 
 METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "iv")
 DAGGER = "†"
@@ -134,8 +143,8 @@ def markdown(cells: list[Cell], untested: list[tuple[str, str, str]], metric: st
     lines = [
         f"# Test {metric} (%), setting chosen on validation",
         "",
-        "Each cell: the test-split value of the method's best validation setting, with its 95% "
-        "bootstrap interval. Best per row in **bold**.",
+        "Each cell: the test-split value of the method's best validation setting, in percent, with its 95% "
+        "bootstrap interval. Best per row in **bold**. Under each table: every cell's test episode count and setting.",
         "",
     ]
     for model in sorted({c.run.model for c in cells}):
@@ -143,6 +152,7 @@ def markdown(cells: list[Cell], untested: list[tuple[str, str, str]], metric: st
         table, n_complete = model_table(model, mine, metric)
         lines += [f"## {model}", "", *table, ""]
         lines += _footnotes(mine, n_complete, metric)
+        lines += details_table(mine)
     if untested:
         lines += [
             "## Not yet run on test",
@@ -155,6 +165,35 @@ def markdown(cells: list[Cell], untested: list[tuple[str, str, str]], metric: st
     if not cells:
         lines += ["No test records yet.", ""]
     return "\n".join(lines)
+
+
+def setting_text(hyperparameters: dict[str, Any]) -> str:
+    """A setting as `name=value` pairs (unset ones left out), in the record's key order."""
+    return ", ".join(f"{k}={v}" for k, v in hyperparameters.items() if v is not None) or "(defaults)"
+
+
+def details_table(cells: list[Cell]) -> list[str]:
+    """Each cell's test episode count and the setting it ran (the one chosen on validation)."""
+    lines = [
+        "Cells in detail: test episodes, and the setting (chosen on validation unless marked " + DAGGER + "):",
+        "",
+        _row(["Task", "Method", "Test episodes", "Setting"]),
+        _row(["---"] * 4),
+    ]
+    order = {m: i for i, m in enumerate(method_order(c.run.method for c in cells))}
+    for c in sorted(cells, key=lambda c: (c.run.task, order[c.run.method])):
+        n = c.run.record.get("n_eval_episodes")
+        lines.append(
+            _row(
+                [
+                    c.run.task,
+                    c.run.method + ("" if c.selected else DAGGER),
+                    str(n) if isinstance(n, int) else MISSING,
+                    f"`{setting_text(c.run.hyperparameters)}`",
+                ]
+            )
+        )
+    return [*lines, ""]
 
 
 def _footnotes(cells: list[Cell], n_complete: int, metric: str) -> list[str]:
@@ -223,6 +262,9 @@ def _float(x: Any) -> float | None:
 Axes = tuple[str, str, str]  # (x, y, one panel per value of): setting names, from a method's `grid_axes`
 
 
+SCALE = (0.0, 100.0)  # the heatmap's fixed colour scale (%): differences look as large as they are
+
+
 def heatmap_grids(
     runs: list[Scored], axes: Axes = ("strength", "ext_strength", "ext_shot")
 ) -> tuple[dict[Any, dict[tuple[float, float], float]], bool]:
@@ -242,38 +284,65 @@ def heatmap_grids(
     return grids, merged
 
 
+def _episodes_text(runs: list[Scored]) -> str:
+    counts = sorted({n for r in runs if isinstance(n := r.record.get("n_eval_episodes"), int)})
+    if not counts:
+        return "n unknown"
+    return (
+        f"n = {counts[0]} episodes per cell" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]} episodes per cell"
+    )
+
+
 def plot_heatmap(
     model: str, task: str, method: str, runs: list[Scored], metric: str, path: Path, axes: Axes, names: dict[str, str]
 ) -> bool:
     """One panel per value of the third axis, so the landscape can be read at a glance; False if no grid.
-    `names` gives each axis the label a reader knows (the paper's symbol beside the setting)."""
+    `names` gives each axis the label a reader knows (the paper's symbol beside the setting). The colour
+    scale is fixed (SCALE), the episode count is in the title, and the setting `select` would pick is framed."""
     grids, merged = heatmap_grids(runs, axes)
     if not grids:
         return False
     plt = _pyplot()
     panels = sorted(grids, key=lambda s: (s is None, s if isinstance(s, (int, float)) else 0, str(s)))
-    values = [100 * v for g in grids.values() for v in g.values()]
-    vmin, vmax = min(values), max(values)
-    if vmin == vmax:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
+    vmin, vmax = SCALE
+    chosen = best_of(runs)
+    chosen_hp = chosen.hyperparameters
+    chosen_at = (chosen_hp.get(axes[2]), _float(chosen_hp.get(axes[0])), _float(chosen_hp.get(axes[1])))
     # the last, narrow column holds one colour bar shared by all panels (same vmin/vmax)
     fig, ax_row = plt.subplots(
-        1, len(panels) + 1, figsize=(4.2 * len(panels) + 1.0, 4.4), width_ratios=[1.0] * len(panels) + [0.06]
+        1, len(panels) + 1, figsize=(max(6.4, 4.2 * len(panels) + 1.2), 5.0), width_ratios=[1.0] * len(panels) + [0.06]
     )
     image = None
     for ax, panel in zip(ax_row[:-1], panels):
-        image = _heatmap_panel(ax, grids[panel], f"{names[axes[2]]} = {panel}", vmin, vmax)
+        mark = (chosen_at[1], chosen_at[2]) if chosen_at[0] == panel else None
+        image = _heatmap_panel(ax, grids[panel], f"{names[axes[2]]} = {panel}", vmin, vmax, mark)
         ax.set_xlabel(names[axes[0]])
         ax.set_ylabel(names[axes[1]])
     used = "/".join(sorted({r.metric for r in runs}))
-    note = "\n(each cell: best over the other hyperparameters)" if merged else ""
-    fig.suptitle(f"{model} | {task} | {method} validation {used} (%){note}")
-    fig.colorbar(image, cax=ax_row[-1], label=f"{used} (%)")
+    ci = (
+        f" [{_pct(chosen.ci_low)}, {_pct(chosen.ci_high)}]"
+        if chosen.ci_low is not None and chosen.ci_high is not None
+        else ""
+    )
+    note = "\neach cell: best over the other hyperparameters" if merged else ""
+    fig.suptitle(
+        f"{model} | {task} | {method} validation {used} (%)\n"
+        f"{_episodes_text(runs)}\nred frame: the setting select picks, {_pct(chosen.value)}{ci}{note}",
+        fontsize=10,
+    )
+    fig.colorbar(image, cax=ax_row[-1], label=f"{used} (%), fixed scale {vmin:g}-{vmax:g}")
     _save(fig, path)
     return True
 
 
-def _heatmap_panel(ax: Any, grid: dict[tuple[float, float], float], title: str, vmin: float, vmax: float) -> Any:
+def _heatmap_panel(
+    ax: Any,
+    grid: dict[tuple[float, float], float],
+    title: str,
+    vmin: float,
+    vmax: float,
+    mark: tuple[float | None, float | None] | None = None,
+) -> Any:
     import numpy as np
 
     xs = sorted({x for x, _ in grid})
@@ -288,6 +357,11 @@ def _heatmap_panel(ax: Any, grid: dict[tuple[float, float], float], title: str, 
             if not np.isnan(data[i, j]):
                 colour = "black" if data[i, j] > middle else "white"
                 ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=9, color=colour)
+    if mark is not None and mark[0] in xs and mark[1] in ys:
+        from matplotlib.patches import Rectangle
+
+        j, i = xs.index(mark[0]), ys.index(mark[1])
+        ax.add_patch(Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, edgecolor="red", linewidth=2.5))
     ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
     ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
     ax.set_title(title)
@@ -321,7 +395,10 @@ def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
     ax.set_xticks(range(len(tasks)), tasks, rotation=20 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel(f"test {metric} (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{model}: test {metric} of the setting chosen on validation")
+    ax.set_title(
+        f"{model}: test {metric} (%), setting chosen on validation\nerror bars: 95% bootstrap intervals",
+        fontsize=10,
+    )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)

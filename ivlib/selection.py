@@ -289,20 +289,117 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def command_args(command: list[str]) -> list[str]:
+    """The run's arguments without the program: records name it (`python iv.py ...`, `ivlib ...`),
+    records of older versions hold the arguments alone."""
+    args = list(command)
+    if args and Path(args[0]).name in ("ivlib", "iv.py"):
+        return args[1:]
+    if len(args) >= 2 and Path(args[0]).name.startswith("python") and Path(args[1]).name == "iv.py":
+        return args[2:]
+    return args
+
+
 def make_test_command(record: dict[str, Any], results_path: str, eval_episodes: int | None = None) -> str | None:
     """Shell line that evaluates this record's setting on test, or None if the record has no command.
 
-    Vectors are refitted on train rather than loaded, so the test run does not depend on a
-    state file that may have been overwritten since.
+    The state the validation run saved or loaded (`--save-vectors` / `--load-vectors` PATH) is
+    loaded when that file still exists and was fitted for this record's setting (method, model,
+    task and the fitting settings agree); the fitting flags are then left out, since the file
+    provides them. Otherwise the state is refitted on train, with the record's fitting settings
+    (a record made with --load-vectors has none on its command line).
     """
     command = record.get("command")
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         return None
-    args = strip_eval_flags(command) + ["--run-test", "--results", str(results_path)]
+    given = command_args(command)
+    args = strip_eval_flags(given)
+    state = _usable_state(record, given)
+    if state is not None:
+        args = _strip_flags(args, _fit_flags(record)) + ["--load-vectors", state]
+    elif _flag_value(given, "--load-vectors") is not None:
+        args += _record_fit_settings(record, args)
+    args += ["--run-test", "--results", str(results_path)]
     args += _chosen_eval_settings(record)
     if eval_episodes is not None:
         args += ["-n", str(eval_episodes)]
     return shlex.join(["python", "iv.py", *args])
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The last value given to `flag` (`--flag V` or `--flag=V`), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _fit_setting_objects(record: dict[str, Any]) -> list[Any]:
+    """The settings a state file holds for this record's method: the protocol's fitting settings
+    and the method's own fit-role settings (what --load-vectors adopts)."""
+    from .experiment import PROTOCOL, PROTOCOL_FIT
+    from .methods import METHODS
+
+    cls = METHODS.get(record.get("method", ""))
+    if cls is None or not cls.has_state:
+        return []
+    return [s for s in PROTOCOL if s.name in PROTOCOL_FIT] + list(cls.fit_settings())
+
+
+def _fit_flags(record: dict[str, Any]) -> set[str]:
+    return {name for s in _fit_setting_objects(record) for name in (s.flag, s.short) if name}
+
+
+def _usable_state(record: dict[str, Any], given: list[str]) -> str | None:
+    """The state file named by the record's command, when it exists and matches the record."""
+    path = _flag_value(given, "--load-vectors") or _flag_value(given, "--save-vectors")
+    if path is None or not _fit_setting_objects(record) or not Path(path).is_file():
+        return None
+    from .state import read_meta
+
+    try:
+        meta = read_meta(path)
+    except (UsageError, OSError, ValueError):
+        return None
+    if any(meta.get(k) != record.get(k) for k in ("method", "model", "task")):
+        return None  # overwritten since by another fit
+    fitted, hp = meta.get("fit") or {}, record.get("hyperparameters") or {}
+    settings_differ = any(k in hp and hp[k] != v for k, v in fitted.items())
+    if settings_differ or ("seed" in fitted and fitted["seed"] != record.get("seed")):
+        return None  # refitted since with other settings or another seed
+    return path
+
+
+def _record_fit_settings(record: dict[str, Any], args: list[str]) -> list[str]:
+    """`--flag value` of the record's fitting settings that the command does not give."""
+    hp = record.get("hyperparameters") or {}
+    out: list[str] = []
+    for setting in _fit_setting_objects(record):
+        present = any(a == n or a.startswith(n + "=") for a in args for n in (setting.flag, setting.short) if n)
+        if not present and hp.get(setting.name) is not None:
+            out += [setting.flag, str(hp[setting.name])]
+    return out
+
+
+def _strip_flags(args: list[str], flags: set[str]) -> list[str]:
+    """`args` without the given one-value flags (`--flag V`, `--flag=V`, `-sV`)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if name in flags:
+            skip = "=" not in arg
+            continue
+        if not arg.startswith("--") and any(arg.startswith(f) and len(arg) > len(f) for f in flags if len(f) == 2):
+            continue
+        out.append(arg)
+    return out
 
 
 def _chosen_eval_settings(record: dict[str, Any]) -> list[str]:
@@ -340,4 +437,4 @@ def _command_key(record: dict[str, Any]) -> tuple[str, ...] | None:
     command = record.get("command")
     if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
         return None
-    return tuple(strip_eval_flags(command))
+    return tuple(strip_eval_flags(command_args(command)))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import hub
 from .builtin_tasks import BUILTIN_TASKS
 from .errors import UsageError
 
@@ -72,6 +73,15 @@ def _loader_for(data_files: Any) -> str:
     return _LOCAL_LOADERS[suffix]
 
 
+def _env_hint(spec: dict[str, Any]) -> str:
+    """The environment variables the entry's paths came from, so a wrong or unset one is named."""
+    used = spec.get("_env") or {}
+    if not used:
+        return ""
+    values = ", ".join(f"{k} ({v})" for k, v in used.items())
+    return f" (its path comes from {values}); accepted: set {' / '.join(used)} to the folder holding the files"
+
+
 def _load_dataset_dict(name: str, spec: dict[str, Any]) -> Any:
     import datasets
 
@@ -95,20 +105,26 @@ def _load_dataset_dict(name: str, spec: dict[str, Any]) -> Any:
         for f in files:
             for p in f if isinstance(f, list) else [f]:
                 if not Path(p).exists():
-                    raise UsageError(f"task '{name}': data file '{p}' does not exist")
+                    raise UsageError(f"task '{name}': data file '{p}' does not exist{_env_hint(spec)}")
         loader = spec.get("dataset") or _loader_for(data_files)
         if loader not in ("parquet", "csv", "json"):
             loader = _loader_for(data_files)
         return datasets.load_dataset(loader, data_files=data_files)
     if "dataset" not in spec:
         raise UsageError(f"task '{name}' has neither 'dataset', 'data_files' nor 'builtin'")
+    online = hub.hub_reachable()  # offline: fail at once (or load from the cache), not after the retries
     try:
         return datasets.load_dataset(spec["dataset"], spec.get("subset"))
     except Exception as exc:  # hub errors come in many classes; all mean "cannot load this"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = (
+            f"the hub ({hub.endpoint()}) cannot be reached and dataset '{spec['dataset']}' is not in the local HF cache"
+            if not online
+            else f"cannot load dataset '{spec['dataset']}' ({reason[:200]})"
+        )
         raise UsageError(
-            f"task '{name}': cannot load dataset '{spec['dataset']}' ({reason[:200]}); "
-            "offline, give the task local data_files"
+            f"task '{name}': {where}; accepted: local data_files in the task (parquet/csv/jsonl with the same "
+            f"columns, e.g. config/local.yaml), or a dataset already in the local cache ({hub.OFFLINE_HINT})"
         ) from None
 
 

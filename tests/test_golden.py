@@ -65,8 +65,7 @@ def _runs(tmp: Path) -> list[tuple[str, list[str]]]:
         ),
         ("tv/tiny-gpt2/save-vectors", COMMON + GPT2 + FIT + TV + ["--save-vectors", vec("tv")] + out),
         # with the fitting flags again (accepted: the file's own values). select's test command for tv comes
-        # from this record: without them it would refit tv with the default -s 4 -e 200 --select-episodes 200
-        # (as it does today for a bare --load-vectors record), the slowest call here by far
+        # from this record and loads the saved state (the file exists and matches), leaving those flags out
         ("tv/tiny-gpt2/load-vectors", COMMON + GPT2 + FIT + TV + ["--load-vectors", vec("tv")] + out),
         ("fv/tiny-gpt2/save-vectors", COMMON + GPT2 + FIT + FV + ["--save-vectors", vec("fv")] + out),
         ("fv/tiny-gpt2/load-vectors", COMMON + GPT2 + ["--method", "fv", "--load-vectors", vec("fv")] + out),

@@ -167,3 +167,44 @@ def test_heatmap_cells_take_the_best_over_other_hyperparameters():
     runs.append(rec(M1, RT, "iv", "validation", {"ext_shot": 4}, 0.9))  # no strengths: not placeable
     grids, merged = heatmap_grids(score_records(runs))
     assert grids == {4: {(0.5, 0.3): 0.7}} and merged
+
+
+def test_table_states_each_cells_episodes_and_setting(report):
+    out, _ = report
+    details = section((out / "table.md").read_text(), M1).split("Cells in detail", 1)[1]
+    iv_row = next(line for line in details.splitlines() if line.startswith(f"| {RT} | iv |"))
+    assert iv_row == (
+        f"| {RT} | iv | 200 | `strength=0.5, ext_strength=0.3, ext_batch=10, shot=1, ext_shot=4, episodes=200, "
+        "max_example_tokens=256` |"
+    )
+    assert f"| {RT} | tv† | 200 | `layer=3, shot=1` |" in details
+
+
+def test_heatmap_has_a_fixed_scale_the_episode_count_and_the_chosen_cell_framed(tmp_path, monkeypatch):
+    """86 vs 89 must not look dramatic: the colour scale is 0-100 whatever the grid holds; the title
+    says n; the setting select picks is framed."""
+    from ivlib import report as report_module
+    from ivlib.selection import score_records
+
+    panels, titles = [], []
+    real_panel = report_module._heatmap_panel
+
+    def spy(ax, grid, title, vmin, vmax, mark=None):
+        panels.append((title, vmin, vmax, mark))
+        return real_panel(ax, grid, title, vmin, vmax, mark)
+
+    monkeypatch.setattr(report_module, "_heatmap_panel", spy)
+    real_save = report_module._save
+    monkeypatch.setattr(
+        report_module, "_save", lambda fig, path: (titles.append(fig._suptitle.get_text()), real_save(fig, path))
+    )
+    runs = score_records(iv_grid(M1, RT, 0.89))
+    names = {"strength": "strength (a2)", "ext_strength": "ext_strength (a1)", "ext_shot": "ext_shot"}
+    assert report_module.plot_heatmap(
+        M1, RT, "iv", runs, "macro", tmp_path / "h.png", ("strength", "ext_strength", "ext_shot"), names
+    )
+    assert {(vmin, vmax) for _, vmin, vmax, _ in panels} == {(0.0, 100.0)}
+    marks = {title: mark for title, _, _, mark in panels}
+    # BEST_IV = (ext_shot 4, strength 0.5, ext_strength 0.3): framed in the ext_shot = 4 panel only
+    assert marks == {"ext_shot = 1": None, "ext_shot = 4": (0.5, 0.3)}
+    assert "n = 200 episodes per cell" in titles[0] and "select picks, 89.0 [84.0, 94.0]" in titles[0]

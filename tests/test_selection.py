@@ -219,3 +219,59 @@ def test_cli_user_errors_are_one_line_and_exit_2(argv, expected, results, tmp_pa
 def test_load_records_rejects_a_directory(tmp_path):
     with pytest.raises(UsageError, match="not a file"):
         load_records(tmp_path)
+
+
+# ---- the test command loads the state the validation run saved -----------------------------------
+
+
+def _state_record(command_state: list[str], hp: dict | None = None, fit_flags: bool = True) -> dict:
+    record = rec("iv", hp or iv_hp(0.5, 0.7), 0.6, 0.55)
+    fitting = ["-s", "4", "-e", "200", "--ext-strength", "0.7", "--ext-batch", "10"] if fit_flags else []
+    record["command"] = ["python", "iv.py", "-m", MODEL, "-t", TASK, *fitting, "--strength", "0.1", "0.5"]
+    record["command"] += ["-n", "200", "--quiet", "--results", "r.jsonl", *command_state]
+    return record
+
+
+def _save(path, hp: dict, model: str = MODEL) -> None:
+    import torch
+
+    from ivlib.state import save_state
+
+    fit = {k: hp[k] for k in ("ext_shot", "episodes", "max_example_tokens", "ext_strength", "ext_batch")}
+    save_state(str(path), {"vectors": torch.zeros(2, 3)}, {"method": "iv", "model": model, "task": TASK, "fit": fit})
+
+
+@pytest.mark.parametrize("flag", ["--save-vectors", "--load-vectors"])
+def test_test_command_loads_the_saved_state_without_its_fitting_flags(tmp_path, flag):
+    vec = tmp_path / "iv.safetensors"
+    _save(vec, iv_hp(0.5, 0.7))
+    record = _state_record([flag, str(vec)], fit_flags=flag == "--save-vectors")
+    args = shlex.split(make_test_command(record, "t.jsonl", eval_episodes=50))
+    assert args[:2] == ["python", "iv.py"]
+    assert args[args.index("--load-vectors") + 1] == str(vec) and "--save-vectors" not in args
+    for fitting in ("-s", "-e", "--ext-strength", "--ext-batch"):
+        assert fitting not in args  # the file provides them (--load-vectors adopts its own)
+    assert args[args.index("--strength") + 1] == "0.5" and args.count("--strength") == 1
+    assert "--run-test" in args and args[args.index("-n") + 1] == "50"
+
+
+def test_test_command_refits_when_the_state_is_gone_or_was_refitted(tmp_path):
+    vec = tmp_path / "iv.safetensors"
+    # gone: a record made WITH --load-vectors has no fitting flags; the refit takes the record's, not defaults
+    args = shlex.split(make_test_command(_state_record(["--load-vectors", str(vec)], fit_flags=False), "t.jsonl"))
+    assert "--load-vectors" not in args
+    assert args[args.index("--ext-shot") + 1] == "4" and args[args.index("--ext-strength") + 1] == "0.7"
+    assert args[args.index("--ext-batch") + 1] == "10" and args[args.index("--episodes") + 1] == "200"
+    # overwritten since by a fit with another a1, or for another model: not this record's state
+    for hp, model in ((iv_hp(0.5, 0.3), MODEL), (iv_hp(0.5, 0.7), "other-model")):
+        _save(vec, hp, model)
+        args = shlex.split(make_test_command(_state_record(["--save-vectors", str(vec)]), "t.jsonl"))
+        assert "--load-vectors" not in args and "--save-vectors" not in args
+        assert args[args.index("--ext-strength") + 1] == "0.7" and args.count("-s") == 1
+
+
+def test_old_records_without_the_program_name_still_give_commands():
+    record = rec("iv", iv_hp(0.5), 0.6, 0.55)
+    assert record["command"][0] == "-c"  # as written before the command named its program
+    args = shlex.split(make_test_command(record, "t.jsonl"))
+    assert args[:4] == ["python", "iv.py", "-c", "config/local.yaml"]
