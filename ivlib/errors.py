@@ -22,3 +22,7 @@ class Parser(argparse.ArgumentParser):
         usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
         accepted = usage if len(usage) <= 200 else f"see {self.prog} --help"  # the main command's is pages long
         raise UsageError(f"{message}; accepted: {accepted}")
+
+
+class Terminated(Exception):
+    """SIGTERM as an exception, so a killed sweep unwinds like Ctrl-C: files closed, message printed."""
