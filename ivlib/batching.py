@@ -10,14 +10,18 @@ device batch, and each caller's per-batch function.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .errors import UsageError
 from .hooks import watch_outputs
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, length_order
+
+T = TypeVar("T")
 
 
 class BatchRunner:
@@ -104,6 +108,14 @@ class BatchRunner:
             "run with --no-half or lower the strengths"
         )
 
+    def shared(self, work: Callable[[], T], desc: str) -> list[T]:
+        """This process's share of a split loop, then every process's result (see `distributed.share`).
+        The processes then continue at the smallest batch size any of them reached, so they agree on
+        it (and the record reports it). One process: `[work()]`."""
+        results = dist.share(lambda: (work(), self.batch_size), desc)
+        self.batch_size = min(size for _, size in results)
+        return [result for result, _ in results]
+
     def map(
         self,
         prompts: list[EncodedPrompt],
@@ -113,21 +125,25 @@ class BatchRunner:
     ) -> torch.Tensor:
         """Apply `fn` ([B] rows -> [B, ...]) to length-sorted batches; rows come back in input order.
 
-        Out of memory: see `each` (`fallback` is handed to it)."""
-        out: torch.Tensor | None = None
-        with self.progress(len(prompts), desc) as bar:
+        With several processes each runs whole batches of the single process's batching (dealt
+        round-robin, `distributed.shard_batches`) and every process gets all rows back, so a row's
+        output does not depend on the number of processes. Out of memory: see `each` (`fallback`
+        is handed to it)."""
+        mine = dist.shard_batches(length_order(prompts), self.batch_size)
+        pieces: list[tuple[list[int], torch.Tensor]] = []
+        with self.progress(len(mine), desc) as bar:
 
             def run(idx: list[int]) -> None:
-                nonlocal out
                 batch = self.make_batch([prompts[i] for i in idx])
                 result = fn(batch).cpu()
                 if torch.isnan(result).any():  # never score an overflow silently
                     raise UsageError(self._nonfinite_report(batch, fn, desc))
-                if out is None:
-                    out = torch.empty((len(prompts), *result.shape[1:]), dtype=result.dtype)
-                out[torch.tensor(idx)] = result
+                pieces.append((idx, result))
                 bar.update(len(idx))
 
-            self.each(length_order(prompts), run, desc, fallback)
-        assert out is not None
-        return out
+            def work() -> list[tuple[list[int], torch.Tensor]]:
+                self.each(mine, run, desc, fallback)
+                return pieces
+
+            parts = self.shared(work, desc)
+        return dist.rows_in_order(parts, len(prompts))

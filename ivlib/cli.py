@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import Parser, UsageError
+from . import distributed as dist
+from .errors import Parser, Terminated, UsageError
 from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
 from .settings import Setting
@@ -229,8 +230,13 @@ def run(spec: RunSpec, experiment: Experiment | None = None) -> list[dict[str, A
     """Run a spec, printing one summary line per record as it lands (even with --quiet, which
     silences progress bars only)."""
     experiment = experiment or Experiment(spec)
-    records = experiment.run(on_record=lambda r: print(summary_line(experiment, r), flush=True))
-    if not experiment.pending:
+
+    def report(record: dict[str, Any]) -> None:
+        if dist.is_main():  # several processes: the main one speaks for the run
+            print(summary_line(experiment, record), flush=True)
+
+    records = experiment.run(on_record=report)
+    if not experiment.pending and dist.is_main():
         print(
             f"{spec.method} | {spec.model} | {spec.task} | {spec.split} | already in {spec.results}; skipped (--resume)"
         )
@@ -255,11 +261,18 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(build_parser().parse_args(argv), argv)
         experiment = Experiment(spec)
         run(spec, experiment)
-    except UsageError as exc:
-        print(f"{program()}: error: {exc}", file=sys.stderr)
+    except UsageError as exc:  # raised alike on every process (the same flags): printed once
+        if dist.is_main():
+            print(f"{program()}: error: {exc}", file=sys.stderr)
         return 2
+    except dist.RunFailed as exc:  # several processes, one of them failed: every process raises it together
+        if dist.is_main():
+            print(f"{program()}: error: {exc}; {_written(experiment)}", file=sys.stderr, flush=True)
+        dist.settle()
+        return 2 if exc.usage else 1
     except (KeyboardInterrupt, Terminated) as exc:
-        print(_interrupted(experiment, isinstance(exc, Terminated)), file=sys.stderr)
+        if dist.is_main():
+            print(_interrupted(experiment, isinstance(exc, Terminated)), file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
@@ -269,9 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _written(experiment: Experiment | None) -> str:
+    """What a failed data-parallel run left on disk: whole records and files only."""
+    if experiment is None or not (experiment.progress.records or experiment.progress.vectors):
+        return "nothing of this run written"
+    spec, progress = experiment.spec, experiment.progress
+    saved = f"; vectors saved to {progress.vectors}" if progress.vectors else ""
+    return f"{progress.records} record(s) of this run written to {spec.results}{saved}; rerun with --resume to finish"
+
+
 def _interrupted(experiment: Experiment | None, terminated: bool) -> str:
     """What is on disk, from the experiment's progress (nothing, if it was interrupted before it began)."""
     name = "SIGTERM" if terminated else "SIGINT"
+    if terminated and dist.active():  # torchrun stops every process as soon as one of them dies
+        name += ", from the launcher: another process of this run died, or the run was cancelled"
     if experiment is None:
         return f"iv.py: interrupted ({name}) before the run started; nothing written"
     spec, progress = experiment.spec, experiment.progress
@@ -286,10 +310,6 @@ def _interrupted(experiment: Experiment | None, terminated: bool) -> str:
         f"iv.py: interrupted ({name}); {progress.records} record(s) of this run written to {spec.results}{saved}; "
         "rerun with --resume to finish"
     )
-
-
-class Terminated(Exception):
-    """SIGTERM as an exception, so a killed sweep unwinds like Ctrl-C: files closed, message printed."""
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import os
+from typing import Any, NoReturn
 
 
 class UsageError(Exception):
@@ -18,7 +19,15 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are `UsageError`s: one line and exit code 2, like every other bad input,
     instead of argparse's usage block. The main command and the subcommands all use it."""
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): --help once, from the main one
+            super()._print_message(message, file)
+
     def error(self, message: str) -> NoReturn:
         usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
         accepted = usage if len(usage) <= 200 else f"see {self.prog} --help"  # the main command's is pages long
         raise UsageError(f"{message}; accepted: {accepted}")
+
+
+class Terminated(Exception):
+    """SIGTERM as an exception, so a killed sweep unwinds like Ctrl-C: files closed, message printed."""

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
 from .episodes import Episode, check_shots, sample_episodes
 from .errors import UsageError
@@ -166,7 +167,7 @@ class Experiment:
         """Check the spec, the registry and the paths; returns the evaluation settings still to run
         (empty when --resume finds them all recorded)."""
         spec = self.spec
-        if spec.quiet:
+        if spec.quiet or not dist.is_main():  # with several processes only the main one reports progress
             _silence_libraries()
         self._check_protocol()
         self.values = self._given_settings()
@@ -204,6 +205,11 @@ class Experiment:
             raise UsageError("--mem-limit needs --device-map")
         if spec.device_map and spec.gpu < 0:
             raise UsageError("--device-map needs a GPU (-g 0 or higher)")
+        if spec.device_map and dist.active():
+            raise UsageError(
+                f"--device-map with {dist.world_size()} processes is not supported yet; accepted: one process "
+                "spanning GPUs (--device-map), or several processes on one GPU each (no --device-map)"
+            )
 
     def _given_settings(self) -> dict[str, Any]:
         """The spec's method settings, checked. A setting of another method is ignored, so one flag set
@@ -320,7 +326,7 @@ class Experiment:
         from .tasks import load_task
 
         spec, cls = self.spec, self.method_cls
-        self.device = resolve_device(spec.gpu)
+        self.device = resolve_device(dist.gpu_index(spec.gpu))  # several processes: -g + LOCAL_RANK
         self.task = task = load_task(spec.task, self.task_entry)
         if task.multiple_choice and not cls.supports_multiple_choice:
             accepted = ", ".join(name for name, c in METHODS.items() if c.supports_multiple_choice)
@@ -333,16 +339,19 @@ class Experiment:
             check_shots(task.splits["train"], "train", task.n_classes, spec.ext_shot, task.label_words, "--ext-shot")
         if self.fitting and cls.needs_validation:
             check_shots(task.splits["validation"], "validation", task.n_classes, spec.shot, task.label_words, "--shot")
+        dist.setup(self.device)  # joins the launcher's process group; nothing with one process
         t0 = time.perf_counter()
-        self.lm = lm = load_model(
-            spec.model,
-            self.model_entry,
-            self.device,
-            no_half=spec.no_half,
-            device_map=spec.device_map,
-            mem_limit=spec.mem_limit,
-            flash_attention=spec.flash_attention,
-            quiet=spec.quiet,
+        self.lm = lm = dist.main_first(  # the first load may convert and cache a checkpoint: the others reuse it
+            lambda: load_model(
+                spec.model,
+                self.model_entry,
+                self.device,
+                no_half=spec.no_half,
+                device_map=spec.device_map,
+                mem_limit=spec.mem_limit,
+                flash_attention=spec.flash_attention,
+                quiet=spec.quiet or not dist.is_main(),
+            )
         )
         self.load_s = time.perf_counter() - t0
         self.encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, spec.max_example_tokens)
@@ -350,7 +359,8 @@ class Experiment:
             self.encoder.check_label_collisions()
         auto = spec.batch_size == "auto"
         start = (AUTO_GPU_START if self.device.type == "cuda" else AUTO_CPU) if auto else int(spec.batch_size)
-        self.scorer = Scorer(lm, self.encoder.label_ids, start, spec.quiet, shrink_on_oom=auto)
+        quiet = spec.quiet or not dist.is_main()
+        self.scorer = Scorer(lm, self.encoder.label_ids, start, quiet, shrink_on_oom=auto)
 
     # ---- step 3: episodes -------------------------------------------------------------------
     def sample(self) -> None:
@@ -397,8 +407,9 @@ class Experiment:
             self.fit_s = time.perf_counter() - t0
             self.fit_info = self._fit_info(method)
             if spec.save_vectors:
+                path, state, meta = spec.save_vectors, method.state(), {**self.identity, "fit": self.fit_info}
                 with signals_held():  # a small file: saved, and known to be saved, before an interrupt lands
-                    save_state(spec.save_vectors, method.state(), {**self.identity, "fit": self.fit_info})
+                    dist.together(lambda: save_state(path, state, meta) if dist.is_main() else None)
                     self.progress.vectors = spec.save_vectors
         for setting in cls.eval_settings():
             given = self.values[setting.name]
@@ -457,6 +468,7 @@ class Experiment:
             "fit": self.fit_info,
             "batch_size_requested": spec.batch_size,
             "device": str(self.device),
+            **({"n_processes": dist.world_size()} if dist.active() else {}),  # absent with one: records as before
             "dtype": str(lm.dtype).removeprefix("torch."),
             "device_map": spec.device_map,
             "model_source": lm.source,
@@ -473,7 +485,7 @@ class Experiment:
 
     def write(self, record: dict[str, Any]) -> None:
         with signals_held():  # the interrupt message counts exactly the records in the file
-            append_record(self.spec.results, record)
+            dist.together(lambda: append_record(self.spec.results, record) if dist.is_main() else None)
             self.progress.records += 1
 
     def evaluate_all(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as dist
 from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads
 from ..models import LoadedModel
@@ -94,17 +95,30 @@ class IterativeVectors(Method):
         total = torch.zeros(n_layers, n_slots, dim, device=device)  # sum of per-episode samples
         count = 0
         desc = "IV extract: few-shot"
-        with scorer.runner.progress(len(episodes), desc) as bar:
-            for window in refresh_windows(len(episodes), self.ext_batch):
+        windows = refresh_windows(len(episodes), self.ext_batch)
+        split = dist.active()  # several processes: each takes a part of every window
+        with scorer.runner.progress(sum(len(dist.shard_rows(w)) for w in windows), desc) as bar:
+            for window in windows:
                 current = total / count if count else None  # fixed within the window
+                part = torch.zeros_like(total) if split else total  # this process's sum over its part
+                done = 0
 
                 def run(idx: list[int]) -> None:  # adds nothing until its batch has fitted: the runner may redo it
-                    nonlocal count
-                    total.add_(self._window_batch(scorer, [pos_prompts[i] for i in idx], idx, neg, current, n_slots))
-                    count += len(idx)
+                    nonlocal done
+                    part.add_(self._window_batch(scorer, [pos_prompts[i] for i in idx], idx, neg, current, n_slots))
+                    done += len(idx)
                     bar.update(len(idx))
 
-                scorer.runner.each(window, run, desc)  # out of memory: halved (--batch-size auto) and redone
+                def work() -> tuple[torch.Tensor | None, int]:
+                    # out of memory: halved (--batch-size auto) and redone
+                    scorer.runner.each(dist.shard_rows(window), run, desc)
+                    return (part.cpu() if split else None), done
+
+                # the window's samples and counts summed over the processes (rank order) before the refresh
+                for summed, n in scorer.runner.shared(work, desc):
+                    if summed is not None:
+                        total.add_(summed.to(device))
+                    count += n
         self.vectors = (total / count).cpu()
         self._device_vectors.clear()
 

@@ -1,0 +1,32 @@
+"""Several iv.py commands in one data-parallel launch, for tests/test_distributed.py: one torchrun
+start (interpreter, torch and transformers imports, process group) instead of one per command,
+which on 2 CPU cores is most of the cost. Each command runs through `ivlib.cli.main`, as iv.py does.
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/dp_driver.py CASES.json OUT_DIR
+
+CASES.json maps a case name to its argv; each command's stdout and stderr go to
+OUT_DIR/<name>.<rank>.out and .err, its exit code to OUT_DIR/<name>.<rank>.rc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from ivlib.cli import main
+
+if __name__ == "__main__":
+    cases = json.loads(Path(sys.argv[1]).read_text())
+    out, rank = Path(sys.argv[2]), os.environ.get("RANK", "0")
+    for name, argv in cases.items():
+        with (
+            open(out / f"{name}.{rank}.out", "w") as stdout,
+            open(out / f"{name}.{rank}.err", "w") as stderr,
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            rc = main(argv)
+        (out / f"{name}.{rank}.rc").write_text(str(rc))
