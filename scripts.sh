@@ -6,12 +6,20 @@
 #   bash scripts.sh test        each method's best validation setting (iv.py select) re-run on test
 #   bash scripts.sh report      table (markdown + CSV), heatmaps and bar charts into $REPORT
 #   bash scripts.sh all         the four in order
+#   bash scripts.sh array DIR   for a SLURM cluster: DIR/cells.txt (one line per iv.py command of iv-grid and
+#                               baselines), DIR/grid.sbatch (a job array, task i runs line i), DIR/test.sbatch
+#                               (test + report once the whole array succeeded) and DIR/submit.sh; prints how to submit
+#   bash scripts.sh cell FILE I runs line I (from 0) of a cells file: what each array task does
 # Every run passes --resume: a run whose record is already in $RESULTS is skipped, so an interrupted
 # sweep is restarted with the same command. Settings below can be overridden from the environment:
 #   CONFIG GPU MODELS TASKS RESULTS REPORT VECTORS EXT_SHOTS EXT_STRENGTHS STRENGTHS EPISODES
-#   TEST_EPISODES EXT_BATCH BASELINES METRIC EXTRA, and PY: the Python that runs iv.py (default: the
-#   checkout's .venv/bin/python when there is one, else `python` on the PATH), so no venv activation is needed.
+#   TEST_EPISODES EXT_BATCH BASELINES METRIC EXTRA, PY: the Python that runs iv.py (default: the
+#   checkout's .venv/bin/python when there is one, else `python` on the PATH), so no venv activation is needed,
+#   and LAUNCH: a launcher put in front of every run's iv.py instead of $PY, e.g.
+#   LAUNCH="torchrun --nproc-per-node 2" or LAUNCH="accelerate launch --num_processes 8" (see README "Scaling out";
+#   a launcher not on the PATH is looked for next to $PY, e.g. .venv/bin/torchrun).
 set -euo pipefail
+CALLER_DIR="$PWD"                      # array's DIR and cell's FILE are read from where the command was given
 cd "$(dirname "$0")"
 
 CONFIG="${CONFIG:-}"                   # a -c file merged over the base registry; empty: the base alone
@@ -32,12 +40,29 @@ METRIC="${METRIC:-macro}"
 EXTRA="${EXTRA:-}"                     # more iv.py flags for every run, e.g. "--batch-size 32 --no-half"
 PY="${PY:-python}"                     # the Python with ivlib's requirements: the project's .venv when there is one
 [ "$PY" = python ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-[ -n "$BASELINES" ] || BASELINES="$("$PY" iv.py methods | grep -vx iv | tr '\n' ' ')"
+LAUNCH="${LAUNCH:-}"                   # e.g. "torchrun --nproc-per-node 2": replaces "$PY" in front of iv.py
 
+# what runs iv.py: "$PY", or the launcher's words (torchrun / accelerate launch take the script, not python)
+launcher=("$PY")
+if [ -n "$LAUNCH" ]; then
+  read -ra launcher <<<"$LAUNCH"
+  if ! command -v "${launcher[0]}" >/dev/null && [ -x "$(dirname "$PY")/${launcher[0]}" ]; then
+    launcher[0]="$(dirname "$PY")/${launcher[0]}"
+  fi
+fi
 config_flag=()
 [ -n "$CONFIG" ] && config_flag=(-c "$CONFIG")
-# shellcheck disable=SC2086  # EXTRA is a list of flags
-run() { "$PY" iv.py "${config_flag[@]}" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"; }
+DRY_RUN=""                             # set by `array`: run() prints each command (one line) instead of running it
+run() {
+  # shellcheck disable=SC2086  # EXTRA is a list of flags
+  set -- "${launcher[@]}" iv.py "${config_flag[@]}" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"
+  if [ -n "$DRY_RUN" ]; then
+    printf '%q ' "$@" | sed 's/ $//'
+    echo
+  else
+    "$@"
+  fi
+}
 
 iv_grid() {
   mkdir -p "$VECTORS"
@@ -56,6 +81,7 @@ iv_grid() {
 }
 
 baselines() {
+  [ -n "$BASELINES" ] || BASELINES="$("$PY" iv.py methods | grep -vx iv | tr '\n' ' ')"
   for model in $MODELS; do for task in $TASKS; do for method in $BASELINES; do
     run -m "$model" -t "$task" --method "$method" -e "$EPISODES" --select-episodes "$EPISODES" -n "$EPISODES"
   done; done; done
@@ -65,8 +91,91 @@ test_best() {
   local commands
   commands="$("$PY" iv.py select --results "$RESULTS" --metric "$METRIC" --commands -n "$TEST_EPISODES")"
   grep '^python iv.py' <<<"$commands" | while read -r line; do
-    eval "\"\$PY\" ${line#python } -g \"\$GPU\" --resume --quiet $EXTRA"
+    eval "\"\${launcher[@]}\" ${line#python } -g \"\$GPU\" --resume --quiet $EXTRA"
   done
+}
+
+# a path as given on the command line: relative to the caller's directory, not the checkout's
+from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$CALLER_DIR/$1" ;; esac; }
+
+array() {
+  local dir repo n
+  dir="$(from_caller "${1:?usage: bash scripts.sh array DIR}")"
+  mkdir -p "$dir/logs"
+  dir="$(cd "$dir" && pwd)" repo="$(pwd)"
+  # The very commands iv-grid and baselines run (relative paths are the checkout's: `cell` runs from it).
+  # Running them all at once is safe: no two cells write the same vectors file, since iv-grid has one cell
+  # per (model, task, ext-shot, ext-strength) row, each with its own file (which serves all its strengths),
+  # and baselines save none; all cells append to one results file, whose appends are locked.
+  DRY_RUN=1
+  { iv_grid; baselines; } >"$dir/cells.txt"
+  DRY_RUN=""
+  n="$(wc -l <"$dir/cells.txt")"
+  [ "$n" -gt 0 ] || { echo "array: no cells (MODELS, TASKS, EXT_SHOTS ... are empty?)" >&2; exit 2; }
+  {
+    echo '#!/usr/bin/env bash'
+    echo '#SBATCH --job-name=ivlib-grid'
+    echo "#SBATCH --array=0-$((n - 1))"
+    echo "#SBATCH --output=$dir/logs/grid_%A_%a.out"
+    echo "# Array task i runs line i (from 0) of cells.txt: $n cells, the commands of iv-grid and baselines."
+    echo '# Cluster options (--partition, --gres=gpu:1, --time, a throttle such as --array=0-N%8) go here or'
+    echo '# on the sbatch command line. No two cells write the same vectors file, so all may run at once.'
+    echo 'set -euo pipefail'
+    printf 'exec bash %q cell %q "$SLURM_ARRAY_TASK_ID"
+' "$repo/scripts.sh" "$dir/cells.txt"
+  } >"$dir/grid.sbatch"
+  {
+    echo '#!/usr/bin/env bash'
+    echo '#SBATCH --job-name=ivlib-test'
+    echo "#SBATCH --output=$dir/logs/test_%j.out"
+    echo '# After the whole grid array succeeded: each method'"'"'s best validation setting on test, then the report.'
+    echo 'set -euo pipefail'
+    for var in CONFIG GPU RESULTS REPORT VECTORS TEST_EPISODES METRIC EXTRA PY LAUNCH; do
+      printf 'export %s=%q
+' "$var" "${!var}"
+    done
+    printf 'bash %q test
+' "$repo/scripts.sh"
+    printf 'bash %q report
+' "$repo/scripts.sh"
+  } >"$dir/test.sbatch"
+  {
+    echo '#!/usr/bin/env bash'
+    echo '# bash submit.sh [sbatch options for both jobs, e.g. --partition gpu --gres=gpu:1 --time 4:00:00]'
+    echo 'set -euo pipefail'
+    printf 'GRID_JOB="$(sbatch --parsable "$@" %q)"
+' "$dir/grid.sbatch"
+    printf 'TEST_JOB="$(sbatch --parsable "$@" --dependency=afterok:"${GRID_JOB%%%%;*}" %q)"
+' "$dir/test.sbatch"
+    echo "echo \"grid: array job \${GRID_JOB%%;*} ($n cells); test + report: job \${TEST_JOB%%;*}, once every cell succeeded\""
+  } >"$dir/submit.sh"
+  cat <<EOF_
+wrote $n cells to $dir/cells.txt, the job array $dir/grid.sbatch and the test step $dir/test.sbatch
+submit both (extra sbatch options, e.g. --partition gpu --gres=gpu:1 --time 4:00:00, apply to both jobs):
+  bash $dir/submit.sh [sbatch options]
+or by hand:
+  GRID_JOB=\$(sbatch --parsable $dir/grid.sbatch)
+  sbatch --dependency=afterok:\$GRID_JOB $dir/test.sbatch
+every cell passes --resume: after a failure, submit again (finished cells are skipped), or rerun some
+cells with sbatch --array=3,7 $dir/grid.sbatch; logs go to $dir/logs/
+EOF_
+}
+
+cell() {
+  local file="${1:-}" i="${2:-}" line j
+  [[ -n "$file" && "$i" =~ ^[0-9]+$ ]] || { echo "usage: bash scripts.sh cell FILE I  (I from 0)" >&2; exit 2; }
+  file="$(from_caller "$file")"
+  line="$(sed -n "$((i + 1))p" "$file")"
+  [ -n "$line" ] || { echo "cell $i: $file has no line $((i + 1))" >&2; exit 2; }
+  local -a cmd
+  eval "cmd=($line)"
+  # iv-grid's choice, made when the cell runs: a vectors file an earlier attempt of this cell wrote is loaded
+  for j in "${!cmd[@]}"; do
+    case "${cmd[j]}" in
+      --save-vectors | --load-vectors) if [ -f "${cmd[j + 1]}" ]; then cmd[j]=--load-vectors; else cmd[j]=--save-vectors; fi ;;
+    esac
+  done
+  "${cmd[@]}"
 }
 
 report() { "$PY" iv.py report --results "$RESULTS" --metric "$METRIC" --out "$REPORT"; }
@@ -77,5 +186,7 @@ case "${1:-}" in
   test) test_best ;;
   report) report ;;
   all) iv_grid; baselines; test_best; report ;;
-  *) echo "usage: bash scripts.sh iv-grid|baselines|test|report|all" >&2; exit 2 ;;
+  array) array "${2:-}" ;;
+  cell) cell "${2:-}" "${3:-}" ;;
+  *) echo "usage: bash scripts.sh iv-grid|baselines|test|report|all|array DIR|cell FILE I" >&2; exit 2 ;;
 esac
