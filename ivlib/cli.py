@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-samples",
         action="store_true",
         help="also write one JSONL line per evaluation episode (query and demonstration rows, gold, prediction, "
-        "every label's score) to <results>.samples/, named with its sha256 in the record (default: off)",
+        "every label's score) beside --results (runs.jsonl -> runs.samples/); the record holds its path and "
+        "sha256 (default: off)",
     )
     run.add_argument(
         "--quiet",
