@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import Parser, UsageError
 from .selection import METRICS, Choice, check_metric, load_records, make_test_command, select_best
@@ -97,7 +98,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     check_metric(args.metric)
     records = load_records(args.results)
-    for path in write_report(records, args.out, args.metric):
+    for path in write_report(records, args.out, args.metric, base=Path(args.results).parent):
         print(path)
     return 0
 

@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip settings whose record is already in --results, so an interrupted sweep picks up (default: off)",
     )
     run.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write one JSONL line per evaluation episode (query and demonstration rows, gold, prediction, "
+        "every label's score) beside --results (runs.jsonl -> runs.samples/); the record holds its path and "
+        "sha256 (default: off)",
+    )
+    run.add_argument(
         "--quiet",
         action="store_true",
         help="no progress bars or library messages; the summary line and the one-time model conversion notice still print (default: off)",
@@ -170,6 +177,7 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         load_vectors=args.load_vectors,
         resume=args.resume,
         quiet=args.quiet,
+        log_samples=args.log_samples,
         command=[*invocation(), *argv],
     )
 

@@ -21,6 +21,7 @@ class Example:
     text: str
     label: int  # class index, or the correct option's index for multiple choice
     options: tuple[str, ...] | None = None  # multiple choice: the answers to choose from
+    index: int | None = None  # the example's row in its split (what a samples log records), if known
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
     if split.options is not None:
         return _multiple_choice_episodes(split, shot, queries, _rng(seed, stream, 1000 + shot))
     if shot == 0:
-        return [Episode((), Example(texts[q], int(labels[q]))) for q in queries]
+        return [Episode((), Example(texts[q], int(labels[q]), index=int(q))) for q in queries]
     pools = [np.flatnonzero(labels == c) for c in range(n_classes)]
     rng = _rng(seed, stream, 1000 + shot)
     episodes = []
@@ -81,8 +82,8 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
                 raise UsageError(f"not enough distinct examples in a class for {shot} shots")
             chosen.extend(good)
         order = rng.permutation(len(chosen))
-        demos = tuple(Example(texts[chosen[i]], int(labels[chosen[i]])) for i in order)
-        episodes.append(Episode(demos, Example(q_text, int(labels[q]))))
+        demos = tuple(Example(texts[chosen[i]], int(labels[chosen[i]]), index=chosen[i]) for i in order)
+        episodes.append(Episode(demos, Example(q_text, int(labels[q]), index=int(q))))
     return episodes
 
 
@@ -92,7 +93,7 @@ def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng:
     assert options is not None, "a multiple-choice split has options"
 
     def example(i: int) -> Example:
-        return Example(split.texts[i], int(split.labels[i]), tuple(options[i]))
+        return Example(split.texts[i], int(split.labels[i]), tuple(options[i]), index=i)
 
     episodes = []
     for q in queries:

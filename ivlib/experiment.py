@@ -31,6 +31,7 @@ from .errors import UsageError
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .results import append_record, check_writable, has_record, read_records, signals_held
+from .samples import sample_lines, samples_stem, write_samples
 from .settings import Setting, by_name
 from .state import check_save_path, load_state, read_meta, save_state
 from .tasks import Task
@@ -110,6 +111,7 @@ class RunSpec:
     load_vectors: str | None = None
     resume: bool = False
     quiet: bool = False
+    log_samples: bool = False  # one JSONL line per evaluation episode beside the record (samples.py)
     command: list[str] | None = None  # what the record says was run
 
 
@@ -443,8 +445,9 @@ class Experiment:
         metrics = score_metrics(task, y_true, y_pred, scores, spec.seed)
         answers = [f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else task.label_words
         fractions = np.round(np.bincount(y_pred, minlength=len(answers)) / len(y_pred), 4).tolist()
-        return {
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        now = datetime.now(UTC)
+        record = {
+            "time": now.isoformat(timespec="seconds"),
             **self._shared_fields(),
             "hyperparameters": self.hyperparameters(method),
             "metrics": metrics,
@@ -453,6 +456,11 @@ class Experiment:
             "eval_episodes_per_s": round(spec.eval_episodes / eval_s, 3) if eval_s > 0 else None,
             "batch_size": scorer.runner.batch_size,  # after any out-of-memory halving
         }
+        if spec.log_samples:  # written (atomically) before the record that points to it is appended
+            data = sample_lines(self.eval_episodes, y_pred, scores)
+            stem = samples_stem(spec.results, spec.model, spec.task, spec.method, spec.split, now)
+            record["samples"] = dist.together(lambda: write_samples(spec.results, stem, data))
+        return record
 
     def _shared_fields(self) -> dict[str, Any]:
         spec, lm, task = self.spec, self.lm, self.task

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .paired import Paired, aligned, compare, confusion, per_class_f1
+from .samples import SamplesError, read_samples
 from .selection import (
     Scored,
     best_of,
@@ -24,9 +26,12 @@ from .selection import (
     latest_per_setting,
     score_records,
     test_for,
+    warn,
 )
 
 METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "iv")
+BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
+SIGNIFICANT = "*"
 DAGGER = "†"
 FALLBACK_MARK = "ᵃ"
 MISSING = "–"
@@ -139,7 +144,12 @@ def model_table(model: str, cells: list[Cell], metric: str) -> tuple[list[str], 
     return lines, len(complete)
 
 
-def markdown(cells: list[Cell], untested: list[tuple[str, str, str]], metric: str) -> str:
+def markdown(
+    cells: list[Cell],
+    untested: list[tuple[str, str, str]],
+    metric: str,
+    pairs: list[Pair] | None = None,
+) -> str:
     lines = [
         f"# Test {metric} (%), setting chosen on validation",
         "",
@@ -153,6 +163,7 @@ def markdown(cells: list[Cell], untested: list[tuple[str, str, str]], metric: st
         lines += [f"## {model}", "", *table, ""]
         lines += _footnotes(mine, n_complete, metric)
         lines += details_table(mine)
+        lines += paired_table(mine, pairs or [])
     if untested:
         lines += [
             "## Not yet run on test",
@@ -212,18 +223,207 @@ def _footnotes(cells: list[Cell], n_complete: int, metric: str) -> list[str]:
     return [f"- {n}" for n in notes] + [""]
 
 
+# ---- paired differences ----------------------------------------------------------------------
+
+Logs = dict[tuple[str, str, str], list[dict[str, Any]]]  # cell key -> its samples log
+SAME_EPISODES = ("model", "task", "split", "seed", "n_eval_episodes")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Cell `a` against cell `b` on one model and task: `paired` when both logs hold the same
+    episodes, else None and `why` says what is missing."""
+
+    a: Cell
+    b: Cell
+    paired: Paired | None
+    why: str
+
+
+def _multiple_choice(record: dict[str, Any]) -> bool:
+    return record.get("task_kind") == "multiple_choice"
+
+
+def load_logs(cells: list[Cell], base: str | Path | None) -> Logs:
+    """The samples log of every cell whose record has one; a bad log is warned about and left out."""
+    logs: Logs = {}
+    if base is None:
+        return logs
+    for c in cells:
+        try:
+            found = read_samples(c.run.record, base)
+        except SamplesError as exc:
+            warn(f"{c.run.model} / {c.run.task} / {c.run.method}: {exc}; compared by intervals only")
+            continue
+        if found is not None:
+            logs[c.key] = found
+    return logs
+
+
+def make_pair(a: Cell, b: Cell, logs: Logs) -> Pair:
+    la, lb = logs.get(a.key), logs.get(b.key)
+    missing = [c.run.method for c, log in ((a, la), (b, lb)) if log is None]
+    if la is None or lb is None:
+        return Pair(a, b, None, f"no samples log for {' and '.join(missing)}")
+    if any(a.run.record.get(k) != b.run.record.get(k) for k in SAME_EPISODES):
+        return Pair(a, b, None, "different episodes (seed or episode count)")
+    if not aligned(la, lb):
+        return Pair(a, b, None, "the logs' query rows differ")
+    record = a.run.record
+    n_classes = None if _multiple_choice(record) else len(record.get("label_words") or [])
+    seed = record["seed"] if isinstance(record.get("seed"), int) else 0
+    paired = compare(
+        [x["gold"] for x in la], [x["pred"] for x in la], [x["pred"] for x in lb], n_classes or None, seed=seed
+    )
+    return Pair(a, b, paired, f"paired, n = {paired.n}")
+
+
+def all_pairs(cells: list[Cell], logs: Logs) -> list[Pair]:
+    """Every ordered pair of methods with a test cell on the same model and task."""
+    out = []
+    for a in cells:
+        for b in cells:
+            if a.run.method != b.run.method and (a.run.model, a.run.task) == (b.run.model, b.run.task):
+                out.append(make_pair(a, b, logs))
+    return out
+
+
+def _diff(d: float) -> str:
+    return f"{100 * d:+.1f}"
+
+
+def _interval_text(iv: Any) -> str:
+    mark = SIGNIFICANT if iv.excludes_zero else ""
+    return f"{_diff(iv.value)}{mark} [{_diff(iv.ci_low)}, {_diff(iv.ci_high)}]"
+
+
+def _entry(record: dict[str, Any], name: str) -> dict[str, Any] | None:
+    entry = (record.get("metrics") or {}).get(name)
+    return entry if isinstance(entry, dict) and isinstance(entry.get("value"), (int, float)) else None
+
+
+def _unpaired(p: Pair) -> tuple[str, str, str]:
+    """(Δ macro-F1, Δ accuracy, basis) from the two records alone: point differences, and whether
+    the runs' own intervals overlap."""
+    ra, rb = p.a.run.record, p.b.run.record
+    mc = _multiple_choice(ra)
+    acc_name = "accuracy" if mc else "micro"  # single-label classification: micro-F1 is accuracy
+    texts = []
+    for name in (None if mc else "macro", acc_name):
+        ea, eb = (_entry(ra, name), _entry(rb, name)) if name else (None, None)
+        texts.append(_diff(ea["value"] - eb["value"]) if ea and eb else MISSING)
+    ea, eb = _entry(ra, acc_name if mc else "macro"), _entry(rb, acc_name if mc else "macro")
+    overlap = "intervals unknown"
+    if ea and eb and all(isinstance(e.get(k), (int, float)) for e in (ea, eb) for k in ("ci_low", "ci_high")):
+        apart = ea["ci_low"] > eb["ci_high"] or eb["ci_low"] > ea["ci_high"]
+        overlap = "intervals disjoint" if apart else "intervals overlap"
+    return texts[0], texts[1], f"unpaired ({p.why}): {overlap}"
+
+
+def paired_table(cells: list[Cell], pairs: list[Pair]) -> list[str]:
+    """One model's table of each method minus the baseline (icl) on the same test episodes."""
+    keys = {c.key for c in cells}
+    mine = [p for p in pairs if p.a.key in keys and p.b.run.method == BASELINE]
+    if not mine:
+        others = any(c.run.method != BASELINE for c in cells)
+        has_baseline = any(c.run.method == BASELINE for c in cells)
+        return [] if has_baseline or not others else [f"No {BASELINE} test cell: no paired differences.", ""]
+    lines = [
+        f"Paired differences, each method minus {BASELINE} (percentage points): on the same test episodes, "
+        "with 95% paired bootstrap intervals (episodes resampled jointly), "
+        f"{SIGNIFICANT} where the interval excludes zero; W/T/L: episodes only the method got right / "
+        f"both or neither / only {BASELINE} got right; p: exact McNemar test on those discordant episodes. "
+        "Runs without a samples log (`--log-samples`) are compared by their own intervals only: "
+        "a point difference, and whether the two intervals overlap.",
+        "",
+        _row(["Task", "Method", "Δ macro-F1", "Δ accuracy", "W/T/L", "McNemar p", "Basis"]),
+        _row(["---"] * 7),
+    ]
+    order = {m: i for i, m in enumerate(method_order(c.run.method for c in cells))}
+    for p in sorted(mine, key=lambda p: (p.a.run.task, order[p.a.run.method])):
+        if p.paired is None:
+            macro, acc, basis = _unpaired(p)
+            lines.append(_row([p.a.run.task, p.a.run.method, macro, acc, MISSING, MISSING, basis]))
+            continue
+        r = p.paired
+        lines.append(
+            _row(
+                [
+                    p.a.run.task,
+                    p.a.run.method,
+                    MISSING if r.macro is None else _interval_text(r.macro),
+                    _interval_text(r.accuracy),
+                    f"{r.wins}/{r.ties}/{r.losses}",
+                    f"{r.mcnemar_p:.3g}",
+                    p.why,
+                ]
+            )
+        )
+    return [*lines, ""]
+
+
+PAIRED_COLUMNS = (
+    "model",
+    "task",
+    "split",
+    "method",
+    "baseline",
+    "n",
+    "d_macro",
+    "d_macro_low",
+    "d_macro_high",
+    "d_accuracy",
+    "d_accuracy_low",
+    "d_accuracy_high",
+    "wins",
+    "ties",
+    "losses",
+    "mcnemar_p",
+)
+
+
+def write_paired_csv(pairs: list[Pair], path: Path) -> None:
+    """Every paired comparison (both orders), differences as fractions."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(PAIRED_COLUMNS)
+        for p in pairs:
+            r = p.paired
+            if r is None:
+                continue
+            macro = ["", "", ""] if r.macro is None else [r.macro.value, r.macro.ci_low, r.macro.ci_high]
+            acc = [r.accuracy.value, r.accuracy.ci_low, r.accuracy.ci_high]
+            run = p.a.run
+            writer.writerow(
+                [run.model, run.task, run.split, run.method, p.b.run.method, r.n, *macro, *acc]
+                + [r.wins, r.ties, r.losses, r.mcnemar_p]
+            )
+
+
+def class_view(cell: Cell, logs: Logs) -> tuple[list[str], Any] | None:
+    """(label words, confusion matrix) of a classification cell with a samples log."""
+    log, record = logs.get(cell.key), cell.run.record
+    words = record.get("label_words")
+    if log is None or _multiple_choice(record) or not isinstance(words, list) or not words:
+        return None
+    return words, confusion([x["gold"] for x in log], [x["pred"] for x in log], len(words))
+
+
 # ---- csv --------------------------------------------------------------------------------------
 
-CSV_COLUMNS = ("model", "task", "method", "split", "value", "ci_low", "ci_high", "setting")
+CSV_COLUMNS = ("model", "task", "method", "split", "value", "ci_low", "ci_high", "setting", "per_class_f1")
 
 
-def write_csv(cells: list[Cell], path: Path) -> None:
-    """Values as fractions (as in the records), one row per table cell."""
+def write_csv(cells: list[Cell], path: Path, logs: Logs | None = None) -> None:
+    """Values as fractions (as in the records), one row per table cell; `per_class_f1` (from the
+    samples log, empty without one) as `label=F1` pairs joined by `;`."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for c in cells:
             r = c.run
+            view = class_view(c, logs or {})
+            per_class = "" if view is None else ";".join(f"{w}={f:.6g}" for w, f in zip(view[0], per_class_f1(view[1])))
             writer.writerow(
                 [
                     r.model,
@@ -234,6 +434,7 @@ def write_csv(cells: list[Cell], path: Path) -> None:
                     "" if r.ci_low is None else r.ci_low,
                     "" if r.ci_high is None else r.ci_high,
                     r.setting,
+                    per_class,
                 ]
             )
 
@@ -404,6 +605,39 @@ def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_confusion(cell: Cell, words: list[str], matrix: Any, path: Path) -> None:
+    """Counts of (true, predicted) label pairs; colour by the share of each true class's episodes."""
+    import numpy as np
+
+    plt = _pyplot()
+    k = len(words)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.where(rows > 0, matrix / np.maximum(rows, 1), 0.0)
+    size = max(4.5, 0.6 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    image = ax.imshow(100 * share, cmap="Blues", vmin=0, vmax=100)
+    for i in range(k):
+        for j in range(k):
+            colour = "white" if share[i, j] > 0.5 else "black"
+            ax.text(
+                j, i, f"{matrix[i, j]}\n{100 * share[i, j]:.0f}%", ha="center", va="center", fontsize=8, color=colour
+            )
+    crowded = k > 4
+    ax.set_xticks(range(k), words, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_yticks(range(k), words)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    run = cell.run
+    f1 = per_class_f1(matrix)
+    ax.set_title(
+        f"{run.model} | {run.task} | {run.method} {run.split}, n = {int(matrix.sum())} episodes\n"
+        f"per-class F1 (%): " + ", ".join(f"{w} {_pct(v)}" for w, v in zip(words, f1)),
+        fontsize=9,
+    )
+    fig.colorbar(image, ax=ax, label="share of the true class's episodes (%)")
+    _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -415,8 +649,12 @@ def _save(fig: Any, path: Path) -> None:
 # ---- entry point ------------------------------------------------------------------------------
 
 
-def write_report(records: list[dict[str, Any]], out_dir: str | Path, metric: str = "macro") -> list[Path]:
-    """table.md, table.csv, heatmap_<model>_<task>.png and bars_<model>.png under out_dir."""
+def write_report(
+    records: list[dict[str, Any]], out_dir: str | Path, metric: str = "macro", base: str | Path | None = None
+) -> list[Path]:
+    """table.md, table.csv, heatmap_<model>_<task>.png and bars_<model>.png under out_dir; with
+    samples logs (found relative to `base`, the results file's directory) also paired.csv and
+    confusion_<model>_<task>_<method>.png."""
     check_metric(metric)
     out = Path(out_dir)
     try:
@@ -427,9 +665,21 @@ def write_report(records: list[dict[str, Any]], out_dir: str | Path, metric: str
         ) from None
     scored = score_records(records, metric)
     cells, untested = table_cells(scored)
+    logs = load_logs(cells, base)
+    pairs = all_pairs(cells, logs)
     written = [out / "table.md", out / "table.csv"]
-    written[0].write_text(markdown(cells, untested, metric), encoding="utf-8")
-    write_csv(cells, written[1])
+    written[0].write_text(markdown(cells, untested, metric, pairs), encoding="utf-8")
+    write_csv(cells, written[1], logs)
+    if any(p.paired is not None for p in pairs):
+        written.append(out / "paired.csv")
+        write_paired_csv(pairs, written[-1])
+    for cell in cells:
+        view = class_view(cell, logs)
+        if view is not None:
+            model, task, method = cell.key
+            path = out / f"confusion_{safe_name(model)}_{safe_name(task)}_{safe_name(method)}.png"
+            plot_confusion(cell, *view, path)
+            written.append(path)
     written += _heatmaps(scored, out, metric)
     for model in sorted({c.run.model for c in cells}):
         path = out / f"bars_{safe_name(model)}.png"

@@ -113,7 +113,17 @@ def test_csv_has_one_row_per_cell(report):
     out, _ = report
     with open(out / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["model", "task", "method", "split", "value", "ci_low", "ci_high", "setting"]
+    assert list(rows[0]) == [
+        "model",
+        "task",
+        "method",
+        "split",
+        "value",
+        "ci_low",
+        "ci_high",
+        "setting",
+        "per_class_f1",
+    ]
     assert sorted((r["model"], r["task"], r["method"]) for r in rows) == sorted(
         [(M1, AG, "icl")]
         + [(M1, t, m) for t in (RT, EMO) for m in ("zero-shot", "icl", "tv", "iv")]
