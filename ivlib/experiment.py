@@ -90,7 +90,7 @@ class RunSpec:
     task: str
     method: str = "iv"
     settings: dict[str, Any] = field(default_factory=dict)
-    config: str | None = None
+    config: str | list[str] | None = None  # -c files, merged in order (one path is accepted too)
     split: str = "validation"
     ext_shot: int = _P["ext_shot"].default
     episodes: int = _P["episodes"].default

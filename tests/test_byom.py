@@ -104,3 +104,47 @@ def test_record_names_the_gguf_file_and_its_identity(tmp_path, fake_conversion):
     identity = record["model_identity"]
     assert identity["file"] == "model.gguf" and identity["size"] == len(b"GGUF bytes")
     assert Path(identity["checkpoint"]).parent == tmp_path / "cache" / "models"
+
+
+# ---- several -c files -------------------------------------------------------------------------
+def _two_files(tmp_path: Path) -> tuple[Path, Path]:
+    tasks = tmp_path / "tasks" / "tasks.yaml"
+    tasks.parent.mkdir()
+    tasks.write_text("tasks:\n  mine: {builtin: review_sentiment, label_words: [bad, good]}\n")
+    model_file = tmp_path / "models.yaml"
+    model_file.write_text("models:\n  tiny: {builtin: tiny-llama}\n  tiny-gpt2: {builtin: tiny-llama}\n")
+    return tasks, model_file
+
+
+def test_task_from_one_file_model_from_another(tmp_path):
+    tasks, model_file = _two_files(tmp_path)
+    runs = tmp_path / "runs.jsonl"
+    argv = ["-c", str(tasks), "-c", str(model_file), "-m", "tiny", "-t", "mine", "--method", "zero-shot", "-n", "4"]
+    assert main([*argv, "--quiet", "--results", str(runs)]) == 0
+    record = json.loads(runs.read_text())
+    assert record["model_source"] == "builtin:tiny-llama" and record["task"] == "mine"
+    assert record["config_files"] == [str(models_base()), str(tasks.resolve()), str(model_file.resolve())]
+
+
+def models_base() -> Path:
+    from ivlib.config import BASE_CONFIG
+
+    return BASE_CONFIG
+
+
+def test_later_files_replace_earlier_entries_and_one_string_still_works(tmp_path):
+    from ivlib.api import load_task
+    from ivlib.config import load_config
+    from ivlib.experiment import Experiment, RunSpec
+
+    tiny = Path(__file__).resolve().parent.parent / "config" / "tiny.yaml"
+    tasks, model_file = _two_files(tmp_path)
+    assert load_config([str(tiny), str(model_file)]).models["tiny-gpt2"] == {"builtin": "tiny-llama"}
+    assert load_config([str(model_file), str(tiny)]).models["tiny-gpt2"] == {"builtin": "tiny-gpt2"}
+    assert load_config(str(tiny)).sources == [str(models_base()), str(tiny)]
+    assert load_task("mine", str(tasks)).label_words == ["bad", "good"]
+    assert load_task("mine", [str(tasks), str(model_file)]).label_words == ["bad", "good"]
+    spec = RunSpec(model="tiny-gpt2", task="review_sentiment", method="zero-shot", config=str(tiny))
+    experiment = Experiment(spec)
+    experiment.prepare()
+    assert experiment.config is not None and experiment.config.sources[-1] == str(tiny)
