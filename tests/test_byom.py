@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,70 @@ def test_later_files_replace_earlier_entries_and_one_string_still_works(tmp_path
     experiment = Experiment(spec)
     experiment.prepare()
     assert experiment.config is not None and experiment.config.sources[-1] == str(tiny)
+
+
+# ---- a multi-part package: `assemble: module:function` ----------------------------------------
+FAKE_PACKAGE = """
+from pathlib import Path
+CALLS = []
+PARTS = [Path(__file__).parent / "part0", Path(__file__).parent / "part1"]
+
+def assemble(output_path=None, overwrite=False):
+    CALLS.append(output_path)
+    target = Path(output_path)
+    target.write_bytes(b"".join(p.read_bytes() for p in PARTS))
+    return target
+"""
+
+
+@pytest.fixture()
+def fake_package(tmp_path, monkeypatch):
+    """An installed package `parts_pkg` whose assemble() joins two part files into one GGUF."""
+    package = tmp_path / "site" / "parts_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_PACKAGE)
+    (package / "part0").write_bytes(b"GGUF first half ")
+    (package / "part1").write_bytes(b"second half")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    yield package
+    sys.modules.pop("parts_pkg", None)
+
+
+def test_assemble_entry_point_is_called_once_and_its_file_is_the_source(tmp_path, fake_package, fake_conversion):
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("models:\n  parts: {assemble: 'parts_pkg:assemble'}\n")
+    runs = tmp_path / "runs.jsonl"
+    argv = ["-c", str(cfg), "-m", "parts", "-t", "review_sentiment", "--method", "zero-shot", "-n", "4"]
+    for _ in range(2):
+        assert main([*argv, "--quiet", "--results", str(runs)]) == 0
+    import parts_pkg
+
+    assert len(parts_pkg.CALLS) == 1 and len(fake_conversion) == 1  # joined once, converted once
+    assert Path(parts_pkg.CALLS[0]).parent.parent == tmp_path / "cache" / "assembled"  # written in ivlib's cache
+    first, second = (json.loads(line) for line in runs.read_text().splitlines())
+    assert first["model_source"] == second["model_source"] == str(Path(parts_pkg.CALLS[0]).resolve())
+    assert first["model_identity"]["size"] == len(b"GGUF first half second half")
+
+    Path(parts_pkg.CALLS[0]).unlink()  # the joined file is gone: assembled again, not served stale
+    assert main([*argv, "--quiet", "--results", str(runs)]) == 0
+    assert len(parts_pkg.CALLS) == 2
+
+
+def test_assemble_errors_are_one_line(tmp_path, fake_package, capsys, monkeypatch):
+    monkeypatch.setenv("IVLIB_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(
+        "models:\n  nopkg: {assemble: 'no_such_pkg:assemble'}\n  nofn: {assemble: 'parts_pkg:missing'}\n"
+        "  both: {assemble: 'parts_pkg:assemble', gguf_file: x.gguf}\n  bare: {package: parts_pkg, gguf_file: x.gguf}\n"
+    )
+    expected = {
+        "nopkg": "'no_such_pkg' (assemble) is not installed",
+        "nofn": "has no function 'missing'",
+        "both": "assemble replaces gguf_file",
+        "bare": "assemble: module:function",  # a package without the joined file: the error says how to register it
+    }
+    for model, message in expected.items():
+        argv = ["-c", str(cfg), "-m", model, "-t", "review_sentiment", "--method", "zero-shot", "-n", "4", "--quiet"]
+        assert main([*argv, "--results", str(tmp_path / "runs.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len([line for line in err.splitlines() if line.strip()]) == 1, err
