@@ -173,7 +173,10 @@ def _gguf_bar_silenced(quiet: bool) -> Iterator[None]:
 CACHE_MARKER = "ivlib-source.json"  # written by ivlib in every checkpoint it converts: what it came from
 
 
-def source_identity(gguf_path: Path, hint: str = "fix the entry's path/gguf_file (or package)") -> dict[str, Any]:
+SOURCE_HINT = "fix the entry's path/gguf_file (or package)"
+
+
+def source_identity(gguf_path: Path, hint: str = SOURCE_HINT) -> dict[str, Any]:
     """What a GGUF file is, cheaply: its resolved path, name, size and modification time (a content
     hash would read gigabytes on every load). A missing file is a one-line error, cache or not."""
     if not gguf_path.is_file():
@@ -237,7 +240,7 @@ def _gguf_checkpoint(
 ) -> tuple[str, dict[str, Any]]:
     """Dequantize a GGUF file once and keep a normal checkpoint, so later runs load in a second.
     Returns the checkpoint folder and the source's identity, checked on every load."""
-    identity = source_identity(Path(folder) / gguf_file, *([hint] if hint else []))
+    identity = source_identity(Path(folder) / gguf_file, hint or SOURCE_HINT)
     target = checkpoint_dir(name, identity)
     if _marker_matches(target, identity) and (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target), identity
