@@ -74,8 +74,9 @@ def wrap(
 
 
 # ---- tasks ------------------------------------------------------------------------------------
-def load_task(name: str, config: str | None = None) -> Task:
-    """A task of the registry (`ivlib/base.yaml`, with the YAML file `config` merged over it)."""
+def load_task(name: str, config: str | Sequence[str] | None = None) -> Task:
+    """A task of the registry (`ivlib/base.yaml`, with the YAML file `config`, or several files in
+    order, merged over it)."""
     return _load_task_entry(name, lookup(load_config(config).tasks, "task", name))
 
 

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-c",
         "--config",
-        help="YAML registry merged over the built-in one, ivlib/base.yaml (default: none, the built-in one alone)",
+        action="append",
+        help="YAML registry merged over the built-in one, ivlib/base.yaml; repeat it to merge several in order, "
+        "later files replacing earlier entries of the same name (default: none, the built-in one alone)",
     )
     p.add_argument("-g", "--gpu", type=int, default=-1, help="GPU index; -1 (default) runs on CPU")
     p.add_argument("-m", "--model", required=True, help="model name from the registry (required)")

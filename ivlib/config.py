@@ -1,5 +1,5 @@
 """The YAML registries of models and tasks: `ivlib/base.yaml` (shipped inside the package), with
-the user's file merged over it.
+the user's files (`-c`, repeatable) merged over it in order.
 
 A config file has two mappings, `models:` and `tasks:`. An entry in the user's file replaces the
 base entry of the same name whole (no deep merge), so what a user writes is what runs.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ MODEL_KEYS = {
     "path": "local directory or hub id",
     "gguf_file": "GGUF file name inside `path` (or inside `package`)",
     "package": "installed Python package whose folder holds the weights (not imported)",
+    "assemble": "module:function of an installed package that writes the GGUF file and returns its path "
+    "(multi-part packages; called once, the result cached)",
     "builtin": "a model built from a config at run time (tiny-gpt2, tiny-llama, ...)",
     "dtype": "float32, float16 or bfloat16",
     "tokenizer": "tokenizer directory or hub id, when it differs from `path`",
@@ -160,13 +163,23 @@ def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path)
     return checked
 
 
-def load_config(user_file: str | None) -> Config:
-    """Base registry, then the user's file over it (entries replaced whole)."""
+def config_files(user_files: str | Sequence[str] | None) -> list[str]:
+    """The -c files as a list: None, one path, or several (merged in that order)."""
+    if user_files is None:
+        return []
+    if isinstance(user_files, (str, os.PathLike)):
+        return [str(user_files)]
+    return [str(f) for f in user_files]
+
+
+def load_config(user_files: str | Sequence[str] | None) -> Config:
+    """Base registry, then each user file over it in order (entries replaced whole: the last file
+    naming an entry wins); `sources` lists every file read, base first."""
     cfg = Config()
     files = [BASE_CONFIG]
-    if user_file is not None:
+    for user_file in config_files(user_files):
         user_path = Path(user_file).expanduser().resolve()
-        if user_path != BASE_CONFIG:
+        if user_path not in files:
             files.append(user_path)
     for path in files:
         data = _read_yaml(path)

