@@ -147,3 +147,74 @@ def test_a_failing_process_stops_the_run_with_one_line_and_nothing_written(tmp_p
     monkeypatch.chdir(REPO)
     assert main(argv + ["--resume"]) == 0
     assert _records(results) == one_process["iv"] and vectors.exists()
+
+
+def _rank_pid(launcher: subprocess.Popen, wanted: int, timeout: float = 60.0) -> int | None:
+    """The pid of the worker whose environment says RANK=wanted (the launcher has no RANK)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and launcher.poll() is None:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(entry.name) != launcher.pid and f"RANK={wanted}".encode() in env and b"IVLIB_KILL_TEST=1" in env:
+                return int(entry.name)
+        time.sleep(0.2)
+    return None
+
+
+def test_a_killed_process_stops_the_run_with_one_line_and_nothing_written(tmp_path):
+    """SIGKILL to rank 1 during the evaluation (no Python handler runs there): rank 0's next exchange
+    fails, it says so in one line, and nothing is written. (A rank killed during start-up, before the
+    first exchange, is ended by torchrun's own timeout instead: see README "Scaling out".)"""
+    import signal
+    import time
+
+    results, log = tmp_path / "runs.jsonl", tmp_path / "stderr.txt"
+    common = [a for a in COMMON if a != "--quiet"][:-2]  # rank 0's progress bar says when evaluation runs
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "iv.py",
+        *common,
+        "-n",
+        "20000",
+        "--method",
+        "icl",
+        "--batch-size",
+        "4",
+        "--results",
+        str(results),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "IVLIB_KILL_TEST": "1"}
+    with open(log, "w") as err_file:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+        try:
+            pid = _rank_pid(launcher, 1)
+            assert pid is not None, "rank 1 never started"
+            deadline = time.monotonic() + 90
+            while "icl eval (validation)" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+            out, _ = launcher.communicate(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    err = log.read_text()
+    ours = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("iv.py:")]
+    assert launcher.returncode != 0
+    # rank 0 either meets the dead peer in its next exchange, or is sent SIGTERM by torchrun first
+    said = ("nothing of this run written", "another process of this run died")
+    assert len(ours) == 1 and any(s in ours[0] for s in said), err[-3000:]
+    assert "nothing of this run written" in ours[0] or "0 record(s) of this run written" in ours[0]
+    assert not results.exists() and "episodes |" not in out
