@@ -230,12 +230,7 @@ def _build(method: Method | str, settings: dict[str, Any], seed: int) -> Method:
 
 
 def _scorer(lm: LoadedModel, task: Task, enc: PromptEncoder, batch_size: int | str, progress: bool) -> Scorer:
-    if not task.multiple_choice:
-        enc.check_label_collisions()
-    batch_size = _P["batch_size"].check(batch_size)
-    auto = batch_size == "auto"
-    start = (experiment.AUTO_GPU_START if lm.device.type == "cuda" else experiment.AUTO_CPU) if auto else batch_size
-    return Scorer(lm, enc.label_ids, int(start), quiet=not progress, shrink_on_oom=auto)
+    return experiment.make_scorer(lm, task, enc, _P["batch_size"].check(batch_size), quiet=not progress)
 
 
 def _check_task(cls: type[Method], task: Task) -> None:

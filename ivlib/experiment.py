@@ -30,11 +30,14 @@ from .episodes import Episode, check_shots, sample_episodes
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
+from .models import LoadedModel, load_model, resolve_device
+from .prompts import PromptEncoder
 from .results import append_record, check_writable, has_record, read_records, signals_held
 from .samples import sample_lines, samples_stem, write_samples
+from .scoring import Scorer
 from .settings import Setting, by_name
 from .state import check_save_path, load_state, read_meta, save_state
-from .tasks import Task
+from .tasks import Task, load_task
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
@@ -218,18 +221,20 @@ class Experiment:
         can serve a sweep over several methods (as scripts.sh's EXTRA does); a setting no method
         declares is refused."""
         own = by_name(self.method_cls.settings)
-        known = {s.name for cls in METHODS.values() for s in cls.settings}
+        owners: dict[str, list[str]] = {}  # setting name -> the methods declaring it
+        for method, cls in METHODS.items():
+            for s in cls.settings:
+                owners.setdefault(s.name, []).append(method)
         values: dict[str, Any] = {}
         for name, value in self.spec.settings.items():
             if name not in own:
-                if name not in known:
-                    raise UsageError(f"setting '{name}' is unknown; accepted: {', '.join(sorted(known))}")
+                if name not in owners:
+                    raise UsageError(f"setting '{name}' is unknown; accepted: {', '.join(sorted(owners))}")
                 if isinstance(value, (list, tuple)) and len(value) > 1:  # one record each: not for this method
-                    users = [m for m, c in METHODS.items() if any(s.name == name for s in c.settings)]
                     flag = "--" + name.replace("_", "-")
                     raise UsageError(
                         f"{flag} takes several values only with a method that uses it "
-                        f"({', '.join(users)}); method '{self.method_cls.name}' got {len(value)}"
+                        f"({', '.join(owners[name])}); method '{self.method_cls.name}' got {len(value)}"
                     )
                 continue
             setting = own[name]
@@ -322,11 +327,6 @@ class Experiment:
     # ---- step 2: task, model, prompts ---------------------------------------------------------
     def load(self) -> None:
         """Load the task and the model; check everything that needs them but no compute."""
-        from .models import load_model, resolve_device
-        from .prompts import PromptEncoder
-        from .scoring import Scorer
-        from .tasks import load_task
-
         spec, cls = self.spec, self.method_cls
         self.device = resolve_device(dist.gpu_index(spec.gpu))  # several processes: -g + LOCAL_RANK
         self.task = task = load_task(spec.task, self.task_entry)
@@ -357,12 +357,7 @@ class Experiment:
         )
         self.load_s = time.perf_counter() - t0
         self.encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, spec.max_example_tokens)
-        if not task.multiple_choice:
-            self.encoder.check_label_collisions()
-        auto = spec.batch_size == "auto"
-        start = (AUTO_GPU_START if self.device.type == "cuda" else AUTO_CPU) if auto else int(spec.batch_size)
-        quiet = spec.quiet or not dist.is_main()
-        self.scorer = Scorer(lm, self.encoder.label_ids, start, quiet, shrink_on_oom=auto)
+        self.scorer = make_scorer(lm, task, self.encoder, spec.batch_size, quiet=spec.quiet or not dist.is_main())
 
     # ---- step 3: episodes -------------------------------------------------------------------
     def sample(self) -> None:
@@ -531,6 +526,16 @@ class Experiment:
 
 # ---- the steps' pieces that need no spec: the Python API (ivlib.api) calls these too, so an API run
 # sees the same episodes, fits the same state and computes the same metrics as the CLI's
+def make_scorer(lm: LoadedModel, task: Task, encoder: PromptEncoder, batch_size: int | str, quiet: bool) -> Scorer:
+    """The scorer of a run (CLI or API alike): label collisions refused, and --batch-size auto's first try
+    (halved on out-of-memory from there)."""
+    if not task.multiple_choice:
+        encoder.check_label_collisions()
+    auto = batch_size == "auto"
+    start = (AUTO_GPU_START if lm.device.type == "cuda" else AUTO_CPU) if auto else int(batch_size)
+    return Scorer(lm, encoder.label_ids, start, quiet, shrink_on_oom=auto)
+
+
 def fit_episodes(
     task: Task, cls: type[Method], ext_shot: int, episodes: int, shot: int, select_episodes: int, seed: int
 ) -> tuple[list[Episode], list[Episode] | None]:
