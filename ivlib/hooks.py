@@ -15,6 +15,17 @@ import torch
 from torch import nn
 
 
+def write_at(
+    hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, add: torch.Tensor | None, replace: torch.Tensor | None
+) -> None:
+    """hidden[rows, cols] = replace, then += add ([N, D] each), in place: the one edit every hook makes."""
+    if replace is not None:
+        hidden.index_put_((rows, cols), replace.to(hidden.device, hidden.dtype))
+    if add is not None:  # positions are distinct, so a gather, add and scatter is exact and
+        # avoids accumulate=True, whose sort-based CUDA kernel cost several ms per forward (bench/RESULTS.md)
+        hidden.index_put_((rows, cols), hidden[rows, cols] + add.to(hidden.device, hidden.dtype))
+
+
 class OutputSite:
     """What one hooked module does during a forward: an indexed replace or add, then a read."""
 
@@ -33,11 +44,7 @@ class OutputSite:
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
         rows = self.rows.to(hidden.device, non_blocking=True)
         cols = self.cols.to(hidden.device, non_blocking=True)
-        if self.replace is not None:
-            hidden.index_put_((rows, cols), self.replace.to(hidden.device, hidden.dtype))
-        if self.add is not None:  # positions are distinct, so a gather, add and scatter is exact and
-            # avoids accumulate=True, whose sort-based CUDA kernel cost several ms per forward (bench/RESULTS.md)
-            hidden.index_put_((rows, cols), hidden[rows, cols] + self.add.to(hidden.device, hidden.dtype))
+        write_at(hidden, rows, cols, self.add, self.replace)
         if self.read:
             self.value = hidden[rows, cols].float()
         return output
@@ -258,10 +265,13 @@ class PositionalSite:
             if self.n_rows and copies > 1 and hidden.shape[0] == copies * self.n_rows:
                 rows = (rows[:, None] * copies + torch.arange(copies, device=rows.device)).reshape(-1)
                 cols, pick = cols.repeat_interleave(copies), pick.repeat_interleave(copies)
-            if self.replace is not None:
-                hidden.index_put_((rows, cols), self.replace.to(hidden.device, hidden.dtype)[pick])
-            if self.add is not None:
-                hidden.index_put_((rows, cols), hidden[rows, cols] + self.add.to(hidden.device, hidden.dtype)[pick])
+            write_at(
+                hidden,
+                rows,
+                cols,
+                None if self.add is None else self.add.to(hidden.device)[pick],
+                None if self.replace is None else self.replace.to(hidden.device)[pick],
+            )
         if self.steady is not None:
             hidden.add_(self.steady.to(hidden.device, hidden.dtype))
         return output
