@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -50,6 +50,7 @@ class Scorer:
         self._context = lm.context_length
         params = inspect.signature(lm.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+        self._trainable = False  # inside `trainable()`: what `differentiable_scores` asks for
         self.preallocate = True  # last-token searches write into a preallocated prefix cache (False: growing copy)
 
     @property
@@ -68,6 +69,42 @@ class Scorer:
     @torch.inference_mode()
     def forward(self, batch: PromptBatch) -> torch.Tensor:
         """Next-token logits at each row's answer position: [B, V]."""
+        return self._last_logits(batch)
+
+    def differentiable_scores(self, batch: PromptBatch) -> torch.Tensor:
+        """[B, C] label log-probs that carry gradients back to whatever the installed hooks mix in.
+
+        For fits that learn a few parameters against the frozen model (a calibration, mixing weights):
+        the forward is `label_scores`' own, so what the fit optimises is what evaluation scores. Call it
+        inside `trainable()`; classification only (an option's continuation is not differentiated).
+        """
+        if batch.option_ids is not None:
+            raise UsageError("a fit with gradients scores classification tasks only, not multiple choice")
+        if not self._trainable or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise RuntimeError("differentiable_scores needs autograd: call it inside `with scorer.trainable():`")
+        return self._label_logprobs(self._last_logits(batch))
+
+    @contextlib.contextmanager
+    def trainable(self) -> Iterator[None]:
+        """Autograd on, the model's own weights frozen: inference mode is the scorer's default for
+        evaluation, not a law, and a fit that needs gradients (I2CL, Soft Injection) runs inside this.
+        Weights get no `.grad` (nor its memory); their `requires_grad` flags are restored on exit.
+        Tensors made under inference mode (e.g. vectors read by `runner.map`) must be cloned before
+        they take part in a differentiated forward."""
+        params = list(self.lm.model.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        outer, self._trainable = self._trainable, True
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                yield
+        finally:
+            self._trainable = outer
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+
+    def _last_logits(self, batch: PromptBatch) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.lm.model(
             input_ids=batch.input_ids,
