@@ -1,4 +1,4 @@
-"""Fitting speed: ivlib's IV extraction, TV layer search and FV fit vs the plainest correct loops.
+"""Fitting speed: ivlib's IV extraction, TV layer search, FV and SV fits vs the plainest correct loops.
 
 Each part times ivlib's own `fit` against a loop written here from the method's description, one
 prompt per forward, unpadded, with full logits (`model(input_ids=ids)`: what a plain
@@ -21,10 +21,15 @@ both measured in this one run (higher is better).
          trial and one per (trial, head) with that head's last-token input replaced by its mean),
          the same top-k and the vector summed from o_proj of each zero-padded head mean.
          Agreement: mean activations, effects, the top heads (same set, same order), the vector.
+    sv   `StateVector.fit` (batched reads of every attention output at the separators; search over
+         L = 1..n_layers with each validation prompt's prefix encoded once) vs one forward per
+         training prompt reading the attention outputs at its separators, the inner mean and momentum
+         written out per episode, then one full forward per (validation prompt, L) with the first L
+         attention outputs replaced at the last token. Agreement: the vector, the per-L macro-F1, L.
 
 "agree" is yes when each result's max |difference| is within 1e-3 of the result's largest entry (3e-2 in
-bf16/fp16, where padded batches round differently from lone prompts) and, for TV and FV, the per-layer
-F1 / chosen layer and the top heads are identical; the differences themselves are printed.
+bf16/fp16, where padded batches round differently from lone prompts) and, for TV, FV and SV, the
+per-layer F1 / chosen layer and the top heads are identical; the differences themselves are printed.
 
 Each part is warmed up (ivlib on a few episodes, the plain loop on one) before its clock starts.
 The plain loops' full logits and unpadded prompts are part of what they are compared against: the
@@ -51,13 +56,14 @@ from fv_indirect_effect import plain_effects
 from ivlib.episodes import Episode, sample_episodes
 from ivlib.methods.fv import FunctionVectors, shuffle_labels
 from ivlib.methods.iv import IterativeVectors
+from ivlib.methods.sv import StateVector
 from ivlib.methods.tv import TaskVectors
 from ivlib.metrics import f1_scores
 from ivlib.models import LoadedModel
 from ivlib.prompts import EncodedPrompt, PromptEncoder
 from ivlib.scoring import Scorer
 
-PARTS = ("iv", "tv", "fv")
+PARTS = ("iv", "tv", "fv", "sv")
 
 
 def close(diff: float, reference: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -283,18 +289,108 @@ def bench_fv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, trai
     }
 
 
+# ---- SV -------------------------------------------------------------------------------------------
+def plain_sv_vector(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], window: int, beta: float, lr: float):
+    """[L, D]: per episode, one forward reading every attention output at the separators, then the inner
+    mean of the last `window` demonstration states and the query's plus lr x the beta-weighted steps."""
+    n_layers = lm.layout.n_layers
+    total = torch.zeros(n_layers, lm.layout.d_model, device=lm.device)
+    for episode in train:
+        p = encoder.encode(episode)
+        reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+
+        def read(layer: int, positions=p.sep_pos):
+            def fn(module, args, output):
+                reads[layer] = _hidden(output)[0, positions].float()  # [S, D]
+
+            return fn
+
+        run_with_hooks(lm, p.ids, lm.layout.attn_out, [read(i) for i in range(n_layers)])
+        for layer in range(n_layers):
+            demos, query = reads[layer][:-1], reads[layer][-1]
+            k = min(window, len(demos))
+            recent = demos[len(demos) - k :]
+            vector = (recent.sum(0) + query) / (k + 1)
+            if k > 1:
+                weights = [beta ** (k - 1 - i) for i in range(1, k)]
+                steps = sum(w * (recent[i] - recent[i - 1]) for w, i in zip(weights, range(1, k)))
+                vector = vector + lr * steps / sum(weights)
+            total[layer] += vector
+    return (total / len(train)).cpu()
+
+
+def plain_sv(
+    lm: LoadedModel, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+) -> tuple[torch.Tensor, list[float], int]:
+    """(vector [L, D], macro-F1 per number of first layers on validation, chosen L), one prompt per forward."""
+    n_layers = lm.layout.n_layers
+    vector = plain_sv_vector(lm, encoder, train, 6, 0.5, 1.0)  # StateVector's defaults
+    labels = torch.tensor(encoder.label_ids, device=lm.device)
+    prompts = [encoder.encode(e) for e in validation]
+    preds = torch.empty(len(prompts), n_layers, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        for n in range(1, n_layers + 1):
+
+            def replace(layer: int):
+                def fn(module, args, output):
+                    _hidden(output)[0, -1] = vector[layer].to(lm.device, lm.dtype)
+                    return output
+
+                return fn
+
+            logits = run_with_hooks(lm, p.ids, lm.layout.attn_out[:n], [replace(l) for l in range(n)])
+            preds[i, n - 1] = torch.log_softmax(logits, -1)[labels].argmax()
+    truth = [p.label for p in prompts]
+    scores = [f1_scores(truth, preds[:, i].numpy(), encoder.n_classes)["macro"] for i in range(n_layers)]
+    best = 1 + max(range(n_layers), key=lambda i: (scores[i], -i))  # ties: the fewest layers, as ivlib
+    return vector, scores, best
+
+
+def bench_sv(
+    args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+) -> dict:
+    def ivlib() -> StateVector:
+        sv = StateVector()
+        sv.fit(scorer, encoder, train, validation)
+        return sv
+
+    StateVector().fit(scorer, encoder, train[:2], validation[:4])  # warm-up
+    plain_sv(lm, encoder, train[:1], validation[:1])
+    fast, t_fast = timed(ivlib, lm.device)
+    (vector, scores, best), t_plain = timed(lambda: plain_sv(lm, encoder, train, validation), lm.device)
+    assert fast.vector is not None
+    diff = (fast.vector - vector).abs().max().item()
+    f1_diff = max(abs(a - b) for a, b in zip(fast.layer_scores, scores))
+    n_layers = lm.layout.n_layers
+    return {
+        "part": "sv",
+        "what": f"{len(train)} train + {len(validation)} validation episodes x {n_layers} L: "
+        f"{len(train) + len(validation) * n_layers} plain forwards",
+        "n": len(train) + len(validation),
+        "fast": t_fast,
+        "plain": t_plain,
+        "agree": f"vector max |diff| {diff:.2e} (largest {vector.abs().max().item():.2e}), per-L macro-F1 max "
+        f"|diff| {f1_diff:.3f}, L {fast.layers} vs {best}",
+        "same": f1_diff == 0 and fast.layers == best and close(diff, vector, lm.dtype),
+    }
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which fits to time (default all)")
-    ap.add_argument("--episodes", type=int, default=100, help="IV extraction and TV training episodes (default 100)")
+    ap.add_argument(
+        "--episodes", type=int, default=100, help="IV extraction, TV and SV training episodes (default 100)"
+    )
     ap.add_argument(
         "--ext-shot", type=int, default=4, help="demonstrations per class when fitting (default 4, as the CLI)"
     )
     ap.add_argument("--ext-strength", type=float, default=0.3, help="IV a1 (default 0.3)")
     ap.add_argument("--ext-batch", type=int, default=10, help="IV episodes between refreshes (default 10)")
-    ap.add_argument("--select-episodes", type=int, default=50, help="TV validation episodes for the layer search")
+    ap.add_argument(
+        "--select-episodes", type=int, default=50, help="TV and SV validation episodes for the layer search"
+    )
     ap.add_argument("--fv-episodes", type=int, default=20, help="FV episodes for the mean activations (default 20)")
     ap.add_argument("--fv-trials", type=int, default=4, help="FV shuffled-label trials for the effects (default 4)")
     ap.add_argument("--fv-heads", type=int, help="FV top heads (default: ivlib's, about 2%% of all heads)")
@@ -347,6 +443,8 @@ def main() -> None:
         rows.append(bench_tv(args, lm, scorer, encoder, train[: args.episodes], validation))
     if "fv" in args.parts:
         rows.append(bench_fv(args, lm, scorer, encoder, train))
+    if "sv" in args.parts:
+        rows.append(bench_sv(args, lm, scorer, encoder, train[: args.episodes], validation))
 
     tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
     print(
