@@ -41,7 +41,8 @@ class ModelLayout:
     def mlp_out(self) -> list[nn.Module]:
         """Each block's MLP (the module whose output joins the residual stream after the MLP), found
         on first use: only some methods need it (I2CL), and a model whose MLP cannot be found still
-        runs the others."""
+        runs the others. Its output is [B, T, D], except OPT's fc2, which sees the block's flattened
+        [B * T, D] (a reader of positions reshapes it)."""
         return self._mlp()[1]
 
     @property
@@ -130,8 +131,8 @@ def _find_mlp_out(block: nn.Module, d_model: int | None) -> str:
         if "mlp" in kind or "feedforward" in kind:
             return name
     for name in MLP_OUT_PROJ_NAMES:
-        child = getattr(block, name, None)
-        if child is not None and _linear_out(child) == d_model:
+        proj = getattr(block, name, None)
+        if isinstance(proj, nn.Module) and _linear_out(proj) == d_model:
             return name
     raise LookupError("no MLP module in the block")
 

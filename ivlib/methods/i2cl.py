@@ -38,7 +38,7 @@ from torch import nn
 from .. import distributed as dist
 from ..episodes import Episode, Example
 from ..errors import UsageError
-from ..hooks import edit_outputs, map_outputs, stack_reads
+from ..hooks import map_outputs, watch_outputs
 from ..layout import ModelLayout
 from ..prompts import EXAMPLE_SEP, IO_SEP, EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
@@ -132,9 +132,15 @@ class ImplicitICL(Method):
         n_layers = scorer.layout.n_layers
 
         def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, 2, D]
-            with scorer.at_last_token(batch, partial(edit_outputs, modules, read=True)) as sites:
+            rows, width = batch.input_ids.shape
+            last: dict[int, torch.Tensor] = {}
+
+            def keep(i: int, hidden: torch.Tensor) -> None:  # [B, T, D], or OPT's fc2: [B * T, D]
+                last[i] = hidden.reshape(rows, width, -1)[:, -1].float()  # left-padded: the last token
+
+            with watch_outputs(modules, keep):
                 scorer.forward(batch)
-            reads = stack_reads(sites)  # [2L, B, D]
+            reads = torch.stack([last[i].to(last[0].device) for i in range(len(modules))])  # [2L, B, D]
             return reads.view(n_layers, 2, *reads.shape[1:]).permute(2, 0, 1, 3)
 
         prompts = [demo_prompt(encoder, d) for d in demos]
