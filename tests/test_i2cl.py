@@ -112,6 +112,30 @@ def test_every_position_of_every_site_becomes_b_out_plus_a_v(lm, encoder, task):
         torch.testing.assert_close(after[i], expected, atol=1e-6, rtol=1e-6)
 
 
+def test_calibration_noise_is_its_scale_times_each_positions_norm(gpt2, task):
+    from ivlib.prompts import PromptEncoder
+
+    encoder = PromptEncoder(gpt2.tokenizer, task.label_words, add_bos=True)
+    method = _random_state(gpt2, seed=5)
+    scorer = Scorer(gpt2, encoder.label_ids, 4, quiet=True)
+    batch = _eval_batch(scorer, encoder, task)
+    modules = site_modules(gpt2.layout)
+    n = gpt2.layout.n_layers
+    raw, after = {}, {}
+    with torch.inference_mode():
+        with watch_outputs(modules, lambda i, h: raw.__setitem__(i, h.clone())):
+            with method.injected(
+                gpt2.layout, torch.zeros(n, 2), torch.ones(n, 2), 0.5, torch.Generator().manual_seed(9)
+            ):
+                with watch_outputs(modules, lambda i, h: after.__setitem__(i, h.clone())):
+                    gpt2.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    draws = torch.Generator().manual_seed(9)  # the sites draw in forward order: attn 0, mlp 0, attn 1, ...
+    for i in range(len(modules)):
+        noise = torch.randn(raw[i].shape, generator=draws)
+        expected = raw[i] + 0.5 * raw[i].norm(dim=-1, keepdim=True) * noise
+        torch.testing.assert_close(after[i], expected, atol=1e-5, rtol=1e-5)
+
+
 def _label_loss(method, scorer, encoder, demos):
     batch = scorer.batch([encoder.encode(Episode((), d)) for d in demos])
     scores = method.predict(scorer, batch)
