@@ -26,6 +26,12 @@ both measured in this one run (higher is better).
          training prompt reading the attention outputs at its separators, the inner mean and momentum
          written out per episode, then one full forward per (validation prompt, L) with the first L
          attention outputs replaced at the last token. Agreement: the vector, the per-L macro-F1, L.
+    i2cl `ImplicitICL.context_vectors` (the distinct demonstrations of the training episodes, each
+         alone, length-sorted batches, the attention and MLP outputs of every layer read at the last
+         token) vs one unpadded forward per demonstration with the same reads, averaged. Agreement:
+         max |difference| of the vectors. Then the calibration (a and b by AdamW through the frozen
+         model) on the demonstrations of the first --i2cl-episodes episodes, timed alone: seconds,
+         optimiser steps per second, and the loss of its first and last epoch.
 
 "agree" is yes when each result's max |difference| is within 1e-3 of the result's largest entry (3e-2 in
 bf16/fp16, where padded batches round differently from lone prompts) and, for TV, FV and SV, the
@@ -55,6 +61,7 @@ from fv_indirect_effect import plain_effects
 
 from ivlib.episodes import Episode, sample_episodes
 from ivlib.methods.fv import FunctionVectors, shuffle_labels
+from ivlib.methods.i2cl import ImplicitICL, demo_prompt, demonstrations, site_modules
 from ivlib.methods.iv import IterativeVectors
 from ivlib.methods.sv import StateVector
 from ivlib.methods.tv import TaskVectors
@@ -63,7 +70,7 @@ from ivlib.models import LoadedModel
 from ivlib.prompts import EncodedPrompt, PromptEncoder
 from ivlib.scoring import Scorer
 
-PARTS = ("iv", "tv", "fv", "sv")
+PARTS = ("iv", "tv", "fv", "sv", "i2cl")
 
 
 def close(diff: float, reference: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -375,6 +382,54 @@ def bench_sv(
     }
 
 
+# ---- I2CL -----------------------------------------------------------------------------------------
+def plain_i2cl_vectors(lm: LoadedModel, encoder: PromptEncoder, demos: list) -> torch.Tensor:
+    """[L, 2, D]: each demonstration alone, its sites' outputs at its last token, averaged."""
+    modules = site_modules(lm.layout)
+    total: torch.Tensor | None = None
+    for demo in demos:
+        ids = demo_prompt(encoder, demo).ids
+        reads: list[torch.Tensor] = [None] * len(modules)  # type: ignore[list-item]
+
+        def hook(i: int):
+            def fn(module, args, output):
+                reads[i] = _hidden(output).reshape(len(ids), -1)[-1].float()  # one row: [T, D] (OPT's fc2 too)
+
+            return fn
+
+        run_with_hooks(lm, ids, modules, [hook(i) for i in range(len(modules))])
+        sample = torch.stack(reads).view(lm.layout.n_layers, 2, -1)
+        total = sample if total is None else total + sample
+    assert total is not None
+    return (total / len(demos)).cpu()
+
+
+def bench_i2cl(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode]) -> dict:
+    demos = demonstrations(train)
+    method = ImplicitICL(i2cl_epochs=args.i2cl_epochs)
+    method.context_vectors(scorer, encoder, demos[:8])  # warm-up
+    plain_i2cl_vectors(lm, encoder, demos[:1])
+    fast, t_fast = timed(lambda: method.context_vectors(scorer, encoder, demos), lm.device)
+    slow, t_plain = timed(lambda: plain_i2cl_vectors(lm, encoder, demos), lm.device)
+    diff = (fast - slow).abs().max().item()
+    method.vectors = fast
+    calibration = demonstrations(train[: args.i2cl_episodes])
+    _, t_cal = timed(lambda: method.calibrate(scorer, encoder, calibration), lm.device)
+    steps = args.i2cl_epochs * -(-len(calibration) // method.i2cl_batch)
+    return {
+        "part": "i2cl",
+        "what": f"context vectors of {len(demos)} distinct demonstrations: {len(demos)} forwards",
+        "n": len(demos),
+        "fast": t_fast,
+        "plain": t_plain,
+        "agree": f"vectors max |diff| {diff:.2e} (largest |v| {slow.abs().max().item():.2e})",
+        "same": close(diff, slow, lm.dtype),
+        "calibration": f"{t_cal:.2f} s for {steps} steps of {method.i2cl_batch} prompts ({steps / t_cal:.2f} steps/s; "
+        f"{args.i2cl_epochs} epochs over {len(calibration)} demonstrations), loss "
+        f"{method.loss_curve[0]:.4f} -> {method.loss_curve[-1]:.4f}",
+    }
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -394,6 +449,10 @@ def main() -> None:
     ap.add_argument("--fv-episodes", type=int, default=20, help="FV episodes for the mean activations (default 20)")
     ap.add_argument("--fv-trials", type=int, default=4, help="FV shuffled-label trials for the effects (default 4)")
     ap.add_argument("--fv-heads", type=int, help="FV top heads (default: ivlib's, about 2%% of all heads)")
+    ap.add_argument("--i2cl-epochs", type=int, default=100, help="I2CL calibration epochs (default 100, as the CLI)")
+    ap.add_argument(
+        "--i2cl-episodes", type=int, default=1, help="episodes whose demonstrations I2CL calibrates on (default 1)"
+    )
     ap.add_argument("--batch-size", type=int, default=16, help="ivlib's batch size (default 16)")
     ap.add_argument("--repeats", type=int, default=1, help="IV only: timed runs of each side, median shown")
     ap.add_argument("--tokenizer", help="with --random-llama7b: tokenizer directory (see bench/throughput.py)")
@@ -402,6 +461,7 @@ def main() -> None:
     if args.quick:
         args.episodes, args.select_episodes = min(args.episodes, 30), min(args.select_episodes, 10)
         args.fv_episodes, args.fv_trials = min(args.fv_episodes, 6), min(args.fv_trials, 2)
+        args.i2cl_epochs = min(args.i2cl_epochs, 20)
     if (
         min(
             args.episodes,
@@ -411,6 +471,8 @@ def main() -> None:
             args.fv_trials,
             args.batch_size,
             args.repeats,
+            args.i2cl_epochs,
+            args.i2cl_episodes,
         )
         < 1
         or args.ext_batch < 0
@@ -445,6 +507,8 @@ def main() -> None:
         rows.append(bench_fv(args, lm, scorer, encoder, train))
     if "sv" in args.parts:
         rows.append(bench_sv(args, lm, scorer, encoder, train[: args.episodes], validation))
+    if "i2cl" in args.parts:
+        rows.append(bench_i2cl(args, lm, scorer, encoder, train[: args.episodes]))
 
     tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
     print(
@@ -467,6 +531,8 @@ def main() -> None:
     print()
     for r in rows:
         print(f"{r['part']}: {r['agree']}")
+        if "calibration" in r:
+            print(f"{r['part']} calibration: {r['calibration']}")
     iv = next((r for r in rows if r["part"] == "iv"), None)
     if iv is not None:
         print(

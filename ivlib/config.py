@@ -38,7 +38,7 @@ MODEL_KEYS = {
     "dtype": "float32, float16 or bfloat16",
     "tokenizer": "tokenizer directory or hub id, when it differs from `path`",
     "bos": "add the tokenizer's BOS token: auto (if defined), true or false",
-    "layout": "module names when discovery fails: {blocks: ..., attn_out: ...}",
+    "layout": "module names when discovery fails: {blocks: ..., attn_out: ..., mlp_out: ...}",
     "trust_remote_code": "pass trust_remote_code to from_pretrained",
     "fv_heads": "function-vector heads for this model (the IV paper's settings)",
 }

@@ -77,6 +77,27 @@ def watch_outputs(modules: Sequence[nn.Module], fn: Callable[[int, torch.Tensor]
 
 
 @contextmanager
+def map_outputs(modules: Sequence[nn.Module], fn: Callable[[int, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace `modules[i]`'s output ([B, T, D]; a tuple's first element) by `fn(i, hidden)`, a new tensor.
+
+    For edits of every position at once that are not an indexed write (I2CL's b * out + a * v): the
+    result is returned, never written in place, so autograd can differentiate through it while a
+    fit learns the edit's parameters, and the module's own output is left as it was.
+    """
+
+    def mapper(i: int):
+        def hook(module: nn.Module, args, output):
+            if isinstance(output, tuple):
+                return (fn(i, output[0]), *output[1:])
+            return fn(i, output)
+
+        return hook
+
+    with _installed(modules, [mapper(i) for i in range(len(modules))], pre=False):
+        yield
+
+
+@contextmanager
 def edit_outputs(
     modules: Sequence[nn.Module],
     rows: torch.Tensor,

@@ -7,7 +7,7 @@ no edit and an unknown family needs at most two module names in YAML.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from torch import nn
@@ -16,6 +16,9 @@ from .errors import UsageError
 
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 OUT_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block")
+# blocks with no MLP module of their own (OPT): the MLP's last projection sits in the block itself
+MLP_OUT_PROJ_NAMES = ("fc2", "fc_out", "dense_4h_to_h")
 
 
 @dataclass
@@ -27,10 +30,37 @@ class ModelLayout:
     n_heads: int
     n_kv_heads: int
     d_model: int
+    mlp_out_override: str | None = None  # the YAML layout's `mlp_out`, if it names one
+    _mlp_out: tuple[str, list[nn.Module]] | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def mlp_out(self) -> list[nn.Module]:
+        """Each block's MLP (the module whose output joins the residual stream after the MLP), found
+        on first use: only some methods need it (I2CL), and a model whose MLP cannot be found still
+        runs the others. Its output is [B, T, D], except OPT's fc2, which sees the block's flattened
+        [B * T, D] (a reader of positions reshapes it)."""
+        return self._mlp()[1]
+
+    @property
+    def mlp_out_path(self) -> str:
+        """Relative to a block, e.g. "mlp" (OPT: "fc2")."""
+        return self._mlp()[0]
+
+    def _mlp(self) -> tuple[str, list[nn.Module]]:
+        if self._mlp_out is None:
+            try:
+                path = self.mlp_out_override or _find_mlp_out(self.blocks[0], self.d_model)
+                self._mlp_out = (path, [_get(b, path) for b in self.blocks])
+            except (LookupError, AttributeError) as exc:
+                raise UsageError(
+                    f"cannot find the MLP of {type(self.blocks[0]).__name__} ({exc}); name it in the model's "
+                    "config entry, e.g. layout: {mlp_out: mlp}"
+                ) from None
+        return self._mlp_out
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -91,6 +121,22 @@ def _find_attn_out(block: nn.Module, d_model: int | None) -> str:
     raise LookupError(f"no output projection in '{attn_name}'")
 
 
+def _find_mlp_out(block: nn.Module, d_model: int | None) -> str:
+    """The block's MLP module by name or class name, else its MLP output projection (OPT's fc2)."""
+    for name in MLP_NAMES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name
+    for name, child in block.named_children():
+        kind = type(child).__name__.lower()
+        if "mlp" in kind or "feedforward" in kind:
+            return name
+    for name in MLP_OUT_PROJ_NAMES:
+        proj = getattr(block, name, None)
+        if isinstance(proj, nn.Module) and _linear_out(proj) == d_model:
+            return name
+    raise LookupError("no MLP module in the block")
+
+
 def _config_int(config: Any, *names: str) -> int | None:
     for name in names:
         value = getattr(config, name, None)
@@ -100,7 +146,7 @@ def _config_int(config: Any, *names: str) -> int | None:
 
 
 def discover_layout(model: nn.Module, override: dict[str, str] | None = None) -> ModelLayout:
-    """Find the layout; `override` ({blocks, attn_out}) names modules for unknown families."""
+    """Find the layout; `override` ({blocks, attn_out, mlp_out}) names modules for unknown families."""
     model_config: Any = model.config  # a transformers PretrainedConfig
     config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
@@ -108,9 +154,9 @@ def discover_layout(model: nn.Module, override: dict[str, str] | None = None) ->
     n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
     n_kv = _config_int(config, "num_key_value_heads", "n_head_kv", "num_kv_heads") or n_heads
     override = override or {}
-    unknown = sorted(set(override) - {"blocks", "attn_out"})
+    unknown = sorted(set(override) - {"blocks", "attn_out", "mlp_out"})
     if unknown:
-        raise UsageError(f"layout key '{unknown[0]}' is unknown; accepted: blocks, attn_out")
+        raise UsageError(f"layout key '{unknown[0]}' is unknown; accepted: blocks, attn_out, mlp_out")
     hint = "name them in the model's config entry, e.g. layout: {blocks: model.layers, attn_out: self_attn.o_proj}"
     try:
         blocks_path = override.get("blocks") or _find_blocks(model, n_layers)
@@ -122,4 +168,6 @@ def discover_layout(model: nn.Module, override: dict[str, str] | None = None) ->
     if n_heads is None or d_model is None:
         raise UsageError(f"{type(model).__name__}: the config gives no head count or hidden size")
     assert n_kv is not None  # n_heads when the config names no key/value heads
-    return ModelLayout(blocks, attn_out, blocks_path, attn_out_path, n_heads, n_kv, d_model)
+    return ModelLayout(
+        blocks, attn_out, blocks_path, attn_out_path, n_heads, n_kv, d_model, override.get("mlp_out") or None
+    )

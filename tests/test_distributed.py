@@ -33,6 +33,8 @@ CASES = {
     "iv": COMMON + FIT + ["--method", "iv", "--ext-batch", "3", "--strength", "0.5", "0.9"],
     "tv": COMMON + FIT + ["--method", "tv", "--select-episodes", "10"],
     "fv": COMMON + FIT + ["--method", "fv", "--ie-episodes", "6"],
+    # the calibration runs whole on every process; the context vectors are split like any extraction
+    "i2cl": COMMON + FIT + ["--method", "i2cl", "--i2cl-epochs", "3"],
     "dt": COMMON + ["--method", "dt", "--select-episodes", "10", "--dt-steps", "3", "--batch-size", "4"],
 }
 BAD_FLAG = COMMON + ["--method", "iv", "--strength", "x"]

@@ -7,8 +7,9 @@ from torch import nn
 
 from ivlib.episodes import sample_episodes
 from ivlib.errors import UsageError
-from ivlib.hooks import edit_outputs, stack_reads
+from ivlib.hooks import edit_outputs, stack_reads, watch_outputs
 from ivlib.layout import discover_layout
+from ivlib.methods.i2cl import ImplicitICL
 from ivlib.methods.icl import ICL
 from ivlib.methods.iv import IterativeVectors
 from ivlib.prompts import PromptEncoder
@@ -36,6 +37,13 @@ def test_layout_is_discovered(arch):
         lm.model(input_ids=ids)
     assert stack_reads(sites).shape == (2, 1, 64)
     assert all("mlp" not in n for n, m in lm.model.named_modules() if any(m is a for a in layout.attn_out))
+    # the MLP output (I2CL's second site): a module of each block returning [B, T, D], not the attention
+    shapes = []
+    with watch_outputs(layout.mlp_out, lambda i, hidden: shapes.append(hidden.shape)):
+        lm.model(input_ids=ids)
+    assert [s.numel() for s in shapes] == [3 * 64] * 2  # [1, 3, 64], or OPT's flattened [3, 64]
+    assert all(m is lm.layout.blocks[i].get_submodule(layout.mlp_out_path) for i, m in enumerate(layout.mlp_out))
+    assert not any(m is a for m in layout.mlp_out for a in layout.attn_out) and "attn" not in layout.mlp_out_path
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -70,12 +78,33 @@ def test_batched_equals_one_at_a_time(arch, task):
     prompts = [encoder.encode(e) for e in sample_episodes(task.splits["validation"], 2, 1, 6, 11, "v")]
     iv = IterativeVectors(strength=1.0, ext_strength=0.5, ext_batch=0)
     iv.load_state({"vectors": torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(2))})
-    for method in (ICL(), iv):
+    i2cl = ImplicitICL()
+    g = torch.Generator().manual_seed(4)
+    i2cl.vectors, i2cl.a, i2cl.b = (
+        torch.randn(2, 2, 64, generator=g),
+        torch.rand(2, 2, generator=g),
+        1 + torch.rand(2, 2),
+    )
+    for method in (ICL(), iv, i2cl):
         outs = []
         for bs in (1, 6):
             scorer = Scorer(lm, encoder.label_ids, bs, quiet=True)
             outs.append(scorer.runner.map(prompts, lambda b: method.predict(scorer, b), "t"))
         torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_i2cl_fits_with_gradients_on_every_family(arch, task):
+    lm = tiny(arch)
+    encoder = PromptEncoder(lm.tokenizer, task.label_words, add_bos=True)
+    train = sample_episodes(task.splits["train"], 2, 1, 2, 14, "t")
+    scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
+    i2cl = ImplicitICL(i2cl_epochs=2, i2cl_lr=0.05)
+    i2cl.fit(scorer, encoder, train)
+    assert i2cl.vectors.shape == (2, 2, 64) and torch.isfinite(i2cl.vectors).all()
+    assert not torch.equal(i2cl.a, torch.full((2, 2), 0.1))  # the gradients reached a on this family
+    batch = scorer.batch([encoder.encode(e.query_only()) for e in train])
+    assert not torch.allclose(i2cl.predict(scorer, batch), ICL().predict(scorer, batch), atol=1e-6)
 
 
 class _Block(nn.Module):
@@ -100,6 +129,10 @@ def test_unknown_architecture_is_a_clear_error_and_yaml_names_fix_it():
         discover_layout(_Odd())
     layout = discover_layout(_Odd(), {"blocks": "stack", "attn_out": "mixer.proj"})
     assert layout.n_layers == 3 and layout.attn_out[2] is layout.blocks[2].mixer.proj
+    with pytest.raises(UsageError, match="mlp_out"):  # asked for only by the methods that need it
+        print(layout.mlp_out)
+    named = discover_layout(_Odd(), {"blocks": "stack", "attn_out": "mixer.proj", "mlp_out": "mixer"})
+    assert named.mlp_out[1] is named.blocks[1].mixer and named.mlp_out_path == "mixer"
     with pytest.raises(UsageError, match="layout"):
         discover_layout(_Odd(), {"blocks": "stack", "attn_out": "mixer.nope"})
 

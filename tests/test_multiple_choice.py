@@ -149,7 +149,7 @@ def test_cli_runs_multiple_choice(mc_config, tmp_path, method):
     assert sum(record["predicted_fraction"].values()) == pytest.approx(1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("method", ["iv", "tv", "fv"])
+@pytest.mark.parametrize("method", ["iv", "tv", "fv", "i2cl"])
 def test_steering_methods_refuse_multiple_choice(mc_config, tmp_path, capsys, method):
     out = tmp_path / "runs.jsonl"
     out.write_text('{"kept": 1}\n')
