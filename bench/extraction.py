@@ -319,12 +319,12 @@ def plain_site_loss(lm: LoadedModel, label_ids: list[int], emb: torch.Tensor, al
     n_heads, hd = emb.shape[1], emb.shape[2]
 
     def mix(layer: int):
-        def fn(module, args):
-            x = args[0].clone()
+        def fn(module, args):  # out of place: the mix saves h for the backward pass
+            x = args[0]
             h = x[0, -1].view(n_heads, hd)
             a = alpha[layer][:, None].to(x.dtype)
-            x[0, -1] = ((1 - a) * h + a * emb[layer].to(x.device, x.dtype)).reshape(-1)
-            return (x, *args[1:])
+            last = ((1 - a) * h + a * emb[layer].to(x.device, x.dtype)).reshape(1, 1, -1)
+            return (torch.cat([x[:, :-1], last], dim=1), *args[1:])
 
         return fn
 
@@ -349,7 +349,8 @@ def plain_site_fit(
     """(logits after `steps` Adam steps of one prompt each, validation loss): the defaults' lr and init."""
     logits = torch.zeros(lm.layout.n_layers, lm.layout.n_heads, device=lm.device, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=0.2)
-    rng, order = np.random.default_rng([seed, 18]), []
+    rng = np.random.default_rng([seed, 18])
+    order: list[int] = []
     params = list(lm.model.parameters())
     flags = [q.requires_grad for q in params]
     for q in params:

@@ -34,6 +34,10 @@ CASES = {
     "tv": COMMON + FIT + ["--method", "tv", "--select-episodes", "10"],
     "fv": COMMON + FIT + ["--method", "fv", "--ie-episodes", "6"],
     "dt": COMMON + ["--method", "dt", "--select-episodes", "10", "--dt-steps", "3", "--batch-size", "4"],
+    # the whole optimisation on every process, the main one's logits adopted at each checkpoint
+    "site": COMMON
+    + FIT
+    + ["--method", "site", "--select-episodes", "10", "--site-steps", "4", "--site-val-every", "2"],
 }
 BAD_FLAG = COMMON + ["--method", "iv", "--strength", "x"]
 
