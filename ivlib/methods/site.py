@@ -176,11 +176,17 @@ class SoftInjection(Method):
                     logits.copy_(dist.share(lambda: logits.detach().cpu(), "SITE weights")[0])
                 point = self.validate(scorer, val, logits.detach(), n_classes)
                 self.checkpoints.append({"step": step, **point})
-                key = (-point["loss"], 0.0) if self.site_select == "loss" else (point["macro_f1"], -point["loss"])
+                key = self._rank(point)
                 if best is None or key > best[0]:  # ties: the earlier checkpoint
                     best = (key, logits.detach().cpu().clone(), step)
         assert best is not None  # the last step is always a checkpoint
         _, self.logits, self.chosen = best
+
+    def _rank(self, point: dict[str, float]) -> tuple[float, float]:
+        """Higher is better: the validation loss alone, or macro-F1 with ties to the lower loss."""
+        if self.site_select == "loss":
+            return (-point["loss"], 0.0)
+        return (point["macro_f1"], -point["loss"])
 
     def validate(
         self, scorer: Scorer, prompts: list[EncodedPrompt], logits: torch.Tensor, n_classes: int
