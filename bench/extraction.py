@@ -32,6 +32,13 @@ both measured in this one run (higher is better).
          max |difference| of the vectors. Then the calibration (a and b by AdamW through the frozen
          model) on the demonstrations of the first --i2cl-episodes episodes, timed alone: seconds,
          optimiser steps per second, and the loss of its first and last epoch.
+    site `head_means` (SITE's task embedding: batched, prefix-free, o_proj inputs at the last token)
+         vs one forward per prompt reading the same; then the mixing weights' optimisation
+         (`SoftInjection.optimise`, --site-steps Adam steps of one zero-shot prompt each, one
+         validation checkpoint at the end) vs a loop written here: a pre-hook that mixes each
+         head's last-token input by hand, one unpadded prompt, full logits, cross-entropy of the
+         label's first token, Adam on the logits, the same prompt order, the same final validation.
+         Agreement: embeddings, the logits after the last step, the validation loss.
 
 "agree" is yes when each result's max |difference| is within 1e-3 of the result's largest entry (3e-2 in
 bf16/fp16, where padded batches round differently from lone prompts) and, for TV, FV and SV, the
@@ -43,6 +50,7 @@ ratio is "ivlib vs a straightforward implementation", not "batching alone".
 
     python bench/extraction.py --quick --threads 1       # SmolLM2-135M on CPU, a few minutes
     python bench/extraction.py --parts iv tv             # skip FV's per-head loop (the slow one)
+    python bench/extraction.py --quick --threads 1 --parts site
     python bench/extraction.py -g 0 --repeats 3
     python bench/extraction.py --random-llama7b -g 0 --fv-trials 2
 """
@@ -54,6 +62,7 @@ import os
 import statistics
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import transformers
 from common import add_common_args, make_encoder, model_vocab, set_threads, setup, timed, where_it_ran
@@ -63,6 +72,7 @@ from ivlib.episodes import Episode, sample_episodes
 from ivlib.methods.fv import FunctionVectors, shuffle_labels
 from ivlib.methods.i2cl import ImplicitICL, demo_prompt, demonstrations, site_modules
 from ivlib.methods.iv import IterativeVectors
+from ivlib.methods.site import SoftInjection, head_means
 from ivlib.methods.sv import StateVector
 from ivlib.methods.tv import TaskVectors
 from ivlib.metrics import f1_scores
@@ -70,7 +80,7 @@ from ivlib.models import LoadedModel
 from ivlib.prompts import EncodedPrompt, PromptEncoder
 from ivlib.scoring import Scorer
 
-PARTS = ("iv", "tv", "fv", "sv", "i2cl")
+PARTS = ("iv", "tv", "fv", "sv", "i2cl", "site")
 
 
 def close(diff: float, reference: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -430,6 +440,130 @@ def bench_i2cl(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, tr
     }
 
 
+# ---- SITE -----------------------------------------------------------------------------------------
+def plain_site_embedding(lm: LoadedModel, prompts: list[EncodedPrompt]) -> torch.Tensor:
+    """[L, H, hd]: each head's o_proj input at the last token, one prompt per forward, averaged."""
+    layout = lm.layout
+    total: torch.Tensor | None = None
+    for p in prompts:
+        reads: list[torch.Tensor] = [None] * layout.n_layers  # type: ignore[list-item]
+
+        def read(layer: int):
+            def fn(module, args):
+                reads[layer] = args[0][0, -1].float()
+
+            return fn
+
+        run_with_hooks(lm, p.ids, layout.attn_out, [read(i) for i in range(layout.n_layers)], pre=True)
+        stacked = torch.stack(reads)
+        total = stacked if total is None else total + stacked
+    assert total is not None
+    return (total / len(prompts)).view(layout.n_layers, layout.n_heads, -1).cpu()
+
+
+def plain_site_loss(lm: LoadedModel, label_ids: list[int], emb: torch.Tensor, alpha: torch.Tensor, p: EncodedPrompt):
+    """Cross-entropy of the label's first token, each head's last-token input mixed by hand."""
+    n_heads, hd = emb.shape[1], emb.shape[2]
+
+    def mix(layer: int):
+        def fn(module, args):  # out of place: the mix saves h for the backward pass
+            x = args[0]
+            h = x[0, -1].view(n_heads, hd)
+            a = alpha[layer][:, None].to(x.dtype)
+            last = ((1 - a) * h + a * emb[layer].to(x.device, x.dtype)).reshape(1, 1, -1)
+            return (torch.cat([x[:, :-1], last], dim=1), *args[1:])
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(mix(i)) for i, m in enumerate(lm.layout.attn_out)]
+    try:
+        logits = lm.model(input_ids=torch.tensor([p.ids], device=lm.device)).logits[0, -1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return -torch.log_softmax(logits, -1)[label_ids[p.label]]
+
+
+def plain_site_fit(
+    lm: LoadedModel,
+    label_ids: list[int],
+    emb: torch.Tensor,
+    train: list[EncodedPrompt],
+    val: list[EncodedPrompt],
+    steps: int,
+    seed: int,
+) -> tuple[torch.Tensor, float]:
+    """(logits after `steps` Adam steps of one prompt each, validation loss): the defaults' lr and init."""
+    logits = torch.zeros(lm.layout.n_layers, lm.layout.n_heads, device=lm.device, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.2)
+    rng = np.random.default_rng([seed, 18])
+    order: list[int] = []
+    params = list(lm.model.parameters())
+    flags = [q.requires_grad for q in params]
+    for q in params:
+        q.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            order = order or rng.permutation(len(train)).tolist()
+            optimizer.zero_grad()
+            plain_site_loss(lm, label_ids, emb, torch.sigmoid(logits), train[order.pop(0)]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            val_loss = sum(float(plain_site_loss(lm, label_ids, emb, torch.sigmoid(logits), p)) for p in val) / len(val)
+    finally:
+        for q, flag in zip(params, flags):
+            q.requires_grad_(flag)
+    return logits.detach().cpu(), val_loss
+
+
+def bench_site(
+    args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+) -> list[dict]:
+    few_shot = [encoder.encode(e) for e in train]
+    zero_shot = [encoder.encode(e.query_only()) for e in train]
+    val = [encoder.encode(e.query_only()) for e in validation]
+    head_means(scorer, few_shot[:4], "warm-up")
+    plain_site_embedding(lm, few_shot[:1])
+    emb, t_fast = timed(lambda: head_means(scorer, few_shot, "SITE"), lm.device)
+    emb_plain, t_plain = timed(lambda: plain_site_embedding(lm, few_shot), lm.device)
+    emb_diff = (emb - emb_plain).abs().max().item()
+
+    def ivlib() -> SoftInjection:
+        site = SoftInjection(site_steps=args.site_steps, site_val_every=args.site_steps + 1, seed=42)
+        site.emb = emb
+        site.optimise(scorer, zero_shot, val, encoder.n_classes)
+        return site
+
+    fit, t_opt = timed(ivlib, lm.device)
+    (logits, val_loss), t_opt_plain = timed(
+        lambda: plain_site_fit(lm, encoder.label_ids, emb, zero_shot, val, args.site_steps, 42), lm.device
+    )
+    logit_diff = (fit.logits - logits).abs().max().item()
+    loss_diff = abs(fit.checkpoints[-1]["loss"] - val_loss)
+    return [
+        {
+            "part": "site",
+            "what": f"task embedding: {len(train)} episodes ({args.ext_shot}-shot), {len(train)} forwards",
+            "n": len(train),
+            "fast": t_fast,
+            "plain": t_plain,
+            "agree": f"embedding max |diff| {emb_diff:.2e} (largest {emb_plain.abs().max().item():.2e})",
+            "same": close(emb_diff, emb_plain, lm.dtype),
+        },
+        {
+            "part": "opt",
+            "what": f"SITE optimisation: {args.site_steps} steps of 1 zero-shot prompt (forward + backward), "
+            f"then {len(val)} validation prompts ({args.site_steps / t_opt:.1f} steps/s incl. validation)",
+            "n": args.site_steps,
+            "fast": t_opt,
+            "plain": t_opt_plain,
+            "agree": f"logits max |diff| {logit_diff:.2e} (largest {logits.abs().max().item():.2e}), "
+            f"validation loss {fit.checkpoints[-1]['loss']:.4f} vs {val_loss:.4f}",
+            "same": close(logit_diff, logits, lm.dtype) and loss_diff <= 1e-3 * max(1.0, abs(val_loss)),
+        },
+    ]
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -453,6 +587,7 @@ def main() -> None:
     ap.add_argument(
         "--i2cl-episodes", type=int, default=1, help="episodes whose demonstrations I2CL calibrates on (default 1)"
     )
+    ap.add_argument("--site-steps", type=int, default=100, help="SITE optimisation steps timed (default 100)")
     ap.add_argument("--batch-size", type=int, default=16, help="ivlib's batch size (default 16)")
     ap.add_argument("--repeats", type=int, default=1, help="IV only: timed runs of each side, median shown")
     ap.add_argument("--tokenizer", help="with --random-llama7b: tokenizer directory (see bench/throughput.py)")
@@ -462,6 +597,7 @@ def main() -> None:
         args.episodes, args.select_episodes = min(args.episodes, 30), min(args.select_episodes, 10)
         args.fv_episodes, args.fv_trials = min(args.fv_episodes, 6), min(args.fv_trials, 2)
         args.i2cl_epochs = min(args.i2cl_epochs, 20)
+        args.site_steps = min(args.site_steps, 20)
     if (
         min(
             args.episodes,
@@ -473,6 +609,7 @@ def main() -> None:
             args.repeats,
             args.i2cl_epochs,
             args.i2cl_episodes,
+            args.site_steps,
         )
         < 1
         or args.ext_batch < 0
@@ -509,6 +646,8 @@ def main() -> None:
         rows.append(bench_sv(args, lm, scorer, encoder, train[: args.episodes], validation))
     if "i2cl" in args.parts:
         rows.append(bench_i2cl(args, lm, scorer, encoder, train[: args.episodes]))
+    if "site" in args.parts:
+        rows.extend(bench_site(args, lm, scorer, encoder, train[: args.episodes], validation))
 
     tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
     print(

@@ -36,6 +36,10 @@ CASES = {
     # the calibration runs whole on every process; the context vectors are split like any extraction
     "i2cl": COMMON + FIT + ["--method", "i2cl", "--i2cl-epochs", "3"],
     "dt": COMMON + ["--method", "dt", "--select-episodes", "10", "--dt-steps", "3", "--batch-size", "4"],
+    # the whole optimisation on every process, the main one's logits adopted at each checkpoint
+    "site": COMMON
+    + FIT
+    + ["--method", "site", "--select-episodes", "10", "--site-steps", "4", "--site-val-every", "2"],
 }
 BAD_FLAG = COMMON + ["--method", "iv", "--strength", "x"]
 

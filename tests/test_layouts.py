@@ -178,3 +178,19 @@ def test_hooks_are_removed_even_when_the_forward_raises():
         with edit_outputs([module], torch.tensor([0]), torch.tensor([99]), read=True):
             lm.model(input_ids=torch.tensor([[5, 6]]))  # column 99 does not exist: the hook raises
     assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_soft_injection_fits_and_edits_on_every_family(arch, task):
+    """SITE differentiates through every family's attention for its mixing weights."""
+    from ivlib.methods.site import SoftInjection
+
+    lm = tiny(arch)
+    encoder = PromptEncoder(lm.tokenizer, task.label_words, add_bos=True)
+    train = sample_episodes(task.splits["train"], 2, 1, 4, 13, "t")
+    site = SoftInjection(site_steps=2, site_batch=2)
+    scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
+    site.fit(scorer, encoder, train, sample_episodes(task.splits["validation"], 2, 1, 4, 13, "v"))
+    assert site.emb.shape == (2, 4, 16) and not torch.equal(site.logits, torch.zeros(2, 4))  # a step moved them
+    batch = scorer.batch([encoder.encode(e.query_only()) for e in train])
+    assert not torch.allclose(site.predict(scorer, batch), ICL().predict(scorer, batch), atol=1e-6)
