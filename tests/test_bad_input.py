@@ -174,6 +174,77 @@ CASES = {
 }
 
 
+def _entry(kind, body, flag):
+    """A config (merged over config/tiny.yaml) whose one entry `x` is `body`, run with it."""
+
+    def build(tmp):
+        cfg = _yaml(tmp, f"{kind}:\n  x: {body}\n")
+        return GOOD[:2] + ["-c", cfg] + _replace(GOOD[2:], flag, "x")
+
+    return build
+
+
+# class 1 of issue 14: registry values of the wrong type or range, refused by the schema when the file
+# is read; the message names the file, the entry, the key and the value
+REGISTRY_CASES = {
+    "data_files a number": (_entry("tasks", "{data_files: 5}", "-t"), "tasks.x.data_files 5 is not accepted"),
+    "text_fields a number": (
+        _entry("tasks", "{builtin: review_sentiment, text_fields: 7}", "-t"),
+        "tasks.x.text_fields 7",
+    ),
+    "fv_heads a string": (_entry("models", "{builtin: tiny-gpt2, fv_heads: many}", "-m"), "models.x.fv_heads 'many'"),
+    "fv_heads infinite": (_entry("models", "{builtin: tiny-gpt2, fv_heads: .inf}", "-m"), "models.x.fv_heads inf"),
+    "fv_heads nan": (_entry("models", "{builtin: tiny-gpt2, fv_heads: .nan}", "-m"), "models.x.fv_heads nan"),
+    "fv_heads zero": (_entry("models", "{builtin: tiny-gpt2, fv_heads: 0}", "-m"), "an integer >= 1"),
+    "answer_base a word": (
+        _entry(
+            "tasks", "{builtin: review_sentiment, multiple_choice: {options: a, answer: b, answer_base: one}}", "-t"
+        ),
+        "tasks.x.multiple_choice.answer_base 'one'",
+    ),
+    "label_words yes/no unquoted": (
+        _entry("tasks", "{builtin: review_sentiment, label_words: [no, yes]}", "-t"),
+        "label_words [False, True]",
+    ),
+    "dtype unknown": (_entry("models", "{builtin: tiny-gpt2, dtype: fp8}", "-m"), "float32, float16 or bfloat16"),
+    "bos a word": (_entry("models", "{builtin: tiny-gpt2, bos: maybe}", "-m"), "models.x.bos 'maybe'"),
+    "trust_remote_code a string": (
+        _entry("models", "{path: gpt2, trust_remote_code: 'yes'}", "-m"),
+        "models.x.trust_remote_code 'yes'",
+    ),
+    "layout key unknown": (
+        _entry("models", "{builtin: tiny-gpt2, layout: {blokcs: h}}", "-m"),
+        "unknown key 'models.x.layout.blokcs'",
+    ),
+    "splits role unknown": (_entry("tasks", "{builtin: review_sentiment, splits: {dev: x}}", "-t"), "tasks.x.splits"),
+    "task without a source": (_entry("tasks", "{label_field: y}", "-t"), "tasks.x has none of dataset"),
+    "model without a source": (_entry("models", "{dtype: float32}", "-m"), "models.x has none of path"),
+    "assemble not module:function": (_entry("models", "{assemble: justamodule}", "-m"), "models.x.assemble"),
+    "duplicate entry": (
+        lambda t: (
+            GOOD[:2]
+            + ["-c", _yaml(t, "models:\n  x: {builtin: tiny-gpt2}\n  x: {builtin: tiny-llama}\n")]
+            + _replace(GOOD[2:], "-m", "x")
+        ),
+        "key 'x' is given twice (lines 2 and 3)",
+    ),
+    "duplicate key in an entry": (
+        _entry("models", "{builtin: tiny-gpt2, builtin: tiny-llama}", "-m"),
+        "key 'builtin' is given twice",
+    ),
+    "config not utf-8": (
+        lambda t: _replace(GOOD, "-c", str(_write_bytes(t / "latin1.yaml", b"models: {caf\xe9: gpt2}\n"))),
+        "not UTF-8",
+    ),
+}
+CASES.update(REGISTRY_CASES)
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_exits_2_with_one_line(case, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
