@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,6 +43,11 @@ from .tasks import Task, load_task
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
 SPLITS = ("validation", "test")
+# The most episodes of any kind one run draws: each episode is a few kB of examples and token ids
+# held in memory at once (1,000,000 are gigabytes, and days of compute on a small model); a larger
+# count is refused before anything is sampled instead of running out of memory while sampling.
+MAX_EPISODES = 1_000_000
+MEM_LIMIT = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)  # what accelerate's max_memory reads
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -54,11 +60,16 @@ def parse_batch_size(text: str) -> int | str:
 # CLI derives their flags and checks the same way.
 PROTOCOL = (
     Setting("ext_shot", int, 4, "extraction demonstrations per class (methods that fit)", low=0, short="-s"),
-    Setting("episodes", int, 200, "extraction episodes, drawn from train", low=1, short="-e"),
+    Setting("episodes", int, 200, "extraction episodes, drawn from train", low=1, high=MAX_EPISODES, short="-e"),
     Setting("shot", int, 1, "evaluation demonstrations per class", low=0),
-    Setting("eval_episodes", int, 10_000, "evaluation episodes", low=1, short="-n"),
+    Setting("eval_episodes", int, 10_000, "evaluation episodes", low=1, high=MAX_EPISODES, short="-n"),
     Setting(
-        "select_episodes", int, 200, "validation episodes a method selects on (tv: its layer, dt: its steps)", low=1
+        "select_episodes",
+        int,
+        200,
+        "validation episodes a method selects on (tv: its layer, dt: its steps)",
+        low=1,
+        high=MAX_EPISODES,
     ),
     Setting("seed", int, 42, "seed of the episodes (and of the bootstrap): every method sees the same queries", low=0),
     Setting(
@@ -208,6 +219,8 @@ class Experiment:
             )
         if spec.mem_limit and not spec.device_map:
             raise UsageError("--mem-limit needs --device-map")
+        if spec.mem_limit and not MEM_LIMIT.match(spec.mem_limit):
+            raise UsageError(f"--mem-limit '{spec.mem_limit}' is not accepted; accepted: a size such as 20GiB or 500MB")
         if spec.device_map and spec.gpu < 0:
             raise UsageError("--device-map needs a GPU (-g 0 or higher)")
         if spec.device_map and dist.active():
@@ -246,6 +259,11 @@ class Experiment:
 
     def _check_state_flags(self) -> None:
         cls = self.method_cls
+        if self.spec.load_vectors and self.spec.save_vectors:
+            raise UsageError(
+                f"--load-vectors and --save-vectors together: a loaded state is not refitted, so "
+                f"'{self.spec.save_vectors}' would not be written; accepted: one of the two (copy the file to keep it elsewhere)"
+            )
         for flag, value in (("--load-vectors", self.spec.load_vectors), ("--save-vectors", self.spec.save_vectors)):
             if value and not cls.has_state:
                 fitted = ", ".join(name for name, c in METHODS.items() if c.has_state)

@@ -239,6 +239,23 @@ REGISTRY_CASES = {
 }
 CASES.update(REGISTRY_CASES)
 
+# class 3: flags that conflict or are out of range, refused before the model loads
+FLAG_CASES = {
+    "run-clean with another method": (lambda t: GOOD + ["--run-clean", "--method", "fv"], "--run-clean means"),
+    "load and save vectors together": (
+        lambda t: GOOD + ["--load-vectors", str(t / "a.st"), "--save-vectors", str(t / "b.st")],
+        "--load-vectors and --save-vectors together",
+    ),
+    "negative seed": (lambda t: GOOD + ["--seed", "-1"], "--seed -1 is out of range"),
+    "eval episodes beyond the cap": (lambda t: _replace(GOOD, "-n", "1000000000000"), "<= 1,000,000"),
+    "extraction episodes beyond the cap": (lambda t: _replace(GOOD, "-e", "1000001"), "--episodes 1000001"),
+    "select episodes beyond the cap": (lambda t: GOOD + ["--select-episodes", "10000000"], "--select-episodes"),
+    "strength minus infinity": (lambda t: GOOD + ["--strength", "-inf"], "--strength -inf is not a finite number"),
+    "strength minus nan among others": (lambda t: GOOD + ["--strength", "0.5", "-nan"], "--strength -nan"),
+    "mem-limit not a size": (lambda t: GOOD + ["-g", "0", "--device-map", "auto", "--mem-limit", "lots"], "'lots'"),
+}
+CASES.update(FLAG_CASES)
+
 
 def _write_bytes(path, data):
     path.write_bytes(data)
@@ -309,3 +326,22 @@ def test_unsavable_vectors_path_is_refused_before_the_fit(tmp_path, monkeypatch,
     monkeypatch.setattr(IterativeVectors, "fit", lambda *a, **k: pytest.fail("fitted before checking --save-vectors"))
     code = main(GOOD + ["--save-vectors", str(tmp_path), "--results", str(tmp_path / "runs.jsonl")])
     assert code == 2 and "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", [["-inf"], ["-1e3", "0.5"], ["-.5", "-2"], ["-Infinity"], ["-1E-2"], ["-nan"]])
+def test_negative_numbers_are_values_in_a_list_flag(given):
+    from ivlib.cli import build_parser
+
+    args = build_parser().parse_args(["-m", "m", "-t", "t", "--strength", *given])
+    assert args.strength == given
+
+
+def test_flag_errors_come_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import ivlib.experiment as experiment
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("the model loaded before the flag check"))
+    for build, _ in FLAG_CASES.values():
+        code = main(build(tmp_path) + ["--results", str(tmp_path / "r.jsonl")])
+        assert code == 2, capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
