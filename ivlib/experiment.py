@@ -413,7 +413,7 @@ class Experiment:
         method = self.methods[0]
         if spec.load_vectors:
             tensors, meta = load_state(spec.load_vectors, self.identity)
-            method.load_state(tensors)
+            method.restore(spec.load_vectors, tensors, self.lm.layout, self.task.n_classes)
             self.fit_info = {"loaded_from": spec.load_vectors, "fitted_with": meta.get("fit"), **method.fit_summary()}
         elif self.fitting:
             train, select = self.fit_episodes()
