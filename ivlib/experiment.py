@@ -34,7 +34,7 @@ from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
 from .prompts import PromptEncoder
 from .results import append_record, check_writable, has_record, read_records, signals_held
-from .samples import sample_lines, samples_stem, write_samples
+from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
 from .settings import Setting, by_name
 from .state import check_save_path, load_state, read_meta, save_state
@@ -191,6 +191,8 @@ class Experiment:
         self.model_entry = lookup(self.config.models, "model", spec.model)
         self.task_entry = lookup(self.config.tasks, "task", spec.task)
         check_writable(spec.results)
+        if spec.log_samples:
+            check_samples_dir(spec.results)
         self._check_state_flags()
         if spec.save_vectors:
             check_save_path(spec.save_vectors)

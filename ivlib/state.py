@@ -96,6 +96,7 @@ def _tensor_table(tensors: dict[str, torch.Tensor]) -> dict[str, list[Any]]:
 
 
 def save_state(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     target = Path(path)
@@ -106,13 +107,18 @@ def save_state(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     try:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
         os.replace(tmp, target)  # complete file or none
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        raise UsageError(f"--save-vectors '{path}' could not be written ({reason}); no vectors file written") from None
     finally:
         tmp.unlink(missing_ok=True)  # an interrupted save leaves nothing behind
 
 
 def check_save_path(path: str) -> None:
     """Fail before any compute if the fitted state could not be saved at the end of the fit."""
-    target = Path(path)
+    from .results import check_free_space, check_output_path
+
+    target = check_output_path("--save-vectors", path, "iv.safetensors")
     if target.is_dir():
         raise UsageError(
             f"--save-vectors '{path}' is a directory; accepted: a file path, e.g. {target / 'iv.safetensors'}"
@@ -124,6 +130,7 @@ def check_save_path(path: str) -> None:
         )
     if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise UsageError(f"--save-vectors '{path}' is not writable; accepted: a path in a writable directory")
+    check_free_space("--save-vectors", path, existing)
 
 
 def _open(path: str, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
