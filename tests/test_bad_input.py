@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -257,6 +258,83 @@ FLAG_CASES = {
 CASES.update(FLAG_CASES)
 
 
+def _data(edit, names=True, suffix="parquet"):
+    """A task over one local file: 100 labelled rows, edited; label_names given unless names=False."""
+
+    def build(tmp):
+        frame = pd.DataFrame({"text": [f"row {i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
+        frame = edit(frame)
+        path = tmp / f"data.{suffix}"
+        if suffix == "parquet":
+            frame.to_parquet(path)
+        else:
+            frame.to_csv(path, index=False)
+        extra = ", label_names: [neg, pos]" if names else ""
+        cfg = _yaml(tmp, f"tasks:\n  x: {{data_files: {{train: '{path}'}}{extra}}}\n")
+        return GOOD[:2] + ["-c", cfg] + _replace(GOOD[2:], "-t", "x")
+
+    return build
+
+
+def _file_task(make):
+    def build(tmp):
+        path = make(tmp)
+        cfg = _yaml(tmp, f"tasks:\n  x: {{data_files: {{train: '{path}'}}, label_names: [neg, pos]}}\n")
+        return GOOD[:2] + ["-c", cfg] + _replace(GOOD[2:], "-t", "x")
+
+    return build
+
+
+def _set(column, rows, value, dtype=None):
+    def edit(frame):
+        if dtype is not None:
+            frame[column] = frame[column].astype(dtype)
+        frame.loc[rows, column] = value
+        return frame
+
+    return edit
+
+
+def _touch(tmp, name, text=""):
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
+def _folder(tmp):
+    (tmp / "folder.parquet").mkdir()
+    return tmp / "folder.parquet"
+
+
+# class 2: data that is not what the task says
+DATA_CASES = {
+    "empty data file": (_file_task(lambda t: _touch(t, "empty.parquet")), "is empty (0 bytes)"),
+    "directory as a data file": (_file_task(_folder), "is a directory"),
+    "data file that is not parquet": (
+        _file_task(lambda t: _touch(t, "junk.parquet", "junk")),
+        "cannot be read as parquet",
+    ),
+    "csv with a header only": (_file_task(lambda t: _touch(t, "h.csv", "text,label\n")), "cannot be read as csv"),
+    "text labels with label_names": (
+        _data(lambda f: f.assign(label=[["neg", "pos"][i % 2] for i in range(100)])),
+        "holds 100 text label(s), first at row 0: 'neg'",
+    ),
+    "a NaN label": (_data(_set("label", 3, np.nan, float)), "holds 1 missing label(s) (None/NaN), first at row 3"),
+    "a fractional label": (_data(_set("label", 4, 0.5, float)), "first at row 4: 0.5"),
+    "labels outside label_names": (_data(_set("label", slice(0, 49), 5)), "has 50 label(s) outside label_names"),
+    "labels below -1": (_data(_set("label", 9, -3)), "first at row 9: -3"),
+    "a missing text": (_data(_set("text", 7, None)), "1 missing text(s) (None/NaN) in column 'text', first at row 7"),
+    "a NaN text in a csv": (
+        _data(_set("text", 11, np.nan, object), suffix="csv"),
+        "missing text(s) (None/NaN) in column 'text', first at row 11",
+    ),
+    "only unlabelled rows": (
+        _data(lambda f: f.assign(label=-1)),
+        "split 'train' is empty (its 100 rows have no label)",
+    ),
+}
+CASES.update(DATA_CASES)
+
+
 def _write_bytes(path, data):
     path.write_bytes(data)
     return path
@@ -345,3 +423,17 @@ def test_flag_errors_come_before_the_model_loads(tmp_path, monkeypatch, capsys):
         code = main(build(tmp_path) + ["--results", str(tmp_path / "r.jsonl")])
         assert code == 2, capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_unlabelled_rows_are_dropped_counted_and_recorded(tmp_path, monkeypatch, capsys):
+    """-1 (a hub test split's hidden label) is the one label dropped, never silently: the record's
+    task_provenance and the summary line give the count."""
+    import json
+
+    monkeypatch.chdir(REPO)
+    argv = _data(_set("label", slice(0, 5), -1))(tmp_path)
+    results = tmp_path / "runs.jsonl"
+    assert main(argv + ["--method", "icl", "--results", str(results)]) == 0
+    record = json.loads(results.read_text())
+    assert record["task_provenance"]["dropped_unlabelled"] == {"train": 6}
+    assert "rows without a label dropped: 6 train (task_provenance)" in capsys.readouterr().out
