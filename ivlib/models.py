@@ -356,8 +356,8 @@ def _from_pretrained(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)  # see load_model
     except pickle.UnpicklingError as exc:  # torch's weights-only loader refused what the pickle would run
-        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(exc))
-        reason = (found.group(1) if found else str(exc).strip().splitlines()[0])[:160]
+        refusal = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(exc))
+        reason = (refusal.group(1) if refusal else str(exc).strip().splitlines()[0])[:160]
         raise UsageError(
             f"model '{name}': the pickle weights in '{folder}' are refused by torch's safe loader ({reason}); "
             "accepted: safetensors weights (save_pretrained's default); convert a checkpoint you trust to safetensors"

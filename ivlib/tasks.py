@@ -209,20 +209,16 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _texts(name: str, role: str, ds: Any, text_cols: list[str]) -> list[str]:
+def _texts(name: str, role: str, columns: dict[str, list[Any]], text_cols: list[str]) -> list[str]:
     """Each row's text fields joined; a missing one (None, NaN) is refused, not turned into "None"."""
-    texts = []
-    for i, row in enumerate(ds.select_columns(text_cols)):
-        values = [row[c] for c in text_cols]
-        if any(_missing(v) for v in values):
-            column = text_cols[[_missing(v) for v in values].index(True)]
-            count = sum(any(_missing(r[c]) for c in text_cols) for r in ds.select_columns(text_cols))
+    for column in text_cols:
+        missing = [i for i, v in enumerate(columns[column]) if _missing(v)]
+        if missing:
             raise UsageError(
-                f"task '{name}': split '{role}' has {count} missing text(s) (None/NaN) in column '{column}', "
-                f"first at row {i}; accepted: a text in every row (remove or fill those rows)"
+                f"task '{name}': split '{role}' has {len(missing)} missing text(s) (None/NaN) in column '{column}', "
+                f"first at row {missing[0]}; accepted: a text in every row (remove or fill those rows)"
             )
-        texts.append(" ".join(str(v).strip() for v in values))
-    return texts
+    return [" ".join(str(v).strip() for v in row) for row in zip(*(columns[c] for c in text_cols))]
 
 
 def _as_index(value: Any) -> int | None:
@@ -348,8 +344,9 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
     text_cols = _text_columns(name, train_ds.column_names, spec)
 
     def to_split(ds: Any, role: str) -> tuple[Split, int]:
-        texts = _texts(name, role, ds, text_cols)
-        labels = _labels(name, role, ds[label_field], names, label_field)
+        columns = ds.select_columns([*dict.fromkeys([*text_cols, label_field])]).to_dict()  # a Column iterates slowly
+        texts = _texts(name, role, columns, text_cols)
+        labels = _labels(name, role, columns[label_field], names, label_field)
         keep = labels != NO_LABEL  # hub test splits often carry -1: dropped, and counted in the provenance
         if not keep.all():
             texts = [t for t, k in zip(texts, keep) if k]
