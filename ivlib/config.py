@@ -69,6 +69,8 @@ class _DuplicateKey(Exception):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise UsageError(f"config file '{path}' is a directory; accepted: a YAML file (-c DIR/name.yaml)")
     if not path.is_file():
         raise UsageError(f"config file '{path}' does not exist; pass an existing YAML file with -c")
     try:

@@ -47,7 +47,7 @@ SPLITS = ("validation", "test")
 # held in memory at once (1,000,000 are gigabytes, and days of compute on a small model); a larger
 # count is refused before anything is sampled instead of running out of memory while sampling.
 MAX_EPISODES = 1_000_000
-MEM_LIMIT = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)  # what accelerate's max_memory reads
+MEM_LIMIT = re.compile(r"^\d+(\.\d+)?\s*[KMG]i?B$", re.IGNORECASE)  # the units accelerate's max_memory reads
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -222,7 +222,9 @@ class Experiment:
         if spec.mem_limit and not spec.device_map:
             raise UsageError("--mem-limit needs --device-map")
         if spec.mem_limit and not MEM_LIMIT.match(spec.mem_limit):
-            raise UsageError(f"--mem-limit '{spec.mem_limit}' is not accepted; accepted: a size such as 20GiB or 500MB")
+            raise UsageError(
+                f"--mem-limit '{spec.mem_limit}' is not accepted; accepted: a size in KB/MB/GB or KiB/MiB/GiB, e.g. 20GiB"
+            )
         if spec.device_map and spec.gpu < 0:
             raise UsageError("--device-map needs a GPU (-g 0 or higher)")
         if spec.device_map and dist.active():

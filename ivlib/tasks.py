@@ -173,10 +173,11 @@ def _label_names(name: str, ds: Any, label_field: str, spec: dict[str, Any]) -> 
     if feature is not None and hasattr(feature, "names"):
         return list(feature.names)
     if "label_text" in ds.column_names:  # files such as shared/data: int label + its name
+        columns = ds.select_columns([label_field, "label_text"]).to_dict()  # a Column iterates slowly
         pairs = sorted(
             {
                 (i, str(t))
-                for y, t in zip(ds[label_field], ds["label_text"])
+                for y, t in zip(columns[label_field], columns["label_text"])
                 if (i := _as_index(y)) is not None and i >= 0
             }
         )
