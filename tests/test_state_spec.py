@@ -149,3 +149,15 @@ def test_spec_checks_each_axis_kind_and_range():
         check_tensors("f", {"x": torch.zeros(2, 7), "i": torch.tensor([[2, 4]])}, spec, "m")
     with pytest.raises(Exception, match=r"need \[2, any\]"):
         check_tensors("f", {"x": torch.zeros(3, 7), "i": torch.tensor([[0, 0]])}, spec, "m")
+
+
+def test_the_python_api_checks_a_loaded_state_the_same_way(states, tmp_path):
+    import ivlib
+
+    model, tokenizer = ivlib.tiny_model("gpt2")
+    lm = ivlib.wrap(model, tokenizer, name="tiny-gpt2")
+    task = ivlib.load_task("review_sentiment")
+    assert ivlib.load(str(states["tv"]), lm, task).layer in (0, 1)  # the file as saved loads
+    bad = _rewrite(states["tv"], tmp_path / "bad.safetensors", _put("layer", torch.tensor(7)))
+    with pytest.raises(ivlib.UsageError, match=r"tensor 'layer' holds 7, outside this model's range"):
+        ivlib.load(str(bad), lm, task)
