@@ -136,6 +136,10 @@ def check_save_path(path: str) -> None:
 def _open(path: str, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import safe_open
 
+    if Path(path).exists() and not Path(path).is_file():
+        raise UsageError(
+            f"--load-vectors '{path}' is not a file (a directory or device); accepted: a .safetensors file"
+        )
     if not Path(path).is_file():
         raise UsageError(f"--load-vectors '{path}' does not exist")
     try:
