@@ -263,6 +263,9 @@ class Experiment:
 
     def _check_state_flags(self) -> None:
         cls = self.method_cls
+        for flag, value in (("--load-vectors", self.spec.load_vectors), ("--save-vectors", self.spec.save_vectors)):
+            if value is not None and not value.strip():  # '' would read as "not given": the save silently skipped
+                raise UsageError(f"{flag} '{value}' is empty; accepted: a file path, e.g. vectors/iv.safetensors")
         if self.spec.load_vectors and self.spec.save_vectors:
             raise UsageError(
                 f"--load-vectors and --save-vectors together: a loaded state is not refitted, so "

@@ -248,6 +248,7 @@ FLAG_CASES = {
         "--load-vectors and --save-vectors together",
     ),
     "load vectors from a directory": (lambda t: GOOD + ["--load-vectors", str(t)], "is not a file (a directory"),
+    "empty vectors path": (lambda t: GOOD + ["--save-vectors", ""], "--save-vectors '' is empty"),
     "negative seed": (lambda t: GOOD + ["--seed", "-1"], "--seed -1 is out of range"),
     "eval episodes beyond the cap": (lambda t: _replace(GOOD, "-n", "1000000000000"), "<= 1,000,000"),
     "extraction episodes beyond the cap": (lambda t: _replace(GOOD, "-e", "1000001"), "--episodes 1000001"),
