@@ -412,7 +412,7 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
         )
     method = _build(name, {**fitted, **settings}, int(info.get("seed", _P["seed"].default)))
     tensors, meta = load_state(path, _identity(name, lm, task))
-    method.load_state(tensors)
+    method.restore(path, tensors, lm.layout, task.n_classes)
     method.fit_info = meta.get("fit") or {}
     return method
 

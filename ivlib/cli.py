@@ -190,6 +190,10 @@ def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:
     task = getattr(experiment, "task", None)
     labels = [] if task is None or task.multiple_choice else [p.label for p in getattr(experiment, "prompts", [])]
     warning = collapse_warning(record.get("predicted_fraction") or {}, labels)
+    dropped = (record.get("task_provenance") or {}).get("dropped_unlabelled") or {}
+    if dropped:  # rows the data gave no label (-1, a hidden test answer): the run is on fewer rows than the file
+        note = ", ".join(f"{n} {role}" for role, n in dropped.items())
+        warning = "; ".join(w for w in (warning, f"rows without a label dropped: {note} (task_provenance)") if w)
     return (
         f"{experiment.label(record)} | {spec.model} | {spec.task} | {spec.split} | {spec.eval_episodes} episodes | "
         f"{_metric_summary(record['metrics'])} | fit {experiment.fit_s:.1f}s | "

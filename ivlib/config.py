@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 
 from .errors import UsageError
+from .schema import MODEL_KEYS, TASK_KEYS, check_entry
+
+__all__ = ["MODEL_KEYS", "TASK_KEYS", "Config", "load_config", "lookup"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The checkout holding the package, where the record's git commit is looked up; in an installed
@@ -28,32 +31,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 BASE_CONFIG = PACKAGE_DIR / "base.yaml"  # package data: the base registry travels with the code
 
-MODEL_KEYS = {
-    "path": "local directory or hub id",
-    "gguf_file": "GGUF file name inside `path` (or inside `package`)",
-    "package": "installed Python package whose folder holds the weights (not imported)",
-    "assemble": "module:function of an installed package that writes the GGUF file and returns its path "
-    "(multi-part packages; called once, the result cached)",
-    "builtin": "a model built from a config at run time (tiny-gpt2, tiny-llama, ...)",
-    "dtype": "float32, float16 or bfloat16",
-    "tokenizer": "tokenizer directory or hub id, when it differs from `path`",
-    "bos": "add the tokenizer's BOS token: auto (if defined), true or false",
-    "layout": "module names when discovery fails: {blocks: ..., attn_out: ..., mlp_out: ...}",
-    "trust_remote_code": "pass trust_remote_code to from_pretrained",
-    "fv_heads": "function-vector heads for this model (the IV paper's settings)",
-}
-TASK_KEYS = {
-    "dataset": "hub dataset id, or parquet/csv/json for local files",
-    "subset": "dataset configuration name",
-    "data_files": "local file or {split: file}",
-    "splits": "{train: NAME, validation: NAME, test: NAME}",
-    "text_fields": "list of text columns (joined with a space)",
-    "label_field": "label column (default: label)",
-    "label_names": "class names when the label column is not a ClassLabel",
-    "label_words": "words the model predicts, one per class",
-    "builtin": "a task whose data ivlib generates itself",
-    "multiple_choice": "{options: FIELD or [FIELDS], answer: FIELD, option_keys: FIELD, answer_base: 0|1}",
-}
 _PATH_KEYS = ("path", "tokenizer", "data_files")
 
 
@@ -66,11 +43,45 @@ class Config:
     sources: list[str] = field(default_factory=list)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: plain YAML keeps the last silently,
+    so a forgotten earlier entry (or value) would run without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"key '{key}' is given twice (lines {first} and {again})")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise UsageError(f"config file '{path}' is a directory; accepted: a YAML file (-c DIR/name.yaml)")
     if not path.is_file():
         raise UsageError(f"config file '{path}' does not exist; pass an existing YAML file with -c")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"config file '{path}' cannot be read ({reason}); accepted: a UTF-8 YAML file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise UsageError(f"config file '{path}': {exc}; accepted: each key once per mapping") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -145,7 +156,7 @@ def _resolve_paths(entry: dict[str, Any], base_dir: Path, where: str = "entry") 
     return out
 
 
-def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
+def _check_entries(kind: str, entries: Any, path: Path) -> dict[str, dict[str, Any]]:
     if entries is None:
         return {}
     if not isinstance(entries, dict):
@@ -156,9 +167,7 @@ def _check_entries(kind: str, entries: Any, allowed: dict[str, str], path: Path)
             entry = {"path": entry} if kind == "models" else {"dataset": entry}
         if not isinstance(entry, dict):
             raise UsageError(f"config '{path}': {kind}.{name} must be a string or a mapping")
-        for key in entry:
-            if key not in allowed:
-                raise UsageError(f"config '{path}': unknown key '{kind}.{name}.{key}'; accepted: {', '.join(allowed)}")
+        check_entry(kind, str(name), entry, str(path))
         checked[str(name)] = _resolve_paths(entry, path.parent, f"config '{path}': {kind}.{name}")
     return checked
 
@@ -183,8 +192,8 @@ def load_config(user_files: str | Sequence[str] | None) -> Config:
             files.append(user_path)
     for path in files:
         data = _read_yaml(path)
-        cfg.models.update(_check_entries("models", data.get("models"), MODEL_KEYS, path))
-        cfg.tasks.update(_check_entries("tasks", data.get("tasks"), TASK_KEYS, path))
+        cfg.models.update(_check_entries("models", data.get("models"), path))
+        cfg.tasks.update(_check_entries("tasks", data.get("tasks"), path))
         cfg.sources.append(str(path))
     return cfg
 

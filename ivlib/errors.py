@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, NoReturn
 
 
@@ -17,7 +18,23 @@ class UsageError(Exception):
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are `UsageError`s: one line and exit code 2, like every other bad input,
-    instead of argparse's usage block. The main command and the subcommands all use it."""
+    instead of argparse's usage block. The main command and the subcommands all use it.
+
+    A negative number is a value, not a flag, in every spelling a setting accepts (`-1e3`, `-inf`,
+    `-nan`): argparse's own pattern knows `-1` and `-.5` only, so `--strength -inf` read as a flag
+    with no value and failed with "expected at least one argument" instead of the range error."""
+
+    NEGATIVE_NUMBER = re.compile(r"^-(?:(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|inf(?:inity)?|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        # before argparse's prefix matching, which reads `-nan` as `-n an`
+        if self.NEGATIVE_NUMBER.match(arg_string) and not self._has_negative_number_optionals:
+            return None
+        return super()._parse_optional(arg_string)
 
     def _print_message(self, message: str, file: Any = None) -> None:
         if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): --help once, from the main one

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
 from .prompts import PromptEncoder
 from .results import append_record, check_writable, has_record, read_records, signals_held
-from .samples import sample_lines, samples_stem, write_samples
+from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
 from .settings import Setting, by_name
 from .state import check_save_path, load_state, read_meta, save_state
@@ -42,6 +43,11 @@ from .tasks import Task, load_task
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
 SPLITS = ("validation", "test")
+# The most episodes of any kind one run draws: each episode is a few kB of examples and token ids
+# held in memory at once (1,000,000 are gigabytes, and days of compute on a small model); a larger
+# count is refused before anything is sampled instead of running out of memory while sampling.
+MAX_EPISODES = 1_000_000
+MEM_LIMIT = re.compile(r"^\d+(\.\d+)?\s*[KMG]i?B$", re.IGNORECASE)  # the units accelerate's max_memory reads
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -54,11 +60,16 @@ def parse_batch_size(text: str) -> int | str:
 # CLI derives their flags and checks the same way.
 PROTOCOL = (
     Setting("ext_shot", int, 4, "extraction demonstrations per class (methods that fit)", low=0, short="-s"),
-    Setting("episodes", int, 200, "extraction episodes, drawn from train", low=1, short="-e"),
+    Setting("episodes", int, 200, "extraction episodes, drawn from train", low=1, high=MAX_EPISODES, short="-e"),
     Setting("shot", int, 1, "evaluation demonstrations per class", low=0),
-    Setting("eval_episodes", int, 10_000, "evaluation episodes", low=1, short="-n"),
+    Setting("eval_episodes", int, 10_000, "evaluation episodes", low=1, high=MAX_EPISODES, short="-n"),
     Setting(
-        "select_episodes", int, 200, "validation episodes a method selects on (tv: its layer, dt: its steps)", low=1
+        "select_episodes",
+        int,
+        200,
+        "validation episodes a method selects on (tv: its layer, dt: its steps)",
+        low=1,
+        high=MAX_EPISODES,
     ),
     Setting("seed", int, 42, "seed of the episodes (and of the bootstrap): every method sees the same queries", low=0),
     Setting(
@@ -180,6 +191,8 @@ class Experiment:
         self.model_entry = lookup(self.config.models, "model", spec.model)
         self.task_entry = lookup(self.config.tasks, "task", spec.task)
         check_writable(spec.results)
+        if spec.log_samples:
+            check_samples_dir(spec.results)
         self._check_state_flags()
         if spec.save_vectors:
             check_save_path(spec.save_vectors)
@@ -208,6 +221,10 @@ class Experiment:
             )
         if spec.mem_limit and not spec.device_map:
             raise UsageError("--mem-limit needs --device-map")
+        if spec.mem_limit and not MEM_LIMIT.match(spec.mem_limit):
+            raise UsageError(
+                f"--mem-limit '{spec.mem_limit}' is not accepted; accepted: a size in KB/MB/GB or KiB/MiB/GiB, e.g. 20GiB"
+            )
         if spec.device_map and spec.gpu < 0:
             raise UsageError("--device-map needs a GPU (-g 0 or higher)")
         if spec.device_map and dist.active():
@@ -246,6 +263,14 @@ class Experiment:
 
     def _check_state_flags(self) -> None:
         cls = self.method_cls
+        for flag, value in (("--load-vectors", self.spec.load_vectors), ("--save-vectors", self.spec.save_vectors)):
+            if value is not None and not value.strip():  # '' would read as "not given": the save silently skipped
+                raise UsageError(f"{flag} '{value}' is empty; accepted: a file path, e.g. vectors/iv.safetensors")
+        if self.spec.load_vectors and self.spec.save_vectors:
+            raise UsageError(
+                f"--load-vectors and --save-vectors together: a loaded state is not refitted, so "
+                f"'{self.spec.save_vectors}' would not be written; accepted: one of the two (copy the file to keep it elsewhere)"
+            )
         for flag, value in (("--load-vectors", self.spec.load_vectors), ("--save-vectors", self.spec.save_vectors)):
             if value and not cls.has_state:
                 fitted = ", ".join(name for name, c in METHODS.items() if c.has_state)
@@ -395,7 +420,7 @@ class Experiment:
         method = self.methods[0]
         if spec.load_vectors:
             tensors, meta = load_state(spec.load_vectors, self.identity)
-            method.load_state(tensors)
+            method.restore(spec.load_vectors, tensors, self.lm.layout, self.task.n_classes)
             self.fit_info = {"loaded_from": spec.load_vectors, "fitted_with": meta.get("fit"), **method.fit_summary()}
         elif self.fitting:
             train, select = self.fit_episodes()

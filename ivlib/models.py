@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -212,8 +213,14 @@ def _marker_matches(folder: Path, identity: dict[str, Any]) -> bool:
 
 def _remove_own(folder: Path) -> None:
     """Delete a folder ivlib made (it holds ivlib's marker); refuse anything else."""
-    if not folder.exists():
+    if not folder.exists() and not folder.is_symlink():
         return
+    inside = folder.parent.resolve().is_relative_to(cache_dir().resolve())
+    if folder.is_symlink() or not folder.is_dir() or not inside or (folder / CACHE_MARKER).is_symlink():
+        raise UsageError(
+            f"'{folder}' is not a folder ivlib made inside its cache ({cache_dir()}); ivlib deletes only those; "
+            "move it away or set IVLIB_CACHE"
+        )
     if not (folder / CACHE_MARKER).is_file():
         raise UsageError(
             f"'{folder}' exists but was not made by ivlib (no {CACHE_MARKER}); move it away or set IVLIB_CACHE"
@@ -348,6 +355,19 @@ def _from_pretrained(
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)  # see load_model
+    except pickle.UnpicklingError as exc:  # torch's weights-only loader refused what the pickle would run
+        refusal = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(exc))
+        reason = (refusal.group(1) if refusal else str(exc).strip().splitlines()[0])[:160]
+        raise UsageError(
+            f"model '{name}': the pickle weights in '{folder}' are refused by torch's safe loader ({reason}); "
+            "accepted: safetensors weights (save_pretrained's default); convert a checkpoint you trust to safetensors"
+        ) from None
+    except (EOFError, RuntimeError, KeyError) as exc:  # truncated or mismatched weight files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"model '{name}': the weights in '{folder}' cannot be loaded ({type(exc).__name__}: {reason}); "
+            "accepted: a complete checkpoint written by save_pretrained"
+        ) from None
     except (OSError, ValueError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         where = (

@@ -8,10 +8,12 @@ live here, beside the records, because resuming a run needs them and selection d
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import signal
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +22,51 @@ from typing import Any
 
 from .errors import UsageError
 
+MIN_FREE_BYTES = 1 << 20  # a file system with less free space than this is full for our purposes
+
+
+def check_output_path(flag: str, path: str, example: str) -> Path:
+    """What can be known before any compute about a file ivlib will write: not a directory (a trailing
+    slash means one), not a device or other special file (`/dev/full`), not a symbolic link that loops
+    or points nowhere, and on a file system that is not full. Returns the path."""
+    p = Path(path)
+    if path.endswith(("/", os.sep)):
+        raise UsageError(f"{flag} '{path}' ends with '/', a directory; accepted: a file path, e.g. {p / example}")
+    if os.path.islink(p):
+        try:
+            os.stat(p)
+        except OSError as exc:
+            target = os.readlink(p)
+            why = "loops" if exc.errno == errno.ELOOP else f"points to '{target}', which does not exist"
+            raise UsageError(f"{flag} '{path}' is a symbolic link that {why}; accepted: a regular file path") from None
+    try:
+        mode = p.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a new file, or one under a file: the checks after say which
+        mode = None
+    except OSError as exc:
+        raise UsageError(f"{flag} '{path}' cannot be used ({exc.strerror}); accepted: a regular file path") from None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise UsageError(
+            f"{flag} '{path}' is not a regular file (a device, pipe or socket); accepted: a regular file path"
+        )
+    return p
+
+
+def check_free_space(flag: str, path: str, directory: Path) -> None:
+    try:
+        vfs = os.statvfs(directory)
+    except OSError:
+        return  # no answer (some network file systems): the write itself will tell
+    if vfs.f_bavail * vfs.f_frsize < MIN_FREE_BYTES:
+        raise UsageError(
+            f"{flag} '{path}': the file system holding '{directory}' is full "
+            f"({vfs.f_bavail * vfs.f_frsize} bytes free); accepted: a path on a file system with space"
+        )
+
 
 def check_writable(path: str) -> None:
     """Fail before any compute if the record could not be written at the end."""
-    p = Path(path)
+    p = check_output_path("--results", path, "runs.jsonl")
     parent = p.parent if str(p.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +76,7 @@ def check_writable(path: str) -> None:
         raise UsageError(f"--results '{path}' is a directory; accepted: a .jsonl file path")
     if (p.exists() and not os.access(p, os.W_OK)) or not _can_create_in(parent):
         raise UsageError(f"--results '{path}' is not writable; accepted: a path in a writable directory")
+    check_free_space("--results", path, parent)
     if p.exists() and p.stat().st_size:
         with open(p, "rb") as f:  # a torn line left by a killed writer may come first: look at a few
             head = [f.readline(1 << 20) for _ in range(3)]
@@ -99,8 +143,18 @@ def append_record(path: str, record: dict[str, Any]) -> None:
         _append_locked(path, line)
 
 
+class WriteFailed(UsageError):
+    """A record (or a file ivlib writes) could not be written: disk full, I/O error. One line, exit 2;
+    what is on disk is said exactly (nothing of this record, or the whole record but not synced)."""
+
+
 def _append_locked(path: str, line: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """Append one whole line or nothing: a write that fails half-way is cut back to the file's length
+    before it, so no fragment stays (the lock keeps other writers out meanwhile)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise WriteFailed(f"--results '{path}' cannot be opened ({exc.strerror}); the record was not written") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         # a previous writer killed mid-line would glue our record to its fragment: start fresh
@@ -110,12 +164,33 @@ def _append_locked(path: str, line: bytes) -> None:
                 f.seek(size - 1)
                 if f.read(1) != b"\n":
                     line = b"\n" + line
-        written = 0
-        while written < len(line):
-            written += os.write(fd, line[written:])
-        os.fsync(fd)
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+        except OSError as exc:
+            raise WriteFailed(f"--results '{path}': {_rolled_back(fd, size, exc)}") from None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise WriteFailed(
+                f"--results '{path}': the record was written whole but fsync failed ({exc.strerror}): the disk "
+                "may not hold it; check the disk, then rerun with --resume"
+            ) from None
     finally:
         os.close(fd)
+
+
+def _rolled_back(fd: int, size: int, exc: OSError) -> str:
+    """Cut a half-written record off; the message says whether that worked."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as again:
+        return (
+            f"writing the record failed ({exc.strerror}) and cutting its fragment off failed too "
+            f"({again.strerror}); the file's last line is torn (readers skip it)"
+        )
+    return f"writing the record failed ({exc.strerror}); the file is back to its previous {size} bytes"
 
 
 def read_records(path: str) -> tuple[list[dict[str, Any]], list[int]]:

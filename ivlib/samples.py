@@ -11,6 +11,7 @@ sha256, which a reader checks, so a log edited or swapped after the run is refus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import numpy as np
 
 from . import distributed as dist
 from .episodes import Episode
+from .errors import UsageError
 
 
 def sample_lines(episodes: Sequence[Episode], y_pred: np.ndarray, scores: Any) -> bytes:
@@ -66,15 +68,36 @@ def write_samples(results: str, stem: str, data: bytes) -> dict[str, Any]:
     directory = samples_dir(results)
     path = directory / f"{stem}_{digest[:8]}.jsonl"
     if dist.is_main():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        _write_whole(path, data)
+    base = Path(results).parent
+    return {"path": os.path.relpath(path, base), "sha256": digest, "n": data.count(b"\n")}
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """The log complete under its name, or no file at all (a full disk leaves no temporary behind)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    base = Path(results).parent
-    return {"path": os.path.relpath(path, base), "sha256": digest, "n": data.count(b"\n")}
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UsageError(
+            f"--log-samples: '{path}' could not be written ({exc.strerror}); no log and no record written"
+        ) from None
+
+
+def check_samples_dir(results: str) -> None:
+    """Before any compute: the log folder beside --results can be made (no file of that name there)."""
+    directory = samples_dir(results)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(
+            f"--log-samples: '{directory}' is a file, not a folder; accepted: move it, or another --results path"
+        )
 
 
 class SamplesError(ValueError):

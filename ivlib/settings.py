@@ -68,8 +68,8 @@ class Setting:
             return "one of " + ", ".join(self.choices)
         kind = {int: "an integer", float: "a finite number", str: "a string"}.get(self.type, self.type.__name__)
         bounds = [
-            f">= {self.low:g}" if self.low is not None else "",
-            f"<= {self.high:g}" if self.high is not None else "",
+            f">= {_number(self.low)}" if self.low is not None else "",
+            f"<= {_number(self.high)}" if self.high is not None else "",
         ]
         return " ".join([kind, " and ".join(b for b in bounds if b)]).strip()
 
@@ -83,11 +83,16 @@ class Setting:
         if self.choices and coerced not in self.choices:
             raise UsageError(f"{self.flag} '{value}' is not accepted; accepted: {', '.join(self.choices)}")
         if isinstance(coerced, float) and not math.isfinite(coerced):
-            raise UsageError(f"{self.flag} {value} is not a finite number")
+            raise UsageError(f"{self.flag} {value} is not a finite number; accepted: {self.accepted()}")
         if isinstance(coerced, (int, float)) and not isinstance(coerced, bool):
             if (self.low is not None and coerced < self.low) or (self.high is not None and coerced > self.high):
                 raise UsageError(f"{self.flag} {value} is out of range; accepted: {self.accepted()}")
         return coerced
+
+
+def _number(bound: float) -> str:
+    """A bound as a person reads it: 1,000,000 rather than 1e+06."""
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
 
 
 def _coerce(setting: Setting, value: Any) -> Any:

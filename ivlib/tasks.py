@@ -8,6 +8,7 @@ run's seed, so every run and method sees the same validation and test sets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -82,6 +83,18 @@ def _env_hint(spec: dict[str, Any]) -> str:
     return f" (its path comes from {values}); accepted: set {' / '.join(used)} to the folder holding the files"
 
 
+def _check_data_file(name: str, path: Path, spec: dict[str, Any]) -> None:
+    """A data file that exists, is a file, and holds something (a library's traceback otherwise)."""
+    if not path.exists():
+        raise UsageError(f"task '{name}': data file '{path}' does not exist{_env_hint(spec)}")
+    if path.is_dir():
+        raise UsageError(
+            f"task '{name}': data file '{path}' is a directory; accepted: a file, or a list of the files in it"
+        )
+    if path.stat().st_size == 0:
+        raise UsageError(f"task '{name}': data file '{path}' is empty (0 bytes); accepted: a file with examples")
+
+
 def _load_dataset_dict(name: str, spec: dict[str, Any]) -> Any:
     import datasets
 
@@ -104,12 +117,22 @@ def _load_dataset_dict(name: str, spec: dict[str, Any]) -> Any:
         files = [data_files] if isinstance(data_files, str) else list(data_files.values())
         for f in files:
             for p in f if isinstance(f, list) else [f]:
-                if not Path(p).exists():
-                    raise UsageError(f"task '{name}': data file '{p}' does not exist{_env_hint(spec)}")
+                _check_data_file(name, Path(p), spec)
         loader = spec.get("dataset") or _loader_for(data_files)
         if loader not in ("parquet", "csv", "json"):
             loader = _loader_for(data_files)
-        return datasets.load_dataset(loader, data_files=data_files)
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log of a bad file would be a 2nd line
+        try:
+            return datasets.load_dataset(loader, data_files=data_files)
+        except Exception as exc:  # pyarrow/pandas/json errors of many classes: all mean "not a readable table"
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UsageError(
+                f"task '{name}': data files {files} cannot be read as {loader} ({reason}); "
+                f"accepted: {loader} files with a row per example"
+            ) from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     if "dataset" not in spec:
         raise UsageError(f"task '{name}' has neither 'dataset', 'data_files' nor 'builtin'")
     online = hub.hub_reachable()  # offline: fail at once (or load from the cache), not after the retries
@@ -150,7 +173,14 @@ def _label_names(name: str, ds: Any, label_field: str, spec: dict[str, Any]) -> 
     if feature is not None and hasattr(feature, "names"):
         return list(feature.names)
     if "label_text" in ds.column_names:  # files such as shared/data: int label + its name
-        pairs = sorted({(int(y), str(t)) for y, t in zip(ds[label_field], ds["label_text"])})
+        columns = ds.select_columns([label_field, "label_text"]).to_dict()  # a Column iterates slowly
+        pairs = sorted(
+            {
+                (i, str(t))
+                for y, t in zip(columns[label_field], columns["label_text"])
+                if (i := _as_index(y)) is not None and i >= 0
+            }
+        )
         names: dict[int, str] = {}
         for y, t in pairs:
             names.setdefault(y, t)
@@ -173,6 +203,64 @@ def _carve(train_n: int, missing: list[str]) -> dict[str, np.ndarray]:
 
 
 MC_KEYS = ("options", "answer", "option_keys", "answer_base")
+NO_LABEL = -1  # the hub's label of a hidden (test) example
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _texts(name: str, role: str, columns: dict[str, list[Any]], text_cols: list[str]) -> list[str]:
+    """Each row's text fields joined; a missing one (None, NaN) is refused, not turned into "None"."""
+    for column in text_cols:
+        missing = [i for i, v in enumerate(columns[column]) if _missing(v)]
+        if missing:
+            raise UsageError(
+                f"task '{name}': split '{role}' has {len(missing)} missing text(s) (None/NaN) in column '{column}', "
+                f"first at row {missing[0]}; accepted: a text in every row (remove or fill those rows)"
+            )
+    return [" ".join(str(v).strip() for v in row) for row in zip(*(columns[c] for c in text_cols))]
+
+
+def _as_index(value: Any) -> int | None:
+    if isinstance(value, (bool, int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def _labels(name: str, role: str, values: list[Any], names: list[str], field: str) -> np.ndarray:
+    """[N] int64 class indices (or -1, no label): integers, or floats that are whole numbers (a
+    column with a gap becomes float in pandas); text, None/NaN and indices outside label_names refused."""
+    where = f"task '{name}': split '{role}' label column '{field}'"
+    accepted = f"accepted: class indices 0..{len(names) - 1} (label_names: {', '.join(names)}), or -1 for no label"
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
+    array = np.asarray(values)
+    if array.dtype.kind not in "iub":
+        indices = [_as_index(v) for v in values]
+        bad = [i for i, v in enumerate(indices) if v is None]
+        if bad:
+            first = values[bad[0]]
+            if all(isinstance(values[i], str) for i in bad):
+                what = f"{len(bad)} text label(s)"
+            elif all(_missing(values[i]) for i in bad):
+                what = f"{len(bad)} missing label(s) (None/NaN)"
+            else:
+                what = f"{len(bad)} value(s) that are not class indices"
+            shown = "None/NaN" if _missing(first) else repr(first.item() if isinstance(first, np.generic) else first)
+            raise UsageError(f"{where} holds {what}, first at row {bad[0]}: {shown}; {accepted}")
+        array = np.asarray(indices)
+    labels = array.astype(np.int64)
+    outside = (labels < NO_LABEL) | (labels >= len(names))
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise UsageError(
+            f"{where} has {int(outside.sum())} label(s) outside label_names, first at row {first}: {labels[first]}; "
+            f"{accepted}"
+        )
+    return labels
 
 
 def _field(row: dict[str, Any], path: str) -> Any:
@@ -183,7 +271,9 @@ def _field(row: dict[str, Any], path: str) -> Any:
     return value
 
 
-def _multiple_choice_split(name: str, ds: Any, spec: dict[str, Any], text_cols: list[str]) -> Split:
+def _multiple_choice_split(
+    name: str, ds: Any, role: str, spec: dict[str, Any], text_cols: list[str]
+) -> tuple[Split, int]:
     """Questions, their options, and the correct option's index, from the fields `spec` names."""
     mc = spec["multiple_choice"]
     if not isinstance(mc, dict) or "options" not in mc or "answer" not in mc or set(mc) - set(MC_KEYS):
@@ -210,12 +300,17 @@ def _multiple_choice_split(name: str, ds: Any, spec: dict[str, Any], text_cols: 
             index = list(keys).index(answer) if answer in keys else -1
         else:
             index = int(answer) - base if str(answer).strip().lstrip("-").isdigit() else -1
-        if not 0 <= index < len(opts):  # hub test splits often hide the answer
+        if not 0 <= index < len(opts):  # hub test splits often hide the answer: dropped, and counted
             continue
+        if any(_missing(row[c]) for c in text_cols):
+            raise UsageError(
+                f"task '{name}': split '{role}' row {i} has no text (None/NaN) in {', '.join(text_cols)}; "
+                "accepted: a text in every row (remove or fill those rows)"
+            )
         texts.append(" ".join(str(row[c]).strip() for c in text_cols))
         labels.append(index)
         options.append(opts)
-    return Split(texts, np.asarray(labels, dtype=np.int64), options)
+    return Split(texts, np.asarray(labels, dtype=np.int64), options), len(ds) - len(texts)
 
 
 def load_task(name: str, spec: dict[str, Any]) -> Task:
@@ -249,24 +344,35 @@ def load_task(name: str, spec: dict[str, Any]) -> Task:
         raise UsageError(f"task '{name}': {len(words)} label_words for {len(names)} classes")
     text_cols = _text_columns(name, train_ds.column_names, spec)
 
-    def to_split(ds: Any) -> Split:
-        texts = [" ".join(str(t[c]).strip() for c in text_cols) for t in ds.select_columns(text_cols)]
-        labels = np.asarray(ds[label_field], dtype=np.int64)
-        keep = (labels >= 0) & (labels < len(names))  # hub test splits often carry -1
+    def to_split(ds: Any, role: str) -> tuple[Split, int]:
+        columns = ds.select_columns([*dict.fromkeys([*text_cols, label_field])]).to_dict()  # a Column iterates slowly
+        texts = _texts(name, role, columns, text_cols)
+        labels = _labels(name, role, columns[label_field], names, label_field)
+        keep = labels != NO_LABEL  # hub test splits often carry -1: dropped, and counted in the provenance
         if not keep.all():
             texts = [t for t, k in zip(texts, keep) if k]
             labels = labels[keep]
-        return Split(texts, labels)
+        return Split(texts, labels), int((~keep).sum())
 
     return _assemble(name, words, dsd, mapping, to_split)
 
 
-def _assemble(name: str, words: list[str], dsd: Any, mapping: dict[str, str], to_split: Callable[[Any], Split]) -> Task:
-    """Present splits converted, missing ones carved from train, provenance recorded."""
+def _assemble(
+    name: str, words: list[str], dsd: Any, mapping: dict[str, str], to_split: Callable[[Any, str], tuple[Split, int]]
+) -> Task:
+    """Present splits converted, missing ones carved from train, provenance recorded (with the rows
+    dropped for having no label, per split, so a record says what it was computed on)."""
     present = {role: dsd[mapping[role]] for role in ROLES if role in mapping and mapping[role] in dsd}
     missing = [role for role in ROLES if role not in present]
     provenance: dict[str, Any] = {"splits": {r: mapping[r] for r in present}}
-    splits = {role: to_split(ds) for role, ds in present.items()}
+    splits: dict[str, Split] = {}
+    dropped: dict[str, int] = {}
+    for role, ds in present.items():
+        splits[role], n_dropped = to_split(ds, role)
+        if n_dropped:
+            dropped[role] = n_dropped
+    if dropped:
+        provenance["dropped_unlabelled"] = dropped
     if missing:
         whole = splits["train"]
         cuts = _carve(len(whole.texts), missing)
@@ -280,7 +386,8 @@ def _assemble(name: str, words: list[str], dsd: Any, mapping: dict[str, str], to
         }
     for role, split in splits.items():
         if len(split.texts) == 0:
-            raise UsageError(f"task '{name}': split '{role}' is empty")
+            why = f" (its {dropped[role]} rows have no label)" if dropped.get(role) else ""
+            raise UsageError(f"task '{name}': split '{role}' is empty{why}; accepted: a split with labelled examples")
         empty = [i for i, t in enumerate(split.texts) if not t.strip()]
         if empty:  # an empty input makes a prompt of separators only; better fixed in the data than guessed
             raise UsageError(

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -174,6 +175,173 @@ CASES = {
 }
 
 
+def _entry(kind, body, flag):
+    """A config (merged over config/tiny.yaml) whose one entry `x` is `body`, run with it."""
+
+    def build(tmp):
+        cfg = _yaml(tmp, f"{kind}:\n  x: {body}\n")
+        return GOOD[:2] + ["-c", cfg] + _replace(GOOD[2:], flag, "x")
+
+    return build
+
+
+# class 1 of issue 14: registry values of the wrong type or range, refused by the schema when the file
+# is read; the message names the file, the entry, the key and the value
+REGISTRY_CASES = {
+    "data_files a number": (_entry("tasks", "{data_files: 5}", "-t"), "tasks.x.data_files 5 is not accepted"),
+    "text_fields a number": (
+        _entry("tasks", "{builtin: review_sentiment, text_fields: 7}", "-t"),
+        "tasks.x.text_fields 7",
+    ),
+    "fv_heads a string": (_entry("models", "{builtin: tiny-gpt2, fv_heads: many}", "-m"), "models.x.fv_heads 'many'"),
+    "fv_heads infinite": (_entry("models", "{builtin: tiny-gpt2, fv_heads: .inf}", "-m"), "models.x.fv_heads inf"),
+    "fv_heads nan": (_entry("models", "{builtin: tiny-gpt2, fv_heads: .nan}", "-m"), "models.x.fv_heads nan"),
+    "fv_heads zero": (_entry("models", "{builtin: tiny-gpt2, fv_heads: 0}", "-m"), "an integer >= 1"),
+    "answer_base a word": (
+        _entry(
+            "tasks", "{builtin: review_sentiment, multiple_choice: {options: a, answer: b, answer_base: one}}", "-t"
+        ),
+        "tasks.x.multiple_choice.answer_base 'one'",
+    ),
+    "label_words yes/no unquoted": (
+        _entry("tasks", "{builtin: review_sentiment, label_words: [no, yes]}", "-t"),
+        "label_words [False, True]",
+    ),
+    "dtype unknown": (_entry("models", "{builtin: tiny-gpt2, dtype: fp8}", "-m"), "float32, float16 or bfloat16"),
+    "bos a word": (_entry("models", "{builtin: tiny-gpt2, bos: maybe}", "-m"), "models.x.bos 'maybe'"),
+    "trust_remote_code a string": (
+        _entry("models", "{path: gpt2, trust_remote_code: 'yes'}", "-m"),
+        "models.x.trust_remote_code 'yes'",
+    ),
+    "layout key unknown": (
+        _entry("models", "{builtin: tiny-gpt2, layout: {blokcs: h}}", "-m"),
+        "unknown key 'models.x.layout.blokcs'",
+    ),
+    "splits role unknown": (_entry("tasks", "{builtin: review_sentiment, splits: {dev: x}}", "-t"), "tasks.x.splits"),
+    "task without a source": (_entry("tasks", "{label_field: y}", "-t"), "tasks.x has none of dataset"),
+    "model without a source": (_entry("models", "{dtype: float32}", "-m"), "models.x has none of path"),
+    "assemble not module:function": (_entry("models", "{assemble: justamodule}", "-m"), "models.x.assemble"),
+    "duplicate entry": (
+        lambda t: (
+            GOOD[:2]
+            + ["-c", _yaml(t, "models:\n  x: {builtin: tiny-gpt2}\n  x: {builtin: tiny-llama}\n")]
+            + _replace(GOOD[2:], "-m", "x")
+        ),
+        "key 'x' is given twice (lines 2 and 3)",
+    ),
+    "duplicate key in an entry": (
+        _entry("models", "{builtin: tiny-gpt2, builtin: tiny-llama}", "-m"),
+        "key 'builtin' is given twice",
+    ),
+    "config not utf-8": (
+        lambda t: _replace(GOOD, "-c", str(_write_bytes(t / "latin1.yaml", b"models: {caf\xe9: gpt2}\n"))),
+        "not UTF-8",
+    ),
+}
+CASES.update(REGISTRY_CASES)
+
+# class 3: flags that conflict or are out of range, refused before the model loads
+FLAG_CASES = {
+    "run-clean with another method": (lambda t: GOOD + ["--run-clean", "--method", "fv"], "--run-clean means"),
+    "load and save vectors together": (
+        lambda t: GOOD + ["--load-vectors", str(t / "a.st"), "--save-vectors", str(t / "b.st")],
+        "--load-vectors and --save-vectors together",
+    ),
+    "load vectors from a directory": (lambda t: GOOD + ["--load-vectors", str(t)], "is not a file (a directory"),
+    "empty vectors path": (lambda t: GOOD + ["--save-vectors", ""], "--save-vectors '' is empty"),
+    "negative seed": (lambda t: GOOD + ["--seed", "-1"], "--seed -1 is out of range"),
+    "eval episodes beyond the cap": (lambda t: _replace(GOOD, "-n", "1000000000000"), "<= 1,000,000"),
+    "extraction episodes beyond the cap": (lambda t: _replace(GOOD, "-e", "1000001"), "--episodes 1000001"),
+    "select episodes beyond the cap": (lambda t: GOOD + ["--select-episodes", "10000000"], "--select-episodes"),
+    "strength minus infinity": (lambda t: GOOD + ["--strength", "-inf"], "--strength -inf is not a finite number"),
+    "strength minus nan among others": (lambda t: GOOD + ["--strength", "0.5", "-nan"], "--strength -nan"),
+    "mem-limit not a size": (lambda t: GOOD + ["-g", "0", "--device-map", "auto", "--mem-limit", "lots"], "'lots'"),
+}
+CASES.update(FLAG_CASES)
+
+
+def _data(edit, names=True, suffix="parquet"):
+    """A task over one local file: 100 labelled rows, edited; label_names given unless names=False."""
+
+    def build(tmp):
+        frame = pd.DataFrame({"text": [f"row {i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
+        frame = edit(frame)
+        path = tmp / f"data.{suffix}"
+        if suffix == "parquet":
+            frame.to_parquet(path)
+        else:
+            frame.to_csv(path, index=False)
+        extra = ", label_names: [neg, pos]" if names else ""
+        cfg = _yaml(tmp, f"tasks:\n  x: {{data_files: {{train: '{path}'}}{extra}}}\n")
+        return GOOD[:2] + ["-c", cfg] + _replace(GOOD[2:], "-t", "x")
+
+    return build
+
+
+def _file_task(make):
+    def build(tmp):
+        path = make(tmp)
+        cfg = _yaml(tmp, f"tasks:\n  x: {{data_files: {{train: '{path}'}}, label_names: [neg, pos]}}\n")
+        return GOOD[:2] + ["-c", cfg] + _replace(GOOD[2:], "-t", "x")
+
+    return build
+
+
+def _set(column, rows, value, dtype=None):
+    def edit(frame):
+        if dtype is not None:
+            frame[column] = frame[column].astype(dtype)
+        frame.loc[rows, column] = value
+        return frame
+
+    return edit
+
+
+def _touch(tmp, name, text=""):
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
+def _folder(tmp):
+    (tmp / "folder.parquet").mkdir()
+    return tmp / "folder.parquet"
+
+
+# class 2: data that is not what the task says
+DATA_CASES = {
+    "empty data file": (_file_task(lambda t: _touch(t, "empty.parquet")), "is empty (0 bytes)"),
+    "directory as a data file": (_file_task(_folder), "is a directory"),
+    "data file that is not parquet": (
+        _file_task(lambda t: _touch(t, "junk.parquet", "junk")),
+        "cannot be read as parquet",
+    ),
+    "csv with a header only": (_file_task(lambda t: _touch(t, "h.csv", "text,label\n")), "cannot be read as csv"),
+    "text labels with label_names": (
+        _data(lambda f: f.assign(label=[["neg", "pos"][i % 2] for i in range(100)])),
+        "holds 100 text label(s), first at row 0: 'neg'",
+    ),
+    "a NaN label": (_data(_set("label", 3, np.nan, float)), "holds 1 missing label(s) (None/NaN), first at row 3"),
+    "a fractional label": (_data(_set("label", 4, 0.5, float)), "first at row 4: 0.5"),
+    "labels outside label_names": (_data(_set("label", slice(0, 49), 5)), "has 50 label(s) outside label_names"),
+    "labels below -1": (_data(_set("label", 9, -3)), "first at row 9: -3"),
+    "a missing text": (_data(_set("text", 7, None)), "1 missing text(s) (None/NaN) in column 'text', first at row 7"),
+    "a NaN text in a csv": (
+        _data(_set("text", 11, np.nan, object), suffix="csv"),
+        "missing text(s) (None/NaN) in column 'text', first at row 11",
+    ),
+    "only unlabelled rows": (
+        _data(lambda f: f.assign(label=-1)),
+        "split 'train' is empty (its 100 rows have no label)",
+    ),
+}
+CASES.update(DATA_CASES)
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_exits_2_with_one_line(case, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
@@ -238,3 +406,36 @@ def test_unsavable_vectors_path_is_refused_before_the_fit(tmp_path, monkeypatch,
     monkeypatch.setattr(IterativeVectors, "fit", lambda *a, **k: pytest.fail("fitted before checking --save-vectors"))
     code = main(GOOD + ["--save-vectors", str(tmp_path), "--results", str(tmp_path / "runs.jsonl")])
     assert code == 2 and "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", [["-inf"], ["-1e3", "0.5"], ["-.5", "-2"], ["-Infinity"], ["-1E-2"], ["-nan"]])
+def test_negative_numbers_are_values_in_a_list_flag(given):
+    from ivlib.cli import build_parser
+
+    args = build_parser().parse_args(["-m", "m", "-t", "t", "--strength", *given])
+    assert args.strength == given
+
+
+def test_flag_errors_come_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import ivlib.experiment as experiment
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("the model loaded before the flag check"))
+    for build, _ in FLAG_CASES.values():
+        code = main(build(tmp_path) + ["--results", str(tmp_path / "r.jsonl")])
+        assert code == 2, capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_unlabelled_rows_are_dropped_counted_and_recorded(tmp_path, monkeypatch, capsys):
+    """-1 (a hub test split's hidden label) is the one label dropped, never silently: the record's
+    task_provenance and the summary line give the count."""
+    import json
+
+    monkeypatch.chdir(REPO)
+    argv = _data(_set("label", slice(0, 5), -1))(tmp_path)
+    results = tmp_path / "runs.jsonl"
+    assert main(argv + ["--method", "icl", "--results", str(results)]) == 0
+    record = json.loads(results.read_text())
+    assert record["task_provenance"]["dropped_unlabelled"] == {"train": 6}
+    assert "rows without a label dropped: 6 train (task_provenance)" in capsys.readouterr().out

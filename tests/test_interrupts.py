@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from ivlib.state import load_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,3 +106,50 @@ def test_sigint_during_extraction_leaves_no_partial_files(tmp_path):
     assert results.read_text() == '{"earlier": "record"}\n'
     assert not vectors.exists()
     _check_vectors(vectors)
+
+
+def _interrupt_during_imports(entry, sig):
+    """Start the command under -X importtime (each import prints a line as it finishes) and signal
+    it as soon as torch's submodules begin to load: inside the start-up imports, deterministically."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            *entry,
+            "-c",
+            "config/tiny.yaml",
+            "-m",
+            "tiny-gpt2",
+            "-t",
+            "review_sentiment",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    seen = bytearray()
+    signalled = threading.Event()
+
+    def read() -> None:
+        for line in iter(proc.stderr.readline, b""):
+            seen.extend(line)
+            if not signalled.is_set() and b"| " in line and b" torch." in line:
+                proc.send_signal(sig)
+                signalled.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    assert signalled.is_set(), "torch was never imported"
+    lines = [line for line in seen.decode(errors="replace").splitlines() if not line.startswith("import time:")]
+    return proc.returncode, lines
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize("entry", [["iv.py"], ["-m", "ivlib"]], ids=["iv.py", "python -m ivlib"])
+def test_an_interrupt_during_the_start_up_imports_is_one_line(entry, sig, code, name):
+    returncode, lines = _interrupt_during_imports(entry, sig)
+    assert returncode == code, lines
+    assert lines == [f"iv.py: interrupted ({name}) during start-up; nothing written"], lines

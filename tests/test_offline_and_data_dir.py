@@ -59,12 +59,13 @@ def test_unreachable_hub_fails_in_seconds_naming_offline_mode(
 ):
     monkeypatch.chdir(REPO)
     cfg = tmp_path / "remote.yaml"
-    # the tiny models come from config/tiny.yaml; the remote entry is merged over the base registry
-    tiny = (REPO / "config" / "tiny.yaml").read_text()
-    cfg.write_text(tiny + "\n" + entry if "tasks:" not in tiny or "models:" in entry else _merge(tiny, entry))
+    # the tiny models come from config/tiny.yaml, the remote entry from a second file merged over it
+    # (one file with `models:` twice is refused: a key given twice)
+    cfg.write_text(entry)
     argv = [a.replace("{cfg}", str(cfg)) for a in argv]
     if "-c" not in argv:
         argv = ["-c", str(cfg), *argv]
+    argv = ["-c", "config/tiny.yaml", *argv]
     start = time.perf_counter()
     code = main([*argv, "--method", "icl", "-n", "4", "--quiet", "--results", str(tmp_path / "runs.jsonl")])
     elapsed = time.perf_counter() - start
@@ -76,12 +77,6 @@ def test_unreachable_hub_fails_in_seconds_naming_offline_mode(
     assert elapsed < 10, f"took {elapsed:.1f}s"
     assert no_network, "the hub was never probed"
     assert not (tmp_path / "runs.jsonl").exists()
-
-
-def _merge(tiny: str, entry: str) -> str:
-    """tiny.yaml with the entry's `tasks:` items appended to its own tasks mapping."""
-    items = entry.split("\n", 1)[1]
-    return tiny.replace("tasks:\n", "tasks:\n" + items, 1)
 
 
 def test_probe_runs_once_and_offline_request_skips_it(no_network, monkeypatch):

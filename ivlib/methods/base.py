@@ -17,9 +17,11 @@ import torch
 
 from ..episodes import Episode
 from ..errors import UsageError
+from ..layout import ModelLayout
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import EVAL, FIT, Setting, bind
+from ..state import TensorSpec, check_tensors
 
 
 class Method(ABC):
@@ -88,6 +90,27 @@ class Method(ABC):
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError(f"{self.name} has no state to load")
+
+    @classmethod
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec] | None:
+        """The tensors `state()` holds for this model layout and task (name -> shape, kind, range), so a
+        loaded file that would steer with the wrong vectors is refused before `load_state` sees it.
+        A method with state should declare it; without one (None) a file is checked against its own
+        metadata only and `load_state`'s failures become one line."""
+        return None
+
+    def restore(self, path: str, tensors: dict[str, torch.Tensor], layout: ModelLayout, n_classes: int) -> None:
+        """`load_state` for a state file, after checking every tensor against `state_spec`."""
+        spec = self.state_spec(layout, n_classes)
+        if spec is not None:
+            check_tensors(path, tensors, spec, self.name)
+        try:
+            self.load_state(tensors)
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+            raise UsageError(
+                f"--load-vectors '{path}' does not fit method {self.name} ({type(exc).__name__}: {exc}); "
+                f"accepted: a file saved by --save-vectors with --method {self.name} for this model and task"
+            ) from None
 
 
 T = TypeVar("T")

@@ -24,10 +24,12 @@ import torch
 from ..episodes import Episode, Example
 from ..errors import UsageError
 from ..hooks import Edit, edit_inputs, head_patch, stack_reads
+from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer, no_edit
 from ..settings import Setting
+from ..state import TensorSpec
 from .base import Method, fitted, register
 
 
@@ -204,6 +206,17 @@ class FunctionVectors(Method):
             "heads": torch.tensor(self.heads),
             "effects": fitted(self.effects, self.name),
             "mean_act": fitted(self.mean_act, self.name),
+        }
+
+    @classmethod
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
+        n, h = layout.n_layers, layout.n_heads
+        return {
+            "vector": TensorSpec((layout.d_model,)),
+            "layer": TensorSpec((), "int", below=(n,)),
+            "heads": TensorSpec((None, 2), "int", below=(n, h)),  # (layer, head) pairs
+            "effects": TensorSpec((n, h)),
+            "mean_act": TensorSpec((n, h, None)),  # [L, H, head_dim]
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -21,10 +21,12 @@ import torch
 from .. import distributed as dist
 from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads
+from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import EVAL, Setting
+from ..state import TensorSpec
 from .base import Method, register
 
 
@@ -179,6 +181,10 @@ class IterativeVectors(Method):
     def state(self) -> dict[str, torch.Tensor]:
         assert self.vectors is not None
         return {"vectors": self.vectors.contiguous()}
+
+    @classmethod
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
+        return {"vectors": TensorSpec((layout.n_layers, n_classes + 1, layout.d_model))}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self.vectors = tensors["vectors"].float()

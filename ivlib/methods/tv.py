@@ -17,10 +17,12 @@ import torch
 
 from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads, vector_edit
+from ..layout import ModelLayout
 from ..metrics import f1_scores
 from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import LastTokenEdit, Scorer
+from ..state import TensorSpec
 from .base import Method, fitted, register
 
 
@@ -88,6 +90,15 @@ class TaskVectors(Method):
             "theta": fitted(self.theta, self.name).contiguous(),
             "layer": torch.tensor(self.layer),
             "layer_scores": torch.tensor(self.layer_scores),
+        }
+
+    @classmethod
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
+        n = layout.n_layers
+        return {
+            "theta": TensorSpec((n, layout.d_model)),
+            "layer": TensorSpec((), "int", below=(n,)),
+            "layer_scores": TensorSpec((n,)),
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
