@@ -38,6 +38,18 @@ class ModelLayout:
         return len(self.blocks)
 
     @property
+    def head_dim(self) -> int | None:
+        """Width of one head at the attention output projection's input (not always d_model / n_heads:
+        Gemma's heads are wider), read from the projection itself; None when it names no width."""
+        if not self.attn_out:
+            return None
+        proj = self.attn_out[0]
+        features = getattr(proj, "in_features", None)  # nn.Linear
+        if features is None and type(proj).__name__ == "Conv1D":  # GPT-2's: weight is [in, out]
+            features = proj.weight.shape[0]
+        return features // self.n_heads if isinstance(features, int) else None
+
+    @property
     def mlp_out(self) -> list[nn.Module]:
         """Each block's MLP (the module whose output joins the residual stream after the MLP), found
         on first use: only some methods need it (I2CL), and a model whose MLP cannot be found still

@@ -194,3 +194,17 @@ def test_soft_injection_fits_and_edits_on_every_family(arch, task):
     assert site.emb.shape == (2, 4, 16) and not torch.equal(site.logits, torch.zeros(2, 4))  # a step moved them
     batch = scorer.batch([encoder.encode(e.query_only()) for e in train])
     assert not torch.allclose(site.predict(scorer, batch), ICL().predict(scorer, batch), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_head_dim_is_the_width_each_head_has_at_the_output_projection(arch):
+    """What state specs check FV's and SITE's per-head tensors against: the projection's real input."""
+    lm = tiny(arch)
+    seen = []
+    handle = lm.layout.attn_out[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.tensor([[5, 6, 7]]))
+    finally:
+        handle.remove()
+    assert lm.layout.head_dim is not None and lm.layout.head_dim * lm.layout.n_heads == seen[0]

@@ -17,7 +17,14 @@ from ivlib.state import TENSORS_KEY, TensorSpec, check_tensors
 REPO = Path(__file__).resolve().parent.parent
 GOOD = ["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "-e", "4", "-n", "8", "--quiet"]
 
-FIT = {"iv": ["-s", "1"], "tv": ["-s", "1", "--select-episodes", "4"], "fv": ["-s", "1", "--ie-episodes", "2"]}
+FIT = {
+    "iv": ["-s", "1"],
+    "tv": ["-s", "1", "--select-episodes", "4"],
+    "fv": ["-s", "1", "--ie-episodes", "2"],
+    "sv": ["-s", "1", "--select-episodes", "4"],
+    "i2cl": ["-s", "1", "-e", "2", "--i2cl-epochs", "2"],
+    "site": ["-s", "1", "--select-episodes", "4", "--site-steps", "2", "--site-val-every", "1"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +97,13 @@ CASES = {
         "(column 1) holds 50",
     ),
     "fv vector of another width": ("fv", _put("vector", lambda v: v[:10]), "tensor 'vector' has shape [10]"),
+    "sv more layers than the model": ("sv", _put("layers", torch.tensor(3)), "holds 3, outside this model's range"),
+    "sv vector of another width": ("sv", _put("vector", lambda v: v[:, :10]), "tensor 'vector' has shape [2, 10]"),
+    "i2cl one site only": ("i2cl", _put("vectors", lambda v: v[:, :1]), "tensor 'vectors' has shape [2, 1, 64]"),
+    "i2cl a as integers": ("i2cl", _put("a", lambda v: v.long()), "accepted: a floating-point tensor"),
+    "i2cl b with a NaN": ("i2cl", _put("b", lambda v: v.index_fill(0, torch.tensor([0]), float("nan"))), "non-finite"),
+    "site embedding of another head size": ("site", _put("emb", lambda v: v[..., :8]), "tensor 'emb' has shape"),
+    "site weights of another head count": ("site", _put("logits", lambda v: v[:, :2]), "tensor 'logits' has shape"),
 }
 
 
@@ -120,7 +134,7 @@ def test_a_file_whose_tensors_disagree_with_its_own_metadata_is_refused(states, 
 
 
 def test_the_saved_states_pass_their_own_spec(states):
-    layout = ModelLayout([None, None], [], "h", "attn.c_proj", n_heads=4, n_kv_heads=4, d_model=64)  # as tiny-gpt2
+    layout = ModelLayout([None, None], [torch.nn.Linear(64, 64)] * 2, "h", "attn.c_proj", 4, 4, 64)  # as tiny-gpt2
     for method, path in states.items():
         tensors, _ = _read(path)
         spec = METHODS[method].state_spec(layout, 2)

@@ -216,7 +216,7 @@ class FunctionVectors(Method):
             "layer": TensorSpec((), "int", below=(n,)),
             "heads": TensorSpec((None, 2), "int", below=(n, h)),  # (layer, head) pairs
             "effects": TensorSpec((n, h)),
-            "mean_act": TensorSpec((n, h, None)),  # [L, H, head_dim]
+            "mean_act": TensorSpec((n, h, layout.head_dim)),  # [L, H, head_dim]
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:

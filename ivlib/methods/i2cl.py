@@ -43,6 +43,7 @@ from ..layout import ModelLayout
 from ..prompts import EXAMPLE_SEP, IO_SEP, EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import Setting
+from ..state import TensorSpec
 from .base import Method, fitted, register
 
 SITES = ("attn", "mlp")  # the module axis of `vectors`, `a` and `b`
@@ -236,6 +237,17 @@ class ImplicitICL(Method):
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         with self.injected(scorer.layout, fitted(self.a, self.name), fitted(self.b, self.name)):
             return scorer.label_scores(batch)
+
+    @classmethod
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
+        n = layout.n_layers
+        return {
+            "vectors": TensorSpec((n, 2, layout.d_model)),  # sites: attention output, MLP output
+            "a": TensorSpec((n, 2)),
+            "b": TensorSpec((n, 2)),
+            "loss_curve": TensorSpec((None,)),
+            "demonstrations": TensorSpec((), "int"),
+        }
 
     def state(self) -> dict[str, torch.Tensor]:
         return {

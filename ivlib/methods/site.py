@@ -33,10 +33,12 @@ import torch
 from .. import distributed as dist
 from ..episodes import Episode
 from ..hooks import edit_inputs, stack_reads
+from ..layout import ModelLayout
 from ..metrics import f1_scores
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import Setting
+from ..state import TensorSpec
 from .base import Method, fitted, register
 
 SELECT = ("loss", "macro_f1")
@@ -227,6 +229,19 @@ class SoftInjection(Method):
         rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
         with soft_injection(scorer, fitted(self.emb, self.name), self.alpha, rows, batch.query_cols):
             return scorer.label_scores(batch)
+
+    @classmethod
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
+        n, h = layout.n_layers, layout.n_heads
+        return {
+            "emb": TensorSpec((n, h, layout.head_dim)),
+            "logits": TensorSpec((n, h)),
+            "chosen": TensorSpec((), "int"),  # -1: no checkpoint kept
+            "loss_curve": TensorSpec((None,)),
+            "val_steps": TensorSpec((None,), "int"),
+            "val_loss": TensorSpec((None,)),
+            "val_macro_f1": TensorSpec((None,)),
+        }
 
     def state(self) -> dict[str, torch.Tensor]:
         cps = self.checkpoints

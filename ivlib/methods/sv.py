@@ -30,11 +30,13 @@ import torch
 from ..episodes import Episode
 from ..errors import UsageError
 from ..hooks import Edit, edit_outputs, stack_reads
+from ..layout import ModelLayout
 from ..metrics import f1_scores
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import LastTokenEdit, Scorer
 from ..settings import Setting
+from ..state import TensorSpec
 from .base import Method, fitted, register
 
 
@@ -182,6 +184,16 @@ class StateVector(Method):
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
+
+    @classmethod
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
+        n = layout.n_layers
+        return {
+            "vector": TensorSpec((n, layout.d_model)),
+            "layers": TensorSpec((), "int", below=(n + 1,)),  # the first L layers, 1 <= L <= n
+            "layer_scores": TensorSpec((None,)),  # one per L tried (none when --sv-layers gave it)
+            "window_used": TensorSpec((), "int"),
+        }
 
     def state(self) -> dict[str, torch.Tensor]:
         return {
