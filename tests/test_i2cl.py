@@ -16,7 +16,7 @@ from ivlib.scoring import Scorer
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = ["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "i2cl"]
-CLI += ["-s", "1", "-e", "3", "-n", "20", "--i2cl-epochs", "3", "--batch-size", "4", "--quiet"]
+CLI += ["-s", "1", "-e", "3", "--i2cl-sets", "2", "-n", "20", "--i2cl-epochs", "3", "--batch-size", "4", "--quiet"]
 
 
 def _train(task, episodes=3, shot=1):
@@ -200,7 +200,11 @@ def test_cli_records_the_fit_and_saved_vectors_reproduce_it(tmp_path, monkeypatc
     fitted, loaded = [json.loads(line) for line in results.read_text().splitlines()]
     fit = fitted["fit"]
     assert fitted["method"] == "i2cl" and fitted["hyperparameters"]["shot"] == 0
-    assert fitted["hyperparameters"]["i2cl_epochs"] == 3 and fitted["hyperparameters"]["i2cl_lr"] == 0.01
+    assert (
+        fitted["hyperparameters"]["i2cl_sets"] == 2
+        and fitted["hyperparameters"]["i2cl_epochs"] == 3
+        and fitted["hyperparameters"]["i2cl_lr"] == 0.01
+    )
     assert len(fit["loss_curve"]) == 3 and fit["demonstrations"] == len(demos_of_cli())
     assert set(fit["a"]) == set(fit["b"]) == {"attn", "mlp"} and len(fit["a"]["mlp"]) == 2
     assert loaded["metrics"] == fitted["metrics"]
@@ -209,9 +213,9 @@ def test_cli_records_the_fit_and_saved_vectors_reproduce_it(tmp_path, monkeypatc
 
 
 def demos_of_cli():
-    """The distinct demonstrations of the CLI test's fit episodes (-s 1 -e 3, seed 42)."""
+    """The distinct demonstrations of the CLI test's first two fit episodes (-s 1 -e 3 --i2cl-sets 2, seed 42)."""
     task = ivlib.load_task("review_sentiment")
-    return demonstrations(sample_episodes(task.splits["train"], 2, 1, 3, 42, "train/extract"))
+    return demonstrations(sample_episodes(task.splits["train"], 2, 1, 3, 42, "train/extract")[:2])
 
 
 @pytest.mark.parametrize(

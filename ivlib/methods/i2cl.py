@@ -81,6 +81,16 @@ class ImplicitICL(Method):
     has_state = True
     fixed_eval_shot = 0  # the demonstrations live in the vectors: queries run alone
     settings = (
+        Setting(
+            "i2cl_sets",
+            int,
+            1,
+            "training episodes (from the first, at most -e) whose demonstrations make the context vectors and "
+            "the calibration data: the paper uses one set of k per class; each more set multiplies the "
+            "calibration's cost",
+            low=1,
+            symbol="sets",
+        ),
         Setting("i2cl_epochs", int, 100, "calibration epochs over the demonstrations", low=1),
         Setting("i2cl_batch", int, 2, "calibration prompts per optimiser step", low=1),
         Setting("i2cl_lr", float, 0.01, "calibration learning rate (AdamW)", low=0, symbol="lr"),
@@ -92,6 +102,7 @@ class ImplicitICL(Method):
         Setting("i2cl_init_b", float, 1.0, "initial scale b of the module outputs", symbol="b0"),
     )
 
+    i2cl_sets: int
     i2cl_epochs: int
     i2cl_batch: int
     i2cl_lr: float
@@ -227,7 +238,7 @@ class ImplicitICL(Method):
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
-        demos = demonstrations(episodes)
+        demos = demonstrations(episodes[: self.i2cl_sets])
         if not demos:
             raise UsageError("i2cl needs demonstrations in its training episodes; accepted: -s 1 or more")
         self.n_demos = len(demos)
