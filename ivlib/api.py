@@ -25,7 +25,7 @@ from .episodes import sample_episodes as _sample
 from .errors import UsageError
 from .hooks import steering
 from .layout import discover_layout
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, PromptEncoder, collate
 from .scoring import Scorer
@@ -430,17 +430,18 @@ def steer(
 
     With `prompt` (from `ivlib.encode`; several are left-padded as `ivlib.batch` does), the method
     edits what its `predict` edits, at that prompt's positions: IV at its separators, TV and FV at
-    the query's separator (the last token). Pass the yielded batch's `input_ids` (and
-    `attention_mask`) to the model. The positions are absolute in the sequence, so under `generate`
-    they are edited in the prefill only, not in the decoding steps. With `every_position=True`
-    instead, a steady vector is added at every position of every forward, prompt and generated
-    tokens alike (IV: its query-slot vector, FV: its vector; TV replaces a hidden state and has
-    none). Evaluation settings may be given for this block (IV: `strength=`). The hooks are removed
+    the query's separator (the last token), SV the first L attention outputs there. Pass the
+    yielded batch's `input_ids` (and `attention_mask`) to the model. The positions are absolute in
+    the sequence, so under `generate` they are edited in the prefill only, not in the decoding
+    steps. With `every_position=True` instead, a steady vector is added at every position of every
+    forward, prompt and generated tokens alike (IV: its query-slot vector, FV: its vector; TV and
+    SV replace activations and have none). Evaluation settings may be given for this block (IV: `strength=`). The hooks are removed
     on exit, also when the block raises.
     """
     method = _build(method, settings, _P["seed"].default)
     if not hasattr(method, "edit"):
-        raise UsageError(f"method '{method.name}' does not steer activations; accepted: iv, tv, fv")
+        steerable = ", ".join(name for name, cls in METHODS.items() if hasattr(cls, "edit"))
+        raise UsageError(f"method '{method.name}' does not steer activations; accepted: {steerable}")
     if not _fitted(method):
         raise UsageError(f"method '{method.name}' is not fitted; call ivlib.fit or ivlib.load first")
     if every_position and prompt is not None:
