@@ -26,12 +26,12 @@ import numpy as np
 from . import __version__
 from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
-from .episodes import Episode, check_shots, sample_episodes
+from .episodes import Episode, Example, check_shots, fixed_demos, sample_episodes, with_demos
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
-from .prompts import PromptEncoder
+from .prompts import EncodedPrompt, PromptEncoder, split_prefix
 from .results import append_record, check_writable, has_record, read_records, signals_held
 from .samples import sample_lines, samples_stem, write_samples
 from .scoring import Scorer
@@ -42,6 +42,7 @@ from .tasks import Task, load_task
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
 SPLITS = ("validation", "test")
+DEMOS = ("episodic", "fixed")
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -74,6 +75,14 @@ PROTOCOL = (
     Setting(
         "max_example_tokens", int, 256, "each example's input is truncated so input + separator + label fit", low=8
     ),
+    Setting(
+        "demos",
+        str,
+        "episodic",
+        "evaluation demonstrations: drawn afresh for every query (episodic, the IV paper's protocol) or one set "
+        "of --shot per class from train for every query (fixed, Deep-Thinking's; the shared prefix is encoded once)",
+        choices=DEMOS,
+    ),
 )
 # protocol settings that define a fitted state: a loaded file's values become this run's
 PROTOCOL_FIT = ("ext_shot", "episodes", "select_episodes", "max_example_tokens")
@@ -104,6 +113,7 @@ class RunSpec:
     seed: int = _P["seed"].default
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
+    demos: str = _P["demos"].default
     gpu: int = -1
     no_half: bool = False
     device_map: str | None = None
@@ -142,12 +152,18 @@ class Experiment:
         self.fitted_with: dict[str, Any] | None = None  # the --load-vectors file's fitting settings
         self.fit_s = 0.0
         self.fit_info: dict[str, Any] = {}
+        self.demos: tuple[Example, ...] | None = None  # --demos fixed: the one evaluation set
 
     # ---- what the spec implies ---------------------------------------------------------------
     @property
     def eval_shot(self) -> int:
         fixed = self.method_cls.fixed_eval_shot
         return self.spec.shot if fixed is None else fixed
+
+    @property
+    def fixed(self) -> bool:
+        """--demos fixed with demonstrations to fix (zero-shot is the same under either protocol)."""
+        return self.spec.demos == "fixed" and self.eval_shot > 0
 
     @property
     def fitting(self) -> bool:
@@ -165,6 +181,7 @@ class Experiment:
             "episodes": spec.episodes if cls.needs_fit else None,
             **({"select_episodes": spec.select_episodes} if cls.needs_validation else {}),
             "max_example_tokens": spec.max_example_tokens,
+            **({"demos": "fixed"} if self.fixed else {}),  # absent when episodic: earlier records still match
         }
 
     # ---- step 1: every check that needs no model -----------------------------------------------
@@ -206,6 +223,9 @@ class Experiment:
                 f"--shot {spec.shot} is too few for --method {cls.name}; accepted: --shot "
                 f"{cls.min_shot} or more with --method {cls.name}"
             )
+        if self.fixed and not cls.supports_fixed_demos:
+            accepted = ", ".join(name for name, c in METHODS.items() if c.supports_fixed_demos)
+            raise UsageError(f"--demos fixed does not apply to --method {cls.name}; accepted with: {accepted}")
         if spec.mem_limit and not spec.device_map:
             raise UsageError("--mem-limit needs --device-map")
         if spec.device_map and spec.gpu < 0:
@@ -336,7 +356,10 @@ class Experiment:
                 f"--method {spec.method} does not apply to multiple-choice task '{spec.task}' "
                 f"(it steers towards class labels); accepted: {accepted}"
             )
-        check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
+        if self.fixed:
+            self.demos = demo_set(task, self.eval_shot, spec.seed)
+        else:
+            check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
         if self.fitting and cls.needs_fit:
             check_shots(task.splits["train"], "train", task.n_classes, spec.ext_shot, task.label_words, "--ext-shot")
         if self.fitting and cls.needs_validation:
@@ -363,18 +386,24 @@ class Experiment:
     def sample(self) -> None:
         """The evaluation episodes and their prompts; methods refuse prompts they cannot run here."""
         spec, task = self.spec, self.task
+        shot = 0 if self.demos is not None else self.eval_shot  # the queries do not depend on the shot
         self.eval_episodes = sample_episodes(
-            task.splits[spec.split], task.n_classes, self.eval_shot, spec.eval_episodes, spec.seed, f"{spec.split}/eval"
+            task.splits[spec.split], task.n_classes, shot, spec.eval_episodes, spec.seed, f"{spec.split}/eval"
         )
+        if self.demos is not None:  # the same queries, each with the one fixed set
+            self.eval_episodes = with_demos(self.eval_episodes, self.demos)
         self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
         self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
 
     def fit_episodes(self) -> tuple[list[Episode], list[Episode] | None]:
         """(training episodes, validation episodes to select on) of the method's declared needs."""
         spec = self.spec
-        return fit_episodes(
+        train, select = fit_episodes(
             self.task, self.method_cls, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed
         )
+        if select is not None and spec.demos == "fixed" and spec.shot > 0:  # selects for the set it is evaluated with
+            select = with_demos(select, demo_set(self.task, spec.shot, spec.seed))
+        return train, select
 
     # ---- step 4: fit, or load a fitted state ----------------------------------------------------
     @property
@@ -431,9 +460,11 @@ class Experiment:
         """Score the evaluation prompts with one fitted method; the record, not yet written."""
         spec, task, scorer = self.spec, self.task, self.scorer
         t0 = time.perf_counter()
-        scores = scorer.runner.map(
-            self.prompts, lambda b: method.predict(scorer, b), f"{spec.method} eval ({spec.split})"
-        )
+        desc = f"{spec.method} eval ({spec.split})"
+        if self.fixed and self.method_cls.caches_fixed_prefix:
+            scores = fixed_scores(method, scorer, self.prompts, desc)
+        else:
+            scores = scorer.runner.map(self.prompts, lambda b: method.predict(scorer, b), desc)
         eval_s = time.perf_counter() - t0
         y_true = np.array([p.label for p in self.prompts])
         y_pred = scorer.predictions(scores, self.prompts)
@@ -522,6 +553,31 @@ class Experiment:
         ]
         hp = record["hyperparameters"]
         return " ".join([self.spec.method, *(f"{s.label}={hp[s.name]}" for s in varied)])
+
+
+def demo_set(task: Task, shot: int, seed: int) -> tuple[Example, ...]:
+    """--demos fixed: the run's one demonstration set, from train, never a text of validation or test."""
+    avoid = {t for name in SPLITS for t in task.splits[name].texts}
+    return fixed_demos(task.splits["train"], task.n_classes, shot, seed, avoid, task.label_words)
+
+
+def fixed_scores(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str) -> Any:
+    """[N, C] scores of prompts sharing one demonstration set: the prefix (BOS + demonstrations) encoded
+    once by the method, then every batch of queries run over it; the rare prompt whose tokens before the
+    query differ from the shared prefix (see `split_prefix`) is scored whole. Equal to `predict` on the
+    whole prompts."""
+    shared, queries, differ = split_prefix(prompts)
+    if not shared.ids:  # nothing before the query (no BOS, no demonstrations): nothing to share
+        return scorer.runner.map(prompts, lambda b: method.predict(scorer, b), desc)
+    prefix = method.prefix(scorer, scorer.batch([shared]))
+    cut = sorted(set(range(len(prompts))) - set(differ))
+    scores = scorer.runner.map([queries[i] for i in cut], lambda b: method.predict_over(scorer, prefix, b), desc)
+    if not differ:
+        return scores
+    whole = scorer.runner.map([prompts[i] for i in differ], lambda b: method.predict(scorer, b), f"{desc}, whole")
+    out = scores.new_empty(len(prompts), *scores.shape[1:])
+    out[cut], out[differ] = scores, whole
+    return out
 
 
 # ---- the steps' pieces that need no spec: the Python API (ivlib.api) calls these too, so an API run

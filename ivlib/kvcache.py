@@ -10,6 +10,7 @@ The per-layer and per-head searches of TV and FV run many one-token forwards ove
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -103,3 +104,27 @@ def repeated_with_room(cache: Any, repeats: int, free: int = 1) -> Cache | None:
             for layer in layers
         ]
     )
+
+
+def expand_rows(cache: Any, rows: int) -> Cache:
+    """A one-row prefix cache as a `rows`-row cache for a batch of queries, the prefix left unchanged.
+
+    Full-attention `DynamicLayer`s get stride-0 views (no copy: the forward's own `torch.cat` with the
+    queries' keys is the one materialisation attention needs anyway, and it never writes into the
+    prefix). Any other layer (sliding window, quantised, static) is deep-copied and repeated, which
+    costs a copy per batch but keeps whatever that layer does to its entries.
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        out = copy.deepcopy(cache)
+        if rows > 1:
+            out.batch_repeat_interleave(rows)
+        return out
+    views = []
+    for layer in layers:
+        view = copy.copy(layer)  # an uninitialised layer (one sharing another's entries) stays as it is
+        if layer.is_initialized:
+            view.keys = layer.keys.expand(rows, -1, -1, -1)
+            view.values = layer.values.expand(rows, -1, -1, -1)
+        views.append(view)
+    return Cache(layers=views)

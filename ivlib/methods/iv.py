@@ -23,7 +23,7 @@ from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads
 from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..scoring import Prefix, Scorer
 from ..settings import EVAL, Setting
 from .base import Method, register
 
@@ -43,6 +43,7 @@ class IterativeVectors(Method):
     name = "iv"
     needs_fit = True
     has_state = True
+    caches_fixed_prefix = True  # `prefix` adds the class vectors at the demonstrations' separators
     settings = (
         Setting(
             "strength",
@@ -175,6 +176,12 @@ class IterativeVectors(Method):
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
+
+    def prefix(self, scorer: Scorer, batch: PromptBatch) -> Prefix:
+        """The fixed demonstrations encoded once with their class vectors added at their separators;
+        `predict` then adds the query slot's at each query's separator, over this cache."""
+        with self.edit(scorer.lm, batch).apply():
+            return scorer.encode_prefix(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
         assert self.vectors is not None
