@@ -386,24 +386,25 @@ class Experiment:
     def sample(self) -> None:
         """The evaluation episodes and their prompts; methods refuse prompts they cannot run here."""
         spec, task = self.spec, self.task
-        shot = 0 if self.demos is not None else self.eval_shot  # the queries do not depend on the shot
-        self.eval_episodes = sample_episodes(
-            task.splits[spec.split], task.n_classes, shot, spec.eval_episodes, spec.seed, f"{spec.split}/eval"
+        self.eval_episodes = evaluation_episodes(
+            task, spec.split, self.eval_shot, spec.eval_episodes, spec.seed, self.demos
         )
-        if self.demos is not None:  # the same queries, each with the one fixed set
-            self.eval_episodes = with_demos(self.eval_episodes, self.demos)
         self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
         self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
 
     def fit_episodes(self) -> tuple[list[Episode], list[Episode] | None]:
         """(training episodes, validation episodes to select on) of the method's declared needs."""
         spec = self.spec
-        train, select = fit_episodes(
-            self.task, self.method_cls, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed
+        return fit_episodes(
+            self.task,
+            self.method_cls,
+            spec.ext_shot,
+            spec.episodes,
+            spec.shot,
+            spec.select_episodes,
+            spec.seed,
+            spec.demos,
         )
-        if select is not None and spec.demos == "fixed" and spec.shot > 0:  # selects for the set it is evaluated with
-            select = with_demos(select, demo_set(self.task, spec.shot, spec.seed))
-        return train, select
 
     # ---- step 4: fit, or load a fitted state ----------------------------------------------------
     @property
@@ -460,11 +461,7 @@ class Experiment:
         """Score the evaluation prompts with one fitted method; the record, not yet written."""
         spec, task, scorer = self.spec, self.task, self.scorer
         t0 = time.perf_counter()
-        desc = f"{spec.method} eval ({spec.split})"
-        if self.fixed and self.method_cls.caches_fixed_prefix:
-            scores = fixed_scores(method, scorer, self.prompts, desc)
-        else:
-            scores = scorer.runner.map(self.prompts, lambda b: method.predict(scorer, b), desc)
+        scores = score_prompts(method, scorer, self.prompts, f"{spec.method} eval ({spec.split})", self.fixed)
         eval_s = time.perf_counter() - t0
         y_true = np.array([p.label for p in self.prompts])
         y_pred = scorer.predictions(scores, self.prompts)
@@ -593,20 +590,49 @@ def make_scorer(lm: LoadedModel, task: Task, encoder: PromptEncoder, batch_size:
 
 
 def fit_episodes(
-    task: Task, cls: type[Method], ext_shot: int, episodes: int, shot: int, select_episodes: int, seed: int
+    task: Task,
+    cls: type[Method],
+    ext_shot: int,
+    episodes: int,
+    shot: int,
+    select_episodes: int,
+    seed: int,
+    demos: str = "episodic",
 ) -> tuple[list[Episode], list[Episode] | None]:
-    """(training episodes, validation episodes to select on) of the method's declared needs."""
+    """(training episodes, validation episodes to select on) of the method's declared needs. Under
+    --demos fixed the selection's queries get the evaluation's one set (a method selects for the set it
+    is evaluated with); training episodes stay episodic: they are what a method learns from."""
     train = (
         sample_episodes(task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract")
         if cls.needs_fit
         else []
     )
+    fixed = demo_set(task, shot, seed) if demos == "fixed" and shot > 0 else None
     select = (
-        sample_episodes(task.splits["validation"], task.n_classes, shot, select_episodes, seed, "validation/select")
+        evaluation_episodes(task, "validation", shot, select_episodes, seed, fixed, "select")
         if cls.needs_validation
         else None
     )
     return train, select
+
+
+def evaluation_episodes(
+    task: Task, split: str, shot: int, n: int, seed: int, demos: tuple[Example, ...] | None, purpose: str = "eval"
+) -> list[Episode]:
+    """The episodes a run scores: episodic, or (with `demos`, the --demos fixed set) the very same queries
+    each with that one set."""
+    if demos is None:
+        return sample_episodes(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
+    queries = sample_episodes(task.splits[split], task.n_classes, 0, n, seed, f"{split}/{purpose}")  # same stream
+    return with_demos(queries, demos)
+
+
+def score_prompts(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str, fixed: bool) -> Any:
+    """[N, C] evaluation scores; prompts sharing fixed demonstrations share one encoded prefix where
+    the method declares that exact (`caches_fixed_prefix`)."""
+    if fixed and type(method).caches_fixed_prefix:
+        return fixed_scores(method, scorer, prompts, desc)
+    return scorer.runner.map(prompts, lambda b: method.predict(scorer, b), desc)
 
 
 def fit_info(

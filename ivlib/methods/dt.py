@@ -210,7 +210,9 @@ class DeepThinking(Method):
             return None
         steps = []
         for t, prefix in enumerate(self._tuned_prefixes(scorer, scorer.batch([shared]), self.dt_steps), start=1):
-            steps.append(scorer.runner.map(queries, partial(self.predict_over, scorer, prefix), f"DT step search, T={t}"))
+            steps.append(
+                scorer.runner.map(queries, partial(self.predict_over, scorer, prefix), f"DT step search, T={t}")
+            )
         return torch.stack(steps, dim=1)
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
