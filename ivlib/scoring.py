@@ -161,7 +161,8 @@ class Scorer:
         past_mask = batch.attention_mask.new_ones(rows, prefix.length)
         mask = torch.cat([past_mask, batch.attention_mask], dim=1)
         positions = batch.position_ids + prefix.length
-        logits, cache = self.encode(batch.input_ids, mask, positions, past=expand_rows(prefix.cache, rows))
+        keep = batch.option_ids is not None  # the options run over the cache afterwards; labels need nothing kept
+        logits, cache = self.encode(batch.input_ids, mask, positions, past=expand_rows(prefix.cache, rows, keep))
         return logits, cache, mask, positions
 
     def at_last_token(self, batch: PromptBatch, edit: LastTokenEdit) -> AbstractContextManager:

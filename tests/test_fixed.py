@@ -20,6 +20,7 @@ from ivlib.methods.fv import FunctionVectors
 from ivlib.methods.icl import ICL
 from ivlib.methods.iv import IterativeVectors
 from ivlib.methods.tv import TaskVectors
+from ivlib.kvcache import expand_rows, read_kv
 from ivlib.metrics import selection_score
 from ivlib.prompts import PromptEncoder, split_prefix
 from ivlib.samples import read_samples
@@ -254,3 +255,21 @@ def test_the_api_refuses_it_too(gpt2, task):
     with pytest.raises(UsageError, match="demos='fixed' does not apply to method 'own-demos'"):
         evaluate(NeedsItsOwnDemos(), gpt2, task, demos="fixed", n=4)
     assert evaluate(NeedsItsOwnDemos(), gpt2, task, n=4).scores.shape == (4, 2)  # episodic: fine
+
+
+def test_each_batch_sees_the_prefix_without_a_copy_and_keeps_nothing(gpt2, task):
+    encoder, prompts = _prompts(gpt2, task)
+    scorer = Scorer(gpt2, encoder.label_ids, 4, quiet=True)
+    shared, queries, _ = split_prefix(prompts)
+    prefix = scorer.encode_prefix(scorer.batch([shared]))
+    (k0, _), *_ = read_kv(prefix.cache)
+    for keep in (True, False):
+        cache = expand_rows(prefix.cache, 3, keep)
+        keys = cache.layers[0].keys
+        assert keys.shape[0] == 3 and keys.stride(0) == 0 and keys.data_ptr() == k0.data_ptr()
+    batch = scorer.batch(queries[:3])
+    cache = expand_rows(prefix.cache, 3, keep=False)
+    mask = torch.cat([batch.attention_mask.new_ones(3, prefix.length), batch.attention_mask], 1)
+    scorer.encode(batch.input_ids, mask, batch.position_ids + prefix.length, past=cache)
+    assert all(layer.keys.shape[-2] == prefix.length for layer in cache.layers)  # nothing appended
+    assert read_kv(prefix.cache)[0][0] is k0 and k0.shape[-2] == prefix.length  # the prefix is untouched
