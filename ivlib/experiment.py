@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import __version__
 from . import distributed as dist
@@ -558,7 +559,7 @@ def demo_set(task: Task, shot: int, seed: int) -> tuple[Example, ...]:
     return fixed_demos(task.splits["train"], task.n_classes, shot, seed, avoid, task.label_words)
 
 
-def fixed_scores(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str) -> Any:
+def fixed_scores(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str) -> torch.Tensor:
     """[N, C] scores of prompts sharing one demonstration set: the prefix (BOS + demonstrations) encoded
     once by the method, then every batch of queries run over it; the rare prompt whose tokens before the
     query differ from the shared prefix (see `split_prefix`) is scored whole. Equal to `predict` on the
@@ -566,6 +567,7 @@ def fixed_scores(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], d
     shared, queries, differ = split_prefix(prompts)
     if not shared.ids:  # nothing before the query (no BOS, no demonstrations): nothing to share
         return scorer.runner.map(prompts, lambda b: method.predict(scorer, b), desc)
+    scorer.check_context(max(len(p.ids) for p in prompts))  # the query batches do not hold the prefix
     prefix = method.prefix(scorer, scorer.batch([shared]))
     cut = sorted(set(range(len(prompts))) - set(differ))
     scores = scorer.runner.map([queries[i] for i in cut], lambda b: method.predict_over(scorer, prefix, b), desc)
@@ -627,7 +629,7 @@ def evaluation_episodes(
     return with_demos(queries, demos)
 
 
-def score_prompts(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str, fixed: bool) -> Any:
+def score_prompts(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str, fixed: bool) -> torch.Tensor:
     """[N, C] evaluation scores; prompts sharing fixed demonstrations share one encoded prefix where
     the method declares that exact (`caches_fixed_prefix`)."""
     if fixed and type(method).caches_fixed_prefix:

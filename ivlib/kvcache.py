@@ -120,9 +120,11 @@ class _PrefixLayer(DynamicLayer):
         super().__init__()
         self.keys, self.values = keys, values  # [rows, kv_heads, P, head_dim], expanded views
         self.device, self.is_initialized = keys.device, True
+        self._prefix = (keys, values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+        keys, values = self._prefix
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
 def expand_rows(cache: Any, rows: int, keep: bool = True) -> Cache:

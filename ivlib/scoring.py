@@ -72,13 +72,17 @@ class Scorer:
         return self.lm.layout
 
     def batch(self, prompts: list[EncodedPrompt]) -> PromptBatch:
-        longest = max(len(p.ids) for p in prompts) + (self.prefix.length if self.prefix is not None else 0)
+        self.check_context(max(len(p.ids) for p in prompts))
+        return collate(prompts, self.lm.tokenizer.pad_token_id).to(self.lm.device)
+
+    def check_context(self, longest: int) -> None:
+        """Refuse a prompt of `longest` tokens beyond the model's context (query parts run over a shared
+        prefix are checked whole, by the caller, since their batches do not hold the prefix)."""
         if self._context is not None and longest > self._context:
             raise UsageError(
                 f"a prompt of {longest} tokens exceeds the context of model '{self.lm.name}' "
                 f"({self._context}); lower --shot/--ext-shot or --max-example-tokens"
             )
-        return collate(prompts, self.lm.tokenizer.pad_token_id).to(self.lm.device)
 
     @torch.inference_mode()
     def forward(self, batch: PromptBatch) -> torch.Tensor:

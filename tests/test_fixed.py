@@ -14,13 +14,13 @@ from ivlib.cli import main
 from ivlib.episodes import sample_episodes, with_demos
 from ivlib.errors import UsageError
 from ivlib.experiment import Experiment, RunSpec, demo_set, evaluation_episodes, fixed_scores
+from ivlib.kvcache import expand_rows, read_kv
 from ivlib.methods import METHODS, Method
 from ivlib.methods.dt import DeepThinking
 from ivlib.methods.fv import FunctionVectors
 from ivlib.methods.icl import ICL
 from ivlib.methods.iv import IterativeVectors
 from ivlib.methods.tv import TaskVectors
-from ivlib.kvcache import expand_rows, read_kv
 from ivlib.metrics import selection_score
 from ivlib.prompts import PromptEncoder, split_prefix
 from ivlib.samples import read_samples
@@ -273,3 +273,13 @@ def test_each_batch_sees_the_prefix_without_a_copy_and_keeps_nothing(gpt2, task)
     scorer.encode(batch.input_ids, mask, batch.position_ids + prefix.length, past=cache)
     assert all(layer.keys.shape[-2] == prefix.length for layer in cache.layers)  # nothing appended
     assert read_kv(prefix.cache)[0][0] is k0 and k0.shape[-2] == prefix.length  # the prefix is untouched
+
+
+def test_a_prompt_beyond_the_context_is_refused_though_its_query_part_fits(gpt2, task, monkeypatch):
+    encoder, prompts = _prompts(gpt2, task)
+    scorer = Scorer(gpt2, encoder.label_ids, 4, quiet=True)
+    longest = max(len(p.ids) for p in prompts)
+    monkeypatch.setattr(scorer, "_context", longest - 1)
+    assert max(len(q.ids) for q in split_prefix(prompts)[1]) < longest - 1
+    with pytest.raises(UsageError, match=f"a prompt of {longest} tokens exceeds the context"):
+        fixed_scores(ICL(), scorer, prompts, "cached")

@@ -208,6 +208,7 @@ class DeepThinking(Method):
         shared, queries, differ = split_prefix(prompts)
         if differ or not shared.ids:
             return None
+        scorer.check_context(max(len(p.ids) for p in prompts))  # the query batches do not hold the prefix
         steps = []
         for t, prefix in enumerate(self._tuned_prefixes(scorer, scorer.batch([shared]), self.dt_steps), start=1):
             steps.append(
