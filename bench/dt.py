@@ -309,6 +309,14 @@ def fixed_main(args: argparse.Namespace) -> None:
         f"largest batch of {sizes} within {args.budget_mib} MiB above the loaded model: "
         + ", ".join(f"{name} {fits[name]}" for name in FIXED_NAMES)
     )
+    top = str(max(args.batch_sizes))
+    per_row = {name: memory[name][top] / int(top) for name in FIXED_NAMES}
+    print(
+        f"per row at batch {top}: "
+        + ", ".join(f"{name} {per_row[name] / 2**20:.2f} MiB" for name in FIXED_NAMES)
+        + f"; so the budget holds about {per_row['icl'] / per_row['dt-fixed']:.2f}x episodic ICL's batch for dt-fixed "
+        f"and {per_row['icl-fixed'] / per_row['dt-fixed']:.2f}x fixed ICL's (linear in the rows, an extrapolation)"
+    )
     diff = (dt1 - outs["icl-fixed"]).abs().max().item()
     labels = torch.tensor([p.label for p in s.fixed])
     acc = {name: (outs[name].argmax(-1) == labels).float().mean().item() for name in FIXED_NAMES}
