@@ -363,7 +363,9 @@ class Experiment:
             check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
         if self.fitting and cls.needs_fit:
             check_shots(task.splits["train"], "train", task.n_classes, spec.ext_shot, task.label_words, "--ext-shot")
-        if self.fitting and cls.needs_validation:
+        if self.fitting and cls.needs_validation and spec.demos == "fixed" and spec.shot > 0:
+            demo_set(task, spec.shot, spec.seed)  # the selection's demonstrations come from train: refused here
+        elif self.fitting and cls.needs_validation:
             check_shots(task.splits["validation"], "validation", task.n_classes, spec.shot, task.label_words, "--shot")
         dist.setup(self.device)  # joins the launcher's process group; nothing with one process
         t0 = time.perf_counter()

@@ -283,3 +283,13 @@ def test_a_prompt_beyond_the_context_is_refused_though_its_query_part_fits(gpt2,
     assert max(len(q.ids) for q in split_prefix(prompts)[1]) < longest - 1
     with pytest.raises(UsageError, match=f"a prompt of {longest} tokens exceeds the context"):
         fixed_scores(ICL(), scorer, prompts, "cached")
+
+
+def test_a_method_that_selects_on_validation_runs_fixed_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "runs.jsonl"
+    assert _cli(out, "--method", "tv", "--demos", "fixed", "-e", "8", "--select-episodes", "8", "--log-samples") == 0
+    record = json.loads(out.read_text())
+    assert record["hyperparameters"]["demos"] == "fixed" and len(record["fit"]["layer_scores"]) == 2
+    lines = read_samples(record, tmp_path)
+    assert len({tuple(x["demo_rows"]) for x in lines}) == 1
