@@ -37,6 +37,25 @@ methods rather than the contention.
     python bench/dt.py -c config/local.yaml -t sst2-local --shot 2
     python bench/dt.py -g 0 --episodes 300 --repeats 3
     python bench/dt.py --random-llama7b -g 0 --episodes 300 --repeats 3
+
+--fixed measures Deep-Thinking under its own protocol instead (--demos fixed: one demonstration
+set for every query, tuned once, then query-only inference over the tuned cache) beside ICL under
+fixed (the prefix encoded once) and episodic ICL, on the very same queries:
+
+    icl         episodic ICL, every prompt whole (ivlib's default protocol)
+    icl-fixed   ICL, the fixed demonstrations encoded once, each batch of queries over that cache
+    dt-fixed    DT(T=--steps): the fixed demonstrations tuned once (timed apart: "tuning"), then each
+                batch of queries over the tuned cache; dt(1)-fixed is checked equal to icl-fixed
+
+It reports episodes/s after tuning, the tuning time, and the largest batch within a memory budget
+(--budget-mib): every (path, size in --batch-sizes) runs in a fresh subprocess that loads the model,
+prepares the path (DT: tunes), runs one untimed row, trims the heap, resets the peak-RSS mark and
+runs one batch of that size (the queries cycled to fill it); the peak above the RSS before the
+batch is what that size costs (on CUDA: max_memory_allocated above what was allocated before).
+The largest tried size whose cost fits the budget is reported.
+
+    python bench/dt.py --fixed --quick --threads 1
+    python bench/dt.py --fixed -g 0 --random-llama7b --episodes 256 --batch-sizes 16 32 64 128 256 --budget-mib 8192
 """
 
 from __future__ import annotations
@@ -49,6 +68,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import transformers
@@ -64,13 +84,15 @@ from common import (
     setup,
     status_kib,
     timed,
+    where_it_ran,
 )
 
 from ivlib.episodes import sample_episodes
+from ivlib.experiment import demo_set, evaluation_episodes
 from ivlib.methods.dt import DeepThinking, split_demos
 from ivlib.methods.icl import ICL
 from ivlib.models import LoadedModel
-from ivlib.prompts import EncodedPrompt, PromptBatch
+from ivlib.prompts import EncodedPrompt, PromptBatch, split_prefix
 from ivlib.scoring import Scorer
 from ivlib.tasks import Task
 
@@ -159,6 +181,155 @@ def cuda_memory(s: Setup, names: list[str]) -> dict[str, dict]:
     return cuda_peaks(s.lm.device, names, lambda name: run(s, name))
 
 
+# ---- --fixed: DT under its own protocol -------------------------------------------------------------
+FIXED_NAMES = ("icl", "icl-fixed", "dt-fixed")
+
+
+@dataclass
+class FixedSetup:
+    lm: LoadedModel
+    task: Task
+    episodic: list[EncodedPrompt]  # each query with its own demonstrations
+    fixed: list[EncodedPrompt]  # the same queries, one set
+    queries: list[EncodedPrompt]  # the fixed prompts' query parts
+    scorer: Scorer
+    shared: PromptBatch  # BOS + the fixed demonstrations, one row
+
+
+def fixed_prepare(args: argparse.Namespace) -> FixedSetup:
+    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b)
+    encoder = make_encoder(lm, task, args.random_llama7b)
+    n, shot = args.episodes, args.shot
+    episodic = [encoder.encode(e) for e in evaluation_episodes(task, "validation", shot, n, 42, None)]
+    fixed = [encoder.encode(e) for e in evaluation_episodes(task, "validation", shot, n, 42, demo_set(task, shot, 42))]
+    shared, queries, differ = split_prefix(fixed)
+    if differ:
+        raise SystemExit(f"dt.py --fixed: {len(differ)} prompts tokenize the demonstrations differently")
+    scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
+    return FixedSetup(lm, task, episodic, fixed, queries, scorer, scorer.batch([shared]))
+
+
+def fixed_paths(
+    s: FixedSetup, steps: int, only: str | None = None
+) -> tuple[dict[str, Callable[[int | None], torch.Tensor]], float]:
+    """Each path as a function of how many prompts to run (None: all, else the first k, cycled), and
+    DT's tuning time (s); `only`: prepare that path alone (a memory subprocess)."""
+    icl, dt = ICL(), DeepThinking(dt_steps=steps, dt_step=steps)
+    prefix_icl = icl.prefix(s.scorer, s.shared) if only in (None, "icl-fixed") else None
+    prefix_dt, tuning = (
+        timed(lambda: dt.prefix(s.scorer, s.shared), s.lm.device) if only in (None, "dt-fixed") else (None, 0.0)
+    )
+    runner = s.scorer.runner
+
+    def cycled(prompts: list[EncodedPrompt], k: int | None) -> list[EncodedPrompt]:
+        return prompts if k is None else [prompts[i % len(prompts)] for i in range(k)]
+
+    paths: dict[str, Callable[[int | None], torch.Tensor]] = {
+        "icl": lambda k: runner.map(cycled(s.episodic, k), lambda b: icl.predict(s.scorer, b), "icl"),
+        "icl-fixed": lambda k: runner.map(cycled(s.queries, k), partial(icl.predict_over, s.scorer, prefix_icl), "f"),
+        "dt-fixed": lambda k: runner.map(cycled(s.queries, k), partial(dt.predict_over, s.scorer, prefix_dt), "dt"),
+    }
+    return paths, tuning
+
+
+def fixed_child(args: argparse.Namespace) -> None:
+    """One path, one batch of one size (`--_child path@size`), in this fresh process: each measurement
+    starts from the same heap, so no path is charged (or credited) for what an earlier batch left.
+    Prints a JSON line: the batch's peak bytes above what was resident (allocated) before it."""
+    name, size = args._child.split("@")
+    s = fixed_prepare(args)
+    paths, _ = fixed_paths(s, args.steps, only=name)
+    run = paths[name]
+    run(1)  # first-use costs (thread pools, lazily built buffers) are not the batch's
+    s.scorer.runner.batch_size = int(size)
+    if s.lm.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(s.lm.device)
+        before = torch.cuda.memory_allocated(s.lm.device)
+        run(int(size))
+        cost = torch.cuda.max_memory_allocated(s.lm.device) - before
+    else:
+        before = settle_rss(s.lm.model)
+        reset_peak_rss()
+        run(int(size))
+        cost = (status_kib("VmHWM") - before) * 1024
+    print(CHILD_TAG + json.dumps({"path": args._child, "cost": cost}), flush=True)
+
+
+def fixed_main(args: argparse.Namespace) -> None:
+    load_start = os.getloadavg()[0]
+    s = fixed_prepare(args)
+    paths, tuning = fixed_paths(s, args.steps)
+    _, encode_s = timed(lambda: s.scorer.encode_prefix(s.shared), s.lm.device)
+    for name in FIXED_NAMES:  # warm-up, untimed
+        paths[name](args.batch_size)
+    times: dict[str, list[float]] = {name: [] for name in FIXED_NAMES}
+    outs: dict[str, torch.Tensor] = {}
+    for _ in range(args.repeats):
+        for name in FIXED_NAMES:
+            outs[name], t = timed(lambda: paths[name](None), s.lm.device)
+            times[name].append(t)
+    one, _ = fixed_paths(s, 1)
+    dt1 = one["dt-fixed"](None)
+    runs = [f"{name}@{size}" for name in FIXED_NAMES for size in args.batch_sizes]
+    measured = memory_children(__file__, sys.argv[1:], runs, CHILD_TAG)
+    memory = {name: {str(b): measured[f"{name}@{b}"]["cost"] for b in args.batch_sizes} for name in FIXED_NAMES}
+    n = len(s.fixed)
+    print(
+        f"model {s.lm.name} ({s.lm.source}) on {where_it_ran(s.lm.device, load_start)}, "
+        f"{str(s.lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    qtok = sum(len(q.ids) for q in s.queries) / n
+    print(
+        f"task {s.task.name} | {n} validation queries, {args.shot}-shot, batch {args.batch_size} | fixed prefix "
+        f"{s.shared.input_ids.shape[1]} tokens (BOS + demos), query mean {qtok:.1f} tokens, episodic prompts mean "
+        f"{sum(len(p.ids) for p in s.episodic) / n:.1f} | DT T={args.steps}, eta 0.01, beta 0.9 | "
+        f"{args.repeats} timed pass(es), median shown"
+    )
+    print(
+        f"one-off cost before the queries: icl-fixed encodes the prefix in {1000 * encode_s:.1f} ms; "
+        f"dt-fixed tunes it (T={args.steps}) in {1000 * tuning:.1f} ms ({tuning / encode_s:.1f}x the encoding)"
+    )
+    print()
+    eps = {name: n / statistics.median(times[name]) for name in FIXED_NAMES}
+    budget = args.budget_mib * 2**20
+    fits = {name: max((int(b) for b, c in memory[name].items() if c <= budget), default=0) for name in FIXED_NAMES}
+    sizes = " ".join(str(b) for b in args.batch_sizes)
+    head = f"{'path':<10} {'episodes/s':>10} {'vs icl':>7} {'vs icl-fixed':>12}   MiB above before, batch of {sizes}"
+    print(head)
+    print("-" * len(head))
+    for name in FIXED_NAMES:
+        costs = " ".join(f"{memory[name][str(b)] / 2**20:.0f}" for b in args.batch_sizes)
+        print(
+            f"{name:<10} {eps[name]:>10.2f} {eps[name] / eps['icl']:>6.2f}x {eps[name] / eps['icl-fixed']:>11.2f}x   "
+            f"{costs}"
+        )
+    print()
+    print(
+        f"largest batch of {sizes} within {args.budget_mib} MiB above the loaded model: "
+        + ", ".join(f"{name} {fits[name]}" for name in FIXED_NAMES)
+    )
+    top = str(max(args.batch_sizes))
+    per_row = {name: memory[name][top] / int(top) for name in FIXED_NAMES}
+    print(
+        f"per row at batch {top}: "
+        + ", ".join(f"{name} {per_row[name] / 2**20:.2f} MiB" for name in FIXED_NAMES)
+        + f"; so the budget holds about {per_row['icl'] / per_row['dt-fixed']:.2f}x episodic ICL's batch for dt-fixed "
+        f"and {per_row['icl-fixed'] / per_row['dt-fixed']:.2f}x fixed ICL's (linear in the rows, an extrapolation)"
+    )
+    diff = (dt1 - outs["icl-fixed"]).abs().max().item()
+    labels = torch.tensor([p.label for p in s.fixed])
+    acc = {name: (outs[name].argmax(-1) == labels).float().mean().item() for name in FIXED_NAMES}
+    print(f"correctness: dt(1)-fixed vs icl-fixed max |score difference| {diff:.2e} (T=1 is plain ICL)")
+    print("accuracy (not the point here): " + ", ".join(f"{name} {acc[name]:.3f}" for name in FIXED_NAMES))
+    ratio = eps["dt-fixed"] / eps["icl-fixed"]
+    print(
+        f"verdict: DT's query-only inference runs at {ratio:.2f}x fixed ICL's episodes/s "
+        f"({'at least as fast' if ratio >= 1 else 'SLOWER'}) and {eps['dt-fixed'] / eps['icl']:.2f}x episodic ICL's, "
+        f"after a one-off tuning of {tuning:.2f} s"
+    )
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,6 +345,11 @@ def main() -> None:
         help="timed passes of every path, interleaved; the median is reported (default 1)",
     )
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    ap.add_argument("--fixed", action="store_true", help="DT under its own protocol (--demos fixed); see above")
+    ap.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128], help="--fixed: batch sizes tried"
+    )
+    ap.add_argument("--budget-mib", type=float, default=256, help="--fixed: memory budget above the loaded model")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -183,6 +359,9 @@ def main() -> None:
     if args.steps < 2:
         ap.error("--steps must be >= 2 (T=1 is always measured as dt(1))")
     set_threads(ap, args.threads)
+    if args.fixed:
+        fixed_child(args) if args._child else fixed_main(args)
+        return
     if args._child:
         child(args)
         return

@@ -250,13 +250,15 @@ def fit(
     seed: int = _P["seed"].default,
     batch_size: int | str = _P["batch_size"].default,
     max_example_tokens: int = _P["max_example_tokens"].default,
+    demos: str = _P["demos"].default,
     progress: bool = False,
     **settings: Any,
 ) -> Method:
     """Fit a method (a `Method`, or a name and its settings) on the task's train split, as the CLI does.
 
     The protocol arguments mean what the CLI's flags mean (`ext_shot` = -s, `episodes` = -e, `shot`
-    and `select_episodes` for methods that select on validation); the fitted method is returned,
+    and `select_episodes` for methods that select on validation, `demos` = --demos: with "fixed" the
+    selection's queries get the evaluation's one demonstration set); the fitted method is returned,
     with `fit_info` (what a record's `fit` says) set. A method built by name takes `seed` as the CLI's
     does (FV: which labels its trials shuffle); a built one keeps its own.
     """
@@ -269,6 +271,7 @@ def fit(
         "max_example_tokens": max_example_tokens,
     }
     values = {k: _P[k].check(v) for k, v in values.items()}
+    demos = _P["demos"].check(demos)
     built = _build(method, settings, values["seed"])
     cls = type(built)
     _check_task(cls, task)
@@ -278,10 +281,18 @@ def fit(
         check_shots(task.splits["train"], "train", task.n_classes, values["ext_shot"], task.label_words, "ext_shot")
     if cls.needs_validation:
         check_shots(task.splits["validation"], "validation", task.n_classes, values["shot"], task.label_words, "shot")
+    _check_demos(cls, demos)
     enc = encoder(lm, task, values["max_example_tokens"])
     scorer = _scorer(lm, task, enc, batch_size, progress)
     train, select = experiment.fit_episodes(
-        task, cls, values["ext_shot"], values["episodes"], values["shot"], values["select_episodes"], values["seed"]
+        task,
+        cls,
+        values["ext_shot"],
+        values["episodes"],
+        values["shot"],
+        values["select_episodes"],
+        values["seed"],
+        demos if cls.needs_validation else "episodic",
     )
     checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
     if checked:
@@ -323,12 +334,14 @@ def evaluate(
     *,
     batch_size: int | str = _P["batch_size"].default,
     max_example_tokens: int | None = None,
+    demos: str = _P["demos"].default,
     progress: bool = False,
     **settings: Any,
 ) -> Evaluation:
     """Score `n` episodes of `split` with a fitted method (or a method that fits nothing, e.g. "icl").
 
-    The episodes and metrics are the CLI's for the same seed, split, shot and n. `max_example_tokens`
+    The episodes and metrics are the CLI's for the same seed, split, shot, n and `demos` (= --demos:
+    "fixed" scores every query with one demonstration set, its prefix encoded once). `max_example_tokens`
     defaults to the one the method was fitted with (else the CLI's default).
     """
     built = _build(method, settings, seed)
@@ -346,16 +359,29 @@ def evaluate(
             "max_example_tokens", _P["max_example_tokens"].default
         )
     seed = _P["seed"].check(seed)
-    episodes = sample_episodes(task, split, eval_shot, _P["eval_episodes"].check(n), seed, "eval")
+    fixed = _P["demos"].check(demos) == "fixed" and eval_shot > 0
+    if fixed:
+        _check_demos(cls, "fixed")
+        n = _P["eval_episodes"].check(n)
+        episodes = experiment.evaluation_episodes(
+            task, split, eval_shot, n, seed, experiment.demo_set(task, eval_shot, seed)
+        )
+    else:
+        episodes = sample_episodes(task, split, eval_shot, _P["eval_episodes"].check(n), seed, "eval")
     enc = encoder(lm, task, max_example_tokens)
     scorer = _scorer(lm, task, enc, batch_size, progress)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)
-    scores = scorer.runner.map(prompts, lambda b: built.predict(scorer, b), f"{cls.name} eval ({split})")
+    scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", fixed)
     labels = np.array([p.label for p in prompts])
     predictions = scorer.predictions(scores, prompts)
     metrics = experiment.score_metrics(task, labels, predictions, scores, seed)
     return Evaluation(metrics, predictions, labels, scores, episodes)
+
+
+def _check_demos(cls: type[Method], demos: str) -> None:
+    if demos == "fixed" and not cls.supports_fixed_demos:
+        raise UsageError(f"demos='fixed' does not apply to method '{cls.name}'; accepted: demos='episodic'")
 
 
 def _fitted(method: Method) -> bool:

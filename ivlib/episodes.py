@@ -107,3 +107,49 @@ def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng:
             raise UsageError(f"not enough distinct questions for {shot} shots")
         episodes.append(Episode(tuple(example(i) for i in good), example(int(q))))
     return episodes
+
+
+FIXED_STREAM = "train/fixed"  # one demonstration set per seed and shot, whatever split is evaluated
+
+
+def fixed_demos(
+    train: Split, n_classes: int, shot: int, seed: int, avoid: set[str], label_words: list[str]
+) -> tuple[Example, ...]:
+    """One demonstration set for a whole evaluation (`--demos fixed`): `shot` per class from train
+    (multiple choice: `shot` questions in all), shuffled, seeded by the run's seed alone.
+
+    Texts in `avoid` (every evaluation split's texts) are never drawn, so no query of any -n, split
+    or selection stream can meet itself among the demonstrations: the query stream stays the
+    episodic one, and leak-freedom holds without skipping any query.
+    """
+    rng = _rng(seed, FIXED_STREAM, shot)
+    usable = np.array([t not in avoid for t in train.texts], dtype=bool)
+    if train.options is not None:
+        pool = np.flatnonzero(usable)
+        if len(pool) < shot:
+            raise UsageError(
+                f"--demos fixed --shot {shot}: train has {len(pool)} questions not found in validation or test; "
+                f"accepted: --shot {len(pool)} or fewer"
+            )
+        chosen = [int(i) for i in rng.choice(pool, size=shot, replace=False)]
+    else:
+        chosen = []
+        for c in range(n_classes):
+            pool = np.flatnonzero((train.labels == c) & usable)
+            if len(pool) < shot:
+                raise UsageError(
+                    f"--demos fixed --shot {shot}: class '{label_words[c]}' has {len(pool)} train examples not "
+                    f"found in validation or test; accepted: --shot {len(pool)} or fewer"
+                )
+            chosen.extend(int(i) for i in rng.choice(pool, size=shot, replace=False))
+        chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    options = train.options
+    return tuple(
+        Example(train.texts[i], int(train.labels[i]), None if options is None else tuple(options[i]), index=i)
+        for i in chosen
+    )
+
+
+def with_demos(episodes: list[Episode], demos: tuple[Example, ...]) -> list[Episode]:
+    """The same queries, each with the one fixed demonstration set."""
+    return [Episode(demos, e.query) for e in episodes]

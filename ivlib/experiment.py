@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import __version__
 from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
-from .episodes import Episode, check_shots, sample_episodes
+from .episodes import Episode, Example, check_shots, fixed_demos, sample_episodes, with_demos
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
-from .prompts import PromptEncoder
+from .prompts import EncodedPrompt, PromptEncoder, split_prefix
 from .results import append_record, check_writable, has_record, read_records, signals_held
 from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
@@ -48,6 +49,7 @@ SPLITS = ("validation", "test")
 # count is refused before anything is sampled instead of running out of memory while sampling.
 MAX_EPISODES = 1_000_000
 MEM_LIMIT = re.compile(r"^\d+(\.\d+)?\s*[KMG]i?B$", re.IGNORECASE)  # the units accelerate's max_memory reads
+DEMOS = ("episodic", "fixed")
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -85,6 +87,14 @@ PROTOCOL = (
     Setting(
         "max_example_tokens", int, 256, "each example's input is truncated so input + separator + label fit", low=8
     ),
+    Setting(
+        "demos",
+        str,
+        "episodic",
+        "evaluation demonstrations: drawn afresh for every query (episodic, the IV paper's protocol) or one set "
+        "of --shot per class from train for every query (fixed, Deep-Thinking's; the shared prefix is encoded once)",
+        choices=DEMOS,
+    ),
 )
 # protocol settings that define a fitted state: a loaded file's values become this run's
 PROTOCOL_FIT = ("ext_shot", "episodes", "select_episodes", "max_example_tokens")
@@ -115,6 +125,7 @@ class RunSpec:
     seed: int = _P["seed"].default
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
+    demos: str = _P["demos"].default
     gpu: int = -1
     no_half: bool = False
     device_map: str | None = None
@@ -153,12 +164,18 @@ class Experiment:
         self.fitted_with: dict[str, Any] | None = None  # the --load-vectors file's fitting settings
         self.fit_s = 0.0
         self.fit_info: dict[str, Any] = {}
+        self.demos: tuple[Example, ...] | None = None  # --demos fixed: the one evaluation set
 
     # ---- what the spec implies ---------------------------------------------------------------
     @property
     def eval_shot(self) -> int:
         fixed = self.method_cls.fixed_eval_shot
         return self.spec.shot if fixed is None else fixed
+
+    @property
+    def fixed(self) -> bool:
+        """--demos fixed with demonstrations to fix (zero-shot is the same under either protocol)."""
+        return self.spec.demos == "fixed" and self.eval_shot > 0
 
     @property
     def fitting(self) -> bool:
@@ -176,6 +193,7 @@ class Experiment:
             "episodes": spec.episodes if cls.needs_fit else None,
             **({"select_episodes": spec.select_episodes} if cls.needs_validation else {}),
             "max_example_tokens": spec.max_example_tokens,
+            **({"demos": "fixed"} if self.fixed else {}),  # absent when episodic: earlier records still match
         }
 
     # ---- step 1: every check that needs no model -----------------------------------------------
@@ -219,6 +237,9 @@ class Experiment:
                 f"--shot {spec.shot} is too few for --method {cls.name}; accepted: --shot "
                 f"{cls.min_shot} or more with --method {cls.name}"
             )
+        if self.fixed and not cls.supports_fixed_demos:
+            accepted = ", ".join(name for name, c in METHODS.items() if c.supports_fixed_demos)
+            raise UsageError(f"--demos fixed does not apply to --method {cls.name}; accepted with: {accepted}")
         if spec.mem_limit and not spec.device_map:
             raise UsageError("--mem-limit needs --device-map")
         if spec.mem_limit and not MEM_LIMIT.match(spec.mem_limit):
@@ -361,10 +382,15 @@ class Experiment:
                 f"--method {spec.method} does not apply to multiple-choice task '{spec.task}' "
                 f"(it steers towards class labels); accepted: {accepted}"
             )
-        check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
+        if self.fixed:
+            self.demos = demo_set(task, self.eval_shot, spec.seed)
+        else:
+            check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
         if self.fitting and cls.needs_fit:
             check_shots(task.splits["train"], "train", task.n_classes, spec.ext_shot, task.label_words, "--ext-shot")
-        if self.fitting and cls.needs_validation:
+        if self.fitting and cls.needs_validation and spec.demos == "fixed" and spec.shot > 0:
+            demo_set(task, spec.shot, spec.seed)  # the selection's demonstrations come from train: refused here
+        elif self.fitting and cls.needs_validation:
             check_shots(task.splits["validation"], "validation", task.n_classes, spec.shot, task.label_words, "--shot")
         dist.setup(self.device)  # joins the launcher's process group; nothing with one process
         t0 = time.perf_counter()
@@ -388,8 +414,8 @@ class Experiment:
     def sample(self) -> None:
         """The evaluation episodes and their prompts; methods refuse prompts they cannot run here."""
         spec, task = self.spec, self.task
-        self.eval_episodes = sample_episodes(
-            task.splits[spec.split], task.n_classes, self.eval_shot, spec.eval_episodes, spec.seed, f"{spec.split}/eval"
+        self.eval_episodes = evaluation_episodes(
+            task, spec.split, self.eval_shot, spec.eval_episodes, spec.seed, self.demos
         )
         self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
         self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
@@ -398,7 +424,14 @@ class Experiment:
         """(training episodes, validation episodes to select on) of the method's declared needs."""
         spec = self.spec
         return fit_episodes(
-            self.task, self.method_cls, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed
+            self.task,
+            self.method_cls,
+            spec.ext_shot,
+            spec.episodes,
+            spec.shot,
+            spec.select_episodes,
+            spec.seed,
+            spec.demos,
         )
 
     # ---- step 4: fit, or load a fitted state ----------------------------------------------------
@@ -456,9 +489,7 @@ class Experiment:
         """Score the evaluation prompts with one fitted method; the record, not yet written."""
         spec, task, scorer = self.spec, self.task, self.scorer
         t0 = time.perf_counter()
-        scores = scorer.runner.map(
-            self.prompts, lambda b: method.predict(scorer, b), f"{spec.method} eval ({spec.split})"
-        )
+        scores = score_prompts(method, scorer, self.prompts, f"{spec.method} eval ({spec.split})", self.fixed)
         eval_s = time.perf_counter() - t0
         y_true = np.array([p.label for p in self.prompts])
         y_pred = scorer.predictions(scores, self.prompts)
@@ -549,6 +580,32 @@ class Experiment:
         return " ".join([self.spec.method, *(f"{s.label}={hp[s.name]}" for s in varied)])
 
 
+def demo_set(task: Task, shot: int, seed: int) -> tuple[Example, ...]:
+    """--demos fixed: the run's one demonstration set, from train, never a text of validation or test."""
+    avoid = {t for name in SPLITS for t in task.splits[name].texts}
+    return fixed_demos(task.splits["train"], task.n_classes, shot, seed, avoid, task.label_words)
+
+
+def fixed_scores(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str) -> torch.Tensor:
+    """[N, C] scores of prompts sharing one demonstration set: the prefix (BOS + demonstrations) encoded
+    once by the method, then every batch of queries run over it; the rare prompt whose tokens before the
+    query differ from the shared prefix (see `split_prefix`) is scored whole. Equal to `predict` on the
+    whole prompts."""
+    shared, queries, differ = split_prefix(prompts)
+    if not shared.ids:  # nothing before the query (no BOS, no demonstrations): nothing to share
+        return scorer.runner.map(prompts, lambda b: method.predict(scorer, b), desc)
+    scorer.check_context(max(len(p.ids) for p in prompts))  # the query batches do not hold the prefix
+    prefix = method.prefix(scorer, scorer.batch([shared]))
+    cut = sorted(set(range(len(prompts))) - set(differ))
+    scores = scorer.runner.map([queries[i] for i in cut], lambda b: method.predict_over(scorer, prefix, b), desc)
+    if not differ:
+        return scores
+    whole = scorer.runner.map([prompts[i] for i in differ], lambda b: method.predict(scorer, b), f"{desc}, whole")
+    out = scores.new_empty(len(prompts), *scores.shape[1:])
+    out[cut], out[differ] = scores, whole
+    return out
+
+
 # ---- the steps' pieces that need no spec: the Python API (ivlib.api) calls these too, so an API run
 # sees the same episodes, fits the same state and computes the same metrics as the CLI's
 def make_scorer(lm: LoadedModel, task: Task, encoder: PromptEncoder, batch_size: int | str, quiet: bool) -> Scorer:
@@ -562,20 +619,49 @@ def make_scorer(lm: LoadedModel, task: Task, encoder: PromptEncoder, batch_size:
 
 
 def fit_episodes(
-    task: Task, cls: type[Method], ext_shot: int, episodes: int, shot: int, select_episodes: int, seed: int
+    task: Task,
+    cls: type[Method],
+    ext_shot: int,
+    episodes: int,
+    shot: int,
+    select_episodes: int,
+    seed: int,
+    demos: str = "episodic",
 ) -> tuple[list[Episode], list[Episode] | None]:
-    """(training episodes, validation episodes to select on) of the method's declared needs."""
+    """(training episodes, validation episodes to select on) of the method's declared needs. Under
+    --demos fixed the selection's queries get the evaluation's one set (a method selects for the set it
+    is evaluated with); training episodes stay episodic: they are what a method learns from."""
     train = (
         sample_episodes(task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract")
         if cls.needs_fit
         else []
     )
+    fixed = demo_set(task, shot, seed) if demos == "fixed" and shot > 0 else None
     select = (
-        sample_episodes(task.splits["validation"], task.n_classes, shot, select_episodes, seed, "validation/select")
+        evaluation_episodes(task, "validation", shot, select_episodes, seed, fixed, "select")
         if cls.needs_validation
         else None
     )
     return train, select
+
+
+def evaluation_episodes(
+    task: Task, split: str, shot: int, n: int, seed: int, demos: tuple[Example, ...] | None, purpose: str = "eval"
+) -> list[Episode]:
+    """The episodes a run scores: episodic, or (with `demos`, the --demos fixed set) the very same queries
+    each with that one set."""
+    if demos is None:
+        return sample_episodes(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
+    queries = sample_episodes(task.splits[split], task.n_classes, 0, n, seed, f"{split}/{purpose}")  # same stream
+    return with_demos(queries, demos)
+
+
+def score_prompts(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str, fixed: bool) -> torch.Tensor:
+    """[N, C] evaluation scores; prompts sharing fixed demonstrations share one encoded prefix where
+    the method declares that exact (`caches_fixed_prefix`)."""
+    if fixed and type(method).caches_fixed_prefix:
+        return fixed_scores(method, scorer, prompts, desc)
+    return scorer.runner.map(prompts, lambda b: method.predict(scorer, b), desc)
 
 
 def fit_info(

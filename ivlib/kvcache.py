@@ -6,10 +6,13 @@ position (transformers' `DynamicLayer`) can be tuned: a sliding-window or quanti
 or re-encodes entries, which would silently change the method, so those are refused.
 The per-layer and per-head searches of TV and FV run many one-token forwards over one prefix;
 `repeated_with_room` gives them a fixed-length cache those forwards write into in place.
+Under --demos fixed every batch of queries runs after one encoded prefix; `expand_rows` gives
+each batch that prefix without copying it where the cache allows.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -103,3 +106,52 @@ def repeated_with_room(cache: Any, repeats: int, free: int = 1) -> Cache | None:
             for layer in layers
         ]
     )
+
+
+class _PrefixLayer(DynamicLayer):
+    """A shared prefix's entries seen by every row (a stride-0 view), for one forward that keeps nothing.
+
+    `update` returns prefix + the forward's keys and values for attention and stores nothing: a scoring
+    forward never reads its cache again, so each layer's concatenation is freed as soon as that layer is
+    done, where a `DynamicLayer` would keep every layer's (rows x (prefix + query)) copy to the end.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values  # [rows, kv_heads, P, head_dim], expanded views
+        self.device, self.is_initialized = keys.device, True
+        self._prefix = (keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        keys, values = self._prefix
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def expand_rows(cache: Any, rows: int, keep: bool = True) -> Cache:
+    """A one-row prefix cache as a `rows`-row cache for a batch of queries, the prefix left unchanged.
+
+    Full-attention `DynamicLayer`s get stride-0 views (no copy: the forward's own `torch.cat` with the
+    queries' keys is the one materialisation attention needs anyway, and it never writes into the
+    prefix); with `keep=False` (a forward whose cache is not read afterwards) not even that is kept
+    past its layer. Any other layer (sliding window, quantised, static) is deep-copied and repeated,
+    which costs a copy per batch but keeps whatever that layer does to its entries.
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        out = copy.deepcopy(cache)
+        if rows > 1:
+            out.batch_repeat_interleave(rows)
+        return out
+    views: list[Any] = []
+    for layer in layers:
+        if not layer.is_initialized:  # a layer sharing another's entries stays as it is
+            views.append(copy.copy(layer))
+            continue
+        keys, values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+        if keep:
+            view = copy.copy(layer)
+            view.keys, view.values = keys, values
+            views.append(view)
+        else:
+            views.append(_PrefixLayer(keys, values))
+    return Cache(layers=views)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from .errors import UsageError
@@ -45,8 +46,9 @@ class ModelLayout:
             return None
         proj = self.attn_out[0]
         features = getattr(proj, "in_features", None)  # nn.Linear
-        if features is None and type(proj).__name__ == "Conv1D":  # GPT-2's: weight is [in, out]
-            features = proj.weight.shape[0]
+        weight = getattr(proj, "weight", None)
+        if features is None and type(proj).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+            features = weight.shape[0]  # GPT-2's Conv1D: weight is [in, out]
         return features // self.n_heads if isinstance(features, int) else None
 
     @property

@@ -268,3 +268,24 @@ def length_sorted_batches(prompts: list[EncodedPrompt], batch_size: int) -> list
     """Index groups of similar length (consecutive chunks of `length_order`)."""
     order = length_order(prompts)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def split_prefix(prompts: list[EncodedPrompt]) -> tuple[EncodedPrompt, list[EncodedPrompt], list[int]]:
+    """Prompts that share their demonstrations (`--demos fixed`) cut into the shared prefix (BOS +
+    demonstrations, with their separators), each prompt's query part (its own separator and options,
+    positions from 0) and the indices of prompts whose tokens before the query differ from the first's.
+
+    The parts are cut from each whole prompt's tokens, never tokenized apart, so prefix + query is
+    token for token the whole prompt; a tokenizer that splits the demonstrations differently before
+    some query (a query starting with a space, say) leaves those prompts to be scored whole.
+    """
+    first = prompts[0]
+    cut = first.query_start
+    prefix = EncodedPrompt(first.ids[:cut], first.sep_pos[:-1], first.sep_class[:-1], -1, cut)
+    queries, differ = [], []
+    for i, p in enumerate(prompts):
+        start = p.query_start
+        if p.ids[:start] != prefix.ids or p.sep_pos[:-1] != prefix.sep_pos:
+            differ.append(i)
+        queries.append(EncodedPrompt(p.ids[start:], [p.sep_pos[-1] - start], p.sep_class[-1:], p.label, 0, p.options))
+    return prefix, queries, differ

@@ -2,8 +2,8 @@
 evaluation episode, written beside the record that points to it.
 
 A line holds `episode` (its index in the run), `query_row` (the query's row in its split),
-`demo_rows` (the demonstrations' rows, in prompt order), `gold`, `pred`, `correct` and `scores`
-(every label's, or option's, score). The file is written whole to a temporary name and renamed
+`demo_rows` (the demonstrations' rows, in prompt order; rows of train under `--demos fixed`),
+`gold`, `pred`, `correct` and `scores` (every label's, or option's, score). The file is written whole to a temporary name and renamed
 into place (`os.replace`), so it either exists complete or not at all, before the record that
 names it is appended; the record holds its path (relative to the results file's directory) and
 sha256, which a reader checks, so a log edited or swapped after the run is refused, not used.

@@ -9,6 +9,7 @@ import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from .batching import BatchRunner
 from .errors import UsageError
-from .kvcache import repeated_with_room
+from .kvcache import expand_rows, repeated_with_room
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, collate, option_lengths
 
@@ -30,6 +31,18 @@ search (`Scorer.last_token_groups`: the token alone, column 0, rows repeated) an
 def no_edit(rows: torch.Tensor, cols: torch.Tensor) -> AbstractContextManager:
     """The unedited baseline among a search's edits."""
     return contextlib.nullcontext()
+
+
+@dataclass
+class Prefix:
+    """A shared prompt prefix (BOS + fixed demonstrations) encoded once: its one-row cache and length.
+
+    Under `Scorer.over(prefix)` every forward of the scorer runs a batch of query-only prompts after
+    it, so a method's `predict` scores those queries as it would score the whole prompts.
+    """
+
+    cache: Any  # a transformers Cache with one row; never extended (each batch gets an expanded view)
+    length: int  # tokens in the prefix
 
 
 class Scorer:
@@ -52,19 +65,24 @@ class Scorer:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self._trainable = False  # inside `trainable()`: what `differentiable_scores` asks for
         self.preallocate = True  # last-token searches write into a preallocated prefix cache (False: growing copy)
+        self.prefix: Prefix | None = None  # inside `over`: the cached prefix every batch runs after
 
     @property
     def layout(self):
         return self.lm.layout
 
     def batch(self, prompts: list[EncodedPrompt]) -> PromptBatch:
-        longest = max(len(p.ids) for p in prompts)
+        self.check_context(max(len(p.ids) for p in prompts))
+        return collate(prompts, self.lm.tokenizer.pad_token_id).to(self.lm.device)
+
+    def check_context(self, longest: int) -> None:
+        """Refuse a prompt of `longest` tokens beyond the model's context (query parts run over a shared
+        prefix are checked whole, by the caller, since their batches do not hold the prefix)."""
         if self._context is not None and longest > self._context:
             raise UsageError(
                 f"a prompt of {longest} tokens exceeds the context of model '{self.lm.name}' "
                 f"({self._context}); lower --shot/--ext-shot or --max-example-tokens"
             )
-        return collate(prompts, self.lm.tokenizer.pad_token_id).to(self.lm.device)
 
     @torch.inference_mode()
     def forward(self, batch: PromptBatch) -> torch.Tensor:
@@ -105,6 +123,8 @@ class Scorer:
                 p.requires_grad_(flag)
 
     def _last_logits(self, batch: PromptBatch) -> torch.Tensor:
+        if self.prefix is not None:
+            return self._after_prefix(batch)[0]
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.lm.model(
             input_ids=batch.input_ids,
@@ -114,6 +134,40 @@ class Scorer:
             **kwargs,
         )
         return out.logits[:, -1]
+
+    # ---- a shared prefix encoded once (--demos fixed) ------------------------------------------------
+    @torch.inference_mode()
+    def encode_prefix(self, batch: PromptBatch) -> Prefix:
+        """Run a one-row batch of BOS + demonstrations (no padding) into a cache, with whatever
+        hooks the caller installed (IV's edits at the demonstrations' separators)."""
+        if batch.input_ids.shape[0] != 1:
+            raise ValueError("a shared prefix is one row")
+        _, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
+        return Prefix(cache, batch.input_ids.shape[1])
+
+    @contextlib.contextmanager
+    def over(self, prefix: Prefix) -> Iterator[None]:
+        """Inside the block every forward of the scorer (`forward`, `label_scores`, hence a method's
+        `predict`) runs its batch of query-only prompts after `prefix`, expanded to the batch's rows:
+        positions continue after the prefix and the queries' left padding sits between the two,
+        masked out, so scores equal those of the whole prompts."""
+        outer, self.prefix = self.prefix, prefix
+        try:
+            yield
+        finally:
+            self.prefix = outer
+
+    def _after_prefix(self, batch: PromptBatch) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """(last-column logits [B, V], the cache after the queries, mask [B, P + T], positions [B, T])."""
+        prefix = self.prefix
+        assert prefix is not None
+        rows = batch.input_ids.shape[0]
+        past_mask = batch.attention_mask.new_ones(rows, prefix.length)
+        mask = torch.cat([past_mask, batch.attention_mask], dim=1)
+        positions = batch.position_ids + prefix.length
+        keep = batch.option_ids is not None  # the options run over the cache afterwards; labels need nothing kept
+        logits, cache = self.encode(batch.input_ids, mask, positions, past=expand_rows(prefix.cache, rows, keep))
+        return logits, cache, mask, positions
 
     def at_last_token(self, batch: PromptBatch, edit: LastTokenEdit) -> AbstractContextManager:
         """`edit` installed at every row's last token (the query separator) for full forwards of `batch`:
@@ -245,6 +299,9 @@ class Scorer:
         """[B, C] float32 answer scores: label first-token log-probs, or option log-probs (multiple choice)."""
         if batch.option_ids is None:
             return self._label_logprobs(self.forward(batch))
+        if self.prefix is not None:  # the options run over the prefix + query cache, as over a whole prompt's
+            logits, cache, mask, positions = self._after_prefix(batch)
+            return self._answer_scores(logits, cache, mask, positions[:, -1] + 1, batch)
         logits, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self._answer_scores(logits, cache, batch.attention_mask, batch.position_ids[:, -1] + 1, batch)
 

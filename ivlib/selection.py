@@ -112,7 +112,9 @@ class Scored:
 
     @property
     def method(self) -> str:
-        return self.record["method"]
+        """The method as select and the report name it: runs with fixed demonstrations are their own
+        entry (`icl (fixed)`), never chosen against, tested as, or shown as the episodic runs."""
+        return reported_method(self.record)
 
     @property
     def split(self) -> str:
@@ -125,6 +127,13 @@ class Scored:
     @property
     def hyperparameters(self) -> dict[str, Any]:
         return self.record["hyperparameters"]
+
+
+def reported_method(record: dict[str, Any]) -> str:
+    """The record's method, marked with its protocol when that is not the default (episodic)."""
+    hp = record.get("hyperparameters")
+    demos = hp.get("demos") if isinstance(hp, dict) else None
+    return record["method"] if demos in (None, "episodic") else f"{record['method']} ({demos})"
 
 
 def _number(x: Any) -> float | None:

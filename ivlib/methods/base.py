@@ -19,7 +19,7 @@ from ..episodes import Episode
 from ..errors import UsageError
 from ..layout import ModelLayout
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..scoring import Prefix, Scorer
 from ..settings import EVAL, FIT, Setting, bind
 from ..state import TensorSpec, check_tensors
 
@@ -33,6 +33,12 @@ class Method(ABC):
     min_shot: ClassVar[int] = 0  # fewest evaluation demonstrations per class it can work with
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options
     has_state: ClassVar[bool] = False  # whether fitting leaves tensors worth saving (--save-vectors)
+    # --demos fixed (one demonstration set for every query): whether the method can be evaluated so at all
+    # (a method that needs its demonstrations per query cannot), and whether its scores stay exact when the
+    # shared prefix is encoded once (`prefix` + `predict_over`): true only if `predict`'s edits touch the
+    # query's positions alone, or `prefix` applies the ones at the demonstrations. Otherwise every prompt runs whole.
+    supports_fixed_demos: ClassVar[bool] = True
+    caches_fixed_prefix: ClassVar[bool] = False
     # the report's heatmap of a validation grid: (x, y, one panel per value of) setting names
     grid_axes: ClassVar[tuple[str, str, str] | None] = None
     fit_info: dict[str, Any] | None = None  # how it was fitted (set by ivlib.fit / ivlib.load; saved with the state)
@@ -83,6 +89,16 @@ class Method(ABC):
     @abstractmethod
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         """[B, n_classes] label scores for a batch of evaluation prompts."""
+
+    def prefix(self, scorer: Scorer, batch: PromptBatch) -> Prefix:
+        """The shared prefix (a one-row batch of BOS + the fixed demonstrations) encoded once, as the
+        method's full forwards would encode it (`caches_fixed_prefix` methods only)."""
+        return scorer.encode_prefix(batch)
+
+    def predict_over(self, scorer: Scorer, prefix: Prefix, batch: PromptBatch) -> torch.Tensor:
+        """[B, n_classes] scores of query-only prompts after `prefix`: `predict`'s, its forwards over the cache."""
+        with scorer.over(prefix):
+            return self.predict(scorer, batch)
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors that make a fitted method reusable (saved with --save-vectors)."""

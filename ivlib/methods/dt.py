@@ -17,6 +17,8 @@ computed in one pass); the reference picked the best step on test.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,8 +28,8 @@ from ..episodes import Episode
 from ..errors import UsageError
 from ..kvcache import KV, read_kv, write_kv
 from ..metrics import selection_score
-from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_prefix
+from ..scoring import Prefix, Scorer
 from ..settings import Setting
 from .base import Method, fitted, register
 
@@ -60,6 +62,7 @@ class DeepThinking(Method):
     name = "dt"
     needs_validation = True  # chooses the number of steps
     supports_multiple_choice = True
+    caches_fixed_prefix = True  # the tuned cache is the prefix
     min_shot = 1  # the demonstrations are what it tunes
     settings = (
         Setting("dt_steps", int, 15, "most tuning steps T tried on validation", low=1, symbol="T max"),
@@ -111,30 +114,24 @@ class DeepThinking(Method):
 
     # ---- the tuning loop ------------------------------------------------------------------------
     @torch.inference_mode()
-    def step_scores(
-        self, scorer: Scorer, batch: PromptBatch, upto: int, trace: list[KV] | None = None, every_step: bool = True
-    ) -> torch.Tensor:
-        """[B, upto, C] answer scores after each step 1..upto (float32), or [B, 1, C] after step `upto`
-        alone when not `every_step` (evaluation: scoring skipped steps would be wasted forwards);
-        `trace` collects each step's cache."""
-        demo_ids, demo_mask, query_ids, query_mask, n_demo = split_demos(batch)
+    def tuned(
+        self, scorer: Scorer, demo_ids: torch.Tensor, demo_mask: torch.Tensor, n_demo: torch.Tensor, upto: int
+    ) -> Iterator[tuple[Any, KV]]:
+        """(cache, P_t) after each step t = 1..upto: the cache holds P_t in the model's dtype when it is
+        yielded (a caller may extend it: it is rewritten before the next step); P_t is float32.
+
+        demo_ids, demo_mask: [B, Ld] left-padded demonstrations; n_demo: [B] real tokens per row.
+        """
         demo_pos = (demo_mask.cumsum(-1) - 1).clamp(min=0)
-        query_pos = n_demo[:, None] + (query_mask.cumsum(-1) - 1).clamp(min=0)
         _, cache = scorer.encode(demo_ids, demo_mask, demo_pos)
         name, dtype = scorer.lm.name, scorer.lm.dtype
         state: KV = [(k.float(), v.float()) for k, v in read_kv(cache, name)]
+        write_kv(cache, state, dtype, name)
+        yield cache, state
         momentum: KV | None = None
         width = demo_ids.shape[1]
         twice = torch.cat([demo_mask, demo_mask], dim=1)
         again_pos = demo_pos + n_demo[:, None] if self.dt_positions == "shifted" else demo_pos
-
-        def score() -> torch.Tensor:
-            write_kv(cache, state, dtype, name)
-            return scorer.score_after(cache, demo_mask, query_ids, query_mask, query_pos, batch)
-
-        out = [score()] if every_step or upto == 1 else []
-        if trace is not None:
-            trace.append(state)
         for t in range(2, upto + 1):
             write_kv(cache, state, dtype, name)
             scorer.encode(demo_ids, twice, again_pos, past=cache)
@@ -147,11 +144,43 @@ class DeepThinking(Method):
             )
             state = [(pk + self.dt_eta * mk, pv + self.dt_eta * mv) for (pk, pv), (mk, mv) in zip(state, momentum)]
             _check_finite(state, demo_mask, t)
+            write_kv(cache, state, dtype, name)
+            yield cache, state
+
+    @torch.inference_mode()
+    def step_scores(
+        self, scorer: Scorer, batch: PromptBatch, upto: int, trace: list[KV] | None = None, every_step: bool = True
+    ) -> torch.Tensor:
+        """[B, upto, C] answer scores after each step 1..upto (float32), or [B, 1, C] after step `upto`
+        alone when not `every_step` (evaluation: scoring skipped steps would be wasted forwards);
+        `trace` collects each step's cache."""
+        demo_ids, demo_mask, query_ids, query_mask, n_demo = split_demos(batch)
+        query_pos = n_demo[:, None] + (query_mask.cumsum(-1) - 1).clamp(min=0)
+        out = []
+        for t, (cache, state) in enumerate(self.tuned(scorer, demo_ids, demo_mask, n_demo, upto), start=1):
             if every_step or t == upto:
-                out.append(score())
+                out.append(scorer.score_after(cache, demo_mask, query_ids, query_mask, query_pos, batch))
             if trace is not None:
                 trace.append(state)
         return torch.stack(out, dim=1)
+
+    # ---- fixed demonstrations: tuned once, every query scored over the tuned cache ------------------
+    def _tuned_prefixes(self, scorer: Scorer, batch: PromptBatch, upto: int) -> Iterator[Prefix]:
+        """The one-row prefix batch (BOS + the fixed demonstrations) tuned: a `Prefix` after each step."""
+        length = batch.input_ids.shape[1]
+        n_demo = torch.full((1,), length, dtype=torch.long, device=batch.input_ids.device)
+        for cache, _ in self.tuned(scorer, batch.input_ids, batch.attention_mask, n_demo, upto):
+            yield Prefix(cache, length)
+
+    def prefix(self, scorer: Scorer, batch: PromptBatch) -> Prefix:
+        """The fixed demonstrations tuned for the chosen T, once for the whole evaluation (the paper's protocol)."""
+        *_, last = self._tuned_prefixes(scorer, batch, fitted(self.step, self.name))
+        return last
+
+    def predict_over(self, scorer: Scorer, prefix: Prefix, batch: PromptBatch) -> torch.Tensor:
+        """Query-only inference over the tuned cache: no demonstration is encoded again."""
+        with scorer.over(prefix):
+            return scorer.label_scores(batch)
 
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
@@ -162,7 +191,9 @@ class DeepThinking(Method):
             raise ValueError("DT chooses its number of steps on validation episodes")
         prompts = [encoder.encode(e) for e in validation]
         self.check_prompts(scorer, prompts)
-        scores = scorer.runner.map(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
+        scores = self._fixed_step_scores(scorer, prompts) if len({e.demos for e in validation}) == 1 else None
+        if scores is None:
+            scores = scorer.runner.map(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None
         self.curve = [
@@ -170,6 +201,20 @@ class DeepThinking(Method):
             for t in range(self.dt_steps)
         ]
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest
+
+    def _fixed_step_scores(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> torch.Tensor | None:
+        """[N, T, C] validation scores when every prompt shares its demonstrations (--demos fixed): they are
+        tuned once and each step's cache scores the queries alone. None when the prompts cannot be cut so."""
+        shared, queries, differ = split_prefix(prompts)
+        if differ or not shared.ids:
+            return None
+        scorer.check_context(max(len(p.ids) for p in prompts))  # the query batches do not hold the prefix
+        steps = []
+        for t, prefix in enumerate(self._tuned_prefixes(scorer, scorer.batch([shared]), self.dt_steps), start=1):
+            steps.append(
+                scorer.runner.map(queries, partial(self.predict_over, scorer, prefix), f"DT step search, T={t}")
+            )
+        return torch.stack(steps, dim=1)
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         return self.step_scores(scorer, batch, fitted(self.step, self.name), every_step=False)[:, -1]

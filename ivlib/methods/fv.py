@@ -53,6 +53,7 @@ class FunctionVectors(Method):
     name = "fv"
     needs_fit = True
     has_state = True
+    caches_fixed_prefix = True  # edits the query separator alone
     settings = (
         Setting(
             "n_top_heads",

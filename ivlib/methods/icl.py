@@ -15,6 +15,7 @@ class ICL(Method):
 
     name = "icl"
     supports_multiple_choice = True
+    caches_fixed_prefix = True  # no edits at all
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         return scorer.label_scores(batch)

@@ -24,7 +24,7 @@ from ..hooks import Edit, edit_outputs, stack_reads
 from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..scoring import Prefix, Scorer
 from ..settings import EVAL, Setting
 from ..state import TensorSpec
 from .base import Method, register
@@ -45,6 +45,7 @@ class IterativeVectors(Method):
     name = "iv"
     needs_fit = True
     has_state = True
+    caches_fixed_prefix = True  # `prefix` adds the class vectors at the demonstrations' separators
     settings = (
         Setting(
             "strength",
@@ -177,6 +178,12 @@ class IterativeVectors(Method):
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         with self.edit(scorer.lm, batch).apply():
             return scorer.label_scores(batch)
+
+    def prefix(self, scorer: Scorer, batch: PromptBatch) -> Prefix:
+        """The fixed demonstrations encoded once with their class vectors added at their separators;
+        `predict` then adds the query slot's at each query's separator, over this cache."""
+        with self.edit(scorer.lm, batch).apply():
+            return scorer.encode_prefix(batch)
 
     def state(self) -> dict[str, torch.Tensor]:
         assert self.vectors is not None

@@ -32,6 +32,7 @@ class TaskVectors(Method):
     needs_fit = True
     needs_validation = True
     has_state = True
+    caches_fixed_prefix = True  # edits the query separator alone
 
     def __init__(self) -> None:
         super().__init__()
