@@ -20,6 +20,7 @@ from ivlib.methods.dt import DeepThinking
 from ivlib.methods.fv import FunctionVectors
 from ivlib.methods.icl import ICL
 from ivlib.methods.iv import IterativeVectors
+from ivlib.methods.sv import StateVector
 from ivlib.methods.tv import TaskVectors
 from ivlib.metrics import selection_score
 from ivlib.prompts import PromptEncoder, split_prefix
@@ -52,6 +53,10 @@ def _fitted(name, lm, n_classes):
         tv = TaskVectors()
         tv.theta, tv.layer = torch.randn(layout.n_layers, layout.d_model, generator=g), 1
         return tv
+    if name == "sv":
+        sv = StateVector()
+        sv.vector, sv.layers = torch.randn(layout.n_layers, layout.d_model, generator=g), 2
+        return sv
     if name == "fv":
         fv = FunctionVectors()
         fv.vector, fv.layer = torch.randn(layout.d_model, generator=g), 0
@@ -68,7 +73,7 @@ def _prompts(lm, task, shot=2, n=6, seed=1):
     return encoder, [encoder.encode(e) for e in episodes]
 
 
-@pytest.mark.parametrize("name", ["icl", "iv", "dt", "tv", "fv"])
+@pytest.mark.parametrize("name", ["icl", "iv", "dt", "tv", "fv", "sv"])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_cached_prefix_scores_equal_whole_prompts(arch, name, task):
     lm = tiny(arch)

@@ -61,6 +61,7 @@ class StateVector(Method):
     needs_fit = True
     needs_validation = True  # chooses L, the number of first layers edited
     has_state = True
+    caches_fixed_prefix = True  # edits the query separator alone
     settings = (
         Setting(
             "sv_window",
