@@ -34,9 +34,10 @@ run() {  # run NAME ARGS...: bench/<script>.py ARGS, output to OUTDIR/NAME.txt
 }
 
 if [ "$mode" = cpu ]; then
-  for b in throughput limit extraction dt fv_indirect_effect; do
+  for b in throughput limit extraction dt fv_indirect_effect fixed; do
     run "$b" "bench/$b.py" --quick
   done
+  run dt-fixed bench/dt.py --fixed --quick
 else
   tok=()
   [ -n "${TOKENIZER:-}" ] && tok=(--tokenizer "$TOKENIZER")
@@ -47,6 +48,8 @@ else
   run extraction-7b bench/extraction.py --random-llama7b -g 0 --fv-trials 2 "${tok[@]}"
   run dt-smollm2 bench/dt.py -g 0 --repeats 3
   run fv-ie-7b bench/fv_indirect_effect.py --random-llama7b -g 0 --layers 4 --trials 4
+  run fixed-smollm2 bench/fixed.py -g 0 --repeats 3
+  run dt-fixed-7b bench/dt.py --fixed -g 0 --random-llama7b --episodes 256 --batch-sizes 16 32 64 128 256 --budget-mib 8192
 fi
 echo "outputs in $out/"
 exit "$failed"
