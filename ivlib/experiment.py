@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
-from .episodes import Episode, check_shots, sample_episodes
+from .episodes import DEMO_ORDER, Episode, check_shots, in_order, sample_episodes
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
@@ -74,6 +74,7 @@ PROTOCOL = (
     Setting(
         "max_example_tokens", int, 256, "each example's input is truncated so input + separator + label fit", low=8
     ),
+    DEMO_ORDER,
 )
 # protocol settings that define a fitted state: a loaded file's values become this run's
 PROTOCOL_FIT = ("ext_shot", "episodes", "select_episodes", "max_example_tokens")
@@ -104,6 +105,7 @@ class RunSpec:
     seed: int = _P["seed"].default
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
+    demo_order: str = _P["demo_order"].default
     gpu: int = -1
     no_half: bool = False
     device_map: str | None = None
@@ -165,6 +167,7 @@ class Experiment:
             "episodes": spec.episodes if cls.needs_fit else None,
             **({"select_episodes": spec.select_episodes} if cls.needs_validation else {}),
             "max_example_tokens": spec.max_example_tokens,
+            **demo_order_field(spec.demo_order, self.eval_shot),
         }
 
     # ---- step 1: every check that needs no model -----------------------------------------------
@@ -280,6 +283,20 @@ class Experiment:
                 setattr(spec, setting.name, fitted[setting.name])
             else:
                 self.values[setting.name] = fitted[setting.name]
+        self._check_selection_order(fitted)
+
+    def _check_selection_order(self, fitted: dict[str, Any]) -> None:
+        """A state chosen on validation prompts (tv's layer, dt's steps) was chosen in one demonstration
+        order; evaluating it in the other would mix the two protocols in one record."""
+        if not self.method_cls.needs_validation:
+            return
+        chosen_with = fitted.get("demo_order", _P["demo_order"].default)
+        wanted = demo_order_field(self.spec.demo_order, self.spec.shot).get("demo_order", _P["demo_order"].default)
+        if wanted != chosen_with:
+            raise UsageError(
+                f"--load-vectors '{self.spec.load_vectors}' was selected on --demo-order {chosen_with} prompts; "
+                f"this command gives {self.spec.demo_order}; accepted: --demo-order {chosen_with}"
+            )
 
     def _fill_defaults(self) -> None:
         """Settings not given take the model entry's value where one is declared (unless a state file
@@ -336,6 +353,11 @@ class Experiment:
                 f"--method {spec.method} does not apply to multiple-choice task '{spec.task}' "
                 f"(it steers towards class labels); accepted: {accepted}"
             )
+        if task.multiple_choice and spec.demo_order != _P["demo_order"].default:
+            raise UsageError(
+                f"--demo-order {spec.demo_order} needs classes to sort by; multiple-choice task '{spec.task}' "
+                "has none; accepted: --demo-order shuffled"
+            )
         check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
         if self.fitting and cls.needs_fit:
             check_shots(task.splits["train"], "train", task.n_classes, spec.ext_shot, task.label_words, "--ext-shot")
@@ -363,9 +385,10 @@ class Experiment:
     def sample(self) -> None:
         """The evaluation episodes and their prompts; methods refuse prompts they cannot run here."""
         spec, task = self.spec, self.task
-        self.eval_episodes = sample_episodes(
+        drawn = sample_episodes(
             task.splits[spec.split], task.n_classes, self.eval_shot, spec.eval_episodes, spec.seed, f"{spec.split}/eval"
         )
+        self.eval_episodes = in_order(drawn, spec.demo_order)
         self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
         self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
 
@@ -373,7 +396,14 @@ class Experiment:
         """(training episodes, validation episodes to select on) of the method's declared needs."""
         spec = self.spec
         return fit_episodes(
-            self.task, self.method_cls, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed
+            self.task,
+            self.method_cls,
+            spec.ext_shot,
+            spec.episodes,
+            spec.shot,
+            spec.select_episodes,
+            spec.seed,
+            demo_order=spec.demo_order,
         )
 
     # ---- step 4: fit, or load a fitted state ----------------------------------------------------
@@ -423,7 +453,14 @@ class Experiment:
         """The record's (and the state file's) account of the fit: its settings, then what it chose."""
         spec = self.spec
         return fit_info(
-            method, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed, spec.max_example_tokens
+            method,
+            spec.ext_shot,
+            spec.episodes,
+            spec.shot,
+            spec.select_episodes,
+            spec.seed,
+            spec.max_example_tokens,
+            demo_order=spec.demo_order,
         )
 
     # ---- step 5: evaluate and record ------------------------------------------------------------
@@ -537,16 +574,29 @@ def make_scorer(lm: LoadedModel, task: Task, encoder: PromptEncoder, batch_size:
 
 
 def fit_episodes(
-    task: Task, cls: type[Method], ext_shot: int, episodes: int, shot: int, select_episodes: int, seed: int
+    task: Task,
+    cls: type[Method],
+    ext_shot: int,
+    episodes: int,
+    shot: int,
+    select_episodes: int,
+    seed: int,
+    demo_order: str = DEMO_ORDER.default,
 ) -> tuple[list[Episode], list[Episode] | None]:
-    """(training episodes, validation episodes to select on) of the method's declared needs."""
+    """(training episodes, validation episodes to select on) of the method's declared needs.
+
+    The validation episodes are evaluation prompts, so they take `demo_order`; training episodes
+    stay shuffled (the IV release orders only its 1-shot evaluation prompts)."""
     train = (
         sample_episodes(task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract")
         if cls.needs_fit
         else []
     )
     select = (
-        sample_episodes(task.splits["validation"], task.n_classes, shot, select_episodes, seed, "validation/select")
+        in_order(
+            sample_episodes(task.splits["validation"], task.n_classes, shot, select_episodes, seed, "validation/select"),
+            demo_order,
+        )
         if cls.needs_validation
         else None
     )
@@ -561,6 +611,7 @@ def fit_info(
     select_episodes: int,
     seed: int,
     max_example_tokens: int,
+    demo_order: str = DEMO_ORDER.default,
 ) -> dict[str, Any]:
     """The record's (and the state file's) account of a fit: its settings, then what it chose."""
     cls = type(method)
@@ -571,8 +622,16 @@ def fit_info(
         "max_example_tokens": max_example_tokens,
         **{k: v for k, v in method.hyperparameters().items() if k not in evaluated},
         **({"select_episodes": select_episodes, "select_shot": shot} if cls.needs_validation else {}),
+        **(demo_order_field(demo_order, shot) if cls.needs_validation else {}),
         **method.fit_summary(),
     }
+
+
+def demo_order_field(order: str, shot: int) -> dict[str, str]:
+    """`{"demo_order": ...}` for a record or fit, only when it can matter and is not the default:
+    records made before the setting existed (all shuffled) keep matching --resume and select, and
+    prompts without demonstrations have no order."""
+    return {"demo_order": order} if order != DEMO_ORDER.default and shot > 0 else {}
 
 
 def score_metrics(task: Task, y_true: np.ndarray, y_pred: np.ndarray, scores: Any, seed: int) -> dict[str, Any]:
