@@ -20,7 +20,7 @@ import torch
 
 from . import experiment
 from .config import load_config, lookup
-from .episodes import Episode, Example, check_shots
+from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
 from .errors import UsageError
 from .hooks import steering
@@ -250,6 +250,7 @@ def fit(
     seed: int = _P["seed"].default,
     batch_size: int | str = _P["batch_size"].default,
     max_example_tokens: int = _P["max_example_tokens"].default,
+    demo_order: str = _P["demo_order"].default,
     progress: bool = False,
     **settings: Any,
 ) -> Method:
@@ -269,6 +270,7 @@ def fit(
         "max_example_tokens": max_example_tokens,
     }
     values = {k: _P[k].check(v) for k, v in values.items()}
+    order: str = _P["demo_order"].check(demo_order)
     built = _build(method, settings, values["seed"])
     cls = type(built)
     _check_task(cls, task)
@@ -281,7 +283,14 @@ def fit(
     enc = encoder(lm, task, values["max_example_tokens"])
     scorer = _scorer(lm, task, enc, batch_size, progress)
     train, select = experiment.fit_episodes(
-        task, cls, values["ext_shot"], values["episodes"], values["shot"], values["select_episodes"], values["seed"]
+        task,
+        cls,
+        values["ext_shot"],
+        values["episodes"],
+        values["shot"],
+        values["select_episodes"],
+        values["seed"],
+        demo_order=order,
     )
     checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
     if checked:
@@ -296,6 +305,7 @@ def fit(
         values["select_episodes"],
         values["seed"],
         values["max_example_tokens"],
+        demo_order=order,
     )
     return built
 
@@ -323,6 +333,7 @@ def evaluate(
     *,
     batch_size: int | str = _P["batch_size"].default,
     max_example_tokens: int | None = None,
+    demo_order: str = _P["demo_order"].default,
     progress: bool = False,
     **settings: Any,
 ) -> Evaluation:
@@ -346,7 +357,9 @@ def evaluate(
             "max_example_tokens", _P["max_example_tokens"].default
         )
     seed = _P["seed"].check(seed)
-    episodes = sample_episodes(task, split, eval_shot, _P["eval_episodes"].check(n), seed, "eval")
+    if task.multiple_choice and _P["demo_order"].check(demo_order) != _P["demo_order"].default:
+        raise UsageError(f"demo_order '{demo_order}' needs classes to sort by; accepted for multiple choice: shuffled")
+    episodes = in_order(sample_episodes(task, split, eval_shot, _P["eval_episodes"].check(n), seed, "eval"), demo_order)
     enc = encoder(lm, task, max_example_tokens)
     scorer = _scorer(lm, task, enc, batch_size, progress)
     prompts = [enc.encode(e) for e in episodes]

@@ -594,7 +594,9 @@ def fit_episodes(
     )
     select = (
         in_order(
-            sample_episodes(task.splits["validation"], task.n_classes, shot, select_episodes, seed, "validation/select"),
+            sample_episodes(
+                task.splits["validation"], task.n_classes, shot, select_episodes, seed, "validation/select"
+            ),
             demo_order,
         )
         if cls.needs_validation

@@ -707,12 +707,12 @@ def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
     grids = _grid_methods()
     groups: dict[tuple[str, str, str], list[Scored]] = {}
     for s in latest_per_setting(scored):
-        if s.method in grids and s.split == "validation":
+        if s.record["method"] in grids and s.split == "validation":
             groups.setdefault((s.model, s.task, s.method), []).append(s)
     written = []
     for (model, task, method), runs in sorted(groups.items()):
         path = out / f"heatmap_{safe_name(model)}_{safe_name(task)}_{safe_name(method)}.png"
-        axes, names = grids[method]
+        axes, names = grids[runs[0].record["method"]]
         if plot_heatmap(model, task, method, runs, metric, path, axes, names):
             written.append(path)
     return written

@@ -112,7 +112,8 @@ class Scored:
 
     @property
     def method(self) -> str:
-        return self.record["method"]
+        """The method as select and the report name it: its protocol variant appended (`icl@class`)."""
+        return method_label(self.record)
 
     @property
     def split(self) -> str:
@@ -125,6 +126,19 @@ class Scored:
     @property
     def hyperparameters(self) -> dict[str, Any]:
         return self.record["hyperparameters"]
+
+
+# Protocol settings whose values are different protocols rather than hyperparameters to choose on
+# validation: select and the report keep each value's records apart, as a method of its own
+# (`icl@class` beside `icl`), so the paired comparison of the two stays possible. Only non-default
+# values are recorded (experiment.demo_order_field), so records without the key are the default.
+APART = ("demo_order",)
+
+
+def method_label(record: dict[str, Any]) -> str:
+    """`method`, then `@value` for each APART setting the record holds (`iv@class`)."""
+    hp = record.get("hyperparameters") or {}
+    return str(record["method"]) + "".join(f"@{hp[k]}" for k in APART if isinstance(hp, dict) and k in hp)
 
 
 def _number(x: Any) -> float | None:
