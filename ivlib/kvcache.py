@@ -39,7 +39,7 @@ def _layers(cache: Any, model_name: str) -> list[Any]:
 
 def _check_nothing_dropped(layers: list[Any], model_name: str) -> None:
     for layer in layers:
-        if isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized:
+        if isinstance(layer, DynamicSlidingWindowLayer) and layer.keys is not None:
             held, seen = layer.keys.shape[-2], int(layer.cumulative_length)
             if held < seen:  # the window dropped the oldest entries: they can no longer be read or tuned
                 raise UsageError(
