@@ -25,6 +25,7 @@ from .selection import (
     choose,
     latest,
     latest_per_setting,
+    over_seeds,
     score_records,
     test_for,
     warn,
@@ -731,6 +732,10 @@ def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
     for (model, task, method), runs in sorted(groups.items()):
         path = out / f"heatmap_{safe_name(model)}_{safe_name(task)}_{safe_name(method)}.png"
         axes, names = grids[runs[0].record["method"]]
+        by_setting: dict[str, list[Scored]] = {}
+        for r in runs:  # several seeds of one setting: one cell, their mean (as select ranks it)
+            by_setting.setdefault(r.setting, []).append(r)
+        runs = [over_seeds(same) for same in by_setting.values()]
         if plot_heatmap(model, task, method, runs, metric, path, axes, names):
             written.append(path)
     return written
