@@ -339,7 +339,8 @@ def evaluate(
 ) -> Evaluation:
     """Score `n` episodes of `split` with a fitted method (or a method that fits nothing, e.g. "icl").
 
-    The episodes and metrics are the CLI's for the same seed, split, shot and n. `max_example_tokens`
+    The episodes and metrics are the CLI's for the same seed, split, shot, n and `demo_order` (the CLI's
+    --demo-order: "shuffled", or "class" as the IV release's 1-shot prompts). `max_example_tokens`
     defaults to the one the method was fitted with (else the CLI's default).
     """
     built = _build(method, settings, seed)
