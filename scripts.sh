@@ -13,7 +13,8 @@
 # Every run passes --resume: a run whose record is already in $RESULTS is skipped, so an interrupted
 # sweep is restarted with the same command. Settings below can be overridden from the environment:
 #   CONFIG GPU MODELS TASKS RESULTS REPORT VECTORS EXT_SHOTS EXT_STRENGTHS STRENGTHS EPISODES
-#   TEST_EPISODES EXT_BATCH BASELINES METRIC EXTRA, PY: the Python that runs iv.py (default: the
+#   TEST_EPISODES EXT_BATCH BASELINES METRIC EXTRA SEEDS (e.g. "1 2 3": every run, and the test step, once per
+#   seed; the report then shows each method's mean and sd over them; default: iv.py's own seed, 42), PY: the Python that runs iv.py (default: the
 #   checkout's .venv/bin/python when there is one, else `python` on the PATH), so no venv activation is needed,
 #   and LAUNCH: a launcher put in front of every run's iv.py instead of $PY, e.g.
 #   LAUNCH="torchrun --nproc-per-node 2" or LAUNCH="accelerate launch --num_processes 8" (see README "Scaling out";
@@ -38,6 +39,7 @@ EXT_BATCH="${EXT_BATCH:-10}"
 BASELINES="${BASELINES:-}"            # default: every registered method but iv (python iv.py methods)
 METRIC="${METRIC:-macro}"
 EXTRA="${EXTRA:-}"                     # more iv.py flags for every run, e.g. "--batch-size 32 --no-half"
+SEEDS="${SEEDS:-}"                     # e.g. "1 2 3": each run once per seed; empty: no --seed (iv.py's default)
 PY="${PY:-python}"                     # the Python with ivlib's requirements: the project's .venv when there is one
 [ "$PY" = python ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 LAUNCH="${LAUNCH:-}"                   # e.g. "torchrun --nproc-per-node 2": replaces "$PY" in front of iv.py
@@ -53,6 +55,9 @@ fi
 config_flag=()
 [ -n "$CONFIG" ] && config_flag=(-c "$CONFIG")
 DRY_RUN=""                             # set by `array`: run() prints each command (one line) instead of running it
+# the seeds to loop over: "default" stands for no --seed flag, so a sweep without SEEDS runs as it always did
+seed_list() { if [ -n "$SEEDS" ]; then printf '%s\n' $SEEDS; else echo default; fi; }
+seed_args() { if [ "$1" != default ]; then printf '%s\n' --seed "$1"; fi; }
 run() {
   # shellcheck disable=SC2086  # EXTRA is a list of flags
   set -- "${launcher[@]}" iv.py "${config_flag[@]}" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"
@@ -70,28 +75,38 @@ iv_grid() {
   local tag=""
   [ -n "$EXTRA" ] && tag="_x$(printf '%s' "$EXTRA" | cksum | cut -d' ' -f1)"
   for model in $MODELS; do for task in $TASKS; do
-    for s in $EXT_SHOTS; do for a1 in $EXT_STRENGTHS; do
-      vec="$VECTORS/${model}__${task//\//_}__s${s}_a${a1}_b${EXT_BATCH}_e${EPISODES}${tag}.safetensors"
+    for s in $EXT_SHOTS; do for a1 in $EXT_STRENGTHS; do for seed in $(seed_list); do
+      # another seed draws other extraction episodes: its own file (no suffix without SEEDS, as before)
+      mapfile -t seeded < <(seed_args "$seed")
+      stag="${seeded[1]:+_seed${seeded[1]}}"
+      vec="$VECTORS/${model}__${task//\//_}__s${s}_a${a1}_b${EXT_BATCH}_e${EPISODES}${tag}${stag}.safetensors"
       # shellcheck disable=SC2086  # STRENGTHS is a list
       if [ -f "$vec" ]; then state=(--load-vectors "$vec"); else state=(--save-vectors "$vec"); fi
       run -m "$model" -t "$task" -s "$s" --ext-strength "$a1" --strength $STRENGTHS --ext-batch "$EXT_BATCH" \
-          -e "$EPISODES" -n "$EPISODES" "${state[@]}"
-    done; done
+          -e "$EPISODES" -n "$EPISODES" "${state[@]}" "${seeded[@]}"
+    done; done; done
   done; done
 }
 
 baselines() {
   [ -n "$BASELINES" ] || BASELINES="$("$PY" iv.py methods | grep -vx iv | tr '\n' ' ')"
-  for model in $MODELS; do for task in $TASKS; do for method in $BASELINES; do
-    run -m "$model" -t "$task" --method "$method" -e "$EPISODES" --select-episodes "$EPISODES" -n "$EPISODES"
-  done; done; done
+  for model in $MODELS; do for task in $TASKS; do for method in $BASELINES; do for seed in $(seed_list); do
+    mapfile -t seeded < <(seed_args "$seed")
+    run -m "$model" -t "$task" --method "$method" -e "$EPISODES" --select-episodes "$EPISODES" -n "$EPISODES" \
+        "${seeded[@]}"
+  done; done; done; done
 }
 
 test_best() {
-  local commands
-  commands="$("$PY" iv.py select --results "$RESULTS" --metric "$METRIC" --commands -n "$TEST_EPISODES")"
-  grep '^python iv.py' <<<"$commands" | while read -r line; do
-    eval "\"\${launcher[@]}\" ${line#python } -g \"\$GPU\" --resume --quiet $EXTRA"
+  # a setting run with several seeds is chosen by its mean over them, then tested with each seed (its test
+  # command comes from that seed's validation run, so a saved state of that seed is the one loaded)
+  local commands seed
+  for seed in $(seed_list); do
+    mapfile -t seeded < <(seed_args "$seed")
+    commands="$("$PY" iv.py select --results "$RESULTS" --metric "$METRIC" --commands -n "$TEST_EPISODES" "${seeded[@]}")"
+    grep '^python iv.py' <<<"$commands" | while read -r line; do
+      eval "\"\${launcher[@]}\" ${line#python } -g \"\$GPU\" --resume --quiet $EXTRA ${seeded[*]}"
+    done
   done
 }
 
@@ -130,7 +145,7 @@ array() {
     echo "#SBATCH --output=$dir/logs/test_%j.out"
     echo '# After the whole grid array succeeded: each method'"'"'s best validation setting on test, then the report.'
     echo 'set -euo pipefail'
-    for var in CONFIG GPU RESULTS REPORT VECTORS TEST_EPISODES METRIC EXTRA PY LAUNCH; do
+    for var in CONFIG GPU RESULTS REPORT VECTORS TEST_EPISODES METRIC EXTRA SEEDS PY LAUNCH; do
       printf 'export %s=%q
 ' "$var" "${!var}"
     done

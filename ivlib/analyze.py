@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="-n of the printed test commands (default: none, i.e. iv.py's own default)",
     )
 
+    s.add_argument(
+        "--seed",
+        type=int,
+        metavar="S",
+        help="with --commands: each test command from seed S's run of the chosen setting (settings run with "
+        "several seeds are chosen by their mean; default: the latest run's)",
+    )
+
     r = sub.add_parser(
         "report",
         help="comparison table (markdown, CSV) and plots",
@@ -60,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _interval(choice: Choice) -> str:
     b = choice.best
     ci = f" [{100 * b.ci_low:.1f}, {100 * b.ci_high:.1f}]" if b.ci_low is not None and b.ci_high is not None else ""
-    return f"{b.metric} {100 * b.value:.1f}{ci}"
+    seeds = f" (mean of {choice.n_seeds} seeds)" if choice.n_seeds > 1 else ""
+    return f"{b.metric} {100 * b.value:.1f}{ci}{seeds}"
 
 
 def run_select(args: argparse.Namespace) -> int:
@@ -81,7 +90,15 @@ def run_select(args: argparse.Namespace) -> int:
         print()
         target = args.results_out or args.results
         for c in choices:
-            line = make_test_command(c.best.record, target, args.eval_episodes)
+            run = c.best if args.seed is None else c.run_for_seed(args.seed)
+            if run is None:
+                print(
+                    f"warning: {c.best.model}/{c.best.task}/{c.best.method}: no validation run of the chosen "
+                    f"setting with --seed {args.seed}; no test command",
+                    file=sys.stderr,
+                )
+                continue
+            line = make_test_command(run.record, target, args.eval_episodes)
             if line is None:
                 print(
                     f"warning: {c.best.model}/{c.best.task}/{c.best.method}: the record has no 'command'; "

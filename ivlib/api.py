@@ -20,7 +20,7 @@ import torch
 
 from . import experiment
 from .config import load_config, lookup
-from .episodes import Episode, Example, check_shots
+from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
 from .errors import UsageError
 from .hooks import steering
@@ -251,6 +251,7 @@ def fit(
     batch_size: int | str = _P["batch_size"].default,
     max_example_tokens: int = _P["max_example_tokens"].default,
     demos: str = _P["demos"].default,
+    demo_order: str = _P["demo_order"].default,
     progress: bool = False,
     **settings: Any,
 ) -> Method:
@@ -272,6 +273,7 @@ def fit(
     }
     values = {k: _P[k].check(v) for k, v in values.items()}
     demos = _P["demos"].check(demos)
+    order: str = _P["demo_order"].check(demo_order)
     built = _build(method, settings, values["seed"])
     cls = type(built)
     _check_task(cls, task)
@@ -293,6 +295,7 @@ def fit(
         values["select_episodes"],
         values["seed"],
         demos if cls.needs_validation else "episodic",
+        demo_order=order,
     )
     checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
     if checked:
@@ -307,6 +310,7 @@ def fit(
         values["select_episodes"],
         values["seed"],
         values["max_example_tokens"],
+        demo_order=order,
     )
     return built
 
@@ -335,13 +339,15 @@ def evaluate(
     batch_size: int | str = _P["batch_size"].default,
     max_example_tokens: int | None = None,
     demos: str = _P["demos"].default,
+    demo_order: str = _P["demo_order"].default,
     progress: bool = False,
     **settings: Any,
 ) -> Evaluation:
     """Score `n` episodes of `split` with a fitted method (or a method that fits nothing, e.g. "icl").
 
-    The episodes and metrics are the CLI's for the same seed, split, shot, n and `demos` (= --demos:
-    "fixed" scores every query with one demonstration set, its prefix encoded once). `max_example_tokens`
+    The episodes and metrics are the CLI's for the same seed, split, shot, n, `demos` (= --demos:
+    "fixed" scores every query with one demonstration set, its prefix encoded once) and `demo_order`
+    (= --demo-order: "shuffled", or "class" as the IV release's 1-shot prompts). `max_example_tokens`
     defaults to the one the method was fitted with (else the CLI's default).
     """
     built = _build(method, settings, seed)
@@ -359,6 +365,8 @@ def evaluate(
             "max_example_tokens", _P["max_example_tokens"].default
         )
     seed = _P["seed"].check(seed)
+    if task.multiple_choice and _P["demo_order"].check(demo_order) != _P["demo_order"].default:
+        raise UsageError(f"demo_order '{demo_order}' needs classes to sort by; accepted for multiple choice: shuffled")
     fixed = _P["demos"].check(demos) == "fixed" and eval_shot > 0
     if fixed:
         _check_demos(cls, "fixed")
@@ -368,6 +376,7 @@ def evaluate(
         )
     else:
         episodes = sample_episodes(task, split, eval_shot, _P["eval_episodes"].check(n), seed, "eval")
+    episodes = in_order(episodes, demo_order)
     enc = encoder(lm, task, max_example_tokens)
     scorer = _scorer(lm, task, enc, batch_size, progress)
     prompts = [enc.encode(e) for e in episodes]

@@ -13,7 +13,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UsageError
+from .settings import Setting
 from .tasks import Split
+
+# The order of each evaluation prompt's demonstrations. A protocol setting rather than a method's:
+# every method's prompts are built here. "class" is the IV release's 1-shot evaluation order (it
+# shuffles only above one shot, and its ICL baseline always); extraction episodes stay shuffled.
+DEMO_ORDERS = ("shuffled", "class")
+DEMO_ORDER = Setting(
+    "demo_order",
+    str,
+    "shuffled",
+    "order of the demonstrations in evaluation and selection prompts: shuffled, or sorted by class "
+    "(the IV release's 1-shot prompts); fitting episodes stay shuffled",
+    choices=DEMO_ORDERS,
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +40,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Episode:
-    demos: tuple[Example, ...]  # shuffled, `shot` per class
+    demos: tuple[Example, ...]  # shuffled (or by class: `in_order`), `shot` per class
     query: Example
 
     def query_only(self) -> Episode:
@@ -85,6 +99,18 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
         demos = tuple(Example(texts[chosen[i]], int(labels[chosen[i]]), index=chosen[i]) for i in order)
         episodes.append(Episode(demos, Example(q_text, int(labels[q]), index=int(q))))
     return episodes
+
+
+def in_order(episodes: list[Episode], order: str) -> list[Episode]:
+    """The same episodes with their demonstrations in `order` (a DEMO_ORDERS value).
+
+    Applied after sampling, so both orders draw the same demonstrations and queries (the random
+    streams are untouched): a paired comparison of the order alone. "class" sorts stably by label,
+    so within a class the drawn order is kept.
+    """
+    if DEMO_ORDER.check(order) == "shuffled":
+        return episodes
+    return [Episode(tuple(sorted(e.demos, key=lambda d: d.label)), e.query) for e in episodes]
 
 
 def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.random.Generator) -> list[Episode]:

@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
-from .episodes import Episode, Example, check_shots, fixed_demos, sample_episodes, with_demos
+from .episodes import DEMO_ORDER, Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
@@ -95,6 +95,7 @@ PROTOCOL = (
         "of --shot per class from train for every query (fixed, Deep-Thinking's; the shared prefix is encoded once)",
         choices=DEMOS,
     ),
+    DEMO_ORDER,
 )
 # protocol settings that define a fitted state: a loaded file's values become this run's
 PROTOCOL_FIT = ("ext_shot", "episodes", "select_episodes", "max_example_tokens")
@@ -126,6 +127,7 @@ class RunSpec:
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
     demos: str = _P["demos"].default
+    demo_order: str = _P["demo_order"].default
     gpu: int = -1
     no_half: bool = False
     device_map: str | None = None
@@ -194,6 +196,7 @@ class Experiment:
             **({"select_episodes": spec.select_episodes} if cls.needs_validation else {}),
             "max_example_tokens": spec.max_example_tokens,
             **({"demos": "fixed"} if self.fixed else {}),  # absent when episodic: earlier records still match
+            **demo_order_field(spec.demo_order, self.eval_shot),
         }
 
     # ---- step 1: every check that needs no model -----------------------------------------------
@@ -326,6 +329,20 @@ class Experiment:
                 setattr(spec, setting.name, fitted[setting.name])
             else:
                 self.values[setting.name] = fitted[setting.name]
+        self._check_selection_order(fitted)
+
+    def _check_selection_order(self, fitted: dict[str, Any]) -> None:
+        """A state chosen on validation prompts (tv's layer, dt's steps) was chosen in one demonstration
+        order; evaluating it in the other would mix the two protocols in one record."""
+        if not self.method_cls.needs_validation:
+            return
+        chosen_with = fitted.get("demo_order", _P["demo_order"].default)
+        wanted = demo_order_field(self.spec.demo_order, self.spec.shot).get("demo_order", _P["demo_order"].default)
+        if wanted != chosen_with:
+            raise UsageError(
+                f"--load-vectors '{self.spec.load_vectors}' was selected on --demo-order {chosen_with} prompts; "
+                f"this command gives {self.spec.demo_order}; accepted: --demo-order {chosen_with}"
+            )
 
     def _fill_defaults(self) -> None:
         """Settings not given take the model entry's value where one is declared (unless a state file
@@ -382,6 +399,11 @@ class Experiment:
                 f"--method {spec.method} does not apply to multiple-choice task '{spec.task}' "
                 f"(it steers towards class labels); accepted: {accepted}"
             )
+        if task.multiple_choice and spec.demo_order != _P["demo_order"].default:
+            raise UsageError(
+                f"--demo-order {spec.demo_order} needs classes to sort by; multiple-choice task '{spec.task}' "
+                "has none; accepted: --demo-order shuffled"
+            )
         if self.fixed:
             self.demos = demo_set(task, self.eval_shot, spec.seed)
         else:
@@ -414,9 +436,8 @@ class Experiment:
     def sample(self) -> None:
         """The evaluation episodes and their prompts; methods refuse prompts they cannot run here."""
         spec, task = self.spec, self.task
-        self.eval_episodes = evaluation_episodes(
-            task, spec.split, self.eval_shot, spec.eval_episodes, spec.seed, self.demos
-        )
+        drawn = evaluation_episodes(task, spec.split, self.eval_shot, spec.eval_episodes, spec.seed, self.demos)
+        self.eval_episodes = in_order(drawn, spec.demo_order)
         self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
         self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
 
@@ -432,6 +453,7 @@ class Experiment:
             spec.select_episodes,
             spec.seed,
             spec.demos,
+            demo_order=spec.demo_order,
         )
 
     # ---- step 4: fit, or load a fitted state ----------------------------------------------------
@@ -481,7 +503,14 @@ class Experiment:
         """The record's (and the state file's) account of the fit: its settings, then what it chose."""
         spec = self.spec
         return fit_info(
-            method, spec.ext_shot, spec.episodes, spec.shot, spec.select_episodes, spec.seed, spec.max_example_tokens
+            method,
+            spec.ext_shot,
+            spec.episodes,
+            spec.shot,
+            spec.select_episodes,
+            spec.seed,
+            spec.max_example_tokens,
+            demo_order=spec.demo_order,
         )
 
     # ---- step 5: evaluate and record ------------------------------------------------------------
@@ -627,10 +656,14 @@ def fit_episodes(
     select_episodes: int,
     seed: int,
     demos: str = "episodic",
+    demo_order: str = DEMO_ORDER.default,
 ) -> tuple[list[Episode], list[Episode] | None]:
-    """(training episodes, validation episodes to select on) of the method's declared needs. Under
-    --demos fixed the selection's queries get the evaluation's one set (a method selects for the set it
-    is evaluated with); training episodes stay episodic: they are what a method learns from."""
+    """(training episodes, validation episodes to select on) of the method's declared needs.
+
+    The validation episodes are evaluation prompts: under --demos fixed their queries get the
+    evaluation's one set (a method selects for the set it is evaluated with), and they take
+    `demo_order`. Training episodes stay episodic and shuffled: they are what a method learns from
+    (the IV release orders only its 1-shot evaluation prompts)."""
     train = (
         sample_episodes(task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract")
         if cls.needs_fit
@@ -638,7 +671,7 @@ def fit_episodes(
     )
     fixed = demo_set(task, shot, seed) if demos == "fixed" and shot > 0 else None
     select = (
-        evaluation_episodes(task, "validation", shot, select_episodes, seed, fixed, "select")
+        in_order(evaluation_episodes(task, "validation", shot, select_episodes, seed, fixed, "select"), demo_order)
         if cls.needs_validation
         else None
     )
@@ -672,6 +705,7 @@ def fit_info(
     select_episodes: int,
     seed: int,
     max_example_tokens: int,
+    demo_order: str = DEMO_ORDER.default,
 ) -> dict[str, Any]:
     """The record's (and the state file's) account of a fit: its settings, then what it chose."""
     cls = type(method)
@@ -682,8 +716,16 @@ def fit_info(
         "max_example_tokens": max_example_tokens,
         **{k: v for k, v in method.hyperparameters().items() if k not in evaluated},
         **({"select_episodes": select_episodes, "select_shot": shot} if cls.needs_validation else {}),
+        **(demo_order_field(demo_order, shot) if cls.needs_validation else {}),
         **method.fit_summary(),
     }
+
+
+def demo_order_field(order: str, shot: int) -> dict[str, str]:
+    """`{"demo_order": ...}` for a record or fit, only when it can matter and is not the default:
+    records made before the setting existed (all shuffled) keep matching --resume and select, and
+    prompts without demonstrations have no order."""
+    return {"demo_order": order} if order != DEMO_ORDER.default and shot > 0 else {}
 
 
 def score_metrics(task: Task, y_true: np.ndarray, y_pred: np.ndarray, scores: Any, seed: int) -> dict[str, Any]:

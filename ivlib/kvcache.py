@@ -1,9 +1,10 @@
 """Reading, overwriting and preallocating a model's key/value cache as plain tensors.
 
 Deep-Thinking tunes the cache itself, so it needs the per-layer keys and values of whatever cache
-class the model builds, and a way to put tuned tensors back. Only caches that keep every
-position (transformers' `DynamicLayer`) can be tuned: a sliding-window or quantised layer drops
-or re-encodes entries, which would silently change the method, so those are refused.
+class the model builds, and a way to put tuned tensors back. Only layers that keep every position
+can be tuned: transformers' `DynamicLayer`, and its `DynamicSlidingWindowLayer` while no entry
+has left the window (DT checks its prompts fit first: `sliding_window`). A quantised layer, or a
+window that has dropped entries, would silently change the method, so those are refused.
 The per-layer and per-head searches of TV and FV run many one-token forwards over one prefix;
 `repeated_with_room` gives them a fixed-length cache those forwards write into in place.
 Under --demos fixed every batch of queries runs after one encoded prefix; `expand_rows` gives
@@ -16,7 +17,7 @@ import copy
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
 from .errors import UsageError
 
@@ -31,21 +32,53 @@ def _layers(cache: Any, model_name: str) -> list[Any]:
             "accepted: models with a standard transformers DynamicCache"
         )
     for layer in layers:
-        if (
-            getattr(layer, "is_sliding", False)
-            or not hasattr(layer, "keys")
-            or type(layer).__name__ not in ("DynamicLayer",)
-        ):
+        if type(layer) not in TUNABLE or not hasattr(layer, "keys"):
             raise UsageError(
                 f"model '{model_name}' uses a {type(layer).__name__} cache layer, which cannot be tuned; "
-                "accepted: models whose cache layers are DynamicLayer (full attention)"
+                "accepted: models whose cache layers are DynamicLayer or DynamicSlidingWindowLayer"
             )
     return layers
 
 
+def _check_nothing_dropped(layers: list[Any], model_name: str) -> None:
+    for layer in layers:
+        if isinstance(layer, DynamicSlidingWindowLayer) and layer.keys is not None:
+            held, seen = layer.keys.shape[-2], int(layer.cumulative_length)
+            if held < seen:  # the window dropped the oldest entries: they can no longer be read or tuned
+                raise UsageError(
+                    f"model '{model_name}': {seen} positions exceed its {layer.sliding_window}-token sliding "
+                    "window, which keeps only the last ones; accepted: prompts that fit the window"
+                )
+
+
+TUNABLE = (DynamicLayer, DynamicSlidingWindowLayer)  # exact types: subclasses may drop or re-encode entries
+
+
+def sliding_window(config: Any) -> int | None:
+    """The smallest sliding window among the cache layers a model builds from `config` (None: none slides).
+
+    Read the way transformers' DynamicCache reads it (`get_layer_types_and_kwargs`), so this is the
+    window of the `DynamicSlidingWindowLayer`s the model's forward will fill."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    get_text = getattr(config, "get_text_config", None)
+    if get_text is None:
+        return None
+    try:
+        types, kwargs = get_layer_types_and_kwargs(get_text(decoder=True))
+    except (AttributeError, TypeError, KeyError):
+        return None
+    windows = [kw.get("sliding_window") for t, kw in zip(types, kwargs) if t == "sliding_attention"]
+    known = [int(w) for w in windows if w is not None]
+    return min(known) if known else None
+
+
 def read_kv(cache: Any, model_name: str = "model") -> KV:
-    """The cache's tensors (not copies): callers must not modify them in place."""
-    return [(layer.keys, layer.values) for layer in _layers(cache, model_name)]
+    """The cache's tensors (not copies): callers must not modify them in place. Refused once a sliding
+    window has dropped entries (what is left is not every position's)."""
+    layers = _layers(cache, model_name)
+    _check_nothing_dropped(layers, model_name)
+    return [(layer.keys, layer.values) for layer in layers]
 
 
 def write_kv(cache: Any, kv: KV, dtype: torch.dtype, model_name: str = "model") -> None:
@@ -60,6 +93,10 @@ def write_kv(cache: Any, kv: KV, dtype: torch.dtype, model_name: str = "model") 
     for layer, (k, v) in zip(layers, kv):
         layer.keys = k.to(dtype)
         layer.values = v.to(dtype)
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            # its own count of positions seen (what the masks' offsets and lengths come from), not the
+            # tensors' length: reset it, or every later forward would place its window too far on
+            layer.cumulative_length = k.shape[-2]
 
 
 class _SlotLayer(StaticLayer):

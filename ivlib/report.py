@@ -17,6 +17,7 @@ from typing import Any
 from .errors import UsageError
 from .paired import Paired, aligned, compare, confusion, per_class_f1
 from .samples import SamplesError, read_samples
+from .seeds import Spread, seeds_table, spread
 from .selection import (
     Scored,
     best_of,
@@ -24,6 +25,7 @@ from .selection import (
     choose,
     latest,
     latest_per_setting,
+    over_seeds,
     score_records,
     test_for,
     warn,
@@ -149,6 +151,7 @@ def markdown(
     untested: list[tuple[str, str, str]],
     metric: str,
     pairs: list[Pair] | None = None,
+    spreads: dict[tuple[str, str, str], Spread] | None = None,
 ) -> str:
     lines = [
         f"# Test {metric} (%), setting chosen on validation",
@@ -163,6 +166,7 @@ def markdown(
         lines += [f"## {model}", "", *table, ""]
         lines += _footnotes(mine, n_complete, metric)
         lines += details_table(mine)
+        lines += seeds_table(_spread_rows(mine, spreads or {}), metric)
         lines += paired_table(mine, pairs or [])
     if untested:
         lines += [
@@ -176,6 +180,20 @@ def markdown(
     if not cells:
         lines += ["No test records yet.", ""]
     return "\n".join(lines)
+
+
+def _spread_rows(cells: list[Cell], spreads: dict[tuple[str, str, str], Spread]) -> list[tuple[str, str, Spread]]:
+    order = {m: i for i, m in enumerate(method_order(c.run.method for c in cells))}
+    ordered = sorted((c for c in cells if c.key in spreads), key=lambda c: (c.run.task, order[c.run.method]))
+    return [(c.run.task, c.run.method, spreads[c.key]) for c in ordered]
+
+
+def seed_spreads(
+    cells: list[Cell], scored: list[Scored], metric: str, base: str | Path | None
+) -> dict[tuple[str, str, str], Spread]:
+    """cell key -> its spread over seeds, for the cells whose setting was tested with several."""
+    found = {c.key: spread(c.run, scored, metric, base) for c in cells}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def setting_text(hyperparameters: dict[str, Any]) -> str:
@@ -668,7 +686,8 @@ def write_report(
     logs = load_logs(cells, base)
     pairs = all_pairs(cells, logs)
     written = [out / "table.md", out / "table.csv"]
-    written[0].write_text(markdown(cells, untested, metric, pairs), encoding="utf-8")
+    spreads = seed_spreads(cells, scored, metric, base)
+    written[0].write_text(markdown(cells, untested, metric, pairs, spreads), encoding="utf-8")
     write_csv(cells, written[1], logs)
     if any(p.paired is not None for p in pairs):
         written.append(out / "paired.csv")
@@ -707,12 +726,16 @@ def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
     grids = _grid_methods()
     groups: dict[tuple[str, str, str], list[Scored]] = {}
     for s in latest_per_setting(scored):
-        if s.record["method"] in grids and s.split == "validation":  # `iv (fixed)` gets its own heatmap
+        if s.record["method"] in grids and s.split == "validation":  # `iv@fixed` gets its own heatmap
             groups.setdefault((s.model, s.task, s.method), []).append(s)
     written = []
     for (model, task, method), runs in sorted(groups.items()):
         path = out / f"heatmap_{safe_name(model)}_{safe_name(task)}_{safe_name(method)}.png"
         axes, names = grids[runs[0].record["method"]]
+        by_setting: dict[str, list[Scored]] = {}
+        for r in runs:  # several seeds of one setting: one cell, their mean (as select ranks it)
+            by_setting.setdefault(r.setting, []).append(r)
+        runs = [over_seeds(same) for same in by_setting.values()]
         if plot_heatmap(model, task, method, runs, metric, path, axes, names):
             written.append(path)
     return written

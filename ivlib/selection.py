@@ -112,9 +112,8 @@ class Scored:
 
     @property
     def method(self) -> str:
-        """The method as select and the report name it: runs with fixed demonstrations are their own
-        entry (`icl (fixed)`), never chosen against, tested as, or shown as the episodic runs."""
-        return reported_method(self.record)
+        """The method as select and the report name it: its protocol variant appended (`icl@class`)."""
+        return method_label(self.record)
 
     @property
     def split(self) -> str:
@@ -129,11 +128,19 @@ class Scored:
         return self.record["hyperparameters"]
 
 
-def reported_method(record: dict[str, Any]) -> str:
-    """The record's method, marked with its protocol when that is not the default (episodic)."""
-    hp = record.get("hyperparameters")
-    demos = hp.get("demos") if isinstance(hp, dict) else None
-    return record["method"] if demos in (None, "episodic") else f"{record['method']} ({demos})"
+# Protocol settings whose values are different protocols rather than hyperparameters to choose on
+# validation: select and the report keep each value's records apart, as a method of its own
+# (`icl@fixed`, `icl@class` beside `icl`), so the paired comparison of the two stays possible. Only
+# non-default values are recorded (`--demos fixed`, `--demo-order class`), so records without the key
+# are the default.
+APART = ("demos", "demo_order")
+
+
+def method_label(record: dict[str, Any]) -> str:
+    """`method`, then `@value` for each APART setting the record holds (`iv@fixed`, `iv@fixed@class`)."""
+    hp = record.get("hyperparameters") or {}
+    marks = [hp[k] for k in APART if isinstance(hp, dict) and hp.get(k) not in (None, "episodic")]
+    return str(record["method"]) + "".join(f"@{m}" for m in marks)
 
 
 def _number(x: Any) -> float | None:
@@ -199,11 +206,40 @@ def latest(candidates: list[Scored]) -> Scored:
 
 
 def latest_per_setting(scored: Iterable[Scored]) -> list[Scored]:
-    """One run per (model, task, method, split, setting): re-runs replace earlier runs."""
-    groups: dict[tuple[str, ...], list[Scored]] = {}
+    """One run per (model, task, method, split, setting, seed): re-runs replace earlier runs, other
+    seeds are other runs."""
+    groups: dict[tuple[Any, ...], list[Scored]] = {}
     for s in scored:
-        groups.setdefault((s.model, s.task, s.method, s.split, s.setting), []).append(s)
+        groups.setdefault((s.model, s.task, s.method, s.split, s.setting, s.record.get("seed")), []).append(s)
     return sorted((latest(g) for g in groups.values()), key=lambda s: s.order)
+
+
+def _seed_key(s: Scored) -> tuple[int, str]:
+    seed = s.record.get("seed")
+    return (0, f"{seed:020d}") if isinstance(seed, int) else (1, str(seed))
+
+
+def over_seeds(runs: list[Scored]) -> Scored:
+    """One seed's run as it is; several seeds' runs of one setting as one candidate: the mean value
+    and mean interval bounds, with the latest run's record (what its command and setting come from)."""
+    if len(runs) == 1:
+        return runs[0]
+    newest = latest(runs)
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return sum(known) / len(known) if len(known) == len(values) else None
+
+    value = mean([r.value for r in runs])
+    assert value is not None  # every Scored has a value
+    return Scored(
+        newest.record,
+        newest.order,
+        newest.metric,
+        value,
+        mean([r.ci_low for r in runs]),
+        mean([r.ci_high for r in runs]),
+    )
 
 
 # ---- selection --------------------------------------------------------------------------------
@@ -213,8 +249,17 @@ def latest_per_setting(scored: Iterable[Scored]) -> list[Scored]:
 class Choice:
     """The best validation setting of one method on one (model, task)."""
 
-    best: Scored
+    best: Scored  # with several seeds: their mean (`over_seeds`)
     n_settings: int
+    runs: tuple[Scored, ...] = ()  # the chosen setting's latest run per seed, by seed
+
+    @property
+    def n_seeds(self) -> int:
+        return max(len(self.runs), 1)
+
+    def run_for_seed(self, seed: int) -> Scored | None:
+        """The chosen setting's run with this seed (what a test command for that seed starts from)."""
+        return next((r for r in self.runs if r.record.get("seed") == seed), None)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -230,11 +275,18 @@ def best_of(candidates: list[Scored]) -> Scored:
 
 
 def choose(scored: Iterable[Scored], split: str = "validation") -> list[Choice]:
-    groups: dict[tuple[str, str, str], list[Scored]] = {}
+    """Per (model, task, method), the best setting; a setting run with several seeds competes with
+    its mean over them, so no seed's luck picks it."""
+    groups: dict[tuple[str, str, str], dict[str, list[Scored]]] = {}
     for s in latest_per_setting(scored):
         if s.split == split:
-            groups.setdefault((s.model, s.task, s.method), []).append(s)
-    return [Choice(best_of(groups[k]), len(groups[k])) for k in sorted(groups)]
+            groups.setdefault((s.model, s.task, s.method), {}).setdefault(s.setting, []).append(s)
+    choices = []
+    for key in sorted(groups):
+        settings = groups[key]
+        best = best_of([over_seeds(runs) for runs in settings.values()])
+        choices.append(Choice(best, len(settings), tuple(sorted(settings[best.setting], key=_seed_key))))
+    return choices
 
 
 def select_best(records: Iterable[dict[str, Any]], metric: str = "macro") -> list[Choice]:

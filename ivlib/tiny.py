@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]"]
 CONTEXT = 1024  # whitespace is a token here, so prompts run about twice as long as with BPE
+SLIDING_WINDOW = 256  # the sliding-window models' window: review_sentiment fits it twice at 2 shots, not at 4
 # label words of the registry's tasks, so tiny models can run them on local fixture data
 # without the character fallback making labels collide (Sports / Sci/Tech)
 LABEL_WORDS = [
@@ -94,6 +95,15 @@ def tiny_config(arch: str, vocab_size: int) -> PretrainedConfig:
         "qwen2": lambda: tf.Qwen2Config(**llama_like),
         "mistral": lambda: tf.MistralConfig(**llama_like),
         "gemma": lambda: tf.GemmaConfig(head_dim=16, **llama_like),
+        # sliding-window attention: Gemma 3's mix (a sliding layer, then a full one) and Mistral's
+        # all-sliding form, windows shorter than the context as in the real models
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            head_dim=16,
+            sliding_window=SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            **llama_like,
+        ),
+        "mistral_sw": lambda: tf.MistralConfig(sliding_window=SLIDING_WINDOW, **llama_like),
         "opt": lambda: tf.OPTConfig(
             hidden_size=64,
             ffn_dim=128,
@@ -109,7 +119,7 @@ def tiny_config(arch: str, vocab_size: int) -> PretrainedConfig:
     return configs[arch]()
 
 
-TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "opt")
+TINY_ARCHS = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "opt", "gemma3", "mistral_sw")
 
 
 def build_tiny(arch: str, words: Iterable[str], seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

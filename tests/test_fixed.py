@@ -199,7 +199,7 @@ def test_fixed_and_episodic_records_are_kept_apart(tmp_path, monkeypatch, capsys
     fixed, episodic = [json.loads(line) for line in out.read_text().splitlines()]
     assert fixed["hyperparameters"]["demos"] == "fixed" and "demos" not in episodic["hyperparameters"]
     assert {k: v for k, v in fixed["hyperparameters"].items() if k != "demos"} == episodic["hyperparameters"]
-    assert [c.best.method for c in select_best([fixed, episodic])] == ["icl", "icl (fixed)"]
+    assert [c.best.method for c in select_best([fixed, episodic])] == ["icl", "icl@fixed"]
     # zero-shot has no demonstrations to fix: the same setting under either protocol
     assert _cli(out, "--method", "zero-shot", "--resume") == 0
     assert _cli(out, "--method", "zero-shot", "--demos", "fixed", "--resume") == 0

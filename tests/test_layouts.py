@@ -16,7 +16,7 @@ from ivlib.prompts import PromptEncoder
 from ivlib.scoring import Scorer
 from ivlib.tiny import TINY_ARCHS
 
-GQA = {"llama", "qwen2", "mistral", "gemma"}
+GQA = {"llama", "qwen2", "mistral", "gemma", "gemma3", "mistral_sw"}
 _cache = {}
 
 

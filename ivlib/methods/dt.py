@@ -26,7 +26,7 @@ import torch
 
 from ..episodes import Episode
 from ..errors import UsageError
-from ..kvcache import KV, read_kv, write_kv
+from ..kvcache import KV, read_kv, sliding_window, write_kv
 from ..metrics import selection_score
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_prefix
 from ..scoring import Prefix, Scorer
@@ -111,6 +111,7 @@ class DeepThinking(Method):
                 f"{2 * longest - 1}, beyond the context of model '{scorer.lm.name}' ({context}); accepted: "
                 "--dt-positions pinned, or a lower --shot or --max-example-tokens"
             )
+        _check_window(scorer, prompts)
 
     # ---- the tuning loop ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -218,6 +219,27 @@ class DeepThinking(Method):
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         return self.step_scores(scorer, batch, fitted(self.step, self.name), every_step=False)[:, -1]
+
+
+def _check_window(scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
+    """On a sliding-window model DT runs only where the window changes nothing: the demonstrations
+    re-encoded after themselves (2L cache positions, whatever --dt-positions: windows count cache
+    slots) and the whole prompt must fit, with nothing dropped from the cache (transformers keeps
+    window - 1 entries). Then every sliding layer attends as a full one, so DT is the method it is on
+    full attention; beyond the window the tuned entries would fall out of view mid-step."""
+    window = sliding_window(scorer.lm.model.config)
+    if window is None:
+        return
+    longest = max(p.query_start for p in prompts)  # BOS + demonstrations
+    # a batch pads demonstrations and queries apart (split_demos), so its span is the longest of each
+    query = max(len(p.ids) - p.query_start + max((len(o) for o in p.options or []), default=0) for p in prompts)
+    need = max(2 * longest + 1, longest + query)
+    if need > window:
+        raise UsageError(
+            f"dt: model '{scorer.lm.name}' has a {window}-token sliding window and these prompts need {need} "
+            f"positions inside it ({longest} demonstration tokens twice, plus one; or {longest} plus {query} "
+            "for the query); accepted: prompts that fit the window: a lower --shot or --max-example-tokens"
+        )
 
 
 def _check_finite(state: KV, demo_mask: torch.Tensor, step: int) -> None:
