@@ -148,7 +148,7 @@ def test_calibration_lowers_the_training_loss_and_changes_only_a_and_b(lm, encod
     scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
     weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
     flags = [p.requires_grad for p in lm.model.parameters()]
-    method = ImplicitICL(i2cl_epochs=8, i2cl_lr=0.05, i2cl_noise=0.0, seed=1)
+    method = ImplicitICL(i2cl_sets=3, i2cl_epochs=8, i2cl_lr=0.05, i2cl_noise=0.0, seed=1)
     method.fit(scorer, encoder, train)
     start = ImplicitICL()
     start.vectors = method.vectors
