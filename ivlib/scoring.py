@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from .batching import BatchRunner
 from .errors import UsageError
+from .hooks import edit_inputs, stack_reads
 from .kvcache import expand_rows, repeated_with_room
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, collate, option_lengths
@@ -43,6 +45,22 @@ class Prefix:
 
     cache: Any  # a transformers Cache with one row; never extended (each batch gets an expanded view)
     length: int  # tokens in the prefix
+
+
+def head_means(scorer: Scorer, prompts: list[EncodedPrompt], desc: str) -> torch.Tensor:
+    """[L, H, head_dim] float32: each head's output (the output projection's input) at each prompt's
+    last token, averaged over the prompts: FV's mean activations and SITE's task embedding. A normal
+    tensor, not an inference one, so it can take part in a differentiated forward (SITE's fit)."""
+    layout = scorer.layout
+
+    def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, H * head_dim]
+        with scorer.at_last_token(batch, partial(edit_inputs, layout.attn_out, read=True)) as sites:
+            scorer.forward(batch)
+        return stack_reads(sites).transpose(0, 1)
+
+    mean = scorer.runner.map(prompts, read, desc).mean(dim=0)  # [L, F]
+    with torch.inference_mode(False):
+        return mean.view(layout.n_layers, layout.n_heads, -1).clone()
 
 
 class Scorer:

@@ -23,11 +23,11 @@ import torch
 
 from ..episodes import Episode, Example
 from ..errors import UsageError
-from ..hooks import Edit, edit_inputs, head_patch, stack_reads
+from ..hooks import Edit, edit_inputs, head_patch
 from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
-from ..scoring import Scorer, no_edit
+from ..scoring import Scorer, head_means, no_edit
 from ..settings import Setting
 from ..state import TensorSpec
 from .base import Method, fitted, register
@@ -122,15 +122,7 @@ class FunctionVectors(Method):
 
     def mean_activations(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> torch.Tensor:
         """[L, H, head_dim]: each head's output at the query separator, averaged over the prompts."""
-        layout = scorer.layout
-
-        def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, H * head_dim]
-            with scorer.at_last_token(batch, partial(edit_inputs, layout.attn_out, read=True)) as sites:
-                scorer.forward(batch)
-            return stack_reads(sites).transpose(0, 1)
-
-        mean = scorer.runner.map(prompts, read, "FV mean activations").mean(dim=0)  # [L, F]
-        return mean.view(layout.n_layers, layout.n_heads, -1)
+        return head_means(scorer, prompts, "FV mean activations")
 
     def indirect_effects(
         self, scorer: Scorer, trials: list[EncodedPrompt], layers: list[int] | None = None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,31 +31,17 @@ import torch
 
 from .. import distributed as dist
 from ..episodes import Episode
-from ..hooks import edit_inputs, stack_reads
+from ..hooks import edit_inputs
 from ..layout import ModelLayout
 from ..metrics import f1_scores
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
-from ..scoring import Scorer
+from ..scoring import Scorer, head_means
 from ..settings import Setting
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
 SELECT = ("loss", "macro_f1")
 TOP_HEADS = 10  # heads listed in the record, by alpha
-
-
-def head_means(scorer: Scorer, prompts: list[EncodedPrompt], desc: str) -> torch.Tensor:
-    """[L, H, head_dim] float32: each head's output at the last token, averaged over the prompts."""
-    layout = scorer.layout
-
-    def read(batch: PromptBatch) -> torch.Tensor:  # [B, L, F]
-        with scorer.at_last_token(batch, partial(edit_inputs, layout.attn_out, read=True)) as sites:
-            scorer.forward(batch)
-        return stack_reads(sites).transpose(0, 1)
-
-    mean = scorer.runner.map(prompts, read, desc).mean(dim=0)  # [L, F]
-    with torch.inference_mode(False):  # a normal tensor: it takes part in differentiated forwards
-        return mean.view(layout.n_layers, layout.n_heads, -1).clone()
 
 
 def soft_injection(
