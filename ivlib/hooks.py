@@ -26,6 +26,24 @@ def write_at(
         hidden.index_put_((rows, cols), hidden[rows, cols] + add.to(hidden.device, hidden.dtype))
 
 
+_paused = [False]  # inside `prompt_edits_paused`: position edits and reads do nothing
+
+
+@contextmanager
+def prompt_edits_paused() -> Iterator[None]:
+    """Position edits and reads (`edit_outputs`, `edit_inputs`) skip the forwards run inside the block.
+
+    Their (row, col) positions are the prompt's: a forward the scorer runs afterwards over the
+    prompt's cache (a label's continuation under --score full, a decoding step under --score
+    generate) has other rows and columns, and an edit there would land on answer tokens, or out of
+    range. Edits of every position (`map_outputs`, I2CL's) are the model's own state and stay on."""
+    outer, _paused[0] = _paused[0], True
+    try:
+        yield
+    finally:
+        _paused[0] = outer
+
+
 class OutputSite:
     """What one hooked module does during a forward: an indexed replace or add, then a read."""
 
@@ -41,6 +59,8 @@ class OutputSite:
         self.value: torch.Tensor | None = None  # [N, D] float32 after the forward, if read
 
     def __call__(self, module: nn.Module, args, output):
+        if _paused[0]:
+            return output
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
         rows = self.rows.to(hidden.device, non_blocking=True)
         cols = self.cols.to(hidden.device, non_blocking=True)
@@ -153,6 +173,8 @@ class InputSite:
         self.value: torch.Tensor | None = None  # [N, F] float32 after the forward, if read
 
     def __call__(self, module: nn.Module, args):
+        if _paused[0]:
+            return args
         x = args[0]  # [B, T, F]
         rows, cols = self.rows.to(x.device), self.cols.to(x.device)
         if self.patch is not None:

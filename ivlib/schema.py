@@ -53,6 +53,15 @@ class MultipleChoice(_Strict):
     answer_base: Literal[0, 1] | None = None
 
 
+class TemplateEntry(_Strict):
+    name: Text | None = None
+    input: StrictStr
+    delimiter: StrictStr | None = None
+    separator: Annotated[StrictStr, Field(min_length=1)] | None = None
+    preamble: StrictStr | None = None
+    keep_space: StrictBool | None = None
+
+
 class TaskEntry(_Strict):
     dataset: Text | None = None
     subset: Text | None = None
@@ -64,6 +73,8 @@ class TaskEntry(_Strict):
     label_words: Annotated[list[Text], Field(min_length=2)] | None = None
     builtin: Text | None = None
     multiple_choice: MultipleChoice | None = None
+    template: Text | TemplateEntry | None = None
+    template_task: Text | None = None
 
 
 # key -> what it accepts, as the error message (and README) says it
@@ -94,6 +105,9 @@ TASK_KEYS = {
     "(quote yes/no/on/off and numbers)",
     "builtin": "a task whose data ivlib generates itself (a string)",
     "multiple_choice": "{options: FIELD or [FIELDS], answer: FIELD, option_keys: FIELD, answer_base: 0 or 1}",
+    "template": "a template name (iv, dt, fv, ... or a family's form such as dt/sst2) or {input: 'Review: {text}"
+    "\\nSentiment:', delimiter, separator, preamble, keep_space}: the task's prompt unless --template is given",
+    "template_task": "the task a template family's forms know this one as (sst2, mr, agnews, trec, ...), a string",
 }
 MC_KEYS = {
     "options": "a field or a list of fields (strings)",

@@ -51,6 +51,7 @@ class Task:
     label_words: list[str]
     splits: dict[str, Split]
     provenance: dict[str, Any] = field(default_factory=dict)
+    prompt: dict[str, Any] = field(default_factory=dict)  # its entry's `template` / `template_task`, if any
 
     @property
     def multiple_choice(self) -> bool:
@@ -313,7 +314,16 @@ def _multiple_choice_split(
     return Split(texts, np.asarray(labels, dtype=np.int64), options), len(ds) - len(texts)
 
 
+PROMPT_KEYS = ("template", "template_task")  # a task entry's say in how its prompts are written
+
+
 def load_task(name: str, spec: dict[str, Any]) -> Task:
+    task = _load_task(name, spec)
+    task.prompt = {k: spec[k] for k in PROMPT_KEYS if k in spec}
+    return task
+
+
+def _load_task(name: str, spec: dict[str, Any]) -> Task:
     dsd = _load_dataset_dict(name, spec)
     explicit = dict(spec.get("splits") or {})
     # a role left to its default name must not share a split another role claims (sst2's test is

@@ -19,6 +19,7 @@ from ..episodes import Episode
 from ..errors import UsageError
 from ..layout import ModelLayout
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
+from ..protocol import RULES
 from ..scoring import Prefix, Scorer
 from ..settings import EVAL, FIT, Setting, bind
 from ..state import TensorSpec, check_tensors
@@ -32,6 +33,9 @@ class Method(ABC):
     fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
     min_shot: ClassVar[int] = 0  # fewest evaluation demonstrations per class it can work with
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options
+    # the scoring rules (--score, see `ivlib.rules`) it can be judged by: a method whose edits are the
+    # prompt's (paused over the answer's continuation and decoding) can be judged by any of them
+    scoring_rules: ClassVar[tuple[str, ...]] = RULES
     has_state: ClassVar[bool] = False  # whether fitting leaves tensors worth saving (--save-vectors)
     # --demos fixed (one demonstration set for every query): whether the method can be evaluated so at all
     # (a method that needs its demonstrations per query cannot), and whether its scores stay exact when the

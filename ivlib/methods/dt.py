@@ -27,7 +27,6 @@ import torch
 from ..episodes import Episode
 from ..errors import UsageError
 from ..kvcache import KV, read_kv, sliding_window, write_kv
-from ..metrics import selection_score
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_prefix
 from ..scoring import Prefix, Scorer
 from ..settings import Setting
@@ -197,8 +196,9 @@ class DeepThinking(Method):
             scores = scorer.runner.map(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None
+        n = scores.shape[-1] if mc else encoder.n_classes  # options per question, or classes
         self.curve = [
-            selection_score(labels, scorer.predictions(scores[:, t], prompts), scores.shape[-1], mc)
+            scorer.selection_score(labels, scorer.predictions(scores[:, t], prompts), n, mc)
             for t in range(self.dt_steps)
         ]
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest

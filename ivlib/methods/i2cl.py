@@ -40,7 +40,7 @@ from ..episodes import Episode, Example
 from ..errors import UsageError
 from ..hooks import map_outputs, watch_outputs
 from ..layout import ModelLayout
-from ..prompts import EXAMPLE_SEP, IO_SEP, EncodedPrompt, PromptBatch, PromptEncoder
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import Setting
 from ..state import TensorSpec
@@ -60,9 +60,9 @@ def demonstrations(episodes: list[Episode]) -> list[Example]:
 
 
 def demo_prompt(encoder: PromptEncoder, demo: Example) -> EncodedPrompt:
-    """One demonstration alone, as a prompt shows it (answer and example separator included): its
-    last token is where the context vectors are read."""
-    text = encoder.truncate(demo.text) + IO_SEP + encoder.answer_text(demo) + EXAMPLE_SEP
+    """One demonstration alone, as a prompt shows it in the run's template (answer and example
+    separator included): its last token is where the context vectors are read."""
+    text = encoder.demonstration(demo)
     ids = encoder.bos + list(encoder.tok(text, add_special_tokens=False)["input_ids"])
     return EncodedPrompt(ids, [len(ids) - 1], [encoder.n_classes], demo.label, len(ids))
 
@@ -80,6 +80,10 @@ class ImplicitICL(Method):
     needs_fit = True
     has_state = True
     fixed_eval_shot = 0  # the demonstrations live in the vectors: queries run alone
+    # its injection edits every position of every forward: a label's continuation is scored under it, as
+    # the steered model would score it, but decoding would inject into the tokens it writes, which the
+    # paper (classification by label tokens) never defines
+    scoring_rules = ("first-token", "full", "full-mean", "vocab")
     settings = (
         Setting(
             "i2cl_sets",
