@@ -31,7 +31,8 @@ from .selection import (
     warn,
 )
 
-METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "sv", "i2cl", "site", "iv")  # the paper's, newer rivals before IV
+# the paper's, newer rivals before IV
+METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "sv", "i2cl", "site", "hc", "iv")
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
 DAGGER = "†"
