@@ -76,16 +76,17 @@ class HiddenCalibration(Method):
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
-        prompts = [encoder.encode(e) for e in episodes]
-        hidden = last_hiddens(scorer, prompts, "HC calibration")  # [E, D]
-        labels = torch.tensor([p.label for p in prompts])
-        self.centroids, self.counts = class_means(hidden, labels, encoder.n_classes)
-        missing = [encoder.label_words[c] for c in range(encoder.n_classes) if int(self.counts[c]) == 0]
-        if missing:
+        present = {e.query.label for e in episodes}
+        missing = [w for c, w in enumerate(encoder.label_words) if c not in present]
+        if missing:  # refused before any compute
             raise UsageError(
                 f"hc: no calibration query of class '{missing[0]}' among the {len(episodes)} training episodes; "
                 "accepted: more episodes (-e) so that every class has a query"
             )
+        prompts = [encoder.encode(e) for e in episodes]
+        hidden = last_hiddens(scorer, prompts, "HC calibration")  # [E, D]
+        labels = torch.tensor([p.label for p in prompts])
+        self.centroids, self.counts = class_means(hidden, labels, encoder.n_classes)
 
     def fit_summary(self) -> dict[str, Any]:
         counts = fitted(self.counts, self.name)
