@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import experiment, templates
+from . import budget, experiment, templates
 from .config import load_config, lookup
 from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
@@ -365,8 +365,12 @@ def fit(
     checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
     if checked:
         built.check_prompts(scorer, [enc.encode(e) for e in checked])
-    if fitting:
-        built.fit(scorer, enc, train, select)
+    with budget.counting(lm.model) as count:
+        if fitting:
+            built.fit(scorer, enc, train, select)
+    built.fit_budget = (
+        experiment.fit_budget(built, train, select, count.tokens) if fitting else dict(experiment.NO_FIT_BUDGET)
+    )
     built.fit_info = experiment.fit_info(
         built,
         posed,
@@ -391,6 +395,7 @@ class Evaluation:
     labels: np.ndarray
     scores: torch.Tensor
     episodes: list[Episode] = field(repr=False, default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)  # what the fit and each query consumed (a record's)
 
 
 def evaluate(
@@ -453,11 +458,13 @@ def evaluate(
     scorer = _scorer(lm, task, enc, batch_size, progress, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)
-    scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", posed.fixed(cls))
+    with budget.counting(lm.model) as count:
+        scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", posed.fixed(cls))
     labels = np.array([p.label for p in prompts])
     predictions = scorer.predictions(scores, prompts)
     metrics = experiment.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
-    return Evaluation(metrics, predictions, labels, scores, episodes)
+    spent = {**(built.fit_budget or experiment.NO_FIT_BUDGET), **experiment.eval_budget(episodes, count.tokens)}
+    return Evaluation(metrics, predictions, labels, scores, episodes, spent)
 
 
 def _fitted(method: Method) -> bool:
@@ -493,7 +500,8 @@ def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
     if info is None:
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit first")
     check_save_path(path)
-    save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info})
+    spent = method.fit_budget or experiment.UNKNOWN_FIT_BUDGET
+    save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info, "budget": spent})
 
 
 def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
@@ -516,6 +524,8 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
     tensors, meta = load_state(path, _identity(name, lm, task))
     method.restore(path, tensors, lm.layout, task.n_classes)
     method.fit_info = meta.get("fit") or {}
+    saved = meta.get("budget")
+    method.fit_budget = dict(saved) if isinstance(saved, dict) else dict(experiment.UNKNOWN_FIT_BUDGET)
     return method
 
 

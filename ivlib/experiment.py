@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, budget
 from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
 from .episodes import Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
@@ -166,6 +166,7 @@ class Experiment:
         self.fitted_with: dict[str, Any] | None = None  # the --load-vectors file's fitting settings
         self.fit_s = 0.0
         self.fit_info: dict[str, Any] = {}
+        self.fit_budget: dict[str, Any] = dict(NO_FIT_BUDGET)  # what the fit consumed (budget.py)
         self.protocol: Protocol = Protocol()  # how queries are posed and judged; built by `prepare`
         self.demos: tuple[Example, ...] | None = None  # --demos fixed: the run's one set, built once by `load`
 
@@ -462,14 +463,19 @@ class Experiment:
             tensors, meta = load_state(spec.load_vectors, self.identity)
             method.restore(spec.load_vectors, tensors, self.lm.layout, self.task.n_classes)
             self.fit_info = {"loaded_from": spec.load_vectors, "fitted_with": meta.get("fit"), **method.fit_summary()}
+            saved = meta.get("budget")
+            self.fit_budget = dict(saved) if isinstance(saved, dict) else dict(UNKNOWN_FIT_BUDGET)
         elif self.fitting:
             train, select = self.fit_episodes()
             t0 = time.perf_counter()
-            method.fit(self.scorer, self.encoder, train, select)
+            with budget.counting(self.lm.model) as count:
+                method.fit(self.scorer, self.encoder, train, select)
             self.fit_s = time.perf_counter() - t0
             self.fit_info = self._fit_info(method)
+            self.fit_budget = fit_budget(method, train, select, count.tokens)
             if spec.save_vectors:
-                path, state, meta = spec.save_vectors, method.state(), {**self.identity, "fit": self.fit_info}
+                path, state = spec.save_vectors, method.state()
+                meta = {**self.identity, "fit": self.fit_info, "budget": self.fit_budget}
                 with signals_held():  # a small file: saved, and known to be saved, before an interrupt lands
                     dist.together(lambda: save_state(path, state, meta) if dist.is_main() else None)
                     self.progress.vectors = spec.save_vectors
@@ -503,7 +509,8 @@ class Experiment:
         """Score the evaluation prompts with one fitted method; the record, not yet written."""
         spec, task, scorer = self.spec, self.task, self.scorer
         t0 = time.perf_counter()
-        scores = score_prompts(method, scorer, self.prompts, f"{spec.method} eval ({spec.split})", self.fixed)
+        with budget.counting(self.lm.model) as count:
+            scores = score_prompts(method, scorer, self.prompts, f"{spec.method} eval ({spec.split})", self.fixed)
         eval_s = time.perf_counter() - t0
         y_true = np.array([p.label for p in self.prompts])
         y_pred = scorer.predictions(scores, self.prompts)
@@ -522,6 +529,7 @@ class Experiment:
             "timing_s": {"load": round(self.load_s, 3), "fit": round(self.fit_s, 3), "eval": round(eval_s, 3)},
             "eval_episodes_per_s": round(spec.eval_episodes / eval_s, 3) if eval_s > 0 else None,
             "batch_size": scorer.runner.batch_size,  # after any out-of-memory halving
+            "budget": {**self.fit_budget, **eval_budget(self.eval_episodes, count.tokens)},
         }
         if spec.log_samples:  # written (atomically) before the record that points to it is appended
             rule = scorer.rule
@@ -605,8 +613,8 @@ FITTED_PROTOCOL = {"template": "--template", "scoring": "--score", "metric": "--
 PROTOCOL_DEFAULTS = {
     "template": IV.key,
     "scoring": "(the task's own rule)",
-    "metric": "macro",
-    "demo_order": "shuffled",
+    "metric": _P["metric"].default,
+    "demo_order": _P["demo_order"].default,
 }
 
 
@@ -778,6 +786,24 @@ def fit_info(
         **({"select_episodes": select_episodes, "select_shot": protocol.shot} if cls.needs_validation else {}),
         **protocol.fit_fields(cls, task.multiple_choice),
         **method.fit_summary(),
+    }
+
+
+NO_FIT_BUDGET = {"fit_examples": 0, "selection_examples": 0, "fit_tokens": 0}  # a method that fits nothing
+UNKNOWN_FIT_BUDGET = {"fit_examples": None, "selection_examples": None, "fit_tokens": None}  # an older state file
+
+
+def fit_budget(method: Method, train: list[Episode], select: list[Episode] | None, tokens: int) -> dict[str, Any]:
+    """What a fit consumed: distinct labeled examples (its own and its selection's) and token positions."""
+    labeled = method.labeled_examples(train, select)
+    return {"fit_examples": labeled["fit"], "selection_examples": labeled["selection"], "fit_tokens": tokens}
+
+
+def eval_budget(episodes: list[Episode], tokens: int) -> dict[str, Any]:
+    """What each evaluation query consumed: the labeled demonstrations it was shown, token positions."""
+    return {
+        "demonstrations_per_query": budget.per_query(episodes),
+        "tokens_per_query": round(tokens / max(len(episodes), 1), 1),
     }
 
 

@@ -169,9 +169,10 @@ class Protocol:
             )
         if rule not in cls.scoring_rules:
             accepted = ", ".join(name for name, c in methods.items() if rule in c.scoring_rules)
+            why = cls.scoring_note or f"it is judged by {', '.join(cls.scoring_rules)}"
             raise UsageError(
-                f"--score {rule} does not apply to --method {cls.name} (it is judged by "
-                f"{', '.join(cls.scoring_rules)}); accepted with --score {rule}: {accepted}"
+                f"--score {rule} does not apply to --method {cls.name} ({why}); accepted with --score {rule}: "
+                f"{accepted}"
             )
 
     # ---- what records hold --------------------------------------------------------------------------

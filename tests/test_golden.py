@@ -294,6 +294,7 @@ RECORD_FIELDS = {
     "metrics",
     "predicted_fraction",
     "batch_size",
+    "budget",
 }
 FIT_FIELDS = {
     "iv": {

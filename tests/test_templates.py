@@ -15,9 +15,12 @@ from ivlib.errors import UsageError
 from ivlib.methods import METHODS
 from ivlib.methods.dt import DeepThinking
 from ivlib.methods.fv import FunctionVectors
+from ivlib.methods.hc import HiddenCalibration
 from ivlib.methods.i2cl import ImplicitICL
 from ivlib.methods.icl import ICL, ZeroShot
+from ivlib.methods.icv import InContextVectors
 from ivlib.methods.iv import IterativeVectors
+from ivlib.methods.probe import Probe
 from ivlib.methods.site import SoftInjection
 from ivlib.methods.sv import StateVector
 from ivlib.methods.tv import TaskVectors
@@ -140,6 +143,32 @@ def _fitted(name: str, lm, n_classes: int):
             },
         ),
     }
+    builders["icv"] = (
+        InContextVectors(icv_strength=0.5),
+        {
+            "principal": rand(layers, d),
+            "mean": rand(layers, d),
+            "explained_variance_ratio": torch.tensor(0.5, dtype=torch.float64),
+            "demonstrations": torch.tensor(2),
+        },
+    )
+    builders["hc"] = (
+        HiddenCalibration(),
+        {"centroids": rand(n_classes, d), "counts": torch.ones(n_classes, dtype=torch.long)},
+    )
+    builders["probe"] = (
+        Probe(),
+        {
+            "mean": rand(d),
+            "scale": torch.ones(d),
+            "weight": rand(n_classes, d),
+            "bias": rand(n_classes),
+            "c": torch.tensor(1.0, dtype=torch.float64),
+            "c_scores": torch.zeros(0, dtype=torch.float64),
+            "counts": torch.ones(n_classes, dtype=torch.long),
+            "converged": torch.tensor(1),
+        },
+    )
     method, state = builders[name]
     method.load_state(state)
     return method
@@ -169,12 +198,13 @@ class _Spy:
 def _check_positions(name: str, spy: _Spy, batch) -> None:
     separators = set(zip(batch.sep_rows.tolist(), batch.sep_cols.tolist()))
     queries = {(r, int(c)) for r, c in enumerate(batch.query_cols.tolist())}
-    if name in ("icl", "zero-shot", "dt", "i2cl"):  # no position edit: nothing, the cache, every position
-        assert not spy.sites
+    edited = [positions for _, positions in spy.sites if positions]  # ICV's every-position edit lists none
+    if name in ("icl", "zero-shot", "dt", "i2cl", "icv", "hc", "probe"):  # the cache; every position; read-outs
+        assert not edited
         return
-    assert spy.sites
-    for _, edited in spy.sites:
-        assert edited == (separators if name == "iv" else queries)
+    assert edited
+    for positions in edited:
+        assert positions == (separators if name == "iv" else queries)
 
 
 @pytest.mark.parametrize("template", sorted(BUILTIN))
@@ -202,17 +232,20 @@ def test_every_method_edits_at_the_templates_answer_positions_and_batches_exactl
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("template", ["iv", "dt/sst2", "staicc/sst2", "sv"])
-def test_answer_position_edits_batch_exactly_on_every_family(arch, template, task):
+def test_answer_position_edits_land_and_batch_exactly_on_every_family(arch, template, task, monkeypatch):
     lm = model(arch)
     encoder = PromptEncoder(lm.tokenizer, task.label_words, True, 256, BUILTIN[template])
     prompts = [encoder.encode(e) for e in sample_episodes(task.splits["validation"], 2, 1, 4, 3, "v")]
     for name in ("iv", "tv"):
         method = _fitted(name, lm, 2)
-        outs = []
-        for size in (1, 4):
-            scorer = Scorer(lm, encoder.label_ids, size, quiet=True)
-            outs.append(scorer.runner.map(prompts, lambda b: method.predict(scorer, b), "t"))
-        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+        scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
+        batch = scorer.batch(prompts)
+        spy = _Spy(monkeypatch)
+        together = method.predict(scorer, batch)
+        _check_positions(name, spy, batch)
+        monkeypatch.undo()
+        alone = torch.cat([method.predict(scorer, scorer.batch([p])) for p in prompts])
+        torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
 
 
 # ---- definitions and their refusals ---------------------------------------------------------------

@@ -91,6 +91,13 @@ class DeepThinking(Method):
         self.step = self.dt_step  # the T used at evaluation; None until chosen on validation
         self.curve: list[float] = []  # validation score after each step 1..dt_steps
 
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """Nothing is fitted; the steps are selected on validation unless --dt-step gives them."""
+        return {
+            "fit": 0,
+            "selection": 0 if self.dt_step is not None else super().labeled_examples([], validation)["selection"],
+        }
+
     def fit_summary(self) -> dict[str, Any]:
         return {
             "step": self.step,

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import budget
 from .. import distributed as dist
 from ..episodes import Episode, Example
 from ..errors import UsageError
@@ -84,6 +85,7 @@ class ImplicitICL(Method):
     # the steered model would score it, but decoding would inject into the tokens it writes, which the
     # paper (classification by label tokens) never defines
     scoring_rules = ("first-token", "full", "full-mean", "vocab")
+    scoring_note = "it injects into every position of every forward, the tokens it would generate too"
     settings = (
         Setting(
             "i2cl_sets",
@@ -127,6 +129,10 @@ class ImplicitICL(Method):
     @classmethod
     def from_settings(cls, values: dict[str, Any], seed: int) -> ImplicitICL:
         return cls(**values, seed=seed)
+
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """The demonstrations of the first --i2cl-sets training episodes (vectors and calibration)."""
+        return {"fit": budget.distinct(budget.demonstrations(train[: self.i2cl_sets])), "selection": 0}
 
     def fit_summary(self) -> dict[str, Any]:
         a, b = fitted(self.a, self.name), fitted(self.b, self.name)

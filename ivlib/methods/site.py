@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import budget
 from .. import distributed as dist
 from ..episodes import Episode
 from ..hooks import edit_inputs
@@ -195,6 +196,14 @@ class SoftInjection(Method):
         predictions = scorer.predictions(out[:, n_classes:], prompts)
         macro = f1_scores(labels.numpy(), predictions, n_classes)["macro"]
         return {"loss": round(loss, 6), "macro_f1": round(float(macro), 6)}
+
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """The embedding reads the training demonstrations and the weights learn from the queries'
+        labels; the checkpoints are scored on the validation queries alone (zero-shot)."""
+        return {
+            "fit": budget.distinct(budget.demonstrations(train) + budget.queries(train)),
+            "selection": budget.distinct(budget.queries(validation or [])),
+        }
 
     def fit_summary(self) -> dict[str, Any]:
         alpha = self.alpha

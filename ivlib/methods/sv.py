@@ -104,6 +104,11 @@ class StateVector(Method):
         self.layer_scores: list[float] = []  # validation macro-F1 for L = 1..n_layers
         self.window: int | None = None  # the window used (sv_window, at most the demonstrations)
 
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """The training demonstrations; validation only when L is selected (not given by --sv-layers)."""
+        own = super().labeled_examples(train, validation)
+        return {**own, "selection": 0 if self.sv_layers is not None else own["selection"]}
+
     def fit_summary(self) -> dict[str, Any]:
         return {
             "layers": self.layers,
