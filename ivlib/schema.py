@@ -166,6 +166,9 @@ def _message(path: str, label: str, entry: dict[str, Any], error: ErrorDetails, 
 def check_entry(kind: str, name: str, entry: dict[str, Any], path: str) -> None:
     """Refuse an entry that does not fit the schema (UsageError, one line naming file, entry, key, value)."""
     schema, keys = _SCHEMAS[kind]
+    empty = [key for key, value in entry.items() if value is None and key in keys]
+    if empty:  # `label_words:` with nothing after it: a value forgotten, never "use the default"
+        raise UsageError(f"config '{path}': {kind}.{name}.{empty[0]} has no value; accepted: {keys[empty[0]]}")
     try:
         schema.model_validate(entry)
     except ValidationError as exc:
