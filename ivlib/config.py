@@ -201,5 +201,5 @@ def load_config(user_files: str | Sequence[str] | None) -> Config:
 def lookup(registry: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     if name not in registry:
         known = ", ".join(sorted(registry)) or "(none)"
-        raise UsageError(f"unknown {kind} '{name}'; known {kind}s: {known}")
+        raise UsageError(f"unknown {kind} '{name}'; accepted: a {kind} of the registry: {known}")
     return registry[name]

@@ -124,6 +124,8 @@ def bind(settings: Sequence[Setting], args: tuple[Any, ...], kwargs: dict[str, A
         values[setting.name] = value
     unknown = sorted(set(kwargs) - set(values))
     if unknown:
-        raise TypeError(f"{owner} has no setting '{unknown[0]}'; its settings: {', '.join(values) or 'none'}")
+        raise TypeError(
+            f"{owner} has no setting '{unknown[0]}'; accepted: its settings ({', '.join(values) or 'none'})"
+        )
     values.update(kwargs)
     return {s.name: s.check(values[s.name]) for s in settings}
