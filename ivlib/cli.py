@@ -269,6 +269,16 @@ def collapse_warning(predicted_fraction: dict[str, float], true_labels: list[int
     return f"warning: {100 * share:.1f}% of predictions '{name}', true classes balanced (README: Troubleshooting)"
 
 
+def leak_warning(task: str, record: dict[str, Any]) -> str | None:
+    """One line when the task's splits share texts (`task_provenance.cross_split_duplicates`): an
+    evaluation example also seen in training measures memory, not in-context learning."""
+    found = (record.get("task_provenance") or {}).get("cross_split_duplicates") or {}
+    if not found:
+        return None
+    pairs = ", ".join(f"{n} {pair.split('/')[1]} row(s) also in {pair.split('/')[0]}" for pair, n in found.items())
+    return f"warning: task '{task}' has texts in two splits: {pairs} (task_provenance.cross_split_duplicates)"
+
+
 def _metric_summary(metrics: dict[str, dict[str, float]]) -> str:
     name = "macro" if "macro" in metrics else next(iter(metrics))
     m = metrics[name]
@@ -289,9 +299,14 @@ def run(spec: RunSpec, experiment: Experiment | None = None) -> list[dict[str, A
     """Run a spec, printing one summary line per record as it lands (even with --quiet, which
     silences progress bars only)."""
     experiment = experiment or Experiment(spec)
+    warned: list[str] = []
 
     def report(record: dict[str, Any]) -> None:
         if dist.is_main():  # several processes: the main one speaks for the run
+            leak = leak_warning(spec.task, record)
+            if leak and not warned:  # a property of the task: said once per run, not per record
+                warned.append(leak)
+                print(leak, file=sys.stderr, flush=True)
             print(summary_line(experiment, record), flush=True)
 
     records = experiment.run(on_record=report)
