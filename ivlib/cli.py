@@ -15,6 +15,7 @@ from typing import Any
 
 from . import distributed as dist
 from . import presets
+from .batching import NonFinite
 from .errors import Parser, Terminated, UsageError
 from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = Experiment(spec)
         run(spec, experiment)
     except UsageError as exc:  # raised alike on every process (the same flags): printed once
+        if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
+            exc = exc.advised(experiment.method_cls.scaling_flags())
         if dist.is_main():
             print(f"{program()}: error: {exc}", file=sys.stderr)
         return 2
