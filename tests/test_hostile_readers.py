@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 from ivlib import analyze, files
 from ivlib.cli import main
-from ivlib.config import MAX_YAML_DEPTH, load_config
+from ivlib.config import load_config
 from ivlib.errors import UsageError
 from ivlib.results import read_records, record_problem
 from ivlib.samples import SamplesError, read_samples
+from ivlib.yamlread import MAX_YAML_DEPTH
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "config" / "tiny.yaml")
@@ -178,9 +179,14 @@ def test_resume_reads_a_results_file_with_bad_later_lines(tmp_path, capsys):
 
 # ---- the record reader as a property ----------------------------------------------------------
 
+
+def _containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    _containers,
     max_leaves=12,
 )
 FIELDS = st.sampled_from(["method", "model", "task", "split", "hyperparameters", "metrics", "seed", "command"])
@@ -405,6 +411,19 @@ def test_a_config_path_that_is_not_a_file_says_what_it_is(tmp_path, capsys, make
 
 
 def test_a_config_above_the_limit_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(files, "MAX_CONFIG_BYTES", 5000)  # the built-in registry, read first, is smaller
-    with pytest.raises(UsageError, match="holds 6,000 bytes, more than the 5,000 ivlib reads.*of at most 5,000 bytes"):
-        load_config(_config(tmp_path, "#" * 5999 + "\n"))
+    from ivlib.config import BASE_CONFIG
+
+    limit = BASE_CONFIG.stat().st_size + 1000  # the built-in registry, read first, fits
+    monkeypatch.setattr(files, "MAX_CONFIG_BYTES", limit)
+    with pytest.raises(UsageError, match=f"holds {limit + 1:,} bytes, more than the {limit:,} ivlib reads"):
+        load_config(_config(tmp_path, "#" * limit + "\n"))
+
+
+def test_a_template_file_goes_through_the_same_bounded_loader(tmp_path):
+    from ivlib.templates import from_file
+
+    bomb = _bomb().replace("tasks:\n  unused:\n    dataset: x\n    label_names:\n", "input: 'T: {text}'\nname:\n")
+    with no_hang(), pytest.raises(UsageError, match=r"--template '.*': holds more than 100,000 values"):
+        from_file(_config(tmp_path, bomb))
+    with no_hang(), pytest.raises(UsageError, match="--template '/dev/zero' is a character device, not a file"):
+        from_file("/dev/zero")
