@@ -234,7 +234,7 @@ def _text_columns(name: str, columns: list[str], spec: dict[str, Any]) -> list[s
 
 def _label_names(name: str, ds: Any, label_field: str, spec: dict[str, Any]) -> list[str]:
     feature = ds.features.get(label_field)
-    if "label_names" in spec:
+    if spec.get("label_names") is not None:  # null in an entry: not given
         return _checked_names(name, [str(n) for n in spec["label_names"]])
     if feature is not None and hasattr(feature, "names"):
         return _checked_names(name, list(feature.names))
@@ -493,7 +493,8 @@ def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
             f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}"
         )
     names = _label_names(name, train_ds, label_field, spec)
-    words = [str(w) for w in spec.get("label_words", names)]
+    given = spec.get("label_words")
+    words = [str(w) for w in (names if given is None else given)]  # null in an entry: not given
     if len(words) != len(names):
         raise UsageError(f"task '{name}': {len(words)} label_words for {len(names)} classes")
     text_cols = _text_columns(name, train_ds.column_names, spec)

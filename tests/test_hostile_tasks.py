@@ -198,3 +198,11 @@ def test_the_cli_warns_once_and_records_the_counts(tmp_path, capsys):
         == {"train/validation": 174, "train/test": 361, "validation/test": 102}
         for r in records
     )
+
+
+def test_null_label_words_or_names_mean_not_given(tmp_path):
+    task = load_task("t", _classes(tmp_path, label_names=["neg", "pos"], label_words=None))
+    assert task.label_words == ["neg", "pos"]
+    rows = [{"text": f"t{i}", "label": i % 2, "label_text": ["neg", "pos"][i % 2]} for i in range(20)]
+    spec = {"data_files": {"train": _jsonl(tmp_path / "named.jsonl", rows)}, "label_names": None}
+    assert load_task("t", spec).label_words == ["neg", "pos"]
