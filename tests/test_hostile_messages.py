@@ -83,6 +83,7 @@ def test_the_advice_follows_the_method_and_the_precision():
     plain = NonFinite("x", torch.float32)
     assert str(plain) == "x; accepted: smaller values of the settings that scale the method's edits"
     assert str(plain.advised(METHODS["dt"].scaling_flags())) == "x; accepted: a smaller --dt-eta"
+    assert str(plain.advised(METHODS["icv"].scaling_flags())) == "x; accepted: a smaller --icv-strength"
     icl = plain.advised(METHODS["icl"].scaling_flags())
     assert str(icl) == "x; the model itself overflows on these prompts in float32"
     half = NonFinite("x", torch.bfloat16).advised(METHODS["icl"].scaling_flags())
