@@ -15,6 +15,7 @@ from typing import Any
 
 from . import distributed as dist
 from . import presets
+from .batching import NonFinite
 from .errors import Parser, Terminated, UsageError
 from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
@@ -269,6 +270,16 @@ def collapse_warning(predicted_fraction: dict[str, float], true_labels: list[int
     return f"warning: {100 * share:.1f}% of predictions '{name}', true classes balanced (README: Troubleshooting)"
 
 
+def leak_warning(task: str, record: dict[str, Any]) -> str | None:
+    """One line when the task's splits share texts (`task_provenance.cross_split_duplicates`): an
+    evaluation example also seen in training measures memory, not in-context learning."""
+    found = (record.get("task_provenance") or {}).get("cross_split_duplicates") or {}
+    if not found:
+        return None
+    pairs = ", ".join(f"{n} {pair.split('/')[1]} row(s) also in {pair.split('/')[0]}" for pair, n in found.items())
+    return f"warning: task '{task}' has texts in two splits: {pairs} (task_provenance.cross_split_duplicates)"
+
+
 def _metric_summary(metrics: dict[str, dict[str, float]]) -> str:
     name = "macro" if "macro" in metrics else next(iter(metrics))
     m = metrics[name]
@@ -289,9 +300,14 @@ def run(spec: RunSpec, experiment: Experiment | None = None) -> list[dict[str, A
     """Run a spec, printing one summary line per record as it lands (even with --quiet, which
     silences progress bars only)."""
     experiment = experiment or Experiment(spec)
+    warned: list[str] = []
 
     def report(record: dict[str, Any]) -> None:
         if dist.is_main():  # several processes: the main one speaks for the run
+            leak = leak_warning(spec.task, record)
+            if leak and not warned:  # a property of the task: said once per run, not per record
+                warned.append(leak)
+                print(leak, file=sys.stderr, flush=True)
             print(summary_line(experiment, record), flush=True)
 
     records = experiment.run(on_record=report)
@@ -321,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = Experiment(spec)
         run(spec, experiment)
     except UsageError as exc:  # raised alike on every process (the same flags): printed once
+        if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
+            exc = exc.advised(experiment.method_cls.scaling_flags())
         if dist.is_main():
             print(f"{program()}: error: {exc}", file=sys.stderr)
         return 2

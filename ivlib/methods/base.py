@@ -79,6 +79,12 @@ class Method(ABC):
         """Settings that define what fitting computes (saved with the state, adopted on load)."""
         return tuple(s for s in cls.settings if s.role == FIT)
 
+    @classmethod
+    def scaling_flags(cls) -> tuple[str, ...]:
+        """Flags of the settings that scale the method's edits (`Setting.scales`): what an overflow asks
+        the user to lower."""
+        return tuple(s.flag for s in cls.settings if s.scales)
+
     def hyperparameters(self) -> dict[str, Any]:
         """The method's settings as the run record names them (what --resume and select match)."""
         return {s.name: getattr(self, s.name) for s in self.settings}

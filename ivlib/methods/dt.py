@@ -48,7 +48,7 @@ class DeepThinking(Method):
         Setting(
             "dt_step", int, None, "use this T instead of choosing it on validation", low=1, optional=True, symbol="T"
         ),
-        Setting("dt_eta", float, 0.01, "step size of the cache update", symbol="eta"),
+        Setting("dt_eta", float, 0.01, "step size of the cache update", symbol="eta", scales=True),
         Setting("dt_beta", float, 0.9, "momentum", symbol="beta"),
         Setting(
             "dt_positions",

@@ -104,8 +104,8 @@ class ImplicitICL(Method):
         Setting(
             "i2cl_noise", float, 0.001, "calibration noise, times each position's norm; 0 = none", low=0, symbol="noise"
         ),
-        Setting("i2cl_init_a", float, 0.1, "initial strength a of the context vectors", symbol="a0"),
-        Setting("i2cl_init_b", float, 1.0, "initial scale b of the module outputs", symbol="b0"),
+        Setting("i2cl_init_a", float, 0.1, "initial strength a of the context vectors", symbol="a0", scales=True),
+        Setting("i2cl_init_b", float, 1.0, "initial scale b of the module outputs", symbol="b0", scales=True),
     )
 
     i2cl_sets: int

@@ -81,7 +81,7 @@ class StateVector(Method):
             high=1,
             symbol="beta",
         ),
-        Setting("sv_lr", float, 1.0, "step size of the momentum added to the inner mean", symbol="lr"),
+        Setting("sv_lr", float, 1.0, "step size of the momentum added to the inner mean", symbol="lr", scales=True),
         Setting(
             "sv_layers",
             int,
