@@ -30,6 +30,7 @@ from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
 from .episodes import DEMO_ORDER, Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
 from .errors import UsageError
+from .fingerprint import model_fingerprint
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
@@ -38,7 +39,7 @@ from .results import append_record, check_writable, has_record, read_records, si
 from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
 from .settings import Setting, by_name
-from .state import check_save_path, load_state, read_meta, save_state
+from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import Task, load_task
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
@@ -310,9 +311,10 @@ class Experiment:
             raise UsageError(
                 f"--load-vectors '{path}' was fitted with method={meta.get('method')!r}; this run has {spec.method!r}"
             )
-        fitted = meta.get("fit") or {}
+        settings = (*(_P[k] for k in PROTOCOL_FIT), *self.method_cls.fit_settings())
+        fitted = checked_fit(path, meta, settings)  # each value through its flag's own check
         self.fitted_with = fitted
-        for setting in (*(_P[k] for k in PROTOCOL_FIT), *self.method_cls.fit_settings()):
+        for setting in settings:
             if setting.name not in fitted:
                 continue
             protocol = setting.name in PROTOCOL_FIT
@@ -467,6 +469,7 @@ class Experiment:
             "label_words": self.task.label_words,
             "n_layers": self.lm.layout.n_layers,
             "d_model": self.lm.layout.d_model,
+            FINGERPRINT_KEY: model_fingerprint(self.lm),  # another model under the same name is refused
         }
 
     def fit(self) -> None:
