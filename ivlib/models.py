@@ -78,13 +78,25 @@ def resolve_device(gpu: int | None) -> torch.device:
 
 
 def choose_dtype(entry: dict[str, Any], device: torch.device, no_half: bool) -> torch.dtype:
-    if no_half or device.type == "cpu":
+    """--no-half: float32. An entry's explicit `dtype`: that dtype on every device, a CPU included (slower
+    there, but the way to run on a CPU what a GPU runs in half precision). Else half precision on a GPU
+    (bf16 where supported, else fp16) and float32 on a CPU."""
+    if no_half:
         return torch.float32
-    if "dtype" in entry:
+    if entry.get("dtype") is not None:
         if entry["dtype"] not in DTYPES:
             raise UsageError(f"dtype '{entry['dtype']}' unknown; accepted: {', '.join(DTYPES)}")
         return DTYPES[entry["dtype"]]
+    if device.type == "cpu":
+        return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _dtype_note(name: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """One line when the registry entry puts a CPU run in half precision: unusual, and slower there."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return None
+    return f"[ivlib] model '{name}': dtype {str(dtype).removeprefix('torch.')} on CPU (from the registry entry)"
 
 
 MULTI_PART_HINT = (
@@ -282,6 +294,9 @@ def load_model(
     quiet: bool = False,
 ) -> LoadedModel:
     dtype = choose_dtype(entry, device, no_half)
+    note = _dtype_note(name, dtype, device)
+    if note and not quiet:
+        print(note, file=sys.stderr, flush=True)
     model: Any  # a transformers PreTrainedModel (whose decorated `.to` mypy cannot call)
     if "builtin" in entry:
         arch = str(entry["builtin"]).removeprefix("tiny-")
