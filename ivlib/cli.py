@@ -18,6 +18,7 @@ from .errors import Parser, Terminated, UsageError
 from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
 from .settings import Setting
+from .threads import THREADS
 
 ANALYSIS = ("select", "report")  # read results files; no model involved
 SUBCOMMANDS = (*ANALYSIS, "methods")
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mem-limit", help="per-GPU memory cap with --device-map, e.g. 20GiB (default: none)")
     run.add_argument("--flash-attention", action="store_true", help="use flash_attention_2 (default: off)")
+    _add_setting(run, THREADS)
     run.add_argument(
         "--results",
         default="results/runs.jsonl",
@@ -174,6 +176,7 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         device_map=args.device_map,
         mem_limit=args.mem_limit,
         flash_attention=args.flash_attention,
+        threads=THREADS.check(args.threads),
         results=args.results,
         save_vectors=args.save_vectors,
         load_vectors=args.load_vectors,

@@ -41,6 +41,7 @@ from .scoring import Scorer
 from .settings import Setting, by_name
 from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import Task, load_task
+from .threads import use_threads
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
@@ -134,6 +135,7 @@ class RunSpec:
     device_map: str | None = None
     mem_limit: str | None = None
     flash_attention: bool = False
+    threads: int | None = None  # torch CPU threads (ivlib.threads); None: torch's own
     results: str = "results/runs.jsonl"
     save_vectors: str | None = None
     load_vectors: str | None = None
@@ -208,6 +210,7 @@ class Experiment:
         if spec.quiet or not dist.is_main():  # with several processes only the main one reports progress
             _silence_libraries()
         self._check_protocol()
+        spec.threads = use_threads(spec.threads)  # checked like a flag, applied before any compute
         self.values = self._given_settings()
         self.config = load_config(spec.config)
         self.model_entry = lookup(self.config.models, "model", spec.model)
@@ -560,6 +563,7 @@ class Experiment:
             "batch_size_requested": spec.batch_size,
             "device": str(self.device),
             **({"n_processes": dist.world_size()} if dist.active() else {}),  # absent with one: records as before
+            **({"threads": spec.threads} if spec.threads is not None else {}),  # only when given: records as before
             "dtype": str(lm.dtype).removeprefix("torch."),
             "device_map": spec.device_map,
             "model_source": lm.source,
