@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import distributed as dist
 from .errors import Parser, Terminated, UsageError
@@ -19,6 +20,9 @@ from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
 from .settings import Setting
 from .threads import THREADS
+
+if TYPE_CHECKING:
+    import torch
 
 ANALYSIS = ("select", "report")  # read results files; no model involved
 SUBCOMMANDS = (*ANALYSIS, "methods")
@@ -278,25 +282,53 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(build_parser().parse_args(argv), argv)
         experiment = Experiment(spec)
         run(spec, experiment)
-    except UsageError as exc:  # raised alike on every process (the same flags): printed once
-        if dist.is_main():
+        dist.finish(lambda: _process_device(experiment))
+    except UsageError as exc:  # one process: one line; several: this process's error joins the others'
+        if experiment is not None and dist.active():
+            try:
+                dist.fail_together(exc, lambda: _process_device(experiment))
+            except dist.RunFailed as failed:
+                return _run_failed(failed, experiment)
+        if dist.is_main():  # the flags themselves (the same on every process): printed once
             print(f"{program()}: error: {exc}", file=sys.stderr)
         return 2
     except dist.RunFailed as exc:  # several processes, one of them failed: every process raises it together
-        if dist.is_main():
-            print(f"{program()}: error: {exc}; {_written(experiment)}", file=sys.stderr, flush=True)
-        dist.settle()
-        return 2 if exc.usage else 1
+        return _run_failed(exc, experiment)
     except (KeyboardInterrupt, Terminated) as exc:
         if dist.is_main():
             print(_interrupted(experiment, isinstance(exc, Terminated)), file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:  # a crash: its traceback here, and with several processes its line from rank 0
+        if experiment is None or not dist.active():
+            raise
+        traceback.print_exc()
+        try:
+            dist.fail_together(exc, lambda: _process_device(experiment))
+        except dist.RunFailed as failed:
+            return _run_failed(failed, experiment)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _run_failed(exc: dist.RunFailed, experiment: Experiment | None) -> int:
+    """Every process raised `RunFailed` from one exchange: the main one prints its line, all wait for it."""
+    if dist.is_main():
+        print(f"{program()}: error: {exc}; {_written(experiment)}", file=sys.stderr, flush=True)
+    dist.settle()
+    return 2 if exc.usage else 1
+
+
+def _process_device(experiment: Experiment) -> torch.device:
+    """This process's device (whose backend the process group uses), also before `load` chose it."""
+    from .models import resolve_device
+
+    device = getattr(experiment, "device", None)
+    return device if device is not None else resolve_device(dist.gpu_index(experiment.spec.gpu))
 
 
 def _written(experiment: Experiment | None) -> str:
