@@ -206,14 +206,19 @@ def load_state(path: str, expect: dict[str, Any]) -> tuple[dict[str, torch.Tenso
     run's identity: method, model name and fingerprint, task, labels, layout)."""
     tensors, meta = _open(path, tensors=True)
     check_own_metadata(path, tensors, meta)
-    for key in MATCH_KEYS:
-        if key == "task":  # the model's name matched: then the model itself, before anything it implies
-            check_same_model(path, meta, expect)
+    named, implied = MATCH_KEYS[:2], MATCH_KEYS[2:]  # (method, model), then what the model and task imply
+    _check_keys(path, meta, expect, named)
+    check_same_model(path, meta, expect)  # the model itself, before its layers and width say less
+    _check_keys(path, meta, expect, implied)
+    return tensors, meta
+
+
+def _check_keys(path: str, meta: dict[str, Any], expect: dict[str, Any], keys: Iterable[str]) -> None:
+    for key in keys:
         if key in expect and meta.get(key) != expect[key]:
             raise UsageError(
                 f"--load-vectors '{path}' was fitted with {key}={meta.get(key)!r}; this run has {expect[key]!r}"
             )
-    return tensors, meta
 
 
 def check_same_model(path: str, meta: dict[str, Any], expect: dict[str, Any]) -> None:
