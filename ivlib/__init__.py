@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         fit,
         load,
         load_task,
+        protocol_for,
         sample_episodes,
         save,
         steer,
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
         wrap,
     )
     from .methods import METHODS, Method, get_method
+    from .protocol import Protocol
+    from .templates import Template
 
 _FROM_API = (
     "Evaluation",
@@ -45,6 +48,7 @@ _FROM_API = (
     "fit",
     "load",
     "load_task",
+    "protocol_for",
     "sample_episodes",
     "save",
     "steer",
@@ -53,6 +57,7 @@ _FROM_API = (
     "wrap",
 )
 _FROM_METHODS = ("METHODS", "Method", "get_method")
+_CLASSES = {"Protocol": "protocol", "Template": "templates"}  # the value types a protocol is made of
 
 
 def __getattr__(name: str) -> Any:
@@ -64,6 +69,10 @@ def __getattr__(name: str) -> Any:
         from . import methods
 
         return getattr(methods, name)
+    if name in _CLASSES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_CLASSES[name]}", __name__), name)
     raise AttributeError(f"module 'ivlib' has no attribute {name!r}")
 
 
@@ -71,6 +80,8 @@ __all__ = [
     "METHODS",
     "Evaluation",
     "Method",
+    "Protocol",
+    "Template",
     "UsageError",
     "__version__",
     "batch",
@@ -81,6 +92,7 @@ __all__ = [
     "get_method",
     "load",
     "load_task",
+    "protocol_for",
     "sample_episodes",
     "save",
     "steer",

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import experiment
+from . import budget, experiment, templates
 from .config import load_config, lookup
 from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
@@ -29,10 +29,12 @@ from .layout import discover_layout
 from .methods import METHODS, Method, get_method
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, PromptEncoder, collate
+from .protocol import Protocol
 from .scoring import Scorer
 from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import ROLES, Split, Task, _carve
 from .tasks import load_task as _load_task_entry
+from .templates import Template
 
 _P = experiment.PROTOCOL_BY_NAME  # the protocol's declared settings: their defaults and checks are the CLI's
 DEFAULT_STREAMS = {"train": "extract", "validation": "eval", "test": "eval"}
@@ -162,9 +164,17 @@ def sample_episodes(
     return _sample(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
 
 
-def encoder(lm: LoadedModel, task: Task, max_example_tokens: int = _P["max_example_tokens"].default) -> PromptEncoder:
-    """The prompt encoder of a model and task (BOS, truncation, the labels' first tokens)."""
-    return PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, _P["max_example_tokens"].check(max_example_tokens))
+def encoder(
+    lm: LoadedModel,
+    task: Task,
+    max_example_tokens: int = _P["max_example_tokens"].default,
+    template: str | Template | None = None,
+) -> PromptEncoder:
+    """The prompt encoder of a model and task (template, BOS, truncation, the labels' tokens); `template`
+    as `ivlib.protocol` takes it (default: the task entry's, else IV's)."""
+    written = template if isinstance(template, Template) else templates.resolve(template, task.prompt, task.name)
+    checked = _P["max_example_tokens"].check(max_example_tokens)
+    return PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, checked, written)
 
 
 def encode(
@@ -230,13 +240,62 @@ def _build(method: Method | str, settings: dict[str, Any], seed: int) -> Method:
         raise UsageError(str(exc)) from None
 
 
-def _scorer(lm: LoadedModel, task: Task, enc: PromptEncoder, batch_size: int | str, progress: bool) -> Scorer:
-    return experiment.make_scorer(lm, task, enc, _P["batch_size"].check(batch_size), quiet=not progress)
+def _scorer(
+    lm: LoadedModel, task: Task, enc: PromptEncoder, batch_size: int | str, progress: bool, protocol: Protocol
+) -> Scorer:
+    return experiment.make_scorer(lm, task, enc, _P["batch_size"].check(batch_size), not progress, protocol)
 
 
-def _check_task(cls: type[Method], task: Task) -> None:
-    if task.multiple_choice and not cls.supports_multiple_choice:
-        raise UsageError(f"method '{cls.name}' does not apply to multiple-choice task '{task.name}'")
+def protocol_for(
+    task: Task,
+    *,
+    shot: int = _P["shot"].default,
+    demos: str = _P["demos"].default,
+    demo_order: str = _P["demo_order"].default,
+    template: str | Template | None = None,
+    score: str | None = None,
+    metric: str = _P["metric"].default,
+    max_new_tokens: int | None = None,
+) -> Protocol:
+    """How the task's queries are posed and judged, checked as the CLI checks its flags: `shot`
+    (= --shot), `demos` ("episodic" or "fixed"), `demo_order` ("shuffled" or "class"), `template` (a
+    built-in name, a family such as "dt", a YAML file or a `Template`; default: the task entry's, else
+    IV's), `score` (first-token, full, full-mean, vocab, generate; default: the task kind's own),
+    `metric` (what a method selecting on validation maximises: macro or accuracy)."""
+    return Protocol.build(
+        shot=shot,
+        demos=demos,
+        demo_order=demo_order,
+        template=template,
+        score=score,
+        metric=metric,
+        max_new_tokens=max_new_tokens,
+        task=task.name,
+        task_entry=task.prompt,
+    )
+
+
+def _posed(given: Protocol | None, task: Task, values: dict[str, Any]) -> Protocol:
+    """The protocol given, or one built from the protocol arguments (never both)."""
+    if given is None:
+        return protocol_for(task, **values)
+    if not isinstance(given, Protocol):
+        raise UsageError(f"protocol {given!r}: accepted: an ivlib.Protocol (ivlib.protocol_for(task, ...))")
+    changed = sorted(k for k, v in values.items() if v != PROTOCOL_DEFAULTS[k])
+    if changed:
+        raise UsageError(f"protocol given with {changed[0]}= as well; accepted: one of the two")
+    return given
+
+
+PROTOCOL_DEFAULTS: dict[str, Any] = {
+    "shot": _P["shot"].default,
+    "demos": _P["demos"].default,
+    "demo_order": _P["demo_order"].default,
+    "template": None,
+    "score": None,
+    "metric": _P["metric"].default,
+    "max_new_tokens": None,
+}
 
 
 def fit(
@@ -253,65 +312,75 @@ def fit(
     max_example_tokens: int = _P["max_example_tokens"].default,
     demos: str = _P["demos"].default,
     demo_order: str = _P["demo_order"].default,
+    template: str | Template | None = None,
+    score: str | None = None,
+    metric: str = _P["metric"].default,
+    protocol: Protocol | None = None,
     progress: bool = False,
     **settings: Any,
 ) -> Method:
     """Fit a method (a `Method`, or a name and its settings) on the task's train split, as the CLI does.
 
-    The protocol arguments mean what the CLI's flags mean (`ext_shot` = -s, `episodes` = -e, `shot`
-    and `select_episodes` for methods that select on validation, `demos` = --demos: with "fixed" the
-    selection's queries get the evaluation's one demonstration set); the fitted method is returned,
-    with `fit_info` (what a record's `fit` says) set. A method built by name takes `seed` as the CLI's
-    does (FV: which labels its trials shuffle); a built one keeps its own.
+    The arguments mean what the CLI's flags mean (`ext_shot` = -s, `episodes` = -e, `select_episodes`
+    for methods that select on validation); the protocol (`shot`, `demos`, `demo_order`, `template`,
+    `score`, `metric`, or a whole `protocol` from `ivlib.protocol_for`) is the one the method will be
+    evaluated under: its selection prompts are written and judged that way, and its fitted state
+    records it. The fitted method is returned, with `fit_info` (what a record's `fit` says) set. A
+    method built by name takes `seed` as the CLI's does (FV: which labels its trials shuffle); a built
+    one keeps its own.
     """
     values = {
         "ext_shot": ext_shot,
         "episodes": episodes,
-        "shot": shot,
         "select_episodes": select_episodes,
         "seed": seed,
         "max_example_tokens": max_example_tokens,
     }
     values = {k: _P[k].check(v) for k, v in values.items()}
-    demos = _P["demos"].check(demos)
-    order: str = _P["demo_order"].check(demo_order)
+    posed = _posed(
+        protocol,
+        task,
+        {
+            "shot": shot,
+            "demos": demos,
+            "demo_order": demo_order,
+            "template": template,
+            "score": score,
+            "metric": metric,
+            "max_new_tokens": None,
+        },
+    )
     built = _build(method, settings, values["seed"])
     cls = type(built)
-    _check_task(cls, task)
-    if cls.needs_fit:
-        if values["ext_shot"] < 1:
-            raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
-        check_shots(task.splits["train"], "train", task.n_classes, values["ext_shot"], task.label_words, "ext_shot")
-    if cls.needs_validation:
-        check_shots(task.splits["validation"], "validation", task.n_classes, values["shot"], task.label_words, "shot")
-    _check_demos(cls, demos)
-    enc = encoder(lm, task, values["max_example_tokens"])
-    scorer = _scorer(lm, task, enc, batch_size, progress)
+    experiment.check_method_task(cls, task)
+    posed.check(cls, task.multiple_choice, METHODS)
+    if cls.needs_fit and values["ext_shot"] < 1:
+        raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
+    fitting = cls.needs_fit or cls.needs_validation
+    demo_set = experiment.check_data(task, cls, posed, "validation", values["seed"], fitting, values["ext_shot"])
+    enc = encoder(lm, task, values["max_example_tokens"], posed.template)
+    scorer = _scorer(lm, task, enc, batch_size, progress, posed)
     train, select = experiment.fit_episodes(
-        task,
-        cls,
-        values["ext_shot"],
-        values["episodes"],
-        values["shot"],
-        values["select_episodes"],
-        values["seed"],
-        demos if cls.needs_validation else "episodic",
-        demo_order=order,
+        task, cls, posed, values["ext_shot"], values["episodes"], values["select_episodes"], values["seed"], demo_set
     )
     checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
     if checked:
         built.check_prompts(scorer, [enc.encode(e) for e in checked])
-    if cls.needs_fit or cls.needs_validation:
-        built.fit(scorer, enc, train, select)
+    with budget.counting(lm.model) as count:
+        if fitting:
+            built.fit(scorer, enc, train, select)
+    built.fit_budget = (
+        experiment.fit_budget(built, train, select, count.tokens) if fitting else dict(experiment.NO_FIT_BUDGET)
+    )
     built.fit_info = experiment.fit_info(
         built,
+        posed,
+        task,
         values["ext_shot"],
         values["episodes"],
-        values["shot"],
         values["select_episodes"],
         values["seed"],
         values["max_example_tokens"],
-        demo_order=order,
     )
     return built
 
@@ -319,13 +388,15 @@ def fit(
 @dataclass
 class Evaluation:
     """One evaluation: `metrics` as a CLI record's (point values and bootstrap intervals), and per
-    episode the chosen answer, the true one and the answer scores [N, C]."""
+    episode the chosen answer (n_classes: none of them, under vocab and generate), the true one and the
+    answer scores [N, W] (the rule's rows, see `ivlib.rules`)."""
 
     metrics: dict[str, Any]
     predictions: np.ndarray
     labels: np.ndarray
     scores: torch.Tensor
     episodes: list[Episode] = field(repr=False, default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)  # what the fit and each query consumed (a record's)
 
 
 def evaluate(
@@ -341,57 +412,60 @@ def evaluate(
     max_example_tokens: int | None = None,
     demos: str = _P["demos"].default,
     demo_order: str = _P["demo_order"].default,
+    template: str | Template | None = None,
+    score: str | None = None,
+    max_new_tokens: int | None = None,
+    protocol: Protocol | None = None,
     progress: bool = False,
     **settings: Any,
 ) -> Evaluation:
     """Score `n` episodes of `split` with a fitted method (or a method that fits nothing, e.g. "icl").
 
-    The episodes and metrics are the CLI's for the same seed, split, shot, n, `demos` (= --demos:
-    "fixed" scores every query with one demonstration set, its prefix encoded once) and `demo_order`
-    (= --demo-order: "shuffled", or "class" as the IV release's 1-shot prompts). `max_example_tokens`
-    defaults to the one the method was fitted with (else the CLI's default).
+    The episodes and metrics are the CLI's for the same seed, split, n and protocol (`shot`, `demos`:
+    "fixed" scores every query with one demonstration set, its prefix encoded once; `demo_order`;
+    `template`; `score`; or a whole `protocol`). `max_example_tokens` defaults to the one the method
+    was fitted with (else the CLI's default).
     """
     built = _build(method, settings, seed)
     cls = type(built)
-    _check_task(cls, task)
     if split not in task.splits:
         raise UsageError(f"split '{split}' is not in task '{task.name}'; accepted: {', '.join(task.splits)}")
+    posed = _posed(
+        protocol,
+        task,
+        {
+            "shot": shot,
+            "demos": demos,
+            "demo_order": demo_order,
+            "template": template,
+            "score": score,
+            "metric": _P["metric"].default,
+            "max_new_tokens": max_new_tokens,
+        },
+    )
+    experiment.check_method_task(cls, task)
+    posed.check(cls, task.multiple_choice, METHODS)
     if not _fitted(built):
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
-    eval_shot = _P["shot"].check(shot) if cls.fixed_eval_shot is None else cls.fixed_eval_shot
-    if eval_shot < cls.min_shot:
-        raise UsageError(f"shot {shot} is too few for method '{cls.name}'; accepted: {cls.min_shot} or more")
     if max_example_tokens is None:
         max_example_tokens = (getattr(built, "fit_info", None) or {}).get(
             "max_example_tokens", _P["max_example_tokens"].default
         )
-    seed = _P["seed"].check(seed)
-    if task.multiple_choice and _P["demo_order"].check(demo_order) != _P["demo_order"].default:
-        raise UsageError(f"demo_order '{demo_order}' needs classes to sort by; accepted for multiple choice: shuffled")
-    fixed = _P["demos"].check(demos) == "fixed" and eval_shot > 0
-    if fixed:
-        _check_demos(cls, "fixed")
-        n = _P["eval_episodes"].check(n)
-        episodes = experiment.evaluation_episodes(
-            task, split, eval_shot, n, seed, experiment.demo_set(task, eval_shot, seed)
-        )
-    else:
-        episodes = sample_episodes(task, split, eval_shot, _P["eval_episodes"].check(n), seed, "eval")
-    episodes = in_order(episodes, demo_order)
-    enc = encoder(lm, task, max_example_tokens)
-    scorer = _scorer(lm, task, enc, batch_size, progress)
+    seed, n = _P["seed"].check(seed), _P["eval_episodes"].check(n)
+    demo_set = experiment.check_data(task, cls, posed, split, seed, False, 0)
+    drawn = experiment.evaluation_episodes(task, split, posed.eval_shot(cls), n, seed, demo_set, "eval")
+    episodes = in_order(drawn, posed.demo_order)
+    enc = encoder(lm, task, max_example_tokens, posed.template)
+    scorer = _scorer(lm, task, enc, batch_size, progress, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)
-    scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", fixed)
+    with budget.counting(lm.model) as count:
+        scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", posed.fixed(cls))
     labels = np.array([p.label for p in prompts])
     predictions = scorer.predictions(scores, prompts)
-    metrics = experiment.score_metrics(task, labels, predictions, scores, seed)
-    return Evaluation(metrics, predictions, labels, scores, episodes)
-
-
-def _check_demos(cls: type[Method], demos: str) -> None:
-    if demos == "fixed" and not cls.supports_fixed_demos:
-        raise UsageError(f"demos='fixed' does not apply to method '{cls.name}'; accepted: demos='episodic'")
+    metrics = experiment.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
+    spent = {**(built.fit_budget or experiment.NO_FIT_BUDGET), **experiment.eval_budget(episodes, count.tokens)}
+    return Evaluation(metrics, predictions, labels, scores, episodes, spent)
 
 
 def _fitted(method: Method) -> bool:
@@ -428,7 +502,8 @@ def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
     if info is None:
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit first")
     check_save_path(path)
-    save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info})
+    spent = method.fit_budget or experiment.UNKNOWN_FIT_BUDGET
+    save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info, "budget": spent})
 
 
 def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
@@ -451,6 +526,8 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
     tensors, meta = load_state(path, _identity(name, lm, task))
     method.restore(path, tensors, lm.layout, task.n_classes)
     method.fit_info = meta.get("fit") or {}
+    saved = meta.get("budget")
+    method.fit_budget = dict(saved) if isinstance(saved, dict) else dict(experiment.UNKNOWN_FIT_BUDGET)
     return method
 
 

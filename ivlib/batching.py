@@ -15,6 +15,7 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from . import budget
 from . import distributed as dist
 from .errors import UsageError
 from .hooks import watch_outputs
@@ -112,9 +113,12 @@ class BatchRunner:
         """This process's share of a split loop, then every process's result (see `distributed.share`).
         The processes then continue at the smallest batch size any of them reached, so they agree on
         it (and the record reports it). One process: `[work()]`."""
-        results = dist.share(lambda: (work(), self.batch_size), desc)
-        self.batch_size = min(size for _, size in results)
-        return [result for result, _ in results]
+        start = budget.counted()
+        results = dist.share(lambda: (work(), self.batch_size, budget.counted() - start), desc)
+        self.batch_size = min(size for _, size, _ in results)
+        mine = dist.rank()  # the others' shares of the split loop count as if run here (budget.py)
+        budget.add_elsewhere(sum(tokens for i, (_, _, tokens) in enumerate(results) if i != mine))
+        return [result for result, _, _ in results]
 
     def map(
         self,

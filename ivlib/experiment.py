@@ -25,22 +25,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, budget
 from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
-from .episodes import DEMO_ORDER, Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
+from .episodes import Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
 from .errors import UsageError
 from .fingerprint import model_fingerprint
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
-from .prompts import EncodedPrompt, PromptEncoder, split_prefix
+from .prompts import EncodedPrompt, PromptEncoder, option_lengths, split_prefix
+from .protocol import SETTINGS as PROTOCOL_SETTINGS
+from .protocol import Protocol
 from .results import append_record, check_writable, has_record, read_records, signals_held
+from .rules import Answers, make_rule
 from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
 from .settings import Setting, by_name
 from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import Task, load_task
+from .templates import IV
 from .threads import use_threads
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
@@ -51,7 +55,6 @@ SPLITS = ("validation", "test")
 # count is refused before anything is sampled instead of running out of memory while sampling.
 MAX_EPISODES = 1_000_000
 MEM_LIMIT = re.compile(r"^\d+(\.\d+)?\s*[KMG]i?B$", re.IGNORECASE)  # the units accelerate's max_memory reads
-DEMOS = ("episodic", "fixed")
 
 
 def parse_batch_size(text: str) -> int | str:
@@ -60,12 +63,12 @@ def parse_batch_size(text: str) -> int | str:
     return int(text)
 
 
-# The protocol's settings, shared by every method: the same declaration as a method's settings, so the
-# CLI derives their flags and checks the same way.
+# The run's settings shared by every method, then the protocol's (how a query is posed and judged,
+# `protocol.Protocol`): the same declaration as a method's settings, so the CLI derives their flags and
+# checks the same way.
 PROTOCOL = (
     Setting("ext_shot", int, 4, "extraction demonstrations per class (methods that fit)", low=0, short="-s"),
     Setting("episodes", int, 200, "extraction episodes, drawn from train", low=1, high=MAX_EPISODES, short="-e"),
-    Setting("shot", int, 1, "evaluation demonstrations per class", low=0),
     Setting("eval_episodes", int, 10_000, "evaluation episodes", low=1, high=MAX_EPISODES, short="-n"),
     Setting(
         "select_episodes",
@@ -89,18 +92,11 @@ PROTOCOL = (
     Setting(
         "max_example_tokens", int, 256, "each example's input is truncated so input + separator + label fit", low=8
     ),
-    Setting(
-        "demos",
-        str,
-        "episodic",
-        "evaluation demonstrations: drawn afresh for every query (episodic, the IV paper's protocol) or one set "
-        "of --shot per class from train for every query (fixed, Deep-Thinking's; the shared prefix is encoded once)",
-        choices=DEMOS,
-    ),
-    DEMO_ORDER,
+    *PROTOCOL_SETTINGS,
 )
 # protocol settings that define a fitted state: a loaded file's values become this run's
 PROTOCOL_FIT = ("ext_shot", "episodes", "select_episodes", "max_example_tokens")
+PROTOCOL_NAMES = frozenset(s.name for s in PROTOCOL_SETTINGS)  # checked by `Protocol.build`, once
 _P: dict[str, Setting] = by_name(PROTOCOL)
 PROTOCOL_BY_NAME: dict[str, Setting] = _P  # name -> the protocol's Setting (its default and check)
 
@@ -128,8 +124,12 @@ class RunSpec:
     seed: int = _P["seed"].default
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
-    demos: str = _P["demos"].default
+    demos: str = _P["demos"].default  # this and the four after it: the protocol (built once, in `prepare`)
     demo_order: str = _P["demo_order"].default
+    template: str | None = None
+    score: str | None = None
+    metric: str = _P["metric"].default
+    max_new_tokens: int | None = None
     gpu: int = -1
     no_half: bool = False
     device_map: str | None = None
@@ -169,18 +169,24 @@ class Experiment:
         self.fitted_with: dict[str, Any] | None = None  # the --load-vectors file's fitting settings
         self.fit_s = 0.0
         self.fit_info: dict[str, Any] = {}
-        self.demos: tuple[Example, ...] | None = None  # --demos fixed: the one evaluation set
+        self.fit_budget: dict[str, Any] = dict(NO_FIT_BUDGET)  # what the fit consumed (budget.py)
+        self.protocol: Protocol = Protocol()  # how queries are posed and judged; built by `prepare`
+        self.demos: tuple[Example, ...] | None = None  # --demos fixed: the run's one set, built once by `load`
 
     # ---- what the spec implies ---------------------------------------------------------------
     @property
+    def multiple_choice(self) -> bool:
+        """Known from the registry entry, before the data loads."""
+        return "multiple_choice" in self.task_entry
+
+    @property
     def eval_shot(self) -> int:
-        fixed = self.method_cls.fixed_eval_shot
-        return self.spec.shot if fixed is None else fixed
+        return self.protocol.eval_shot(self.method_cls)
 
     @property
     def fixed(self) -> bool:
         """--demos fixed with demonstrations to fix (zero-shot is the same under either protocol)."""
-        return self.spec.demos == "fixed" and self.eval_shot > 0
+        return self.protocol.fixed(self.method_cls)
 
     @property
     def fitting(self) -> bool:
@@ -191,15 +197,15 @@ class Experiment:
     def hyperparameters(self, method: Method) -> dict[str, Any]:
         """Everything that defines a run's setting, known before any compute (what --resume matches)."""
         cls, spec = self.method_cls, self.spec
+        protocol = self.protocol.fields(cls, self.multiple_choice)  # defaults absent: earlier records still match
         return {
             **method.hyperparameters(),
-            "shot": self.eval_shot,
+            "shot": protocol.pop("shot"),
             "ext_shot": spec.ext_shot if cls.needs_fit else None,
             "episodes": spec.episodes if cls.needs_fit else None,
             **({"select_episodes": spec.select_episodes} if cls.needs_validation else {}),
             "max_example_tokens": spec.max_example_tokens,
-            **({"demos": "fixed"} if self.fixed else {}),  # absent when episodic: earlier records still match
-            **demo_order_field(spec.demo_order, self.eval_shot),
+            **protocol,
         }
 
     # ---- step 1: every check that needs no model -----------------------------------------------
@@ -209,12 +215,14 @@ class Experiment:
         spec = self.spec
         if spec.quiet or not dist.is_main():  # with several processes only the main one reports progress
             _silence_libraries()
-        self._check_protocol()
+        self._check_run()
         spec.threads = use_threads(spec.threads)  # checked like a flag, applied before any compute
         self.values = self._given_settings()
         self.config = load_config(spec.config)
         self.model_entry = lookup(self.config.models, "model", spec.model)
         self.task_entry = lookup(self.config.tasks, "task", spec.task)
+        self.protocol = build_protocol(spec, spec.task, self.task_entry)
+        self.protocol.check(self.method_cls, self.multiple_choice, METHODS)
         check_writable(spec.results)
         if spec.log_samples:
             check_samples_dir(spec.results)
@@ -231,22 +239,16 @@ class Experiment:
         self.methods = [self._build(c) for c in combos]  # one per evaluation setting; the first is fitted
         return combos
 
-    def _check_protocol(self) -> None:
+    def _check_run(self) -> None:
+        """The run's own settings (the protocol's are checked when it is built)."""
         spec, cls = self.spec, self.method_cls
         if spec.split not in SPLITS:
             raise UsageError(f"split '{spec.split}' is not accepted; accepted: {', '.join(SPLITS)}")
         for setting in PROTOCOL:
-            setattr(spec, setting.name, setting.check(getattr(spec, setting.name)))
+            if setting.name not in PROTOCOL_NAMES:
+                setattr(spec, setting.name, setting.check(getattr(spec, setting.name)))
         if cls.needs_fit and spec.ext_shot < 1:
             raise UsageError(f"--ext-shot {spec.ext_shot} is out of range; accepted: an integer >= 1")
-        if self.eval_shot < cls.min_shot:
-            raise UsageError(
-                f"--shot {spec.shot} is too few for --method {cls.name}; accepted: --shot "
-                f"{cls.min_shot} or more with --method {cls.name}"
-            )
-        if self.fixed and not cls.supports_fixed_demos:
-            accepted = ", ".join(name for name, c in METHODS.items() if c.supports_fixed_demos)
-            raise UsageError(f"--demos fixed does not apply to --method {cls.name}; accepted with: {accepted}")
         if spec.mem_limit and not spec.device_map:
             raise UsageError("--mem-limit needs --device-map")
         if spec.mem_limit and not MEM_LIMIT.match(spec.mem_limit):
@@ -334,20 +336,20 @@ class Experiment:
                 setattr(spec, setting.name, fitted[setting.name])
             else:
                 self.values[setting.name] = fitted[setting.name]
-        self._check_selection_order(fitted)
+        self._check_fitted_protocol(fitted)
 
-    def _check_selection_order(self, fitted: dict[str, Any]) -> None:
-        """A state chosen on validation prompts (tv's layer, dt's steps) was chosen in one demonstration
-        order; evaluating it in the other would mix the two protocols in one record."""
-        if not self.method_cls.needs_validation:
-            return
-        chosen_with = fitted.get("demo_order", _P["demo_order"].default)
-        wanted = demo_order_field(self.spec.demo_order, self.spec.shot).get("demo_order", _P["demo_order"].default)
-        if wanted != chosen_with:
-            raise UsageError(
-                f"--load-vectors '{self.spec.load_vectors}' was selected on --demo-order {chosen_with} prompts; "
-                f"this command gives {self.spec.demo_order}; accepted: --demo-order {chosen_with}"
-            )
+    def _check_fitted_protocol(self, fitted: dict[str, Any]) -> None:
+        """A state was fitted on prompts of one template (and a selection judged by one rule and metric, in
+        one demonstration order); using it under another would mix two protocols in one record."""
+        wanted = self.protocol.fit_fields(self.method_cls, self.multiple_choice)
+        for key, flag in FITTED_PROTOCOL.items():
+            default = PROTOCOL_DEFAULTS[key]
+            was, now = fitted.get(key, default), wanted.get(key, default)
+            if was != now:
+                raise UsageError(
+                    f"--load-vectors '{self.spec.load_vectors}' was fitted with {flag} {was}; this command "
+                    f"gives {now}; accepted: {flag} {was}"
+                )
 
     def _fill_defaults(self) -> None:
         """Settings not given take the model entry's value where one is declared (unless a state file
@@ -398,27 +400,8 @@ class Experiment:
         spec, cls = self.spec, self.method_cls
         self.device = resolve_device(dist.gpu_index(spec.gpu))  # several processes: -g + LOCAL_RANK
         self.task = task = load_task(spec.task, self.task_entry)
-        if task.multiple_choice and not cls.supports_multiple_choice:
-            accepted = ", ".join(name for name, c in METHODS.items() if c.supports_multiple_choice)
-            raise UsageError(
-                f"--method {spec.method} does not apply to multiple-choice task '{spec.task}' "
-                f"(it steers towards class labels); accepted: {accepted}"
-            )
-        if task.multiple_choice and spec.demo_order != _P["demo_order"].default:
-            raise UsageError(
-                f"--demo-order {spec.demo_order} needs classes to sort by; multiple-choice task '{spec.task}' "
-                "has none; accepted: --demo-order shuffled"
-            )
-        if self.fixed:
-            self.demos = demo_set(task, self.eval_shot, spec.seed)
-        else:
-            check_shots(task.splits[spec.split], spec.split, task.n_classes, self.eval_shot, task.label_words, "--shot")
-        if self.fitting and cls.needs_fit:
-            check_shots(task.splits["train"], "train", task.n_classes, spec.ext_shot, task.label_words, "--ext-shot")
-        if self.fitting and cls.needs_validation and spec.demos == "fixed" and spec.shot > 0:
-            demo_set(task, spec.shot, spec.seed)  # the selection's demonstrations come from train: refused here
-        elif self.fitting and cls.needs_validation:
-            check_shots(task.splits["validation"], "validation", task.n_classes, spec.shot, task.label_words, "--shot")
+        check_method_task(cls, task)
+        self.demos = check_data(task, cls, self.protocol, spec.split, spec.seed, self.fitting, spec.ext_shot)
         dist.setup(self.device)  # joins the launcher's process group; nothing with one process
         t0 = time.perf_counter()
         self.lm = lm = dist.main_first(  # the first load may convert and cache a checkpoint: the others reuse it
@@ -434,15 +417,19 @@ class Experiment:
             )
         )
         self.load_s = time.perf_counter() - t0
-        self.encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, spec.max_example_tokens)
-        self.scorer = make_scorer(lm, task, self.encoder, spec.batch_size, quiet=spec.quiet or not dist.is_main())
+        self.encoder = PromptEncoder(
+            lm.tokenizer, task.label_words, lm.add_bos, spec.max_example_tokens, self.protocol.template
+        )
+        quiet = spec.quiet or not dist.is_main()
+        self.scorer = make_scorer(lm, task, self.encoder, spec.batch_size, quiet, self.protocol)
 
     # ---- step 3: episodes -------------------------------------------------------------------
     def sample(self) -> None:
         """The evaluation episodes and their prompts; methods refuse prompts they cannot run here."""
         spec, task = self.spec, self.task
-        drawn = evaluation_episodes(task, spec.split, self.eval_shot, spec.eval_episodes, spec.seed, self.demos)
-        self.eval_episodes = in_order(drawn, spec.demo_order)
+        demos = self.demos if self.fixed else None
+        drawn = evaluation_episodes(task, spec.split, self.eval_shot, spec.eval_episodes, spec.seed, demos)
+        self.eval_episodes = in_order(drawn, self.protocol.demo_order)
         self.prompts = [self.encoder.encode(e) for e in self.eval_episodes]
         self.methods[0].check_prompts(self.scorer, self.prompts)  # before the fit: a run that cannot finish won't start
 
@@ -452,13 +439,12 @@ class Experiment:
         return fit_episodes(
             self.task,
             self.method_cls,
+            self.protocol,
             spec.ext_shot,
             spec.episodes,
-            spec.shot,
             spec.select_episodes,
             spec.seed,
-            spec.demos,
-            demo_order=spec.demo_order,
+            self.demos,
         )
 
     # ---- step 4: fit, or load a fitted state ----------------------------------------------------
@@ -483,14 +469,19 @@ class Experiment:
             tensors, meta = load_state(spec.load_vectors, self.identity)
             method.restore(spec.load_vectors, tensors, self.lm.layout, self.task.n_classes)
             self.fit_info = {"loaded_from": spec.load_vectors, "fitted_with": meta.get("fit"), **method.fit_summary()}
+            saved = meta.get("budget")
+            self.fit_budget = dict(saved) if isinstance(saved, dict) else dict(UNKNOWN_FIT_BUDGET)
         elif self.fitting:
             train, select = self.fit_episodes()
             t0 = time.perf_counter()
-            method.fit(self.scorer, self.encoder, train, select)
+            with budget.counting(self.lm.model) as count:
+                method.fit(self.scorer, self.encoder, train, select)
             self.fit_s = time.perf_counter() - t0
             self.fit_info = self._fit_info(method)
+            self.fit_budget = fit_budget(method, train, select, count.tokens)
             if spec.save_vectors:
-                path, state, meta = spec.save_vectors, method.state(), {**self.identity, "fit": self.fit_info}
+                path, state = spec.save_vectors, method.state()
+                meta = {**self.identity, "fit": self.fit_info, "budget": self.fit_budget}
                 with signals_held():  # a small file: saved, and known to be saved, before an interrupt lands
                     dist.together(lambda: save_state(path, state, meta) if dist.is_main() else None)
                     self.progress.vectors = spec.save_vectors
@@ -510,13 +501,13 @@ class Experiment:
         spec = self.spec
         return fit_info(
             method,
+            self.protocol,
+            self.task,
             spec.ext_shot,
             spec.episodes,
-            spec.shot,
             spec.select_episodes,
             spec.seed,
             spec.max_example_tokens,
-            demo_order=spec.demo_order,
         )
 
     # ---- step 5: evaluate and record ------------------------------------------------------------
@@ -524,12 +515,15 @@ class Experiment:
         """Score the evaluation prompts with one fitted method; the record, not yet written."""
         spec, task, scorer = self.spec, self.task, self.scorer
         t0 = time.perf_counter()
-        scores = score_prompts(method, scorer, self.prompts, f"{spec.method} eval ({spec.split})", self.fixed)
+        with budget.counting(self.lm.model) as count:
+            scores = score_prompts(method, scorer, self.prompts, f"{spec.method} eval ({spec.split})", self.fixed)
         eval_s = time.perf_counter() - t0
         y_true = np.array([p.label for p in self.prompts])
         y_pred = scorer.predictions(scores, self.prompts)
-        metrics = score_metrics(task, y_true, y_pred, scores, spec.seed)
-        answers = [f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else task.label_words
+        metrics = score_metrics(task, y_true, y_pred, scores, spec.seed, scorer, self.prompts)
+        answers = [f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else list(task.label_words)
+        if scorer.rule.can_say_none:
+            answers.append(NONE)
         fractions = np.round(np.bincount(y_pred, minlength=len(answers)) / len(y_pred), 4).tolist()
         now = datetime.now(UTC)
         record = {
@@ -541,9 +535,13 @@ class Experiment:
             "timing_s": {"load": round(self.load_s, 3), "fit": round(self.fit_s, 3), "eval": round(eval_s, 3)},
             "eval_episodes_per_s": round(spec.eval_episodes / eval_s, 3) if eval_s > 0 else None,
             "batch_size": scorer.runner.batch_size,  # after any out-of-memory halving
+            "budget": {**self.fit_budget, **eval_budget(self.eval_episodes, count.tokens)},
         }
         if spec.log_samples:  # written (atomically) before the record that points to it is appended
-            data = sample_lines(self.eval_episodes, y_pred, scores)
+            rule = scorer.rule
+            data = sample_lines(
+                self.eval_episodes, y_pred, scores[:, : rule.score_columns(task.n_classes)], rule.texts(scores)
+            )
             stem = samples_stem(spec.results, spec.model, spec.task, spec.method, spec.split, now)
             record["samples"] = dist.together(lambda: write_samples(spec.results, stem, data))
         return record
@@ -571,6 +569,7 @@ class Experiment:
             "layout": lm.layout.describe(),
             "add_bos": lm.add_bos,
             "label_words": task.label_words,
+            **({"template": self.protocol.template.definition()} if self.protocol.template != IV else {}),
             "task_kind": "multiple_choice" if task.multiple_choice else "classification",
             "task_provenance": task.provenance,
             "config_files": self.config.sources,
@@ -616,6 +615,31 @@ class Experiment:
         return " ".join([self.spec.method, *(f"{s.label}={hp[s.name]}" for s in varied)])
 
 
+# protocol keys a fitted state records (`Protocol.fit_fields`), with their flags and default values
+FITTED_PROTOCOL = {"template": "--template", "scoring": "--score", "metric": "--metric", "demo_order": "--demo-order"}
+PROTOCOL_DEFAULTS = {
+    "template": IV.key,
+    "scoring": "(the task's own rule)",
+    "metric": _P["metric"].default,
+    "demo_order": _P["demo_order"].default,
+}
+
+
+def build_protocol(spec: Any, task: str, task_entry: dict[str, Any] | None) -> Protocol:
+    """The run's protocol from a spec's (or the API's) values: the one place both build it."""
+    return Protocol.build(
+        shot=spec.shot,
+        demos=spec.demos,
+        demo_order=spec.demo_order,
+        template=spec.template,
+        score=spec.score,
+        metric=spec.metric,
+        max_new_tokens=spec.max_new_tokens,
+        task=task,
+        task_entry=task_entry,
+    )
+
+
 def demo_set(task: Task, shot: int, seed: int) -> tuple[Example, ...]:
     """--demos fixed: the run's one demonstration set, from train, never a text of validation or test."""
     avoid = {t for name in SPLITS for t in task.splits[name].texts}
@@ -643,46 +667,89 @@ def fixed_scores(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], d
 
 
 # ---- the steps' pieces that need no spec: the Python API (ivlib.api) calls these too, so an API run
-# sees the same episodes, fits the same state and computes the same metrics as the CLI's
-def make_scorer(lm: LoadedModel, task: Task, encoder: PromptEncoder, batch_size: int | str, quiet: bool) -> Scorer:
-    """The scorer of a run (CLI or API alike): label collisions refused, and --batch-size auto's first try
-    (halved on out-of-memory from there)."""
-    if not task.multiple_choice:
+# sees the same checks and episodes, fits the same state and computes the same metrics as the CLI's
+NONE = "(none)"  # predicted_fraction's key for answers that are none of the labels (vocab, generate)
+
+
+def check_method_task(cls: type[Method], task: Task) -> None:
+    """Refuse a method on a task kind it cannot run (steering towards class labels on multiple choice)."""
+    if task.multiple_choice and not cls.supports_multiple_choice:
+        accepted = ", ".join(name for name, c in METHODS.items() if c.supports_multiple_choice)
+        raise UsageError(
+            f"--method {cls.name} does not apply to multiple-choice task '{task.name}' "
+            f"(it steers towards class labels); accepted: {accepted}"
+        )
+
+
+def check_data(
+    task: Task, cls: type[Method], protocol: Protocol, split: str, seed: int, fitting: bool, ext_shot: int
+) -> tuple[Example, ...] | None:
+    """Refuse shot counts the splits cannot serve, before the model loads; the run's one fixed
+    demonstration set (--demos fixed), built here once for evaluation and selection alike, else None."""
+    selecting = fitting and cls.needs_validation
+    shared = protocol.one_set and (protocol.fixed(cls) or selecting)
+    demos = demo_set(task, protocol.shot, seed) if shared else None  # from train: refused here if too few
+    if not protocol.fixed(cls):
+        shot = protocol.eval_shot(cls)
+        check_shots(task.splits[split], split, task.n_classes, shot, task.label_words, "--shot")
+    if fitting and cls.needs_fit:
+        check_shots(task.splits["train"], "train", task.n_classes, ext_shot, task.label_words, "--ext-shot")
+    if selecting and demos is None:
+        check_shots(task.splits["validation"], "validation", task.n_classes, protocol.shot, task.label_words, "--shot")
+    return demos
+
+
+def make_scorer(
+    lm: LoadedModel,
+    task: Task,
+    encoder: PromptEncoder,
+    batch_size: int | str,
+    quiet: bool,
+    protocol: Protocol | None = None,
+) -> Scorer:
+    """The scorer of a run (CLI or API alike): the protocol's scoring rule and headline metric, label
+    collisions refused where first tokens are compared, and --batch-size auto's first try (halved on
+    out-of-memory from there)."""
+    protocol = protocol or Protocol()
+    name = protocol.rule(task.multiple_choice)
+    if not task.multiple_choice and name in ("first-token", "vocab"):
         encoder.check_label_collisions()
+    answers = Answers(tuple(task.label_words), tuple(encoder.label_ids), tuple(tuple(t) for t in encoder.label_tokens))
+    rule = make_rule(name, answers, lm.tokenizer, protocol.template.stop, protocol.max_new_tokens)
     auto = batch_size == "auto"
     start = (AUTO_GPU_START if lm.device.type == "cuda" else AUTO_CPU) if auto else int(batch_size)
-    return Scorer(lm, encoder.label_ids, start, quiet, shrink_on_oom=auto)
+    scorer = Scorer(lm, encoder.label_ids, start, quiet, shrink_on_oom=auto, rule=rule)
+    scorer.metric = protocol.metric
+    return scorer
 
 
 def fit_episodes(
     task: Task,
     cls: type[Method],
+    protocol: Protocol,
     ext_shot: int,
     episodes: int,
-    shot: int,
     select_episodes: int,
     seed: int,
-    demos: str = "episodic",
-    demo_order: str = DEMO_ORDER.default,
+    demos: tuple[Example, ...] | None = None,
 ) -> tuple[list[Episode], list[Episode] | None]:
     """(training episodes, validation episodes to select on) of the method's declared needs.
 
-    The validation episodes are evaluation prompts: under --demos fixed their queries get the
-    evaluation's one set (a method selects for the set it is evaluated with), and they take
-    `demo_order`. Training episodes stay episodic and shuffled: they are what a method learns from
-    (the IV release orders only its 1-shot evaluation prompts)."""
+    The validation episodes are evaluation prompts: under --demos fixed their queries get the run's
+    one set `demos` (a method selects for the set it is evaluated with), and they take the protocol's
+    demonstration order. Training episodes stay episodic and shuffled: they are what a method learns
+    from (the IV release orders only its 1-shot evaluation prompts)."""
     train = (
         sample_episodes(task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract")
         if cls.needs_fit
         else []
     )
-    fixed = demo_set(task, shot, seed) if demos == "fixed" and shot > 0 else None
-    select = (
-        in_order(evaluation_episodes(task, "validation", shot, select_episodes, seed, fixed, "select"), demo_order)
-        if cls.needs_validation
-        else None
-    )
-    return train, select
+    if not cls.needs_validation:
+        return train, None
+    if protocol.one_set and demos is None:
+        demos = demo_set(task, protocol.shot, seed)
+    drawn = evaluation_episodes(task, "validation", protocol.shot, select_episodes, seed, demos, "select")
+    return train, in_order(drawn, protocol.demo_order)
 
 
 def evaluation_episodes(
@@ -697,7 +764,7 @@ def evaluation_episodes(
 
 
 def score_prompts(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], desc: str, fixed: bool) -> torch.Tensor:
-    """[N, C] evaluation scores; prompts sharing fixed demonstrations share one encoded prefix where
+    """[N, W] evaluation scores; prompts sharing fixed demonstrations share one encoded prefix where
     the method declares that exact (`caches_fixed_prefix`)."""
     if fixed and type(method).caches_fixed_prefix:
         return fixed_scores(method, scorer, prompts, desc)
@@ -706,15 +773,16 @@ def score_prompts(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], 
 
 def fit_info(
     method: Method,
+    protocol: Protocol,
+    task: Task,
     ext_shot: int,
     episodes: int,
-    shot: int,
     select_episodes: int,
     seed: int,
     max_example_tokens: int,
-    demo_order: str = DEMO_ORDER.default,
 ) -> dict[str, Any]:
-    """The record's (and the state file's) account of a fit: its settings, then what it chose."""
+    """The record's (and the state file's) account of a fit: its settings, the protocol it was fitted
+    under (a load must match it), then what it chose."""
     cls = type(method)
     evaluated = {s.name for s in cls.eval_settings()}
     return {
@@ -722,27 +790,63 @@ def fit_info(
         "seed": seed,
         "max_example_tokens": max_example_tokens,
         **{k: v for k, v in method.hyperparameters().items() if k not in evaluated},
-        **({"select_episodes": select_episodes, "select_shot": shot} if cls.needs_validation else {}),
-        **(demo_order_field(demo_order, shot) if cls.needs_validation else {}),
+        **({"select_episodes": select_episodes, "select_shot": protocol.shot} if cls.needs_validation else {}),
+        **protocol.fit_fields(cls, task.multiple_choice),
         **method.fit_summary(),
     }
 
 
-def demo_order_field(order: str, shot: int) -> dict[str, str]:
-    """`{"demo_order": ...}` for a record or fit, only when it can matter and is not the default:
-    records made before the setting existed (all shuffled) keep matching --resume and select, and
-    prompts without demonstrations have no order."""
-    return {"demo_order": order} if order != DEMO_ORDER.default and shot > 0 else {}
+NO_FIT_BUDGET = {"fit_examples": 0, "selection_examples": 0, "fit_tokens": 0}  # a method that fits nothing
+UNKNOWN_FIT_BUDGET = {"fit_examples": None, "selection_examples": None, "fit_tokens": None}  # an older state file
 
 
-def score_metrics(task: Task, y_true: np.ndarray, y_pred: np.ndarray, scores: Any, seed: int) -> dict[str, Any]:
-    """The record's `metrics`: F1s (or for multiple choice accuracies) with bootstrap intervals."""
-    if task.multiple_choice:  # length-normalised (per token) is the headline; the raw sum beside it
+def fit_budget(method: Method, train: list[Episode], select: list[Episode] | None, tokens: int) -> dict[str, Any]:
+    """What a fit consumed: distinct labeled examples (its own and its selection's) and token positions."""
+    labeled = method.labeled_examples(train, select)
+    return {"fit_examples": labeled["fit"], "selection_examples": labeled["selection"], "fit_tokens": tokens}
+
+
+def eval_budget(episodes: list[Episode], tokens: int) -> dict[str, Any]:
+    """What each evaluation query consumed: the labeled demonstrations it was shown, token positions."""
+    return {
+        "demonstrations_per_query": budget.per_query(episodes),
+        "tokens_per_query": round(tokens / max(len(episodes), 1), 1),
+    }
+
+
+def score_metrics(
+    task: Task,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    scores: Any,
+    seed: int,
+    scorer: Scorer | None = None,
+    prompts: list[EncodedPrompt] | None = None,
+) -> dict[str, Any]:
+    """The record's `metrics`: F1s (or for multiple choice accuracies) with bootstrap intervals; under
+    a whole-answer rule also the other normalisation's (`_sum` or `_mean`: the sum and the per-token
+    mean are both recorded, the headline by the rule)."""
+    rule = scorer.rule.name if scorer is not None else None
+    if task.multiple_choice:  # length-normalised (per token) is the headline unless the rule is `full`
+        other = y_pred_other = None
+        if scorer is not None and prompts is not None:
+            lengths = option_lengths(prompts).clamp(min=1).to(scores.dtype)
+            by_mean = (scores / lengths).argmax(dim=-1).numpy()
+            by_sum = scores.argmax(dim=-1).numpy()
+            other, y_pred_other = ("accuracy_mean", by_mean) if rule == "full" else ("accuracy_sum", by_sum)
+        else:
+            other, y_pred_other = "accuracy_sum", scores.argmax(dim=-1).numpy()
         return {
             "accuracy": bootstrap_accuracy(y_true, y_pred, seed=seed),
-            "accuracy_sum": bootstrap_accuracy(y_true, scores.argmax(dim=-1).numpy(), seed=seed),
+            other: bootstrap_accuracy(y_true, y_pred_other, seed=seed),
         }
-    return bootstrap_f1(y_true, y_pred, task.n_classes, seed=seed)
+    metrics = bootstrap_f1(y_true, y_pred, task.n_classes, seed=seed)
+    if rule in ("full", "full-mean") and scorer is not None:
+        lengths = torch.tensor([len(t) for t in scorer.rule.answers.tokens], dtype=scores.dtype)
+        by_mean, by_sum = (scores / lengths).argmax(dim=-1).numpy(), scores.argmax(dim=-1).numpy()
+        suffix, other_pred = ("_mean", by_mean) if rule == "full" else ("_sum", by_sum)
+        metrics.update({k + suffix: v for k, v in bootstrap_f1(y_true, other_pred, task.n_classes, seed=seed).items()})
+    return metrics
 
 
 def _git_commit() -> str | None:

@@ -8,7 +8,7 @@ index tensors, so each layer's edit is one indexed add, with no Python loop over
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,24 @@ def write_at(
         hidden.index_put_((rows, cols), hidden[rows, cols] + add.to(hidden.device, hidden.dtype))
 
 
+_paused = [False]  # inside `prompt_edits_paused`: position edits and reads do nothing
+
+
+@contextmanager
+def prompt_edits_paused() -> Iterator[None]:
+    """Position edits and reads (`edit_outputs`, `edit_inputs`) skip the forwards run inside the block.
+
+    Their (row, col) positions are the prompt's: a forward the scorer runs afterwards over the
+    prompt's cache (a label's continuation under --score full, a decoding step under --score
+    generate) has other rows and columns, and an edit there would land on answer tokens, or out of
+    range. Edits of every position (`map_outputs`, I2CL's) are the model's own state and stay on."""
+    outer, _paused[0] = _paused[0], True
+    try:
+        yield
+    finally:
+        _paused[0] = outer
+
+
 class OutputSite:
     """What one hooked module does during a forward: an indexed replace or add, then a read."""
 
@@ -41,6 +59,8 @@ class OutputSite:
         self.value: torch.Tensor | None = None  # [N, D] float32 after the forward, if read
 
     def __call__(self, module: nn.Module, args, output):
+        if _paused[0]:
+            return output
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
         rows = self.rows.to(hidden.device, non_blocking=True)
         cols = self.cols.to(hidden.device, non_blocking=True)
@@ -153,6 +173,8 @@ class InputSite:
         self.value: torch.Tensor | None = None  # [N, F] float32 after the forward, if read
 
     def __call__(self, module: nn.Module, args):
+        if _paused[0]:
+            return args
         x = args[0]  # [B, T, F]
         rows, cols = self.rows.to(x.device), self.cols.to(x.device)
         if self.patch is not None:
@@ -203,6 +225,10 @@ class Edit:
     """What a method does to one forward: at (rows, cols) of `modules[l]`'s output, replace with
     `replace[l]` and/or add `add[l]` ([N, D]); `steady[l]` ([D]) is what it adds at every position
     when a caller steers a whole generation (None: the method has no such vector, e.g. TV replaces).
+    `transform(l, hidden)` (optional) maps `modules[l]`'s whole output to a new tensor of its shape,
+    every position of every forward, before the indexed edits: for an edit that depends on each
+    activation itself rather than on where it sits (ICV's norm-preserving shift), so it applies the
+    same way in `predict` and under `steering`, prompt and generated tokens alike.
 
     Methods build one (`Method.edit`) and use it in `predict` (`with edit.apply():`, positions
     relative to the batch); `steering` applies the same edit to a caller's `model(...)` or
@@ -215,10 +241,24 @@ class Edit:
     add: torch.Tensor | Sequence[torch.Tensor | None] | None = None
     replace: torch.Tensor | Sequence[torch.Tensor | None] | None = None
     steady: Sequence[torch.Tensor] | None = None
+    transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
     def apply(self) -> AbstractContextManager[list[OutputSite]]:
         """The edit on one forward over the whole batch (what `predict` runs)."""
-        return edit_outputs(self.modules, self.rows, self.cols, self.add, replace=self.replace)
+        if self.transform is None:
+            return edit_outputs(self.modules, self.rows, self.cols, self.add, replace=self.replace)
+        return _transformed(self)
+
+
+@contextmanager
+def _transformed(edit: Edit) -> Iterator[list[OutputSite]]:
+    """`edit.transform` on every position (installed first, so the indexed edits see its result), then the rest."""
+    assert edit.transform is not None
+    with (
+        map_outputs(edit.modules, edit.transform),
+        edit_outputs(edit.modules, edit.rows, edit.cols, edit.add, replace=edit.replace) as sites,
+    ):
+        yield sites
 
 
 class PositionClock:
@@ -303,7 +343,8 @@ def steering(
     model: nn.Module, edit: Edit, positions: bool = True, every_position: bool = False, n_rows: int | None = None
 ) -> Iterator[None]:
     """Apply `edit` to every forward of `model` inside the block: its (rows, cols) as absolute positions
-    of the sequence (if `positions`), and/or its steady vectors at every position (if `every_position`).
+    of the sequence (if `positions`), and/or its steady vectors at every position (if `every_position`);
+    its `transform`, if any, at every position of every forward either way.
     `n_rows`: the edit's batch size, so a forward that repeats each row k times edits every copy.
 
     The hooks are removed on exit, also when the block raises.
@@ -329,8 +370,9 @@ def steering(
         for i in range(n)
     ]
     handle = model.register_forward_pre_hook(clock, with_kwargs=True)
+    transform = map_outputs(edit.modules, edit.transform) if edit.transform is not None else nullcontext()
     try:
-        with _installed(edit.modules, sites, pre=False):
+        with transform, _installed(edit.modules, sites, pre=False):
             yield
     finally:
         handle.remove()

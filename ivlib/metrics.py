@@ -33,13 +33,17 @@ def _f1_from_counts(tp: np.ndarray, pred: np.ndarray, true: np.ndarray) -> dict[
 def _counts(
     y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """tp, predicted and true counts per class; `weights` [R, N] gives R bootstrap replicates."""
+    """tp, predicted and true counts per class; `weights` [R, N] gives R bootstrap replicates.
+
+    A prediction of `n_classes` is none of the classes (--score vocab or generate: another token or
+    text): a miss for the true class, predicted for no class, so it lowers recall and accuracy only."""
     if weights is None:
         tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
-        return tp, np.bincount(y_pred, minlength=n_classes), np.bincount(y_true, minlength=n_classes)
+        pred = np.bincount(y_pred, minlength=n_classes + 1)[:n_classes]
+        return tp, pred, np.bincount(y_true, minlength=n_classes)
     hit = (y_true == y_pred).astype(float)
     onehot_t = np.eye(n_classes)[y_true]  # [N, C]
-    onehot_p = np.eye(n_classes)[y_pred]
+    onehot_p = np.eye(n_classes + 1)[y_pred][:, :n_classes]  # "none" rows are all zero
     return weights @ (onehot_t * hit[:, None]), weights @ onehot_p, weights @ onehot_t
 
 
@@ -77,10 +81,10 @@ def bootstrap_f1(
     return out
 
 
-def selection_score(y_true: Labels, y_pred: Labels, n_classes: int, multiple_choice: bool) -> float:
-    """What a method maximises on validation: macro-F1 for classes, accuracy for multiple choice
-    (option positions are not classes, so their F1 has no meaning)."""
-    if multiple_choice:
+def selection_score(y_true: Labels, y_pred: Labels, n_classes: int, accuracy: bool) -> float:
+    """What a method maximises on validation: macro-F1, or accuracy (the protocol's headline; multiple
+    choice always, since option positions are not classes and their F1 has no meaning)."""
+    if accuracy:
         return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
     return f1_scores(y_true, y_pred, n_classes)["macro"]
 

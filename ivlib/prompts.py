@@ -17,12 +17,10 @@ import torch
 
 from .episodes import Episode, Example
 from .errors import UsageError
+from .templates import IV, Template
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding, PreTrainedTokenizerBase
-
-IO_SEP = "\n"
-EXAMPLE_SEP = "\n\n\n"
 
 
 @dataclass
@@ -78,79 +76,144 @@ def move_packed(tensors: dict[str, torch.Tensor], device: torch.device | str) ->
 
 
 class PromptEncoder:
-    """Tokenizes episodes; owns BOS, truncation and the label words' first tokens."""
+    """Tokenizes episodes in a template; owns BOS, truncation and the answers' tokens.
+
+    Where the query ends is decided here, per tokenizer (see `templates`): the template's answer
+    context (`Template.answer_context`, e.g. '\\nSentiment:') always ends it; the delimiter's trailing
+    spaces end it too when this tokenizer makes a space a token of its own, and otherwise begin the
+    answer (' positive'). Labels are tokenized after that context, as they follow the prompt.
+    """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, label_words: list[str], add_bos: bool, max_example_tokens: int = 256
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        label_words: list[str],
+        add_bos: bool,
+        max_example_tokens: int = 256,
+        template: Template = IV,
     ) -> None:
         self.tok = tokenizer
+        self.template = template
         self.label_words = label_words
         self.n_classes = len(label_words)
         self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         self.max_example_tokens = max_example_tokens
-        self.label_ids = [self._first_token_after_sep(w) for w in label_words]  # empty for multiple choice
-        self._label_len = max((len(self._tokenize(IO_SEP + w)["input_ids"]) for w in label_words), default=0)
-        if max_example_tokens <= self._label_len + 1:
+        self.anchor = template.answer_context
+        self.kept_space = self._kept_space(label_words or ["answer"])  # the delimiter's spaces in the prompt
+        self.answer_space = template.answer_space[len(self.kept_space) :]  # ...and those that begin the answer
+        self.label_tokens = [self._continuation(w, "label word") for w in label_words]  # empty for multiple choice
+        self.label_ids = [t[0] for t in self.label_tokens]
+        self._label_len = max(
+            (
+                len(self._tokenize(self.anchor + self.kept_space + self.answer_space + w)["input_ids"])
+                for w in label_words
+            ),
+            default=0,
+        )
+        self._head_len = len(self._tokenize(template.head)["input_ids"]) if template.head else 0
+        if max_example_tokens <= self._label_len + self._head_len + 1:
             raise UsageError(
-                f"--max-example-tokens {max_example_tokens} leaves no room for the input; accepted: > {self._label_len + 1}"
+                f"--max-example-tokens {max_example_tokens} leaves no room for the input; "
+                f"accepted: > {self._label_len + self._head_len + 1}"
             )
         self._trunc_cache: dict[str, str] = {}
 
     def _tokenize(self, text: str) -> BatchEncoding:
         return self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
 
-    def _first_token_after_sep(self, word: str) -> int:
-        enc = self._tokenize(IO_SEP + word)
-        for tid, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-            if end > len(IO_SEP):
-                return tid
-        raise UsageError(f"label word '{word}' produces no token")
+    def _kept_space(self, words: list[str]) -> str:
+        """The delimiter's trailing spaces that stay in the prompt: all of them when this tokenizer
+        makes them tokens of their own before every probe word (the model then predicts the word
+        after them), none when it writes a word with its leading space (' positive', one token: the
+        space is the answer's, and a prompt ending in a space would be a token the model never saw)."""
+        space = self.template.answer_space
+        if not space or self.template.keep_space:
+            return space
+        start = len(self.anchor) + len(space)  # where the word begins
+        for word in words:
+            offsets = self._tokenize(self.anchor + space + word)["offset_mapping"]
+            if not any(s >= len(self.anchor) and e <= start for s, e in offsets):
+                return ""
+        return space
+
+    def _continuation(self, text: str, what: str = "answer option") -> list[int]:
+        """Tokens of `text` as they follow the prompt: tokenized after the answer context, as the model
+        sees them in a demonstration. Where the tokenizer would merge the prompt's last characters into
+        the answer (a prompt ending in a space, `keep_space`, before a BPE word), the query's prompt
+        still ends there, so the answer is what follows it: the text tokenized alone (StaICC's labels);
+        elsewhere such a merge is refused, since the prompt's last token would then be one the
+        demonstrations never show."""
+        context = self.anchor + self.kept_space
+        enc = self._tokenize(context + self.answer_space + text)
+        ids, starts = [], []
+        for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if end > len(context):
+                ids.append(tid)
+                starts.append(start)
+        if ids and starts[0] < len(context) and self.template.keep_space:
+            ids = list(self._tokenize(self.answer_space + text)["input_ids"])
+        elif ids and starts[0] < len(context):
+            raise UsageError(
+                f"the tokenizer merges the end of the prompt {context!r} into the {what} {text!r}; "
+                f"accepted: a template whose delimiter ends where this tokenizer starts a token (e.g. a newline)"
+            )
+        if not ids:
+            raise UsageError(f"{what} {text!r} produces no token")
+        return ids
 
     def check_label_collisions(self) -> None:
-        """Two labels with one first token make one class unwinnable: refuse rather than mis-score."""
+        """Two labels with one first token make one class unwinnable when only first tokens are compared:
+        refuse rather than mis-score (--score full compares whole labels and accepts them)."""
         seen: dict[int, str] = {}
         for word, tid in zip(self.label_words, self.label_ids):
             if tid in seen:
                 piece = self.tok.convert_ids_to_tokens(tid)
                 raise UsageError(
                     f"labels '{seen[tid]}' and '{word}' share their first token {piece!r}; "
-                    "give distinct label_words in the task config"
+                    "give distinct label_words in the task config, or score whole labels with --score full"
                 )
             seen[tid] = word
 
     def truncate(self, text: str) -> str:
-        """Cut an input so input + separator + label fits `max_example_tokens`."""
+        """Cut an input so the example (template text, input, answer) fits `max_example_tokens`."""
         text = text.rstrip()
         cached = self._trunc_cache.get(text)
         if cached is not None:
             return cached
-        budget = self.max_example_tokens - self._label_len
+        budget = self.max_example_tokens - self._label_len - self._head_len
         enc = self._tokenize(text)
         out = text if len(enc["input_ids"]) <= budget else text[: enc["offset_mapping"][budget - 1][1]].rstrip()
         self._trunc_cache[text] = out
         return out
 
+    def query_context(self, example: Example) -> str:
+        """An example written up to its answer position (the query's whole text)."""
+        return self.template.context(self.truncate(example.text)) + self.kept_space
+
+    def demonstration(self, example: Example) -> str:
+        """An example written whole: its context, its answer and the separator after it."""
+        return self.query_context(example) + self.answer_space + self.answer_text(example) + self.template.separator
+
     def encode(self, episode: Episode) -> EncodedPrompt:
-        parts: list[str] = []
-        sep_chars: list[int] = []  # char index of the last char of each IO separator
+        parts: list[str] = [self.template.preamble]
+        sep_chars: list[int] = []  # char index of the last char before each answer (the answer position's)
         sep_class: list[int] = []
-        length = 0
+        length = len(self.template.preamble)
         for demo in episode.demos:
-            piece = self.truncate(demo.text) + IO_SEP
-            sep_chars.append(length + len(piece) - 1)
+            context = self.query_context(demo)
+            sep_chars.append(length + len(context) - 1)
             sep_class.append(demo.label)
-            piece += self.answer_text(demo) + EXAMPLE_SEP
+            piece = self.demonstration(demo)
             parts.append(piece)
             length += len(piece)
         query_char = length
-        piece = self.truncate(episode.query.text) + IO_SEP
+        piece = self.query_context(episode.query)
         sep_chars.append(length + len(piece) - 1)
         sep_class.append(self.n_classes)
         parts.append(piece)
         enc = self._tokenize("".join(parts))
         ends = [end for _, end in enc["offset_mapping"]]
-        # the token holding char c is the first whose end offset exceeds c
-        sep_pos = [bisect.bisect_right(ends, c) + len(self.bos) for c in sep_chars]
+        sep_pos = [_answer_position(ends, c) + len(self.bos) for c in sep_chars]
         ids = self.bos + list(enc["input_ids"])
         if sep_pos[-1] != len(ids) - 1:
             raise UsageError("the tokenizer merges the query's trailing separator; this tokenizer is not supported")
@@ -172,13 +235,14 @@ class PromptEncoder:
         """What follows a demonstration's separator: its label word, or its correct option."""
         return self.label_words[example.label] if example.options is None else example.options[example.label]
 
-    def _continuation(self, text: str) -> list[int]:
-        """Tokens of `text` as they follow the separator (tokenized in that context, as labels are)."""
-        enc = self._tokenize(IO_SEP + text)
-        ids = [tid for tid, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end > len(IO_SEP)]
-        if not ids:
-            raise UsageError(f"answer option {text!r} produces no token")
-        return ids
+
+def _answer_position(ends: list[int], char: int) -> int:
+    """The token that predicts what follows char `char` (the last of an answer context): the token
+    holding it (the first whose end offset exceeds it), or the one before when that token runs on into
+    the answer (a BPE word that took a demonstration's kept space, ' good'): reading or editing it would
+    read the answer itself."""
+    i = bisect.bisect_right(ends, char)
+    return i - 1 if i > 0 and i < len(ends) and ends[i] > char + 1 else i
 
 
 def _token_boundary(offsets: list[tuple[int, int]], char: int) -> int:

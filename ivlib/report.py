@@ -31,7 +31,8 @@ from .selection import (
     warn,
 )
 
-METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "sv", "i2cl", "site", "iv")  # the paper's, newer rivals before IV
+# the paper's, newer rivals before IV
+METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "sv", "i2cl", "site", "icv", "hc", "probe", "iv")
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
 DAGGER = "†"
@@ -338,6 +339,24 @@ def _unpaired(p: Pair) -> tuple[str, str, str]:
     return texts[0], texts[1], f"unpaired ({p.why}): {overlap}"
 
 
+def labeled(record: dict[str, Any]) -> int | None:
+    """Labeled examples a run's answers depend on: its fit's, its selection's and each query's
+    demonstrations (the record's `budget`); None for a record made before budgets were kept."""
+    spent = record.get("budget")
+    keys = ("fit_examples", "selection_examples", "demonstrations_per_query")
+    if not isinstance(spent, dict) or not all(isinstance(spent.get(k), int) for k in keys):
+        return None
+    return int(sum(spent[k] for k in keys))
+
+
+def budget_text(record: dict[str, Any]) -> str:
+    """`fit + selection + per query` labeled examples, e.g. `400 + 0 + 2/q`."""
+    spent = record.get("budget")
+    if labeled(record) is None or not isinstance(spent, dict):
+        return MISSING
+    return f"{spent['fit_examples']} + {spent['selection_examples']} + {spent['demonstrations_per_query']}/q"
+
+
 def paired_table(cells: list[Cell], pairs: list[Pair]) -> list[str]:
     """One model's table of each method minus the baseline (icl) on the same test episodes."""
     keys = {c.key for c in cells}
@@ -352,16 +371,19 @@ def paired_table(cells: list[Cell], pairs: list[Pair]) -> list[str]:
         f"{SIGNIFICANT} where the interval excludes zero; W/T/L: episodes only the method got right / "
         f"both or neither / only {BASELINE} got right; p: exact McNemar test on those discordant episodes. "
         "Runs without a samples log (`--log-samples`) are compared by their own intervals only: "
-        "a point difference, and whether the two intervals overlap.",
+        "a point difference, and whether the two intervals overlap. Labeled: the examples whose labels each "
+        "side used, fit + selection + demonstrations per query (the record's `budget`): a difference at "
+        "unequal budgets is not a difference of methods alone (README: reading a comparison at unequal budgets).",
         "",
-        _row(["Task", "Method", "Δ macro-F1", "Δ accuracy", "W/T/L", "McNemar p", "Basis"]),
-        _row(["---"] * 7),
+        _row(["Task", "Method", "Δ macro-F1", "Δ accuracy", "W/T/L", "McNemar p", "Labeled (method / icl)", "Basis"]),
+        _row(["---"] * 8),
     ]
     order = {m: i for i, m in enumerate(method_order(c.run.method for c in cells))}
     for p in sorted(mine, key=lambda p: (p.a.run.task, order[p.a.run.method])):
+        spent = f"{budget_text(p.a.run.record)} / {budget_text(p.b.run.record)}"
         if p.paired is None:
             macro, acc, basis = _unpaired(p)
-            lines.append(_row([p.a.run.task, p.a.run.method, macro, acc, MISSING, MISSING, basis]))
+            lines.append(_row([p.a.run.task, p.a.run.method, macro, acc, MISSING, MISSING, spent, basis]))
             continue
         r = p.paired
         lines.append(
@@ -373,6 +395,7 @@ def paired_table(cells: list[Cell], pairs: list[Pair]) -> list[str]:
                     _interval_text(r.accuracy),
                     f"{r.wins}/{r.ties}/{r.losses}",
                     f"{r.mcnemar_p:.3g}",
+                    spent,
                     p.why,
                 ]
             )
@@ -587,7 +610,21 @@ def _heatmap_panel(
     return image
 
 
-def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
+HATCHES = ("", "//", "..", "xx", "\\\\", "++")  # after the 20 colours run out: the same colours hatched
+
+
+def method_styles(methods: Iterable[str]) -> dict[str, tuple[Any, str]]:
+    """(colour, hatch) of every method label of a report, one apiece and the same in every plot:
+    the labels in the report's order take tab10's colours, then tab20's light ones, in turn (a protocol variant such as
+    `icl@fixed` is a label of its own, not its base method's colour), then the colours again hatched."""
+    plt = _pyplot()
+    strong, light = plt.get_cmap("tab10"), plt.get_cmap("tab20")
+    palette = [strong(i) for i in range(10)] + [light(2 * i + 1) for i in range(10)]  # 20, alike in no pair
+    labels = method_order(methods)
+    return {m: (palette[i % 20], HATCHES[(i // 20) % len(HATCHES)]) for i, m in enumerate(labels)}
+
+
+def plot_bars(model: str, cells: list[Cell], metric: str, path: Path, styles: dict[str, tuple[Any, str]]) -> None:
     """Test values per task, grouped by method, with the bootstrap interval as error bars."""
     import numpy as np
 
@@ -597,7 +634,6 @@ def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
     by_key = {(c.run.task, c.run.method): c.run for c in cells}
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(methods)) ** 0.5 + 2), 4.5))
-    colours = plt.get_cmap("tab10")
     for i, method in enumerate(methods):
         xs, heights, low, high = [], [], [], []
         for j, task in enumerate(tasks):
@@ -608,8 +644,8 @@ def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
             heights.append(100 * run.value)
             low.append(max(0.0, 100 * (run.value - run.ci_low)) if run.ci_low is not None else 0.0)
             high.append(max(0.0, 100 * (run.ci_high - run.value)) if run.ci_high is not None else 0.0)
-        colour = colours(METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER) + i)
-        ax.bar(xs, heights, width, yerr=np.array([low, high]), capsize=3, label=method, color=colour)
+        colour, hatch = styles[method]
+        ax.bar(xs, heights, width, yerr=np.array([low, high]), capsize=3, label=method, color=colour, hatch=hatch)
     crowded = len(tasks) > 3
     ax.set_xticks(range(len(tasks)), tasks, rotation=20 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel(f"test {metric} (%)")
@@ -621,6 +657,49 @@ def plot_bars(model: str, cells: list[Cell], metric: str, path: Path) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
+
+
+def plot_budgets(model: str, cells: list[Cell], metric: str, path: Path, styles: dict[str, tuple[Any, str]]) -> bool:
+    """Per task, each method's test value against the labeled examples it used (fit + selection +
+    each query's demonstrations; log scale, 0 drawn at the axis' start): where a method gains over
+    another by using many more labels, the plot shows it. False when no cell has a budget."""
+    plt = _pyplot()
+    tasks = sorted({c.run.task for c in cells if labeled(c.run.record) is not None})
+    if not tasks:
+        return False
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 2.2, 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for cell in (c for c in cells if c.run.task == task):
+            run, x = cell.run, labeled(cell.run.record)
+            if x is None:
+                continue
+            colour, hatch = styles[run.method]
+            low = 100 * (run.value - run.ci_low) if run.ci_low is not None else 0.0
+            high = 100 * (run.ci_high - run.value) if run.ci_high is not None else 0.0
+            marker = "o" if not hatch else "s"
+            ax.errorbar(
+                [max(x, 0.5)],
+                [100 * run.value],
+                yerr=[[max(low, 0.0)], [max(high, 0.0)]],
+                fmt=marker,
+                color=colour,
+                capsize=3,
+                label=run.method,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("labeled examples used (log; 0 drawn at 0.5)")
+        ax.set_ylabel(f"test {metric} (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+    seen: dict[str, Any] = {}
+    for a in axes[0]:
+        for h, n in zip(*a.get_legend_handles_labels()):
+            seen.setdefault(n, h)
+    axes[0][-1].legend(list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.suptitle(f"{model}: test {metric} (%) against labeled examples (fit + selection + per query)", fontsize=10)
+    _save(fig, path)
+    return True
 
 
 def plot_confusion(cell: Cell, words: list[str], matrix: Any, path: Path) -> None:
@@ -700,10 +779,15 @@ def write_report(
             plot_confusion(cell, *view, path)
             written.append(path)
     written += _heatmaps(scored, out, metric)
+    styles = method_styles(c.run.method for c in cells)  # one colour per method, the same in every plot
     for model in sorted({c.run.model for c in cells}):
+        mine = [c for c in cells if c.run.model == model]
         path = out / f"bars_{safe_name(model)}.png"
-        plot_bars(model, [c for c in cells if c.run.model == model], metric, path)
+        plot_bars(model, mine, metric, path, styles)
         written.append(path)
+        path = out / f"budget_{safe_name(model)}.png"
+        if plot_budgets(model, mine, metric, path, styles):
+            written.append(path)
     return written
 
 

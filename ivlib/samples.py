@@ -28,12 +28,16 @@ from .episodes import Episode
 from .errors import UsageError
 
 
-def sample_lines(episodes: Sequence[Episode], y_pred: np.ndarray, scores: Any) -> bytes:
-    """The file's contents: one JSON object per episode, in episode order."""
+def sample_lines(
+    episodes: Sequence[Episode], y_pred: np.ndarray, scores: Any, answers: Sequence[str] | None = None
+) -> bytes:
+    """The file's contents: one JSON object per episode, in episode order. `answers` (--score vocab or
+    generate) is what the model answered in words: the predicted token, or the decoded text; a
+    prediction of n_classes (`pred`) is then none of the labels."""
     table = np.asarray(scores.float().numpy() if hasattr(scores, "numpy") else scores, dtype=float)
     out = []
     for i, (ep, pred, row) in enumerate(zip(episodes, y_pred, table)):
-        line = {
+        line: dict[str, Any] = {
             "episode": i,
             "query_row": ep.query.index,
             "demo_rows": [d.index for d in ep.demos],
@@ -42,6 +46,8 @@ def sample_lines(episodes: Sequence[Episode], y_pred: np.ndarray, scores: Any) -
             "correct": bool(int(pred) == ep.query.label),
             "scores": [round(float(x), 6) for x in row],
         }
+        if answers is not None:
+            line["answer"] = answers[i]
         out.append(json.dumps(line, separators=(",", ":")))
     return ("\n".join(out) + "\n").encode()
 

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic_core import ErrorDetails
 
 from .errors import UsageError
+from .staicc import DATASETS as STAICC_DATASETS
+from .staicc import INSTALL as STAICC_INSTALL
+from .staicc import SplitMode
 
 Text = Annotated[StrictStr, Field(min_length=1)]
 Texts = Annotated[list[Text], Field(min_length=1)]
@@ -53,6 +56,15 @@ class MultipleChoice(_Strict):
     answer_base: Literal[0, 1] | None = None
 
 
+class TemplateEntry(_Strict):
+    name: Text | None = None
+    input: StrictStr
+    delimiter: StrictStr | None = None
+    separator: Annotated[StrictStr, Field(min_length=1)] | None = None
+    preamble: StrictStr | None = None
+    keep_space: StrictBool | None = None
+
+
 class TaskEntry(_Strict):
     dataset: Text | None = None
     subset: Text | None = None
@@ -64,6 +76,10 @@ class TaskEntry(_Strict):
     label_words: Annotated[list[Text], Field(min_length=2)] | None = None
     builtin: Text | None = None
     multiple_choice: MultipleChoice | None = None
+    template: Text | TemplateEntry | None = None
+    template_task: Text | None = None
+    staicc: Text | None = None
+    staicc_split: SplitMode | None = None
 
 
 # key -> what it accepts, as the error message (and README) says it
@@ -94,14 +110,24 @@ TASK_KEYS = {
     "(quote yes/no/on/off and numbers)",
     "builtin": "a task whose data ivlib generates itself (a string)",
     "multiple_choice": "{options: FIELD or [FIELDS], answer: FIELD, option_keys: FIELD, answer_base: 0 or 1}",
+    "template": "a template name (iv, dt, fv, ... or a family's form such as dt/sst2) or {input: 'Review: {text}"
+    "\\nSentiment:', delimiter, separator, preamble, keep_space}: the task's prompt unless --template is given",
+    "template_task": "the task a template family's forms know this one as (sst2, mr, agnews, trec, ...), a string",
+    "staicc": f"a dataset StaICC ships, one of {', '.join(STAICC_DATASETS)} (needs {STAICC_INSTALL})",
+    "staicc_split": "original (the hub's order and splits, missing ones carved) or benchmark (StaICC's own "
+    "calibration/demonstration/test split, as validation/train/test)",
 }
+STAICC_KEYS = ("staicc", "staicc_split", "splits", "label_words", "template", "template_task")  # a StaICC task's keys
 MC_KEYS = {
     "options": "a field or a list of fields (strings)",
     "answer": "the answer field (a string)",
     "option_keys": "the field of the options' keys (a string)",
     "answer_base": "0 or 1 (the index of the first option in a numeric answer)",
 }
-SOURCES = {"models": ("path", "package", "assemble", "builtin"), "tasks": ("dataset", "data_files", "builtin")}
+SOURCES = {
+    "models": ("path", "package", "assemble", "builtin"),
+    "tasks": ("dataset", "data_files", "builtin", "staicc"),
+}
 _SCHEMAS: dict[str, tuple[type[BaseModel], dict[str, str]]] = {
     "models": (ModelEntry, MODEL_KEYS),
     "tasks": (TaskEntry, TASK_KEYS),
@@ -142,4 +168,23 @@ def check_entry(kind: str, name: str, entry: dict[str, Any], path: str) -> None:
     if not any(key in entry for key in SOURCES[kind]):
         raise UsageError(
             f"config '{path}': {kind}.{name} has none of {', '.join(SOURCES[kind])}; accepted: one of them"
+        )
+    if kind == "tasks":
+        _check_staicc(name, entry, path)
+
+
+def _check_staicc(name: str, entry: dict[str, Any], path: str) -> None:
+    """A StaICC entry names a dataset StaICC ships and only the keys that apply to it (its data fixes
+    the columns, classes and source)."""
+    label = f"config '{path}': tasks.{name}"
+    if "staicc" not in entry:
+        if "staicc_split" in entry:
+            raise UsageError(f"{label}.staicc_split applies to StaICC tasks only; accepted: add staicc: DATASET")
+        return
+    if entry["staicc"] not in STAICC_DATASETS:
+        raise UsageError(f"{label}.staicc {_short(entry['staicc'])} is not accepted; accepted: {TASK_KEYS['staicc']}")
+    other = [key for key in entry if key not in STAICC_KEYS]
+    if other:
+        raise UsageError(
+            f"{label}: key '{other[0]}' does not apply to a StaICC task; accepted with staicc: {', '.join(STAICC_KEYS)}"
         )

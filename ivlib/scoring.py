@@ -18,10 +18,12 @@ import torch
 
 from .batching import BatchRunner
 from .errors import UsageError
-from .hooks import edit_inputs, stack_reads
+from .hooks import edit_inputs, prompt_edits_paused, stack_reads
 from .kvcache import expand_rows, repeated_with_room
+from .metrics import selection_score
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, collate, option_lengths
+from .rules import Answers, Rule, with_label_options
 
 LastTokenEdit = Callable[[torch.Tensor, torch.Tensor], AbstractContextManager]
 """An edit of each row's last token, given where that token sits in the forward about to run:
@@ -71,10 +73,19 @@ class Scorer:
     """
 
     def __init__(
-        self, lm: LoadedModel, label_ids: list[int], batch_size: int, quiet: bool = False, shrink_on_oom: bool = False
+        self,
+        lm: LoadedModel,
+        label_ids: list[int],
+        batch_size: int,
+        quiet: bool = False,
+        shrink_on_oom: bool = False,
+        rule: Rule | None = None,
     ):
         self.lm = lm
         self.label_ids = torch.tensor(label_ids, dtype=torch.long, device=lm.device)  # indexed every batch: moved once
+        # how the answer position becomes scores (--score); a bare scorer compares label first tokens
+        self.rule = rule or Rule("first-token", Answers((), tuple(label_ids)))
+        self.metric = "macro"  # what a method selecting on validation maximises (the protocol's headline)
         # the batched loop (progress, batch size, out-of-memory halving): policy, kept out of the forwards
         self.runner = BatchRunner(lm, self.batch, batch_size, quiet=quiet, shrink_on_oom=shrink_on_oom)
         self._keep_last = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
@@ -118,7 +129,7 @@ class Scorer:
             raise UsageError("a fit with gradients scores classification tasks only, not multiple choice")
         if not self._trainable or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             raise RuntimeError("differentiable_scores needs autograd: call it inside `with scorer.trainable():`")
-        return self._label_logprobs(self._last_logits(batch))
+        return self.label_logprobs(self._last_logits(batch))
 
     @contextlib.contextmanager
     def trainable(self) -> Iterator[None]:
@@ -183,7 +194,7 @@ class Scorer:
         past_mask = batch.attention_mask.new_ones(rows, prefix.length)
         mask = torch.cat([past_mask, batch.attention_mask], dim=1)
         positions = batch.position_ids + prefix.length
-        keep = batch.option_ids is not None  # the options run over the cache afterwards; labels need nothing kept
+        keep = self._continues(batch)  # answers run over the cache afterwards; first tokens need nothing kept
         logits, cache = self.encode(batch.input_ids, mask, positions, past=expand_rows(prefix.cache, rows, keep))
         return logits, cache, mask, positions
 
@@ -194,7 +205,7 @@ class Scorer:
         return edit(rows, batch.query_cols)
 
     def last_token_variants(self, batch: PromptBatch, edits: Sequence[LastTokenEdit]) -> torch.Tensor:
-        """[V, B, C] label log-probs of the same batch under V edits that touch only the last token."""
+        """[V, B, W] answer rows of the same batch under V edits that touch only the last token."""
         groups = self.last_token_groups(batch, [(1, edit) for edit in edits])
         return torch.stack([g[:, 0] for g in groups])
 
@@ -232,7 +243,7 @@ class Scorer:
                     **{self._cache_kwarg: caches[g]},
                 )
             caches[g].crop(-1)  # negative = tokens to remove: the next edit starts from the bare prefix
-            out.append(self._label_logprobs(step.logits[:, -1]).view(batch.input_ids.shape[0], g, -1))
+            out.append(self._search_scores(step.logits[:, -1]).view(batch.input_ids.shape[0], g, -1))
         return out
 
     def _repeated_cache(self, base, g: int):
@@ -246,7 +257,12 @@ class Scorer:
                 cache.batch_repeat_interleave(g)
         return cache
 
-    def _label_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+    def _search_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """A last-token search's rows: the rule's where the answer position decides it (first-token,
+        vocab), else the labels' first-token log-probs (their first C columns are those either way)."""
+        return self.rule.from_logits(logits) if self.rule.last_token else self.label_logprobs(logits)
+
+    def label_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """[N, V] next-token logits -> [N, C] float32 log-probabilities of each label's first token."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return logprobs[:, self.label_ids.to(logprobs.device)]
@@ -287,46 +303,94 @@ class Scorer:
     def _answer_scores(
         self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor, batch: PromptBatch
     ) -> torch.Tensor:
-        """Classification: each label's first-token log-prob. Multiple choice: each option's summed
-        continuation log-prob (-inf for a missing option), running the options over the prompt's cache
-        so the prompt is encoded once however many options there are."""
-        if batch.option_ids is None:
-            return self._label_logprobs(last_logits)
-        opt, lens = batch.option_ids, batch.option_lens  # [B, C, Lo], [B, C]
-        assert lens is not None  # collated together with option_ids
+        """[B, W] rows of the scoring rule from the answer position's logits and the prompt's cache:
+        the rule's own row where the logits decide; otherwise each answer's (an option's, or a label's
+        under `full`) summed continuation log-prob, -inf for a missing option; or a greedy decoding."""
+        if self.rule.name == "generate" and batch.option_ids is None:
+            return self._generate(last_logits, cache, mask, next_pos)
+        if not self._continues(batch):
+            return self.rule.from_logits(last_logits)
+        opt, lens = with_label_options(batch, self.rule.answers)  # [B, C, Lo], [B, C]
         b, c, width = opt.shape
         first = torch.log_softmax(last_logits.float(), dim=-1).gather(1, opt[:, :, 0])  # [B, C]
         total = first
-        if width > 1:
+        if width > 1:  # the answers run over the prompt's cache, the prompt encoded once for all of them
             cache.batch_repeat_interleave(c)
             steps = opt[:, :, :-1].reshape(b * c, width - 1)  # tokens fed; each predicts the next one
             step_mask = (torch.arange(width - 1, device=opt.device) < (lens.reshape(-1, 1) - 1)).long()
-            out = self.lm.model(
-                input_ids=steps,
-                attention_mask=torch.cat([mask.repeat_interleave(c, 0), step_mask], 1),
-                position_ids=next_pos.repeat_interleave(c)[:, None] + torch.arange(width - 1, device=opt.device),
-                use_cache=True,
-                **{self._cache_kwarg: cache},
-            )
+            with prompt_edits_paused():  # the prompt's edits are done; these are answer positions
+                out = self.lm.model(
+                    input_ids=steps,
+                    attention_mask=torch.cat([mask.repeat_interleave(c, 0), step_mask], 1),
+                    position_ids=next_pos.repeat_interleave(c)[:, None] + torch.arange(width - 1, device=opt.device),
+                    use_cache=True,
+                    **{self._cache_kwarg: cache},
+                )
             logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B*C, Lo-1, V]
             rest = logprobs.gather(2, opt[:, :, 1:].reshape(b * c, width - 1, 1)).squeeze(2)
             total = total + (rest * step_mask).sum(dim=1).view(b, c)
         return total.masked_fill(lens == 0, float("-inf"))
 
+    @torch.inference_mode()
+    def _generate(self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding over the prompt's cache, every row at once (left-padded, so each row's next
+        token is its last column): [B, C + 1 + N], the rule's match columns then the decoded ids (-1
+        after a row stopped). Stops early once every row has ended its answer."""
+        n = self.rule.max_new_tokens
+        rows = last_logits.shape[0]
+        tokens = torch.full((rows, n), -1, dtype=torch.long)
+        token = last_logits.argmax(dim=-1)  # [B]
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        with prompt_edits_paused():  # the prompt's edits are done; decoding steps are answer positions
+            for step in range(n):
+                tokens[:, step] = token.cpu()
+                if step == n - 1 or all(self.rule.ended(row[: step + 1]) for row in tokens):
+                    break
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                out = self.lm.model(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=(next_pos + step)[:, None],
+                    use_cache=True,
+                    **{self._cache_kwarg: cache},
+                    **kwargs,
+                )
+                cache = self.cache_of(out)
+                token = out.logits[:, -1].argmax(dim=-1)
+        return torch.cat([self.rule.matches(tokens), tokens.float()], dim=1).to(last_logits.device)
+
     def label_scores(self, batch: PromptBatch) -> torch.Tensor:
-        """[B, C] float32 answer scores: label first-token log-probs, or option log-probs (multiple choice)."""
-        if batch.option_ids is None:
-            return self._label_logprobs(self.forward(batch))
-        if self.prefix is not None:  # the options run over the prefix + query cache, as over a whole prompt's
+        """[B, W] float32 answer scores under the scoring rule (`rules`): label first-token log-probs
+        by default; whole-label or option log-probs, vocabulary or generation rows otherwise."""
+        if not self._continues(batch):
+            return self.rule.from_logits(self.forward(batch))
+        if self.prefix is not None:  # the answers run over the prefix + query cache, as over a whole prompt's
             logits, cache, mask, positions = self._after_prefix(batch)
             return self._answer_scores(logits, cache, mask, positions[:, -1] + 1, batch)
         logits, cache = self.encode(batch.input_ids, batch.attention_mask, batch.position_ids)
         return self._answer_scores(logits, cache, batch.attention_mask, batch.position_ids[:, -1] + 1, batch)
 
-    @staticmethod
-    def predictions(scores: torch.Tensor, prompts: list[EncodedPrompt]) -> np.ndarray:
-        """Chosen answer per row of [N, C] scores; multiple-choice options are compared per token
-        (length-normalised), so a long option is not penalised for its length."""
+    def _continues(self, batch: PromptBatch) -> bool:
+        """Whether scoring runs past the answer position: options, whole labels, decoding."""
+        return batch.option_ids is not None or self.rule.needs_cache
+
+    def predictions(self, scores: torch.Tensor, prompts: list[EncodedPrompt]) -> np.ndarray:
+        """Chosen answer per row of [N, W] scores (N: none of them, under vocab and generate).
+        Multiple-choice options are compared per token (length-normalised) unless the rule is `full`,
+        so a long option is not penalised for its length; `full-mean` does the same for labels."""
         if prompts and prompts[0].options is not None:
-            return (scores / option_lengths(prompts).clamp(min=1)).argmax(dim=-1).numpy()
-        return scores.argmax(dim=-1).numpy()
+            per_option = option_lengths(prompts).clamp(min=1).to(scores.dtype)
+            head = scores if self.rule.name == "full" else scores / per_option
+            return head.argmax(dim=-1).numpy()
+        tokens = self.rule.answers.tokens
+        return self.rule.choices(scores, torch.tensor([len(t) for t in tokens]) if tokens else None)
+
+    def selection_score(self, y_true: Any, y_pred: Any, n_classes: int, multiple_choice: bool = False) -> float:
+        """What a method selecting on validation maximises (TV's layer, SV's L, DT's steps): the
+        protocol's headline metric, macro-F1 or accuracy (multiple choice: accuracy)."""
+        return selection_score(y_true, y_pred, n_classes, accuracy=multiple_choice or self.metric == "accuracy")
+
+    def selection_choices(self, scores: torch.Tensor) -> np.ndarray:
+        """[N, W] scores of a last-token search (`last_token_groups`) -> predictions: by the rule where
+        the answer position decides it (first-token, vocab), else by the labels' first tokens."""
+        return self.rule.choices(scores) if self.rule.last_token else scores.argmax(dim=-1).numpy()

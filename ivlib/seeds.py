@@ -66,7 +66,9 @@ def seed_runs(chosen: Scored, scored: list[Scored]) -> list[Scored]:
 
 
 def pooled_interval(runs: list[Scored], metric: str, base: str | Path | None) -> tuple[dict[str, float] | None, str]:
-    """The metric and its bootstrap interval over all the runs' episodes together, from their logs."""
+    """The metric and its bootstrap interval over all the runs' episodes together, from their logs
+    (accuracy: micro-F1, the same number for one label per query)."""
+    metric = "micro" if metric == "accuracy" else metric
     if metric not in AVERAGES or any(r.record.get("task_kind") == "multiple_choice" for r in runs):
         return None, f"pooled interval: only for {', '.join(AVERAGES)} F1 of classification tasks"
     logs = []

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .protocol import marks
 from .results import canonical, read_records
 
 METRICS = ("macro", "micro", "weighted", "accuracy")
@@ -133,14 +134,11 @@ class Scored:
 # (`icl@fixed`, `icl@class` beside `icl`), so the paired comparison of the two stays possible. Only
 # non-default values are recorded (`--demos fixed`, `--demo-order class`), so records without the key
 # are the default.
-APART = ("demos", "demo_order")
-
-
 def method_label(record: dict[str, Any]) -> str:
-    """`method`, then `@value` for each APART setting the record holds (`iv@fixed`, `iv@fixed@class`)."""
-    hp = record.get("hyperparameters") or {}
-    marks = [hp[k] for k in APART if isinstance(hp, dict) and hp.get(k) not in (None, "episodic")]
-    return str(record["method"]) + "".join(f"@{m}" for m in marks)
+    """`method`, then `@value` for each protocol value the record holds (`iv@fixed`, `iv@fixed@class`,
+    `icl@dt/sst2@full`): only values other than the defaults are recorded (`protocol.APART`)."""
+    hp = record.get("hyperparameters")
+    return str(record["method"]) + "".join(f"@{m}" for m in (marks(hp) if isinstance(hp, dict) else []))
 
 
 def _number(x: Any) -> float | None:
@@ -149,13 +147,20 @@ def _number(x: Any) -> float | None:
     return float(x)
 
 
+# accuracy by another name: a classification record's micro-F1 is its accuracy (one label per query;
+# a prediction of none of the labels, under --score vocab or generate, is a miss in both)
+ALIASES = {"accuracy": "micro"}
+
+
 def read_metric(record: dict[str, Any], metric: str) -> tuple[str, dict[str, Any]] | None:
-    """The metric asked for, else accuracy (multiple-choice tasks report only that), else None."""
+    """The metric asked for, else accuracy (multiple-choice tasks report only that), else None;
+    `accuracy` of a classification record is its micro-F1, named as people read it."""
     metrics = record.get("metrics") or {}
     for name in (metric, FALLBACK_METRIC):
-        entry = metrics.get(name)
-        if isinstance(entry, dict) and _number(entry.get("value")) is not None:
-            return name, entry
+        for key in (name, ALIASES.get(name)):
+            entry = metrics.get(key) if key else None
+            if isinstance(entry, dict) and _number(entry.get("value")) is not None:
+                return name, entry
     return None
 
 

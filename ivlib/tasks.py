@@ -1,7 +1,8 @@
 """A classification task as the methods see it: texts and integer labels per split, label words.
 
-Hub datasets, local parquet/csv/jsonl files and ivlib's generated tasks all go through
-`datasets`, so one code path is tested and the user's offline files behave like hub data.
+Hub datasets, local parquet/csv/jsonl files, StaICC's packaged datasets (ivlib/staicc.py) and
+ivlib's generated tasks all go through `datasets`, so one code path is tested and the user's
+offline files behave like hub data.
 Splits a dataset lacks are carved from train with a fixed shuffle that does not depend on the
 run's seed, so every run and method sees the same validation and test sets.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import hub
+from . import hub, staicc
 from .builtin_tasks import BUILTIN_TASKS
 from .errors import UsageError
 
@@ -51,6 +52,7 @@ class Task:
     label_words: list[str]
     splits: dict[str, Split]
     provenance: dict[str, Any] = field(default_factory=dict)
+    prompt: dict[str, Any] = field(default_factory=dict)  # its entry's `template` / `template_task`, if any
 
     @property
     def multiple_choice(self) -> bool:
@@ -95,6 +97,14 @@ def _check_data_file(name: str, path: Path, spec: dict[str, Any]) -> None:
         raise UsageError(f"task '{name}': data file '{path}' is empty (0 bytes); accepted: a file with examples")
 
 
+def _in_memory(columns: dict[str, dict[str, list[Any]]], names: list[str]) -> Any:
+    """A DatasetDict of text + ClassLabel columns, {split: {"text": [...], "label": [...]}}."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    return datasets.DatasetDict({s: datasets.Dataset.from_dict(c, features=features) for s, c in columns.items()})
+
+
 def _load_dataset_dict(name: str, spec: dict[str, Any]) -> Any:
     import datasets
 
@@ -109,8 +119,7 @@ def _load_dataset_dict(name: str, spec: dict[str, Any]) -> Any:
                 f"task '{name}': unknown builtin '{spec['builtin']}'; accepted: {', '.join(BUILTIN_TASKS)}"
             )
         columns, names = generator()
-        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-        return datasets.DatasetDict({s: datasets.Dataset.from_dict(c, features=features) for s, c in columns.items()})
+        return _in_memory(columns, names)
 
     data_files = spec.get("data_files")
     if data_files is not None:
@@ -313,8 +322,30 @@ def _multiple_choice_split(
     return Split(texts, np.asarray(labels, dtype=np.int64), options), len(ds) - len(texts)
 
 
+PROMPT_KEYS = ("template", "template_task")  # a task entry's say in how its prompts are written
+
+
 def load_task(name: str, spec: dict[str, Any]) -> Task:
-    dsd = _load_dataset_dict(name, spec)
+    task = _load_any(name, spec)
+    task.prompt = {k: spec[k] for k in PROMPT_KEYS if k in spec}
+    return task
+
+
+def _load_any(name: str, spec: dict[str, Any]) -> Task:
+    if "staicc" not in spec:
+        return _load_task(name, spec, _load_dataset_dict(name, spec))
+    # StaICC's data: its own label words and split roles unless the entry names others
+    source = staicc.load(name, spec["staicc"], spec.get("staicc_split", "original"))
+    columns: dict[str, dict[str, list[Any]]] = {
+        s: {"text": [t for t, _ in rows], "label": [y for _, y in rows]} for s, rows in source.splits.items()
+    }
+    defaults: dict[str, Any] = {"label_words": source.label_words, **({"splits": source.roles} if source.roles else {})}
+    task = _load_task(name, {**defaults, **spec}, _in_memory(columns, source.class_names))
+    task.provenance["staicc"] = source.provenance
+    return task
+
+
+def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
     explicit = dict(spec.get("splits") or {})
     # a role left to its default name must not share a split another role claims (sst2's test is
     # the hub's "validation": validation is then carved from train, never the test set itself)

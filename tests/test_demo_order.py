@@ -13,6 +13,7 @@ from ivlib.episodes import in_order, sample_episodes
 from ivlib.errors import UsageError
 from ivlib.experiment import Experiment, RunSpec, fit_episodes
 from ivlib.methods import get_method
+from ivlib.protocol import Protocol
 from ivlib.selection import select_best
 from ivlib.tasks import Split, load_task
 
@@ -86,10 +87,10 @@ def test_every_method_evaluates_class_ordered_prompts(method):
 
 def test_selection_prompts_take_the_order_and_training_episodes_do_not(task):
     cls = get_method("tv")
-    train, select = fit_episodes(task, cls, 3, 30, 2, 30, 42, demo_order="class")
+    train, select = fit_episodes(task, cls, Protocol.build(shot=2, demo_order="class"), 3, 30, 30, 42)
     assert select is not None
     assert all([d.label for d in e.demos] == [0, 0, 1, 1] for e in select)
-    shuffled_train, shuffled_select = fit_episodes(task, cls, 3, 30, 2, 30, 42)
+    shuffled_train, shuffled_select = fit_episodes(task, cls, Protocol.build(shot=2), 3, 30, 30, 42)
     assert train == shuffled_train  # extraction stays shuffled
     assert shuffled_select != select
 
@@ -102,7 +103,7 @@ def test_a_state_selected_in_one_order_is_refused_in_the_other(tmp_path, capsys)
     capsys.readouterr()
     assert main(COMMON + ["--method", "tv", "--load-vectors", str(vec), "--results", results]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "selected on --demo-order class prompts" in err
+    assert len(err.splitlines()) == 1 and "was fitted with --demo-order class" in err
     assert (
         main(COMMON + ["--method", "tv", "--load-vectors", str(vec), "--demo-order", "class", "--results", results])
         == 0
@@ -113,7 +114,7 @@ def test_multiple_choice_refuses_class_order(gpt2, tmp_path):
     from tests.test_multiple_choice import MC_SPEC, write_csqa
 
     mc = load_task("csqa", {"data_files": {"train": str(write_csqa(tmp_path / "t.jsonl"))}, **MC_SPEC})
-    with pytest.raises(UsageError, match="demo_order 'class' needs classes"):
+    with pytest.raises(UsageError, match="--demo-order class needs classes"):
         ivlib.evaluate("icl", gpt2, mc, n=4, demo_order="class")
 
 

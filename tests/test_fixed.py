@@ -257,7 +257,7 @@ def test_a_method_that_cannot_take_fixed_demonstrations_refuses_before_loading(t
 
 
 def test_the_api_refuses_it_too(gpt2, task):
-    with pytest.raises(UsageError, match="demos='fixed' does not apply to method 'own-demos'"):
+    with pytest.raises(UsageError, match="--demos fixed does not apply to --method own-demos"):
         evaluate(NeedsItsOwnDemos(), gpt2, task, demos="fixed", n=4)
     assert evaluate(NeedsItsOwnDemos(), gpt2, task, n=4).scores.shape == (4, 2)  # episodic: fine
 

@@ -19,7 +19,7 @@ from ivlib.models import choose_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 # one flag set for every method (a flag of another method is ignored): each fit a few steps long
-TINY = ["-t", "review_sentiment", "-n", "8", "--batch-size", "4", "-s", "1", "-e", "4", "--select-episodes", "4"]
+TINY = ["-t", "review_sentiment", "-n", "8", "--batch-size", "4", "-s", "1", "-e", "8", "--select-episodes", "4"]
 TINY += ["--ie-episodes", "2", "--dt-steps", "2", "--i2cl-epochs", "2", "--site-steps", "2", "--site-val-every", "1"]
 
 

@@ -10,6 +10,7 @@ from ivlib.cli import main
 from ivlib.episodes import sample_episodes
 from ivlib.methods.dt import DeepThinking
 from ivlib.prompts import PromptEncoder
+from ivlib.rules import Answers, Rule
 from ivlib.scoring import Scorer
 from ivlib.tasks import load_task
 
@@ -100,7 +101,10 @@ def test_length_normalised_prediction():
 
     prompts = [EncodedPrompt([1], [0], [0], 0, 0, options=[[5], [6, 7, 8]])]
     scores = torch.tensor([[-2.0, -4.5]])  # per token: -2 vs -1.5
-    assert Scorer.predictions(scores, prompts).tolist() == [1]
+    scorer = Scorer.__new__(Scorer)  # predictions need no model
+    for rule, chosen in (("full-mean", 1), ("full", 0)):  # the default per token; --score full by the sum
+        scorer.rule = Rule(rule, Answers((), ()))
+        assert scorer.predictions(scores, prompts).tolist() == [chosen]
     assert scores.argmax(-1).tolist() == [0]
 
 

@@ -3,7 +3,10 @@ import torch
 
 from ivlib.episodes import Episode, Example
 from ivlib.errors import UsageError
-from ivlib.prompts import EXAMPLE_SEP, IO_SEP, PromptEncoder, collate, move_packed
+from ivlib.prompts import PromptEncoder, collate, move_packed
+from ivlib.templates import IV
+
+IO_SEP, EXAMPLE_SEP = IV.delimiter, IV.separator
 
 
 def _episode():

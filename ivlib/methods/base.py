@@ -15,10 +15,12 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from .. import budget
 from ..episodes import Episode
 from ..errors import UsageError
 from ..layout import ModelLayout
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
+from ..protocol import RULES
 from ..scoring import Prefix, Scorer
 from ..settings import EVAL, FIT, Setting, bind
 from ..state import TensorSpec, check_tensors
@@ -32,6 +34,10 @@ class Method(ABC):
     fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
     min_shot: ClassVar[int] = 0  # fewest evaluation demonstrations per class it can work with
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options
+    # the scoring rules (--score, see `ivlib.rules`) it can be judged by: a method whose edits are the
+    # prompt's (paused over the answer's continuation and decoding) can be judged by any of them
+    scoring_rules: ClassVar[tuple[str, ...]] = RULES
+    scoring_note: ClassVar[str] = ""  # why it is judged by those alone, for the message refusing another
     has_state: ClassVar[bool] = False  # whether fitting leaves tensors worth saving (--save-vectors)
     # --demos fixed (one demonstration set for every query): whether the method can be evaluated so at all
     # (a method that needs its demonstrations per query cannot), and whether its scores stay exact when the
@@ -42,6 +48,7 @@ class Method(ABC):
     # the report's heatmap of a validation grid: (x, y, one panel per value of) setting names
     grid_axes: ClassVar[tuple[str, str, str] | None] = None
     fit_info: dict[str, Any] | None = None  # how it was fitted (set by ivlib.fit / ivlib.load; saved with the state)
+    fit_budget: dict[str, Any] | None = None  # what its fit consumed (ivlib.budget; set and saved likewise)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         for key, value in bind(type(self).settings, args, kwargs, type(self).__name__).items():
@@ -77,6 +84,16 @@ class Method(ABC):
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
         """Learn from training episodes; `validation` is given to methods that select on it."""
+
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """Distinct labeled examples the fit used ("fit") and its selection on validation used
+        ("selection"), for the record's budget. The default: the training episodes' demonstrations (a
+        query's label is not read) and every example of the validation episodes a method selects on;
+        a method that reads other labels, or fewer, says so here."""
+        return {
+            "fit": budget.distinct(budget.demonstrations(train)) if self.needs_fit else 0,
+            "selection": budget.distinct(budget.demonstrations(validation or []) + budget.queries(validation or [])),
+        }
 
     def fit_summary(self) -> dict[str, Any]:
         """What fitting chose (a layer, heads...), for the run record."""

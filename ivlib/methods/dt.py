@@ -27,7 +27,6 @@ import torch
 from ..episodes import Episode
 from ..errors import UsageError
 from ..kvcache import KV, read_kv, sliding_window, write_kv
-from ..metrics import selection_score
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_prefix
 from ..scoring import Prefix, Scorer
 from ..settings import Setting
@@ -91,6 +90,13 @@ class DeepThinking(Method):
         super().__init__(*args, **kwargs)
         self.step = self.dt_step  # the T used at evaluation; None until chosen on validation
         self.curve: list[float] = []  # validation score after each step 1..dt_steps
+
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """Nothing is fitted; the steps are selected on validation unless --dt-step gives them."""
+        return {
+            "fit": 0,
+            "selection": 0 if self.dt_step is not None else super().labeled_examples([], validation)["selection"],
+        }
 
     def fit_summary(self) -> dict[str, Any]:
         return {
@@ -197,8 +203,9 @@ class DeepThinking(Method):
             scores = scorer.runner.map(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None
+        n = scores.shape[-1] if mc else encoder.n_classes  # options per question, or classes
         self.curve = [
-            selection_score(labels, scorer.predictions(scores[:, t], prompts), scores.shape[-1], mc)
+            scorer.selection_score(labels, scorer.predictions(scores[:, t], prompts), n, mc)
             for t in range(self.dt_steps)
         ]
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import budget
 from ..episodes import Episode, Example
 from ..errors import UsageError
 from ..hooks import Edit, edit_inputs, head_patch
@@ -88,6 +89,12 @@ class FunctionVectors(Method):
         total = scorer.layout.n_layers * scorer.layout.n_heads
         if self.n_top_heads is not None and self.n_top_heads > total:
             raise UsageError(f"--n-top-heads {self.n_top_heads} exceeds the model's {total} heads")
+
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """The training demonstrations, and the queries of the --ie-episodes trials: an indirect effect
+        is the gain in the correct label's probability."""
+        trials = budget.queries(train[: self.ie_episodes])
+        return {"fit": budget.distinct(budget.demonstrations(train) + trials), "selection": 0}
 
     def fit_summary(self) -> dict[str, Any]:
         assert self.effects is not None

@@ -36,12 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import budget
 from .. import distributed as dist
 from ..episodes import Episode, Example
 from ..errors import UsageError
 from ..hooks import map_outputs, watch_outputs
 from ..layout import ModelLayout
-from ..prompts import EXAMPLE_SEP, IO_SEP, EncodedPrompt, PromptBatch, PromptEncoder
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
 from ..settings import Setting
 from ..state import TensorSpec
@@ -61,9 +62,9 @@ def demonstrations(episodes: list[Episode]) -> list[Example]:
 
 
 def demo_prompt(encoder: PromptEncoder, demo: Example) -> EncodedPrompt:
-    """One demonstration alone, as a prompt shows it (answer and example separator included): its
-    last token is where the context vectors are read."""
-    text = encoder.truncate(demo.text) + IO_SEP + encoder.answer_text(demo) + EXAMPLE_SEP
+    """One demonstration alone, as a prompt shows it in the run's template (answer and example
+    separator included): its last token is where the context vectors are read."""
+    text = encoder.demonstration(demo)
     ids = encoder.bos + list(encoder.tok(text, add_special_tokens=False)["input_ids"])
     return EncodedPrompt(ids, [len(ids) - 1], [encoder.n_classes], demo.label, len(ids))
 
@@ -99,6 +100,11 @@ class ImplicitICL(Method):
     needs_fit = True
     has_state = True
     fixed_eval_shot = 0  # the demonstrations live in the vectors: queries run alone
+    # its injection edits every position of every forward: a label's continuation is scored under it, as
+    # the steered model would score it, but decoding would inject into the tokens it writes, which the
+    # paper (classification by label tokens) never defines
+    scoring_rules = ("first-token", "full", "full-mean", "vocab")
+    scoring_note = "it injects into every position of every forward, the tokens it would generate too"
     settings = (
         Setting(
             "i2cl_sets",
@@ -142,6 +148,10 @@ class ImplicitICL(Method):
     @classmethod
     def from_settings(cls, values: dict[str, Any], seed: int) -> ImplicitICL:
         return cls(**values, seed=seed)
+
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """The demonstrations of the first --i2cl-sets training episodes (vectors and calibration)."""
+        return {"fit": budget.distinct(budget.demonstrations(train[: self.i2cl_sets])), "selection": 0}
 
     def fit_summary(self) -> dict[str, Any]:
         a, b = fitted(self.a, self.name), fitted(self.b, self.name)

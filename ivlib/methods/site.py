@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import budget
 from .. import distributed as dist
 from ..episodes import Episode
 from ..hooks import edit_inputs
@@ -178,19 +179,31 @@ class SoftInjection(Method):
     def validate(
         self, scorer: Scorer, prompts: list[EncodedPrompt], logits: torch.Tensor, n_classes: int
     ) -> dict[str, float]:
-        """Validation loss (mean cross-entropy of the correct label) and macro-F1 under `logits`."""
+        """Validation loss (mean cross-entropy of the correct label's first token: the training
+        objective) and macro-F1 of the predictions the run's scoring rule makes, under `logits`."""
         alpha = torch.sigmoid(logits)
 
-        def scores(batch: PromptBatch) -> torch.Tensor:
+        def scores(batch: PromptBatch) -> torch.Tensor:  # [B, C + W]: first-token log-probs, the rule's row
             rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
             with soft_injection(scorer, fitted(self.emb, self.name), alpha, rows, batch.query_cols):
-                return scorer.label_scores(batch)
+                answer = scorer.forward(batch)
+                judged = scorer.rule.from_logits(answer) if scorer.rule.last_token else scorer.label_scores(batch)
+            return torch.cat([scorer.label_logprobs(answer), judged], dim=1)
 
-        out = scorer.runner.map(prompts, scores, "SITE validation")  # [N, C]
+        out = scorer.runner.map(prompts, scores, "SITE validation")
         labels = torch.tensor([p.label for p in prompts])
         loss = float(-out[torch.arange(len(prompts)), labels].mean())
-        macro = f1_scores(labels.numpy(), out.argmax(dim=-1).numpy(), n_classes)["macro"]
+        predictions = scorer.predictions(out[:, n_classes:], prompts)
+        macro = f1_scores(labels.numpy(), predictions, n_classes)["macro"]
         return {"loss": round(loss, 6), "macro_f1": round(float(macro), 6)}
+
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """The embedding reads the training demonstrations and the weights learn from the queries'
+        labels; the checkpoints are scored on the validation queries alone (zero-shot)."""
+        return {
+            "fit": budget.distinct(budget.demonstrations(train) + budget.queries(train)),
+            "selection": budget.distinct(budget.queries(validation or [])),
+        }
 
     def fit_summary(self) -> dict[str, Any]:
         alpha = self.alpha

@@ -31,7 +31,6 @@ from ..episodes import Episode
 from ..errors import UsageError
 from ..hooks import Edit, edit_outputs, stack_reads
 from ..layout import ModelLayout
-from ..metrics import f1_scores
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import LastTokenEdit, Scorer
@@ -105,6 +104,11 @@ class StateVector(Method):
         self.layer_scores: list[float] = []  # validation macro-F1 for L = 1..n_layers
         self.window: int | None = None  # the window used (sv_window, at most the demonstrations)
 
+    def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
+        """The training demonstrations; validation only when L is selected (not given by --sv-layers)."""
+        own = super().labeled_examples(train, validation)
+        return {**own, "selection": 0 if self.sv_layers is not None else own["selection"]}
+
     def fit_summary(self) -> dict[str, Any]:
         return {
             "layers": self.layers,
@@ -164,13 +168,16 @@ class StateVector(Method):
         n_layers = scorer.layout.n_layers
         val = [encoder.encode(e) for e in validation]
 
-        def per_l(batch: PromptBatch) -> torch.Tensor:  # [B, n_layers, C]: L = 1..n_layers
+        def per_l(batch: PromptBatch) -> torch.Tensor:  # [B, n_layers, W]: L = 1..n_layers
             edits = [self._edit(scorer, layers) for layers in range(1, n_layers + 1)]
             return scorer.last_token_variants(batch, edits).transpose(0, 1)
 
-        preds = scorer.runner.map(val, per_l, "SV layer search").argmax(dim=-1).numpy()  # [N, n_layers]
+        scores = scorer.runner.map(val, per_l, "SV layer search")  # [N, n_layers, W]
         labels = np.array([p.label for p in val])
-        self.layer_scores = [f1_scores(labels, preds[:, i], encoder.n_classes)["macro"] for i in range(n_layers)]
+        self.layer_scores = [
+            scorer.selection_score(labels, scorer.selection_choices(scores[:, i]), encoder.n_classes)
+            for i in range(n_layers)
+        ]
         self.layers = int(np.argmax(self.layer_scores)) + 1  # ties: the fewest layers
 
     def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:

@@ -18,7 +18,6 @@ import torch
 from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads, vector_edit
 from ..layout import ModelLayout
-from ..metrics import f1_scores
 from ..models import LoadedModel
 from ..prompts import PromptBatch, PromptEncoder
 from ..scoring import LastTokenEdit, Scorer
@@ -38,7 +37,7 @@ class TaskVectors(Method):
         super().__init__()
         self.theta: torch.Tensor | None = None  # [L, D] float32
         self.layer: int | None = None
-        self.layer_scores: list[float] = []  # validation macro-F1 per layer
+        self.layer_scores: list[float] = []  # validation headline metric (macro-F1 by default) per layer
 
     def fit_summary(self) -> dict[str, Any]:
         return {"layer": self.layer, "layer_scores": [round(s, 4) for s in self.layer_scores]}
@@ -65,14 +64,16 @@ class TaskVectors(Method):
             raise ValueError("TV chooses its layer on validation episodes")
         val_prompts = [encoder.encode(e) for e in validation]
 
-        def per_layer(batch: PromptBatch) -> torch.Tensor:  # [B, L, C]
+        def per_layer(batch: PromptBatch) -> torch.Tensor:  # [B, L, W]
             edits = [self._edit(scorer, layer) for layer in range(len(blocks))]
             return scorer.last_token_variants(batch, edits).transpose(0, 1)
 
-        scores = scorer.runner.map(val_prompts, per_layer, "TV layer search")  # [N, L, C]
+        scores = scorer.runner.map(val_prompts, per_layer, "TV layer search")  # [N, L, W]
         labels = np.array([p.label for p in val_prompts])
-        preds = scores.argmax(dim=-1).numpy()  # [N, L]
-        self.layer_scores = [f1_scores(labels, preds[:, l], encoder.n_classes)["macro"] for l in range(len(blocks))]
+        self.layer_scores = [
+            scorer.selection_score(labels, scorer.selection_choices(scores[:, l]), encoder.n_classes)
+            for l in range(len(blocks))
+        ]
         self.layer = int(np.argmax(self.layer_scores))  # ties: the earliest layer
 
     def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:

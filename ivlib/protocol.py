@@ -1,0 +1,220 @@
+"""How a query is posed and judged, as one frozen value: the demonstrations (how many, drawn afresh
+or fixed, in which order), the prompt template, the scoring rule and the headline metric.
+
+Built once per run, by the CLI (from flags) and by the Python API (from arguments) alike, through
+`Protocol.build`, which checks every value; `check` then refuses what a method or a task cannot
+run, before any model loads. The record (`fields`), `--resume`, `select`'s keeping apart of
+protocols (`APART`) and the report read their keys from here, and only values other than the
+defaults are recorded, so records made before a setting existed still match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import templates
+from .episodes import DEMO_ORDER
+from .errors import UsageError
+from .settings import Setting
+from .templates import Template
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+DEMOS = ("episodic", "fixed")
+RULES = ("first-token", "full", "full-mean", "vocab", "generate")  # the scoring rules (see `rules`)
+LAST_TOKEN_RULES = ("first-token", "vocab")  # computable from the answer position's logits alone
+METRICS = ("macro", "accuracy")  # what a method selecting on validation maximises (TV's layer, DT's steps...)
+CLASSIFICATION_RULE, MULTIPLE_CHOICE_RULE = "first-token", "full-mean"  # each task kind's own rule
+MULTIPLE_CHOICE_RULES = ("full", "full-mean")  # options are continuations: ranked, never generated
+
+SETTINGS = (
+    Setting("shot", int, 1, "evaluation demonstrations per class (multiple choice: in all)", low=0),
+    Setting(
+        "demos",
+        str,
+        "episodic",
+        "evaluation demonstrations: drawn afresh for every query (episodic, the IV paper's protocol) or one set "
+        "of --shot per class from train for every query (fixed, Deep-Thinking's; the shared prefix is encoded once)",
+        choices=DEMOS,
+    ),
+    DEMO_ORDER,
+    Setting(
+        "template",
+        str,
+        None,
+        "prompt template: a built-in name (iv, the default, or a release's: see the README's Templates) or a "
+        "YAML file with input/delimiter/separator/preamble (default: the task entry's, else iv)",
+        optional=True,
+    ),
+    Setting(
+        "score",
+        str,
+        None,
+        "scoring rule: first-token (label first tokens), full (whole-label log-prob, summed), full-mean (per "
+        "token), vocab (top-1 over the vocabulary), generate (greedy, exact match) (default: first-token; "
+        "multiple choice: full-mean)",
+        choices=RULES,
+        optional=True,
+    ),
+    Setting(
+        "metric",
+        str,
+        "macro",
+        "headline metric a method selecting on validation maximises (tv's layer, sv's L, dt's steps): macro "
+        "(macro-F1) or accuracy; multiple choice always accuracy",
+        choices=METRICS,
+    ),
+    Setting(
+        "max_new_tokens",
+        int,
+        None,
+        "--score generate: tokens decoded at most (default: the longest label's + 2)",
+        low=1,
+        high=4096,
+        optional=True,
+    ),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+# protocol values that are protocols rather than hyperparameters: select and the report keep each
+# value's records apart as a method of its own (`icl@fixed`, `icl@class`, `iv@dt`)
+APART = ("demos", "demo_order", "template", "scoring")
+_DEFAULT_MARKS = {"demos": "episodic", "demo_order": "shuffled", "template": "iv"}
+
+
+def marks(hyperparameters: dict[str, Any]) -> list[str]:
+    """The protocol values a record's hyperparameters hold that keep it apart (`fixed`, `class`,
+    `dt/sst2`, `full`): defaults are not recorded, and are skipped if a record has them anyway."""
+    return [str(hyperparameters[k]) for k in APART if hyperparameters.get(k) not in (None, _DEFAULT_MARKS.get(k))]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    shot: int = 1
+    demos: str = "episodic"
+    demo_order: str = "shuffled"
+    template: Template = field(default=templates.IV)
+    scoring: str | None = None  # None: the task's own rule (first-token; multiple choice: full-mean)
+    metric: str = "macro"
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        shot: Any = 1,
+        demos: Any = "episodic",
+        demo_order: Any = "shuffled",
+        template: str | Template | None = None,
+        score: Any = None,
+        metric: Any = "macro",
+        max_new_tokens: Any = None,
+        task: str = "",
+        task_entry: dict[str, Any] | None = None,
+    ) -> Protocol:
+        """Every value checked by its declared setting (the CLI's checks, for Python callers too); the
+        template resolved (a name, a file, or the task entry's own)."""
+        if template is not None and not isinstance(template, Template):
+            template = BY_NAME["template"].check(template)
+        return cls(
+            shot=BY_NAME["shot"].check(shot),
+            demos=BY_NAME["demos"].check(demos),
+            demo_order=BY_NAME["demo_order"].check(demo_order),
+            template=templates.resolve(template, task_entry, task),
+            scoring=BY_NAME["score"].check(score),
+            metric=BY_NAME["metric"].check(metric),
+            max_new_tokens=BY_NAME["max_new_tokens"].check(max_new_tokens),
+        )
+
+    # ---- what it means for one method and task ----------------------------------------------------
+    def eval_shot(self, cls: type[Method]) -> int:
+        """Demonstrations per class in evaluation prompts (zero-shot and readouts fix theirs)."""
+        return self.shot if cls.fixed_eval_shot is None else cls.fixed_eval_shot
+
+    @property
+    def one_set(self) -> bool:
+        """Whether the run has one demonstration set (--demos fixed, with demonstrations to fix) that
+        evaluation prompts, and the validation prompts a method selects on, all share."""
+        return self.demos == "fixed" and self.shot > 0
+
+    def fixed(self, cls: type[Method]) -> bool:
+        """Whether this method's evaluation prompts share the one set (zero-shot has none to share)."""
+        return self.one_set and self.eval_shot(cls) > 0
+
+    def rule(self, multiple_choice: bool) -> str:
+        return self.scoring or (MULTIPLE_CHOICE_RULE if multiple_choice else CLASSIFICATION_RULE)
+
+    def check(self, cls: type[Method], multiple_choice: bool, methods: dict[str, type[Method]]) -> None:
+        """Refuse, in one line, what this method or task cannot run under this protocol."""
+        shot = self.eval_shot(cls)
+        if shot < cls.min_shot:
+            raise UsageError(
+                f"--shot {self.shot} is too few for --method {cls.name}; accepted: --shot "
+                f"{cls.min_shot} or more with --method {cls.name}"
+            )
+        if self.fixed(cls) and not cls.supports_fixed_demos:
+            accepted = ", ".join(name for name, c in methods.items() if c.supports_fixed_demos)
+            raise UsageError(f"--demos fixed does not apply to --method {cls.name}; accepted with: {accepted}")
+        rule = self.rule(multiple_choice)
+        if multiple_choice and rule not in MULTIPLE_CHOICE_RULES:
+            raise UsageError(
+                f"--score {rule} does not apply to a multiple-choice task (its options are ranked by their "
+                f"log-probability); accepted: {', '.join(MULTIPLE_CHOICE_RULES)}"
+            )
+        if multiple_choice and self.demo_order != DEMO_ORDER.default:
+            raise UsageError(
+                f"--demo-order {self.demo_order} needs classes to sort by; a multiple-choice task has none; "
+                "accepted: --demo-order shuffled"
+            )
+        if rule not in cls.scoring_rules:
+            accepted = ", ".join(name for name, c in methods.items() if rule in c.scoring_rules)
+            why = cls.scoring_note or f"it is judged by {', '.join(cls.scoring_rules)}"
+            raise UsageError(
+                f"--score {rule} does not apply to --method {cls.name} ({why}); accepted with --score {rule}: "
+                f"{accepted}"
+            )
+
+    # ---- what records hold --------------------------------------------------------------------------
+    def fields(self, cls: type[Method], multiple_choice: bool) -> dict[str, Any]:
+        """The record's protocol keys (what --resume matches and select keeps apart): `shot` always;
+        the others only when not the default, so records made before they existed still match."""
+        shot = self.eval_shot(cls)
+        out: dict[str, Any] = {"shot": shot}
+        if self.fixed(cls):
+            out["demos"] = "fixed"
+        if self.demo_order != DEMO_ORDER.default and shot > 0:  # prompts without demonstrations have no order
+            out["demo_order"] = self.demo_order
+        out.update(self.posing(multiple_choice))
+        if cls.needs_validation and self.metric != BY_NAME["metric"].default and not multiple_choice:
+            out["metric"] = self.metric
+        if self.rule(multiple_choice) == "generate" and self.max_new_tokens is not None:
+            out["max_new_tokens"] = self.max_new_tokens
+        return out
+
+    def posing(self, multiple_choice: bool) -> dict[str, Any]:
+        """Template and scoring rule, where not the defaults (the task kind's own rule is the default)."""
+        out: dict[str, Any] = {}
+        if self.template != templates.IV:
+            out["template"] = self.template.key
+        rule = self.rule(multiple_choice)
+        if rule != (MULTIPLE_CHOICE_RULE if multiple_choice else CLASSIFICATION_RULE):
+            out["scoring"] = rule
+        return out
+
+    def fit_fields(self, cls: type[Method], multiple_choice: bool) -> dict[str, Any]:
+        """What a state file records of the protocol it was fitted under, and a load must match: the
+        template (the prompts it learned from), and for a method selecting on validation also the rule,
+        metric and demonstration order it selected with."""
+        posing = self.posing(multiple_choice)
+        if not cls.needs_validation:
+            return {k: v for k, v in posing.items() if k == "template"}
+        out = dict(posing)
+        if self.demo_order != DEMO_ORDER.default and self.shot > 0:
+            out["demo_order"] = self.demo_order
+        if self.metric != BY_NAME["metric"].default and not multiple_choice:
+            out["metric"] = self.metric
+        return out
+
+
+DEFAULT = Protocol()
