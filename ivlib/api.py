@@ -174,7 +174,7 @@ def encoder(
     as `ivlib.protocol` takes it (default: the task entry's, else IV's)."""
     written = template if isinstance(template, Template) else templates.resolve(template, task.prompt, task.name)
     checked = _P["max_example_tokens"].check(max_example_tokens)
-    return PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, checked, written)
+    return experiment.task_encoder(lm, task, checked, written)
 
 
 def encode(
@@ -353,7 +353,7 @@ def fit(
     built = _build(method, settings, values["seed"])
     cls = type(built)
     experiment.check_method_task(cls, task)
-    posed.check(cls, task.multiple_choice, METHODS)
+    posed.check(cls, task.kind, METHODS)
     if cls.needs_fit and values["ext_shot"] < 1:
         raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
     fitting = cls.needs_fit or cls.needs_validation
@@ -444,7 +444,7 @@ def evaluate(
         },
     )
     experiment.check_method_task(cls, task)
-    posed.check(cls, task.multiple_choice, METHODS)
+    posed.check(cls, task.kind, METHODS)
     if not _fitted(built):
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
     if max_example_tokens is None:

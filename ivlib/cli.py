@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import distributed as dist
+from . import presets
 from .errors import Parser, Terminated, UsageError
 from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
+from .presets import PRESETS
 from .settings import Setting
 from .threads import THREADS
 
@@ -98,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-clean", action="store_true", help="same as --method icl, the reference code's name (default: off)"
     )
     p.add_argument("--run-test", action="store_true", help="evaluate on test (default: validation)")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a release's own protocol (template, scoring rule, demonstrations, test size, seed, its method's "
+        "settings); flags given win, each override said in one line (default: none)",
+    )
     protocol = p.add_argument_group("protocol (every method)")
     for setting in PROTOCOL:
         _add_setting(protocol, setting)
@@ -167,6 +175,9 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
     protocol = {s.name: s.check(getattr(args, s.name)) for s in PROTOCOL if getattr(args, s.name) is not None}
     names = {s.name for cls in METHODS.values() for s in cls.settings}
     settings = {n: getattr(args, n) for n in sorted(names) if getattr(args, n) is not None}
+    preset = None
+    if args.preset:
+        protocol, settings, preset = with_preset(args.preset, method, protocol, settings)
     return RunSpec(
         model=args.model,
         task=args.task,
@@ -188,7 +199,41 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         quiet=args.quiet,
         log_samples=args.log_samples,
         command=[*invocation(), *argv],
+        preset=preset,
     )
+
+
+def with_preset(
+    name: str, method: str, protocol: dict[str, Any], settings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The preset's values under the flags given; each given value that overrides it said in one line
+    (main process) and recorded: (protocol values, method settings, the record's `preset`)."""
+    preset = presets.get(name)
+    own = presets.values(preset, method)
+    merged, overridden = presets.apply(preset, method, {**protocol, **_checked(settings)})
+    if dist.is_main():
+        for key, value in overridden.items():
+            flag = "--" + key.replace("_", "-")
+            print(f"{program()}: note: {flag} {value} overrides preset {name}'s {own[key]}", file=sys.stderr)
+    record = {"name": name, "seeds": list(preset.seeds), **({"overridden": overridden} if overridden else {})}
+    run_names = {s.name for s in PROTOCOL}
+    return (
+        {k: v for k, v in merged.items() if k in run_names},
+        {k: v for k, v in merged.items() if k not in run_names},
+        record,
+    )
+
+
+def _checked(settings: dict[str, Any]) -> dict[str, Any]:
+    """Method settings as their declarations read them ('3' -> 3; one value of several -> that value),
+    so a flag equal to a preset's value is not called an override."""
+    declared = {s.name: s for cls in METHODS.values() for s in cls.settings}
+    out = {}
+    for name, value in settings.items():
+        values = value if isinstance(value, list) else [value]
+        checked = [declared[name].check(v) for v in values] if name in declared else values
+        out[name] = checked[0] if len(checked) == 1 and not isinstance(value, list) else checked
+    return out
 
 
 def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ from .selection import (
 )
 
 # the paper's, newer rivals before IV
-METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "sv", "i2cl", "site", "icv", "hc", "probe", "iv")
+METHOD_ORDER = ("zero-shot", "icl", "tv", "tv-hendel", "fv", "dt", "sv", "i2cl", "site", "icv", "hc", "probe", "iv")
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
 DAGGER = "†"

@@ -32,14 +32,16 @@ _LOCAL_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl
 @dataclass
 class Split:
     texts: list[str]
-    labels: np.ndarray  # [N] int64 class indices (multiple choice: index of the correct option)
+    labels: np.ndarray  # [N] int64 class indices (multiple choice: index of the correct option; open: 0)
     options: list[list[str]] | None = None  # multiple choice: each example's options
+    answers: list[str] | None = None  # open vocabulary: each example's answer, any text
 
     def subset(self, idx: np.ndarray) -> Split:
         return Split(
             [self.texts[i] for i in idx],
             self.labels[idx],
             None if self.options is None else [self.options[i] for i in idx],
+            None if self.answers is None else [self.answers[i] for i in idx],
         )
 
     def class_counts(self, n_classes: int) -> np.ndarray:
@@ -59,10 +61,29 @@ class Task:
         return self.splits["train"].options is not None
 
     @property
+    def open_vocabulary(self) -> bool:
+        """Input -> any text (antonym, country-capital): no label set; each query has its own answer."""
+        return self.splits["train"].answers is not None
+
+    @property
+    def kind(self) -> str:
+        """classification, multiple_choice or open_vocabulary (what a protocol and a method accept)."""
+        return (
+            "multiple_choice"
+            if self.multiple_choice
+            else "open_vocabulary"
+            if self.open_vocabulary
+            else "classification"
+        )
+
+    @property
     def n_classes(self) -> int:
-        """Classes, or for multiple choice the most options any question has (the score width)."""
+        """Classes; for multiple choice the most options any question has (the score width); for an
+        open-vocabulary task one: each query's own answer, the one "class" it can be right about."""
         if self.multiple_choice:
             return max(len(o) for split in self.splits.values() for o in split.options or [])
+        if self.open_vocabulary:
+            return 1
         return len(self.label_words)
 
 
@@ -325,6 +346,36 @@ def _multiple_choice_split(
 PROMPT_KEYS = ("template", "template_task")  # a task entry's say in how its prompts are written
 
 
+OPEN_KEYS = ("input", "output")
+
+
+def _open_fields(name: str, spec: dict[str, Any], ds: Any) -> tuple[str, str]:
+    """The input and output columns of an open-vocabulary task (`open_vocabulary: {input, output}`)."""
+    given = spec["open_vocabulary"] or {}
+    fields = (str(given.get("input", "input")), str(given.get("output", "output")))
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise UsageError(
+            f"task '{name}': open_vocabulary column '{missing[0]}' not in the data; columns: {', '.join(ds.column_names)}"
+        )
+    return fields
+
+
+def _open_split(name: str, ds: Any, role: str, fields: tuple[str, str]) -> tuple[Split, int]:
+    """Inputs and their answers; a row whose input or answer is missing or empty is refused."""
+    columns = ds.select_columns(list(dict.fromkeys(fields))).to_dict()
+    texts, answers = columns[fields[0]], columns[fields[1]]
+    for column, values in zip(fields, (texts, answers)):
+        bad = [i for i, v in enumerate(values) if _missing(v) or not str(v).strip()]
+        if bad:
+            raise UsageError(
+                f"task '{name}': split '{role}' has {len(bad)} missing or empty value(s) in column '{column}', "
+                f"first at row {bad[0]}; accepted: a text in every row"
+            )
+    texts, answers = [str(t).strip() for t in texts], [str(a).strip() for a in answers]
+    return Split(texts, np.zeros(len(texts), dtype=np.int64), answers=answers), 0
+
+
 def load_task(name: str, spec: dict[str, Any]) -> Task:
     task = _load_any(name, spec)
     task.prompt = {k: spec[k] for k in PROMPT_KEYS if k in spec}
@@ -365,6 +416,8 @@ def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
     if multiple_choice:
         text_cols = _text_columns(name, train_ds.column_names, spec)
         return _assemble(name, [], dsd, mapping, partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols))
+    if "open_vocabulary" in spec:
+        return _assemble(name, [], dsd, mapping, partial(_open_split, name, fields=_open_fields(name, spec, train_ds)))
     if label_field not in train_ds.column_names:
         raise UsageError(
             f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}"

@@ -57,6 +57,7 @@ def aggregate(states: torch.Tensor, window: int, beta: float, lr: float) -> torc
 @register
 class StateVector(Method):
     name = "sv"
+    supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True  # chooses L, the number of first layers edited
     has_state = True
