@@ -25,6 +25,7 @@ from .config import load_config, lookup
 from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
 from .errors import UsageError
+from .fingerprint import model_fingerprint
 from .hooks import steering
 from .layout import discover_layout
 from .methods import METHODS, Method, get_method
@@ -32,7 +33,7 @@ from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, PromptEncoder, collate
 from .protocol import Protocol
 from .scoring import Scorer
-from .state import check_save_path, load_state, read_meta, save_state
+from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import ROLES, Split, Task, _carve
 from .tasks import load_task as _load_task_entry
 from .templates import Template
@@ -570,6 +571,7 @@ def _identity(name: str, lm: LoadedModel, task: Task) -> dict[str, Any]:
         "label_words": task.label_words,
         "n_layers": lm.layout.n_layers,
         "d_model": lm.layout.d_model,
+        FINGERPRINT_KEY: model_fingerprint(lm),
     }
 
 
@@ -596,7 +598,7 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
     if not isinstance(name, str):
         raise UsageError(f"state file '{path}' names no method")
     cls = get_method(name)
-    info = meta.get("fit") or {}
+    info = checked_fit(path, meta, (*cls.fit_settings(), _P["seed"]))  # as flags are checked
     fitted = {s.name: info[s.name] for s in cls.fit_settings() if s.name in info}
     clash = sorted(k for k in settings if k in fitted and settings[k] != fitted[k])
     if clash:

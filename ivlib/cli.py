@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import distributed as dist
 from . import presets
@@ -21,6 +22,10 @@ from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
 from .presets import PRESETS
 from .settings import Setting
+from .threads import THREADS
+
+if TYPE_CHECKING:
+    import torch
 
 ANALYSIS = ("select", "report")  # read results files; no model involved
 SUBCOMMANDS = (*ANALYSIS, "methods")
@@ -126,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mem-limit", help="per-GPU memory cap with --device-map, e.g. 20GiB (default: none)")
     run.add_argument("--flash-attention", action="store_true", help="use flash_attention_2 (default: off)")
+    _add_setting(run, THREADS)
     run.add_argument(
         "--results",
         default="results/runs.jsonl",
@@ -186,6 +192,7 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         device_map=args.device_map,
         mem_limit=args.mem_limit,
         flash_attention=args.flash_attention,
+        threads=THREADS.check(args.threads),
         results=args.results,
         save_vectors=args.save_vectors,
         load_vectors=args.load_vectors,
@@ -336,27 +343,55 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(build_parser().parse_args(argv), argv)
         experiment = Experiment(spec)
         run(spec, experiment)
-    except UsageError as exc:  # raised alike on every process (the same flags): printed once
+        dist.finish(lambda: _process_device(experiment))
+    except UsageError as exc:  # one process: one line; several: this process's error joins the others'
         if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
             exc = exc.advised(experiment.method_cls.scaling_flags())
-        if dist.is_main():
+        if experiment is not None and dist.active():
+            try:
+                dist.fail_together(exc, lambda: _process_device(experiment))
+            except dist.RunFailed as failed:
+                return _run_failed(failed, experiment)
+        if dist.is_main():  # the flags themselves (the same on every process): printed once
             print(f"{program()}: error: {exc}", file=sys.stderr)
         return 2
     except dist.RunFailed as exc:  # several processes, one of them failed: every process raises it together
-        if dist.is_main():
-            print(f"{program()}: error: {exc}; {_written(experiment)}", file=sys.stderr, flush=True)
-        dist.settle()
-        return 2 if exc.usage else 1
+        return _run_failed(exc, experiment)
     except (KeyboardInterrupt, Terminated) as exc:
         if dist.is_main():
             print(_interrupted(experiment, isinstance(exc, Terminated)), file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:  # a crash: its traceback here, and with several processes its line from rank 0
+        if experiment is None or not dist.active():
+            raise
+        traceback.print_exc()
+        try:
+            dist.fail_together(exc, lambda: _process_device(experiment))
+        except dist.RunFailed as failed:
+            return _run_failed(failed, experiment)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _run_failed(exc: dist.RunFailed, experiment: Experiment | None) -> int:
+    """Every process raised `RunFailed` from one exchange: the main one prints its line, all wait for it."""
+    if dist.is_main():
+        print(f"{program()}: error: {exc}; {_written(experiment)}", file=sys.stderr, flush=True)
+    dist.settle()
+    return 2 if exc.usage else 1
+
+
+def _process_device(experiment: Experiment) -> torch.device:
+    """This process's device (whose backend the process group uses), also before `load` chose it."""
+    from .models import resolve_device
+
+    device = getattr(experiment, "device", None)
+    return device if device is not None else resolve_device(dist.gpu_index(experiment.spec.gpu))
 
 
 def _written(experiment: Experiment | None) -> str:

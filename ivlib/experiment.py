@@ -30,6 +30,7 @@ from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
 from .episodes import Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
 from .errors import UsageError
+from .fingerprint import model_fingerprint
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
@@ -41,9 +42,10 @@ from .rules import Answers, make_rule
 from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
 from .settings import Setting, by_name
-from .state import check_save_path, load_state, read_meta, save_state
+from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import Task, load_task
 from .templates import IV, Template
+from .threads import use_threads
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
@@ -133,6 +135,7 @@ class RunSpec:
     device_map: str | None = None
     mem_limit: str | None = None
     flash_attention: bool = False
+    threads: int | None = None  # torch CPU threads (ivlib.threads); None: torch's own
     results: str = "results/runs.jsonl"
     save_vectors: str | None = None
     load_vectors: str | None = None
@@ -214,6 +217,7 @@ class Experiment:
         if spec.quiet or not dist.is_main():  # with several processes only the main one reports progress
             _silence_libraries()
         self._check_run()
+        spec.threads = use_threads(spec.threads)  # checked like a flag, applied before any compute
         self.values = self._given_settings()
         self.config = load_config(spec.config)
         self.model_entry = lookup(self.config.models, "model", spec.model)
@@ -314,9 +318,10 @@ class Experiment:
             raise UsageError(
                 f"--load-vectors '{path}' was fitted with method={meta.get('method')!r}; this run has {spec.method!r}"
             )
-        fitted = meta.get("fit") or {}
+        settings = (*(_P[k] for k in PROTOCOL_FIT), *self.method_cls.fit_settings())
+        fitted = checked_fit(path, meta, settings)  # each value through its flag's own check
         self.fitted_with = fitted
-        for setting in (*(_P[k] for k in PROTOCOL_FIT), *self.method_cls.fit_settings()):
+        for setting in settings:
             if setting.name not in fitted:
                 continue
             protocol = setting.name in PROTOCOL_FIT
@@ -453,6 +458,7 @@ class Experiment:
             "label_words": self.task.label_words,
             "n_layers": self.lm.layout.n_layers,
             "d_model": self.lm.layout.d_model,
+            FINGERPRINT_KEY: model_fingerprint(self.lm),  # another model under the same name is refused
         }
 
     def fit(self) -> None:
@@ -561,6 +567,7 @@ class Experiment:
             "batch_size_requested": spec.batch_size,
             "device": str(self.device),
             **({"n_processes": dist.world_size()} if dist.active() else {}),  # absent with one: records as before
+            **({"threads": spec.threads} if spec.threads is not None else {}),  # only when given: records as before
             "dtype": str(lm.dtype).removeprefix("torch."),
             "device_map": spec.device_map,
             "model_source": lm.source,
