@@ -21,6 +21,7 @@ import torch
 
 from . import budget, experiment, templates
 from .arguments import FLAG, METHOD, MODEL, NAME, PATH, SPLIT, TASK, WORDS, checked, kind, optional, setting
+from .batching import NonFinite
 from .config import load_config, lookup
 from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
@@ -435,7 +436,7 @@ def fit(
     checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
     if checked:
         built.check_prompts(scorer, [enc.encode(e) for e in checked])
-    with budget.counting(lm.model) as count:
+    with budget.counting(lm.model) as count, _advised(cls):
         if fitting:
             built.fit(scorer, enc, train, select)
     built.fit_budget = (
@@ -541,13 +542,22 @@ def evaluate(
     scorer = _scorer(lm, task, enc, batch_size, progress, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)
-    with budget.counting(lm.model) as count:
+    with budget.counting(lm.model) as count, _advised(cls):
         scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", posed.fixed(cls))
     labels = np.array([p.label for p in prompts])
     predictions = scorer.predictions(scores, prompts)
     metrics = experiment.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
     spent = {**(built.fit_budget or experiment.NO_FIT_BUDGET), **experiment.eval_budget(episodes, count.tokens)}
     return Evaluation(metrics, predictions, labels, scores, episodes, spent)
+
+
+@contextmanager
+def _advised(cls: type[Method]) -> Iterator[None]:
+    """An overflow's advice naming this method's own settings (as the CLI's does)."""
+    try:
+        yield
+    except NonFinite as exc:
+        raise exc.advised(cls.scaling_flags()) from None
 
 
 def _fitted(method: Method) -> bool:
