@@ -288,7 +288,7 @@ def bench_fv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, trai
     FunctionVectors(n_top_heads=args.fv_heads, ie_episodes=1).fit(scorer, encoder, episodes[:2])  # warm-up
     fast, t_fast = timed(ivlib, lm.device)
     trials = [encoder.encode(e) for e in shuffle_labels(episodes[: args.fv_trials], fast.seed)]
-    k = fast.n_top_heads  # resolved by fit when --fv-heads is not given
+    k = fast.settings.n_top_heads  # resolved by fit when --fv-heads is not given
     (mean_act, effects, heads, vector), t_plain = timed(lambda: plain_fv(lm, encoder, episodes, trials, k), lm.device)
     n_heads = lm.layout.n_layers * lm.layout.n_heads
     mean_diff = (fast.mean_act - mean_act).abs().max().item()
@@ -429,7 +429,7 @@ def bench_i2cl(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, tr
     method.vectors = fast
     calibration = demonstrations(train[: args.i2cl_episodes])
     _, t_cal = timed(lambda: method.calibrate(scorer, encoder, calibration), lm.device)
-    steps = args.i2cl_epochs * -(-len(calibration) // method.i2cl_batch)
+    steps = args.i2cl_epochs * -(-len(calibration) // method.settings.i2cl_batch)
     return {
         "part": "i2cl",
         "what": f"context vectors of {len(demos)} distinct demonstrations: {len(demos)} forwards",
@@ -438,7 +438,7 @@ def bench_i2cl(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, tr
         "plain": t_plain,
         "agree": f"vectors max |diff| {diff:.2e} (largest |v| {slow.abs().max().item():.2e})",
         "same": close(diff, slow, lm.dtype),
-        "calibration": f"{t_cal:.2f} s for {steps} steps of {method.i2cl_batch} prompts ({steps / t_cal:.2f} steps/s; "
+        "calibration": f"{t_cal:.2f} s for {steps} steps of {method.settings.i2cl_batch} prompts ({steps / t_cal:.2f} steps/s; "
         f"{args.i2cl_epochs} epochs over {len(calibration)} demonstrations), loss "
         f"{method.loss_curve[0]:.4f} -> {method.loss_curve[-1]:.4f}",
     }

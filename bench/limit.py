@@ -276,7 +276,7 @@ def main() -> None:
         "the clock starts; no hooks, no scoring, no copy back. limit+collate: collate + copy inside the clock"
     )
     print(
-        f"IV vectors [{', '.join(map(str, s.iv.vectors.shape))}] added at a2 {s.iv.strength}; "
+        f"IV vectors [{', '.join(map(str, s.iv.vectors.shape))}] added at a2 {s.iv.settings.strength}; "
         f"DT eta 0.01, beta 0.9, T = {args.dt_step}"
     )
     print()

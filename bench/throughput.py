@@ -149,7 +149,7 @@ def main() -> None:
     for method, vectors in methods:
         for scorer in scorers.values():
             batched(scorer, method, prompts)
-        one_at_a_time(lm, encoder.label_ids, by_length, vectors, iv.strength)
+        one_at_a_time(lm, encoder.label_ids, by_length, vectors, iv.settings.strength)
 
     single_t: dict[str, list[float]] = {m.name: [] for m, _ in methods}
     batched_t: dict[tuple[str, int], list[float]] = {(m.name, b): [] for m, _ in methods for b in scorers}
@@ -158,7 +158,7 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved, so drift during the run hits every path alike
         for method, vectors in methods:
             single_out[method.name], t = timed(
-                lambda: one_at_a_time(lm, encoder.label_ids, prompts, vectors, iv.strength), device
+                lambda: one_at_a_time(lm, encoder.label_ids, prompts, vectors, iv.settings.strength), device
             )
             single_t[method.name].append(t)
             for b, scorer in scorers.items():
@@ -180,7 +180,7 @@ def main() -> None:
         print(f"ids >= {vocab} folded modulo {vocab}: {encoder.folded} of {encoder.total} tokens encoded")
     print(
         f"IV vectors [{', '.join(map(str, iv.vectors.shape))}] fitted on {len(train)} train episodes (1-shot, a1 0.3, "
-        f"refresh 10), added at a2 {iv.strength}; |v| mean {iv.vectors.norm(dim=-1).mean():.3g}"
+        f"refresh 10), added at a2 {iv.settings.strength}; |v| mean {iv.vectors.norm(dim=-1).mean():.3g}"
     )
     print()
     head = (

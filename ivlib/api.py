@@ -9,7 +9,6 @@ agree exactly, and a file saved by one loads in the other.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -295,10 +294,7 @@ def _build(method: Method | str, settings: dict[str, Any], seed: int) -> Method:
                 f"setting '{other[0]}' given with a built method; accepted there: its evaluation settings "
                 f"({', '.join(evaluated) or 'none'}), or a method name with any of its settings"
             )
-        copied = copy.copy(method)
-        for key, value in settings.items():
-            setattr(copied, key, evaluated[key].check(value))
-        return copied
+        return method.with_settings(**settings)
     if not isinstance(method, str):
         raise UsageError(f"method {method!r}: accepted: a method name or a Method instance")
     cls = get_method(method)
@@ -648,29 +644,39 @@ def steer(
     on exit, also when the block raises.
     """
     method = _build(method, settings, _P["seed"].default)
-    if not hasattr(method, "edit"):
-        steerable = ", ".join(name for name, cls in METHODS.items() if hasattr(cls, "edit"))
-        raise UsageError(f"method '{method.name}' does not steer activations; accepted: {steerable}")
+    cls = type(method)
+    if not cls.steers:
+        raise UsageError(f"method '{method.name}' does not steer activations; accepted: {_steering()}")
     if not _fitted(method):
         raise UsageError(f"method '{method.name}' is not fitted; call ivlib.fit or ivlib.load first")
     if every_position and prompt is not None:
         raise UsageError("every_position adds at every position and edits no prompt positions; give no prompt")
     if not every_position and prompt is None:
         raise UsageError("steer needs a prompt (ivlib.encode) to edit its positions, or every_position=True")
+    if every_position and "every_position" not in cls.steers:
+        raise UsageError(
+            f"method '{method.name}' steers only at a prompt's positions (it has no vector to add at every "
+            f"position); accepted with every_position: {_steering('every_position')}"
+        )
+    if prompt is not None and "prompt" not in cls.steers:
+        raise UsageError(
+            f"method '{method.name}' steers at every position only; accepted: every_position=True and no prompt"
+        )
     if prompt is None:
         empty = torch.empty(0, dtype=torch.long, device=lm.device)
         edits = method.edit(lm, _no_positions(lm, empty))
     else:
         prompts = prompt if isinstance(prompt, PromptBatch) else batch(lm, prompt)
         edits = method.edit(lm, prompts)
-    if every_position and edits.steady is None:
-        raise UsageError(
-            f"method '{method.name}' replaces a hidden state and has no vector to add at every position; "
-            "accepted with every_position: iv, fv"
-        )
     rows = None if prompt is None else int(prompts.input_ids.shape[0])
     with steering(lm.model, edits, positions=not every_position, every_position=every_position, n_rows=rows):
         yield None if prompt is None else prompts
+
+
+def _steering(how: str | None = None) -> str:
+    """The registered methods that can steer so (their declared `steers`; any way, without `how`), for a
+    refusal's message."""
+    return ", ".join(name for name, cls in METHODS.items() if cls.steers and (how is None or how in cls.steers))
 
 
 def _no_positions(lm: LoadedModel, empty: torch.Tensor) -> PromptBatch:

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_setting(protocol, setting)
     seen: set[str] = set()
     for name, cls in METHODS.items():
-        own = [s for s in cls.settings if s.name not in seen]
+        own = [s for s in cls.declared_settings() if s.name not in seen]
         if own:
             group = p.add_argument_group(f"{name} settings")
             for setting in own:
@@ -174,7 +174,7 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
             )
         method = "icl"
     protocol = {s.name: s.check(getattr(args, s.name)) for s in PROTOCOL if getattr(args, s.name) is not None}
-    names = {s.name for cls in METHODS.values() for s in cls.settings}
+    names = {s.name for cls in METHODS.values() for s in cls.declared_settings()}
     settings = {n: getattr(args, n) for n in sorted(names) if getattr(args, n) is not None}
     preset = None
     if args.preset:
@@ -228,7 +228,7 @@ def with_preset(
 def _checked(settings: dict[str, Any]) -> dict[str, Any]:
     """Method settings as their declarations read them ('3' -> 3; one value of several -> that value),
     so a flag equal to a preset's value is not called an override."""
-    declared = {s.name: s for cls in METHODS.values() for s in cls.settings}
+    declared = {s.name: s for cls in METHODS.values() for s in cls.declared_settings()}
     out = {}
     for name, value in settings.items():
         values = value if isinstance(value, list) else [value]

@@ -41,7 +41,7 @@ from .results import append_record, check_writable, has_record, read_records, si
 from .rules import Answers, make_rule
 from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
-from .settings import Setting, by_name
+from .settings import SEED, Setting, by_name
 from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import Task, load_task
 from .templates import IV, Template
@@ -78,7 +78,7 @@ PROTOCOL = (
         low=1,
         high=MAX_EPISODES,
     ),
-    Setting("seed", int, 42, "seed of the episodes (and of the bootstrap): every method sees the same queries", low=0),
+    SEED,
     Setting(
         "batch_size",
         int,
@@ -269,10 +269,10 @@ class Experiment:
         """The spec's method settings, checked. A setting of another method is ignored, so one flag set
         can serve a sweep over several methods (as scripts.sh's EXTRA does); a setting no method
         declares is refused."""
-        own = by_name(self.method_cls.settings)
+        own = by_name(self.method_cls.declared_settings())
         owners: dict[str, list[str]] = {}  # setting name -> the methods declaring it
         for method, cls in METHODS.items():
-            for s in cls.settings:
+            for s in cls.declared_settings():
                 owners.setdefault(s.name, []).append(method)
         values: dict[str, Any] = {}
         for name, value in self.spec.settings.items():
@@ -356,7 +356,7 @@ class Experiment:
     def _fill_defaults(self) -> None:
         """Settings not given take the model entry's value where one is declared (unless a state file
         was loaded: its value is the fitted one), else the method's default."""
-        for setting in self.method_cls.settings:
+        for setting in self.method_cls.declared_settings():
             if setting.name in self.values:
                 continue
             key = setting.model_default

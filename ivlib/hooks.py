@@ -349,8 +349,8 @@ def steering(
 
     The hooks are removed on exit, also when the block raises.
     """
-    if every_position and edit.steady is None:
-        raise ValueError("this edit has no vector to add at every position")
+    if every_position and edit.steady is None and edit.transform is None:
+        raise ValueError("this edit has nothing to apply at every position (no steady vector, no transform)")
     clock = PositionClock()
     n = len(edit.modules)
 

@@ -35,8 +35,6 @@ from .selection import (
     warn,
 )
 
-# the paper's, newer rivals before IV
-METHOD_ORDER = ("zero-shot", "icl", "tv", "tv-hendel", "fv", "dt", "sv", "i2cl", "site", "icv", "hc", "probe", "iv")
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
 DAGGER = "†"
@@ -58,10 +56,13 @@ class Cell:
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """The paper's column order (the newer rivals before IV); methods it does not know go last, alphabetically."""
+    """The registry's order, which the methods declare (`Method.position`: the paper's, newer rivals, IV
+    last); methods a results file names but none registers go last, alphabetically."""
+    from .methods import METHODS  # here, not at import: reading results needs no torch until a table is drawn
+
     present = set(methods)
-    known = [m for m in METHOD_ORDER if m in present]
-    return known + sorted(present - set(METHOD_ORDER))
+    known = [m for m in METHODS if m in present]
+    return known + sorted(present - set(METHODS))
 
 
 def table_cells(scored: list[Scored]) -> tuple[list[Cell], list[tuple[str, str, str]]]:
@@ -834,7 +835,7 @@ def _grid_methods() -> dict[str, tuple[Axes, dict[str, str]]]:
     for name, cls in METHODS.items():
         if cls.grid_axes is None:
             continue
-        declared = {s.name: s for s in (*PROTOCOL, *cls.settings)}
+        declared = {s.name: s for s in (*PROTOCOL, *cls.declared_settings())}
         names = {a: f"{a} ({declared[a].symbol})" if a in declared and declared[a].symbol else a for a in cls.grid_axes}
         out[name] = (cls.grid_axes, names)
     return out

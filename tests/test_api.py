@@ -156,9 +156,9 @@ def test_fit_accepts_a_built_method_and_refuses_bad_settings(gpt2, task):
     assert ivlib.fit(built, gpt2, task, **FIT) is built and built.vectors is not None
     stronger = ivlib.evaluate(built, gpt2, task, n=20, batch_size=8, strength=2.0)
     plain = ivlib.evaluate(built, gpt2, task, n=20, batch_size=8)
-    assert not torch.equal(stronger.scores, plain.scores) and built.strength == 0.5  # a copy was evaluated
+    assert not torch.equal(stronger.scores, plain.scores) and built.settings.strength == 0.5  # a copy was evaluated
     with pytest.raises(
-        ivlib.UsageError, match="method=.nope. is not accepted; accepted: a registered method.s name .icl"
+        ivlib.UsageError, match="method=.nope. is not accepted; accepted: a registered method.s name .zero-shot, icl"
     ):
         ivlib.fit("nope", gpt2, task)
     with pytest.raises(ivlib.UsageError, match="no setting"):
@@ -276,7 +276,9 @@ def test_steering_refusals_and_hooks_removed_after_an_exception(gpt2, task):
     assert _no_hooks(gpt2)
     with torch.no_grad():
         assert torch.equal(gpt2.model(ids).logits, plain)
-    with pytest.raises(ivlib.UsageError, match="replaces a hidden state"):
+    with pytest.raises(
+        ivlib.UsageError, match="steers only at a prompt.s positions.*accepted with every_position: fv, icv, iv"
+    ):
         with ivlib.steer(tv, gpt2, every_position=True):
             pass
     with pytest.raises(ivlib.UsageError, match="does not steer"):

@@ -253,7 +253,7 @@ def test_a_method_that_cannot_take_fixed_demonstrations_refuses_before_loading(t
     assert _cli(tmp_path / "runs.jsonl", "--method", "own-demos", "--demos", "fixed") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "--demos fixed does not apply to --method own-demos; accepted with: icl, zero-shot, iv, " in err
+    assert "--demos fixed does not apply to --method own-demos; accepted with: zero-shot, icl, tv, " in err
 
 
 def test_the_api_refuses_it_too(gpt2, task):

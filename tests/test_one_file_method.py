@@ -4,6 +4,7 @@ registered method gets: CLI flags and checks, several evaluation values sharing 
 
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,22 +13,24 @@ import torch
 from ivlib.cli import main
 from ivlib.hooks import edit_outputs, stack_reads
 from ivlib.methods import METHODS, Method, register
-from ivlib.settings import EVAL, Setting
+from ivlib.settings import EVAL, MethodSettings, setting_field
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "query-shift"
 
 
-class QueryShift(Method):
+@dataclass(frozen=True)
+class QueryShiftSettings(MethodSettings):
+    gain: float = setting_field(1.0, "scale of the added vector", role=EVAL, symbol="g")
+    depth: float = setting_field(0.5, "edited block, as a fraction of the depth", low=0.0, high=1.0)
+
+
+class QueryShift(Method[QueryShiftSettings]):
     """Adds gain x (the mean block output at the query separator of training prompts) there, at one block."""
 
     name = NAME
     needs_fit = True
     has_state = True
-    settings = (
-        Setting("gain", float, 1.0, "scale of the added vector", role=EVAL, symbol="g"),
-        Setting("depth", float, 0.5, "edited block, as a fraction of the depth", low=0.0, high=1.0),
-    )
     grid_axes = ("gain", "depth", "ext_shot")
 
     def __init__(self, *args, **kwargs):
@@ -36,7 +39,7 @@ class QueryShift(Method):
 
     def _block(self, scorer):
         blocks = scorer.layout.blocks
-        return blocks[round(self.depth * (len(blocks) - 1))]
+        return blocks[round(self.settings.depth * (len(blocks) - 1))]
 
     def fit(self, scorer, encoder, episodes, validation=None):
         def read(batch):  # [B, D] block output at each row's query separator
@@ -50,7 +53,7 @@ class QueryShift(Method):
 
     def predict(self, scorer, batch):
         rows = torch.arange(batch.input_ids.shape[0])
-        add = (self.gain * self.vector).to(scorer.lm.dtype).expand(len(rows), -1)
+        add = (self.settings.gain * self.vector).to(scorer.lm.dtype).expand(len(rows), -1)
         with edit_outputs([self._block(scorer)], rows, batch.query_cols, add=[add]):
             return scorer.label_scores(batch)
 

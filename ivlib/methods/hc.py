@@ -17,6 +17,7 @@ code computes. Both read the same centroids, so several values share one fit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from ..layout import ModelLayout
 from ..prompts import PromptBatch, PromptEncoder
 from ..readout import last_hidden, last_hiddens
 from ..scoring import Scorer
-from ..settings import EVAL, Setting
+from ..settings import EVAL, MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -50,9 +51,20 @@ def centroid_scores(hidden: torch.Tensor, centroids: torch.Tensor, distance: str
     return cosine - 1  # minus the cosine distance
 
 
+@dataclass(frozen=True)
+class HCSettings(MethodSettings):
+    hc_distance: str = setting_field(
+        "l2",
+        "distance to the class centroids: l2 (Euclidean, the reference's) or cosine; several share one fit",
+        role=EVAL,
+        choices=DISTANCES,
+    )
+
+
 @register
-class HiddenCalibration(Method):
+class HiddenCalibration(Method[HCSettings]):
     name = "hc"
+    position = 110
     needs_fit = True
     has_state = True
     # it classifies the model's last hidden state itself (nearest class centroid of the last hidden state): no reading of the
@@ -60,18 +72,6 @@ class HiddenCalibration(Method):
     scoring_rules = ("first-token",)
     scoring_note = "it classifies the last hidden state itself"
     caches_fixed_prefix = True  # edits nothing and reads the query's last position only
-    settings = (
-        Setting(
-            "hc_distance",
-            str,
-            "l2",
-            "distance to the class centroids: l2 (Euclidean, the reference's) or cosine; several share one fit",
-            role=EVAL,
-            choices=DISTANCES,
-        ),
-    )
-
-    hc_distance: str
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,7 +109,7 @@ class HiddenCalibration(Method):
                 f"hc: the centroids are {centroids.shape[-1]} wide, the model's last hidden state "
                 f"{hidden.shape[-1]}; accepted: a state fitted on this model"
             )
-        return centroid_scores(hidden, centroids.to(hidden.device), self.hc_distance)
+        return centroid_scores(hidden, centroids.to(hidden.device), self.settings.hc_distance)
 
     @classmethod
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:

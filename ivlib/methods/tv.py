@@ -28,6 +28,8 @@ from .base import Method, fitted, register
 @register
 class TaskVectors(Method):
     name = "tv"
+    position = 30
+    steers = ("prompt",)  # replaces a hidden state there: no vector to add at every position
     supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True

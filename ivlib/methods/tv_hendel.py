@@ -62,6 +62,7 @@ def zero_shot(batch: PromptBatch, bos: int | None) -> PromptBatch:
 @register
 class HendelTaskVectors(Method):
     name = "tv-hendel"
+    position = 40
     supports_open_vocabulary = True
     needs_validation = True  # chooses L
     has_state = True
