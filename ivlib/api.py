@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import budget, experiment, templates
+from . import budget, experiment, record, runspec, templates
 from .arguments import FLAG, METHOD, MODEL, NAME, PATH, SPLIT, TASK, WORDS, checked, kind, optional, setting
 from .batching import NonFinite
 from .config import load_config, lookup
 from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
 from .errors import UsageError
-from .fingerprint import model_fingerprint
 from .hooks import steering
 from .layout import discover_layout
 from .methods import METHODS, Method, get_method
@@ -33,7 +32,7 @@ from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, PromptEncoder, collate
 from .protocol import Protocol
 from .scoring import Scorer
-from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
+from .state import check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import ROLES, Split, Task, _carve
 from .tasks import load_task as _load_task_entry
 from .templates import Template
@@ -418,7 +417,7 @@ def fit(
     )
     built = _build(method, settings, values["seed"])
     cls = type(built)
-    experiment.check_method_task(cls, task)
+    runspec.check_method_task(cls, task)
     posed.check(cls, task.kind, METHODS)
     if cls.needs_fit and values["ext_shot"] < 1:
         raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
@@ -522,7 +521,7 @@ def evaluate(
             "max_new_tokens": max_new_tokens,
         },
     )
-    experiment.check_method_task(cls, task)
+    runspec.check_method_task(cls, task)
     posed.check(cls, task.kind, METHODS)
     if not _fitted(built):
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
@@ -542,7 +541,7 @@ def evaluate(
         scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", posed.fixed(cls))
     labels = np.array([p.label for p in prompts])
     predictions = scorer.predictions(scores, prompts)
-    metrics = experiment.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
+    metrics = record.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
     spent = {**(built.fit_budget or experiment.NO_FIT_BUDGET), **experiment.eval_budget(episodes, count.tokens)}
     return Evaluation(metrics, predictions, labels, scores, episodes, spent)
 
@@ -568,19 +567,6 @@ def _fitted(method: Method) -> bool:
 
 
 # ---- fitted state -------------------------------------------------------------------------------
-def _identity(name: str, lm: LoadedModel, task: Task) -> dict[str, Any]:
-    """What a state file records and a load checks: the same keys as the CLI's `Experiment.identity`."""
-    return {
-        "method": name,
-        "model": lm.name,
-        "task": task.name,
-        "label_words": task.label_words,
-        "n_layers": lm.layout.n_layers,
-        "d_model": lm.layout.d_model,
-        FINGERPRINT_KEY: model_fingerprint(lm),
-    }
-
-
 @checked(method=BUILT, path=PATH, lm=MODEL, task=TASK)
 def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
     """Write a fitted method's state as the CLI's --save-vectors does (the CLI's --load-vectors reads it)."""
@@ -592,7 +578,9 @@ def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit first")
     check_save_path(path)
     spent = method.fit_budget or experiment.UNKNOWN_FIT_BUDGET
-    save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info, "budget": spent})
+    save_state(
+        path, method.state(), {**experiment.state_identity(cls.name, lm.name, task, lm), "fit": info, "budget": spent}
+    )
 
 
 @checked(path=PATH, lm=MODEL, task=TASK)
@@ -613,7 +601,7 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
             f"given {settings[clash[0]]}; accepted: the same value, or leave it out"
         )
     method = _build(name, {**fitted, **settings}, int(info.get("seed", _P["seed"].default)))
-    tensors, meta = load_state(path, _identity(name, lm, task))
+    tensors, meta = load_state(path, experiment.state_identity(name, lm.name, task, lm))
     method.restore(path, tensors, lm.layout, task.n_classes)
     method.fit_info = meta.get("fit") or {}
     saved = meta.get("budget")
@@ -644,24 +632,7 @@ def steer(
     on exit, also when the block raises.
     """
     method = _build(method, settings, _P["seed"].default)
-    cls = type(method)
-    if not cls.steers:
-        raise UsageError(f"method '{method.name}' does not steer activations; accepted: {_steering()}")
-    if not _fitted(method):
-        raise UsageError(f"method '{method.name}' is not fitted; call ivlib.fit or ivlib.load first")
-    if every_position and prompt is not None:
-        raise UsageError("every_position adds at every position and edits no prompt positions; give no prompt")
-    if not every_position and prompt is None:
-        raise UsageError("steer needs a prompt (ivlib.encode) to edit its positions, or every_position=True")
-    if every_position and "every_position" not in cls.steers:
-        raise UsageError(
-            f"method '{method.name}' steers only at a prompt's positions (it has no vector to add at every "
-            f"position); accepted with every_position: {_steering('every_position')}"
-        )
-    if prompt is not None and "prompt" not in cls.steers:
-        raise UsageError(
-            f"method '{method.name}' steers at every position only; accepted: every_position=True and no prompt"
-        )
+    _check_steering(method, prompt is not None, every_position)
     if prompt is None:
         empty = torch.empty(0, dtype=torch.long, device=lm.device)
         edits = method.edit(lm, _no_positions(lm, empty))
@@ -671,6 +642,26 @@ def steer(
     rows = None if prompt is None else int(prompts.input_ids.shape[0])
     with steering(lm.model, edits, positions=not every_position, every_position=every_position, n_rows=rows):
         yield None if prompt is None else prompts
+
+
+def _check_steering(method: Method, prompted: bool, every_position: bool) -> None:
+    """Refuse, by the method's declared `steers`, a way of steering it cannot do; then an unfitted method."""
+    cls, name = type(method), method.name
+    if not cls.steers:
+        raise UsageError(f"method '{name}' does not steer activations; accepted: {_steering()}")
+    if every_position and prompted:
+        raise UsageError("every_position adds at every position and edits no prompt positions; give no prompt")
+    if not every_position and not prompted:
+        raise UsageError("steer needs a prompt (ivlib.encode) to edit its positions, or every_position=True")
+    if every_position and "every_position" not in cls.steers:
+        raise UsageError(
+            f"method '{name}' steers only at a prompt's positions (it has no vector to add at every "
+            f"position); accepted with every_position: {_steering('every_position')}"
+        )
+    if prompted and "prompt" not in cls.steers:
+        raise UsageError(f"method '{name}' steers at every position only; accepted: every_position=True and no prompt")
+    if not _fitted(method):
+        raise UsageError(f"method '{name}' is not fitted; call ivlib.fit or ivlib.load first")
 
 
 def _steering(how: str | None = None) -> str:

@@ -18,9 +18,10 @@ from . import distributed as dist
 from . import presets
 from .batching import NonFinite
 from .errors import Parser, Terminated, UsageError
-from .experiment import PROTOCOL, Experiment, RunSpec
+from .experiment import Experiment
 from .methods import METHODS
 from .presets import PRESETS
+from .runspec import PROTOCOL, RunSpec
 from .settings import Setting
 from .threads import THREADS
 
@@ -239,9 +240,10 @@ def _checked(settings: dict[str, Any]) -> dict[str, Any]:
 
 def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:
     """One line per record; numbers shown to people are percent with one decimal (records keep fractions)."""
-    spec = experiment.spec
-    task = getattr(experiment, "task", None)
-    labels = [] if task is None or task.multiple_choice else [p.label for p in getattr(experiment, "prompts", [])]
+    spec, loaded, sampled = experiment.spec, experiment.loaded, experiment.sampled
+    shown = loaded is not None and sampled is not None and not loaded.task.multiple_choice
+    labels = [p.label for p in sampled.prompts] if shown and sampled is not None else []
+    fit_s = experiment.fitted.seconds if experiment.fitted is not None else 0.0
     warning = collapse_warning(record.get("predicted_fraction") or {}, labels)
     dropped = (record.get("task_provenance") or {}).get("dropped_unlabelled") or {}
     if dropped:  # rows the data gave no label (-1, a hidden test answer): the run is on fewer rows than the file
@@ -249,7 +251,7 @@ def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:
         warning = "; ".join(w for w in (warning, f"rows without a label dropped: {note} (task_provenance)") if w)
     return (
         f"{experiment.label(record)} | {spec.model} | {spec.task} | {spec.split} | {spec.eval_episodes} episodes | "
-        f"{_metric_summary(record['metrics'])} | fit {experiment.fit_s:.1f}s | "
+        f"{_metric_summary(record['metrics'])} | fit {fit_s:.1f}s | "
         f"eval {record['timing_s']['eval']:.1f}s | -> {spec.results}" + (f" | {warning}" if warning else "")
     )
 
@@ -390,8 +392,9 @@ def _process_device(experiment: Experiment) -> torch.device:
     """This process's device (whose backend the process group uses), also before `load` chose it."""
     from .models import resolve_device
 
-    device = getattr(experiment, "device", None)
-    return device if device is not None else resolve_device(dist.gpu_index(experiment.spec.gpu))
+    if experiment.loaded is not None:
+        return experiment.loaded.device
+    return resolve_device(dist.gpu_index(experiment.spec.gpu))
 
 
 def _written(experiment: Experiment | None) -> str:

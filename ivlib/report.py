@@ -828,8 +828,8 @@ def write_report(
 
 def _grid_methods() -> dict[str, tuple[Axes, dict[str, str]]]:
     """method -> (its declared heatmap axes, axis labels), for every method that declares a grid."""
-    from .experiment import PROTOCOL
     from .methods import METHODS
+    from .runspec import PROTOCOL
 
     out = {}
     for name, cls in METHODS.items():

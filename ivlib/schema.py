@@ -171,7 +171,7 @@ def model_keys() -> dict[str, str]:
 def _value_type(setting: Setting) -> Any:
     """The pydantic type accepting what `setting` accepts (strict: no text for a number)."""
     if setting.choices:
-        return Literal[setting.choices]  # type: ignore[valid-type]
+        return Literal[setting.choices]
     bounds = Field(ge=setting.low, le=setting.high)
     if setting.type is int:
         return Annotated[StrictInt, bounds]

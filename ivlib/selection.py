@@ -370,8 +370,8 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 def _fit_setting_objects(record: dict[str, Any]) -> list[Any]:
     """The settings a state file holds for this record's method: the protocol's fitting settings
     and the method's own fit-role settings (what --load-vectors adopts)."""
-    from .experiment import PROTOCOL, PROTOCOL_FIT
     from .methods import METHODS
+    from .runspec import PROTOCOL, PROTOCOL_FIT
 
     cls = METHODS.get(record.get("method", ""))
     if cls is None or not cls.has_state:

@@ -15,7 +15,6 @@ fields (`MethodSettings.declared()`), so each setting is declared once.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -201,7 +200,9 @@ class MethodSettings:
     @classmethod
     def declared(cls) -> tuple[Setting, ...]:
         """The `Setting` of each field, in declaration order."""
-        return _declared(cls)
+        if cls not in _DECLARED:  # checked once per class
+            _DECLARED[cls] = _declared(cls)
+        return _DECLARED[cls]
 
     @classmethod
     def bind(cls, args: tuple[Any, ...], kwargs: dict[str, Any], owner: str) -> Self:
@@ -221,7 +222,9 @@ class NoSettings(MethodSettings):
 PLAIN_TYPES = (int, float, str)  # (a bool from text would need its own parse: bool('no') is True)
 
 
-@functools.cache
+_DECLARED: dict[type[MethodSettings], tuple[Setting, ...]] = {}
+
+
 def _declared(cls: type[MethodSettings]) -> tuple[Setting, ...]:
     if not (dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen):  # type: ignore[attr-defined]
         raise TypeError(f"{cls.__name__} must be a @dataclass(frozen=True)")

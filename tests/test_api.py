@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 import ivlib
 from ivlib.cli import main
 from ivlib.episodes import sample_episodes as raw_sample
-from ivlib.experiment import Experiment, RunSpec
+from ivlib.experiment import fit_episodes
 from ivlib.layout import discover_layout
+from ivlib.protocol import Protocol
 from ivlib.scoring import Scorer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,10 +107,8 @@ def test_tasks_from_the_registry_and_from_lists():
 
 # ---- 3. episodes ------------------------------------------------------------------------------
 def test_episodes_come_from_the_cli_streams(task):
-    spec = RunSpec(model="tiny-gpt2", task="review_sentiment", ext_shot=2, episodes=7, select_episodes=5, method="tv")
-    run = Experiment(spec)
-    run.task = task
-    train, select = run.fit_episodes()
+    # what the CLI's fit step draws for -s 2 -e 7 --select-episodes 5 --method tv (seed 42, the default protocol)
+    train, select = fit_episodes(task, ivlib.get_method("tv"), Protocol(), 2, 7, 5, 42)
     assert ivlib.sample_episodes(task, "train", shot=2, n=7) == train
     assert ivlib.sample_episodes(task, "validation", shot=1, n=5, stream="select") == select
     assert ivlib.sample_episodes(task, "validation", shot=1, n=9, seed=3) == raw_sample(

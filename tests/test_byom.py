@@ -154,7 +154,7 @@ def test_later_files_replace_earlier_entries_and_one_string_still_works(tmp_path
     spec = RunSpec(model="tiny-gpt2", task="review_sentiment", method="zero-shot", config=str(tiny))
     experiment = Experiment(spec)
     experiment.prepare()
-    assert experiment.config is not None and experiment.config.sources[-1] == str(tiny)
+    assert experiment.prepared is not None and experiment.prepared.config.sources[-1] == str(tiny)
 
 
 # ---- a multi-part package: `assemble: module:function` ----------------------------------------

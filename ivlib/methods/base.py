@@ -100,7 +100,7 @@ class Method(ABC, Generic[S]):
     def with_settings(self, **values: Any) -> Method:
         """A copy of this method (its fitted state shared) with other values of some settings, checked."""
         copied = copy.copy(self)
-        copied.settings = typing.cast(S, dataclasses.replace(self.settings, **values))
+        copied.settings = dataclasses.replace(self.settings, **values)
         return copied
 
     @classmethod
@@ -240,6 +240,9 @@ def register(cls: M) -> M:
         raise TypeError(f"{cls.__name__}.steers: '{unknown[0]}' is not one of {', '.join(STEERING)}")
     if cls.steers and cls.edit is Method.edit:
         raise TypeError(f"{cls.__name__} declares `steers` but builds no `edit`")
+    odd = [key for key in cls.registry_keys() if not key.isidentifier()]
+    if odd:
+        raise TypeError(f"{cls.__name__}: model-registry key '{odd[0]}' is not a name (letters, digits, _)")
     METHODS[name] = cls
     ordered = sorted(METHODS.values(), key=_place)
     METHODS.clear()
