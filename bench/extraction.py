@@ -121,7 +121,7 @@ def plain_iv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], a
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def hook(layer: int):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 out = _hidden(output)
                 if adds is not None:
                     out[0, positions] += adds[layer]
@@ -190,7 +190,7 @@ def plain_tv(
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def read(layer: int):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 reads[layer] = _hidden(output)[0, -1].float()
 
             return fn
@@ -204,7 +204,7 @@ def plain_tv(
     for i, p in enumerate(prompts):
         for layer in range(n_layers):
 
-            def replace(module, args, output, layer=layer):
+            def replace(_module, _args, output, layer=layer):
                 _hidden(output)[0, -1] = theta[layer].to(lm.dtype)
                 return output
 
@@ -217,7 +217,7 @@ def plain_tv(
 
 
 def bench_tv(
-    args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+    _args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
 ) -> dict:
     def ivlib() -> TaskVectors:
         tv = TaskVectors()
@@ -256,7 +256,7 @@ def plain_fv(
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def read(layer: int):
-            def fn(module, args):
+            def fn(_module, args):
                 reads[layer] = args[0][0, -1].float()  # o_proj's input at the query separator: all heads
 
             return fn
@@ -321,7 +321,7 @@ def plain_sv_vector(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def read(layer: int, positions=p.sep_pos):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 reads[layer] = _hidden(output)[0, positions].float()  # [S, D]
 
             return fn
@@ -353,7 +353,7 @@ def plain_sv(
         for n in range(1, n_layers + 1):
 
             def replace(layer: int):
-                def fn(module, args, output):
+                def fn(_module, _args, output):
                     _hidden(output)[0, -1] = vector[layer].to(lm.device, lm.dtype)
                     return output
 
@@ -368,7 +368,7 @@ def plain_sv(
 
 
 def bench_sv(
-    args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+    _args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
 ) -> dict:
     def ivlib() -> StateVector:
         sv = StateVector()
@@ -406,7 +406,7 @@ def plain_i2cl_vectors(lm: LoadedModel, encoder: PromptEncoder, demos: list) -> 
         reads: list[torch.Tensor] = [None] * len(modules)  # type: ignore[list-item]
 
         def hook(i: int):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 reads[i] = _hidden(output).reshape(len(ids), -1)[-1].float()  # one row: [T, D] (OPT's fc2 too)
 
             return fn
@@ -453,7 +453,7 @@ def plain_site_embedding(lm: LoadedModel, prompts: list[EncodedPrompt]) -> torch
         reads: list[torch.Tensor] = [None] * layout.n_layers  # type: ignore[list-item]
 
         def read(layer: int):
-            def fn(module, args):
+            def fn(_module, args):
                 reads[layer] = args[0][0, -1].float()
 
             return fn
@@ -470,7 +470,7 @@ def plain_site_loss(lm: LoadedModel, label_ids: list[int], emb: torch.Tensor, al
     n_heads, hd = emb.shape[1], emb.shape[2]
 
     def mix(layer: int):
-        def fn(module, args):  # out of place: the mix saves h for the backward pass
+        def fn(_module, args):  # out of place: the mix saves h for the backward pass
             x = args[0]
             h = x[0, -1].view(n_heads, hd)
             a = alpha[layer][:, None].to(x.dtype)

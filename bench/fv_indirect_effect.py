@@ -49,7 +49,7 @@ def plain_effects(
             for head in range(n_heads):
                 value = mean_act[layer, head].to(lm.device, lm.dtype)
 
-                def patch(mod, args, head=head, value=value):
+                def patch(_mod, args, head=head, value=value):
                     x = args[0].clone()
                     x[0, -1, head * hd : (head + 1) * hd] = value
                     return (x, *args[1:])

@@ -51,7 +51,7 @@ def one_at_a_time(
             adds = scaled[:, torch.tensor(p.sep_class, device=lm.device)]  # [L, P, D]
             for layer, module in enumerate(lm.layout.attn_out):
 
-                def hook(mod, args, output, layer=layer, pos=pos, adds=adds):
+                def hook(_mod, _args, output, layer=layer, pos=pos, adds=adds):
                     output[0, pos] += adds[layer]
                     return output
 

@@ -188,19 +188,19 @@ def _split_from_lists(role: str, pair: Any, words: list[str]) -> Split:
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise UsageError(f"{role}: text {i} is empty or not a string; accepted: non-empty strings")
-    index = []
-    for i, label in enumerate(labels):
-        if isinstance(label, str):
-            if label not in words:
-                raise UsageError(f"{role}: label {i} '{label}' is not a label word; accepted: {', '.join(words)}")
-            index.append(words.index(label))
-        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(words):
-            index.append(int(label))
-        else:
-            raise UsageError(
-                f"{role}: label {i} {label!r} is out of range; accepted: 0..{len(words) - 1} or a label word"
-            )
+    index = [_label_index(role, i, label, words) for i, label in enumerate(labels)]
     return Split(texts, np.array(index, dtype=np.int64))
+
+
+def _label_index(role: str, i: int, label: Any, words: list[str]) -> int:
+    """A given label (a label word, or its index) as its index, checked."""
+    if isinstance(label, str):
+        if label not in words:
+            raise UsageError(f"{role}: label {i} '{label}' is not a label word; accepted: {', '.join(words)}")
+        return words.index(label)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(words):
+        return int(label)
+    raise UsageError(f"{role}: label {i} {label!r} is out of range; accepted: 0..{len(words) - 1} or a label word")
 
 
 # ---- episodes and prompts -----------------------------------------------------------------------
@@ -339,7 +339,7 @@ def protocol_for(
     )
 
 
-def _posed(given: Protocol | None, task: Task, values: dict[str, Any]) -> Protocol:
+def _posed(given: Protocol | None, task: Task, **values: Any) -> Protocol:
     """The protocol given, or one built from the protocol arguments (never both)."""
     if given is None:
         return protocol_for(task, **values)
@@ -394,26 +394,10 @@ def fit(
     method built by name takes `seed` as the CLI's does (FV: which labels its trials shuffle); a built
     one keeps its own.
     """
-    values = {
-        "ext_shot": ext_shot,
-        "episodes": episodes,
-        "select_episodes": select_episodes,
-        "seed": seed,
-        "max_example_tokens": max_example_tokens,
-    }
-    values = {k: _P[k].check(v) for k, v in values.items()}
+    given = (("ext_shot", ext_shot), ("episodes", episodes), ("select_episodes", select_episodes), ("seed", seed))
+    values = {k: _P[k].check(v) for k, v in (*given, ("max_example_tokens", max_example_tokens))}
     posed = _posed(
-        protocol,
-        task,
-        {
-            "shot": shot,
-            "demos": demos,
-            "demo_order": demo_order,
-            "template": template,
-            "score": score,
-            "metric": metric,
-            "max_new_tokens": None,
-        },
+        protocol, task, shot=shot, demos=demos, demo_order=demo_order, template=template, score=score, metric=metric
     )
     built = _build(method, settings, values["seed"])
     cls = type(built)
@@ -421,10 +405,20 @@ def fit(
     posed.check(cls, task.kind, METHODS)
     if cls.needs_fit and values["ext_shot"] < 1:
         raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
+    _fit_built(built, lm, task, posed, values, (batch_size, progress))
+    return built
+
+
+def _fit_built(
+    built: Method, lm: LoadedModel, task: Task, posed: Protocol, values: dict[str, Any], running: tuple[int | str, bool]
+) -> None:
+    """Fit a checked method as the CLI's fit step does (`running`: the batch size and whether to show
+    progress); its `fit_budget` and `fit_info` set."""
+    cls = type(built)
     fitting = cls.needs_fit or cls.needs_validation
     demo_set = experiment.check_data(task, cls, posed, "validation", values["seed"], fitting, values["ext_shot"])
     enc = encoder(lm, task, values["max_example_tokens"], posed.template)
-    scorer = _scorer(lm, task, enc, batch_size, progress, posed)
+    scorer = _scorer(lm, task, enc, *running, posed)
     train, select = experiment.fit_episodes(
         task, cls, posed, values["ext_shot"], values["episodes"], values["select_episodes"], values["seed"], demo_set
     )
@@ -447,7 +441,6 @@ def fit(
         values["seed"],
         values["max_example_tokens"],
     )
-    return built
 
 
 @dataclass
@@ -505,36 +498,51 @@ def evaluate(
     was fitted with (else the CLI's default).
     """
     built = _build(method, settings, seed)
-    cls = type(built)
     if split not in task.splits:
         raise UsageError(f"split '{split}' is not in task '{task.name}'; accepted: {', '.join(task.splits)}")
     posed = _posed(
         protocol,
         task,
-        {
-            "shot": shot,
-            "demos": demos,
-            "demo_order": demo_order,
-            "template": template,
-            "score": score,
-            "metric": _P["metric"].default,
-            "max_new_tokens": max_new_tokens,
-        },
+        shot=shot,
+        demos=demos,
+        demo_order=demo_order,
+        template=template,
+        score=score,
+        max_new_tokens=max_new_tokens,
     )
+    _check_evaluable(built, task, posed)
+    if max_example_tokens is None:  # the fit's
+        max_example_tokens = (built.fit_info or {}).get("max_example_tokens", _P["max_example_tokens"].default)
+    seed, n = _P["seed"].check(seed), _P["eval_episodes"].check(n)
+    return _evaluate_built(built, lm, task, posed, (split, n, seed), max_example_tokens, (batch_size, progress))
+
+
+def _check_evaluable(built: Method, task: Task, posed: Protocol) -> None:
+    """Refuse, before anything is drawn, a method that cannot run on this task under this protocol, or is not fitted."""
+    cls = type(built)
     runspec.check_method_task(cls, task)
     posed.check(cls, task.kind, METHODS)
     if not _fitted(built):
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
-    if max_example_tokens is None:
-        max_example_tokens = (getattr(built, "fit_info", None) or {}).get(
-            "max_example_tokens", _P["max_example_tokens"].default
-        )
-    seed, n = _P["seed"].check(seed), _P["eval_episodes"].check(n)
+
+
+def _evaluate_built(
+    built: Method,
+    lm: LoadedModel,
+    task: Task,
+    posed: Protocol,
+    drawing: tuple[str, int, int],
+    max_example_tokens: int,
+    running: tuple[int | str, bool],
+) -> Evaluation:
+    """Score a checked, fitted method as the CLI's evaluation does (`drawing`: split, n and seed;
+    `running`: the batch size and whether to show progress)."""
+    cls, (split, n, seed) = type(built), drawing
     demo_set = experiment.check_data(task, cls, posed, split, seed, False, 0)
     drawn = experiment.evaluation_episodes(task, split, posed.eval_shot(cls), n, seed, demo_set, "eval")
     episodes = in_order(drawn, posed.demo_order)
     enc = encoder(lm, task, max_example_tokens, posed.template)
-    scorer = _scorer(lm, task, enc, batch_size, progress, posed)
+    scorer = _scorer(lm, task, enc, *running, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)
     with budget.counting(lm.model) as count, _advised(cls):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import distributed as dist
 from . import presets
 from .batching import NonFinite
-from .errors import Parser, Terminated, UsageError
+from .errors import Parser, Terminated, UsageError, program, terminate
 from .experiment import Experiment
 from .methods import METHODS
 from .presets import PRESETS
@@ -63,11 +63,6 @@ def _add_setting(group: Any, setting: Setting) -> None:
     )
 
 
-def program() -> str:
-    """`ivlib` when run as the console script, else `iv.py` (the seed's entry point)."""
-    return "ivlib" if Path(sys.argv[0]).name == "ivlib" else "iv.py"
-
-
 def invocation() -> list[str]:
     """How this run was started, as the record's `command` begins, so the command can be pasted:
     `ivlib` (console script) or `python iv.py` (the script as given, else `iv.py`)."""
@@ -111,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     protocol = p.add_argument_group("protocol (every method)")
     for setting in PROTOCOL:
         _add_setting(protocol, setting)
+    _add_method_settings(p)
+    _add_files(p.add_argument_group("model, device and files"))
+    return p
+
+
+def _add_method_settings(p: argparse.ArgumentParser) -> None:
+    """One group per method, in the registry's order: the settings it declares first (a setting
+    several methods share is listed under the first)."""
     seen: set[str] = set()
     for name, cls in METHODS.items():
         own = [s for s in cls.declared_settings() if s.name not in seen]
@@ -119,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
             for setting in own:
                 _add_setting(group, setting)
                 seen.add(setting.name)
-    run = p.add_argument_group("model, device and files")
+
+
+def _add_files(run: argparse._ArgumentGroup) -> None:
     run.add_argument(
         "--no-half",
         action="store_true",
@@ -161,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bars or library messages; the summary line and the one-time model conversion notice still print (default: off)",
     )
-    return p
 
 
 def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
@@ -336,27 +340,27 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "methods":
         print("\n".join(METHODS))
         return 0
-    experiment: Experiment | None = None
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, terminate)
     except ValueError:  # not the main thread (embedded use): leave signals alone
         previous = None
+    try:
+        return _run_command(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(argv: list[str]) -> int:
+    """A run from its flags; every way it can end as its exit code (a crash alone raises)."""
+    experiment: Experiment | None = None
     try:
         spec = spec_from_args(build_parser().parse_args(argv), argv)
         experiment = Experiment(spec)
         run(spec, experiment)
         dist.finish(lambda: _process_device(experiment))
-    except UsageError as exc:  # one process: one line; several: this process's error joins the others'
-        if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
-            exc = exc.advised(experiment.method_cls.scaling_flags())
-        if experiment is not None and dist.active():
-            try:
-                dist.fail_together(exc, lambda: _process_device(experiment))
-            except dist.RunFailed as failed:
-                return _run_failed(failed, experiment)
-        if dist.is_main():  # the flags themselves (the same on every process): printed once
-            print(f"{program()}: error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        return _usage_failed(exc, experiment)
     except dist.RunFailed as exc:  # several processes, one of them failed: every process raises it together
         return _run_failed(exc, experiment)
     except (KeyboardInterrupt, Terminated) as exc:
@@ -368,16 +372,32 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a crash: its traceback here, and with several processes its line from rank 0
         if experiment is None or not dist.active():
             raise
-        traceback.print_exc()
+        return _crashed(exc, experiment)
+    return 0
+
+
+def _usage_failed(exc: UsageError, experiment: Experiment | None) -> int:
+    """One process: one line; several: this process's error joins the others', one line from rank 0."""
+    if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
+        exc = exc.advised(experiment.method_cls.scaling_flags())
+    if experiment is not None and dist.active():
         try:
             dist.fail_together(exc, lambda: _process_device(experiment))
         except dist.RunFailed as failed:
             return _run_failed(failed, experiment)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
+    if dist.is_main():  # the flags themselves (the same on every process): printed once
+        print(f"{program()}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _crashed(exc: Exception, experiment: Experiment) -> int:
+    """A crash of one of several processes: its traceback, then every process's one line from rank 0."""
+    traceback.print_exc()
+    try:
+        dist.fail_together(exc, lambda: _process_device(experiment))
+    except dist.RunFailed as failed:
+        return _run_failed(failed, experiment)
+    raise exc
 
 
 def _run_failed(exc: dist.RunFailed, experiment: Experiment | None) -> int:
@@ -425,7 +445,3 @@ def _interrupted(experiment: Experiment | None, terminated: bool) -> str:
         f"iv.py: interrupted ({name}); {progress.records} record(s) of this run written to {spec.results}{saved}; "
         "rerun with --resume to finish"
     )
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()

@@ -280,7 +280,7 @@ def evaluate(prepared: Prepared, loaded: Loaded, sampled: Sampled, fitted: Fitte
         data = sample_lines(
             sampled.episodes, y_pred, scores[:, : rule.score_columns(task.n_classes)], rule.texts(scores, gold)
         )
-        stem = samples_stem(spec.results, spec.model, spec.task, spec.method, spec.split, now)
+        stem = samples_stem(spec.model, spec.task, spec.method, spec.split, now)
         record["samples"] = dist.together(lambda: write_samples(spec.results, stem, data))
     return record
 

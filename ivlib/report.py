@@ -121,7 +121,7 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def model_table(model: str, cells: list[Cell], metric: str) -> tuple[list[str], int]:
+def model_table(cells: list[Cell], metric: str) -> tuple[list[str], int]:
     """Markdown lines of one model's table, and how many tasks the average is over."""
     by_key = {(c.run.task, c.run.method): c for c in cells}
     methods = method_order(c.run.method for c in cells)
@@ -168,7 +168,7 @@ def markdown(
     ]
     for model in sorted({c.run.model for c in cells}):
         mine = [c for c in cells if c.run.model == model]
-        table, n_complete = model_table(model, mine, metric)
+        table, n_complete = model_table(mine, metric)
         lines += [f"## {model}", "", *table, ""]
         lines += _footnotes(mine, n_complete, metric)
         lines += details_table(mine)
@@ -541,7 +541,7 @@ def _episodes_text(runs: list[Scored]) -> str:
 
 
 def plot_heatmap(
-    model: str, task: str, method: str, runs: list[Scored], metric: str, path: Path, axes: Axes, names: dict[str, str]
+    model: str, task: str, method: str, runs: list[Scored], path: Path, axes: Axes, names: dict[str, str]
 ) -> bool:
     """One panel per value of the third axis, so the landscape can be read at a glance; False if no grid.
     `names` gives each axis the label a reader knows (the paper's symbol beside the setting). The colour
@@ -813,7 +813,7 @@ def write_report(
             path = out / f"confusion_{safe_name(model)}_{safe_name(task)}_{safe_name(method)}.png"
             plot_confusion(cell, *view, path)
             written.append(path)
-    written += _heatmaps(scored, out, metric)
+    written += _heatmaps(scored, out)
     styles = method_styles(c.run.method for c in cells)  # one colour per method, the same in every plot
     for model in sorted({c.run.model for c in cells}):
         mine = [c for c in cells if c.run.model == model]
@@ -841,7 +841,7 @@ def _grid_methods() -> dict[str, tuple[Axes, dict[str, str]]]:
     return out
 
 
-def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
+def _heatmaps(scored: list[Scored], out: Path) -> list[Path]:
     grids = _grid_methods()
     groups: dict[tuple[str, str, str], list[Scored]] = {}
     for s in latest_per_setting(scored):
@@ -855,6 +855,6 @@ def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
         for r in runs:  # several seeds of one setting: one cell, their mean (as select ranks it)
             by_setting.setdefault(r.setting, []).append(r)
         runs = [over_seeds(same) for same in by_setting.values()]
-        if plot_heatmap(model, task, method, runs, metric, path, axes, names):
+        if plot_heatmap(model, task, method, runs, path, axes, names):
             written.append(path)
     return written

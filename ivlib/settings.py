@@ -94,9 +94,11 @@ class Setting:
             raise UsageError(f"{self.flag} '{value}' is not accepted; accepted: {', '.join(self.choices)}")
         if isinstance(coerced, float) and not math.isfinite(coerced):
             raise UsageError(f"{self.flag} {value} is not a finite number; accepted: {self.accepted()}")
-        if isinstance(coerced, (int, float)) and not isinstance(coerced, bool):
-            if (self.low is not None and coerced < self.low) or (self.high is not None and coerced > self.high):
-                raise UsageError(f"{self.flag} {value} is out of range; accepted: {self.accepted()}")
+        number = isinstance(coerced, (int, float)) and not isinstance(coerced, bool)
+        if number and (
+            (self.low is not None and coerced < self.low) or (self.high is not None and coerced > self.high)
+        ):
+            raise UsageError(f"{self.flag} {value} is out of range; accepted: {self.accepted()}")
         return coerced
 
 

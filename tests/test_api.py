@@ -267,28 +267,29 @@ def test_steering_refusals_and_hooks_removed_after_an_exception(gpt2, task):
     ids = torch.tensor([prompt.ids])
     with torch.no_grad():
         plain = gpt2.model(ids).logits
-    with pytest.raises(RuntimeError, match="inside"):
-        with ivlib.steer(iv, gpt2, prompt, strength=30.0):
-            with torch.no_grad():
-                assert not torch.allclose(gpt2.model(ids).logits, plain)
-            raise RuntimeError("inside the block")
+    with pytest.raises(RuntimeError, match="inside"), ivlib.steer(iv, gpt2, prompt, strength=30.0):
+        with torch.no_grad():
+            assert not torch.allclose(gpt2.model(ids).logits, plain)
+        raise RuntimeError("inside the block")
     assert _no_hooks(gpt2)
     with torch.no_grad():
         assert torch.equal(gpt2.model(ids).logits, plain)
-    with pytest.raises(
-        ivlib.UsageError, match="steers only at a prompt.s positions.*accepted with every_position: fv, icv, iv"
+    with (
+        pytest.raises(
+            ivlib.UsageError, match="steers only at a prompt.s positions.*accepted with every_position: fv, icv, iv"
+        ),
+        ivlib.steer(tv, gpt2, every_position=True),
     ):
-        with ivlib.steer(tv, gpt2, every_position=True):
-            pass
-    with pytest.raises(ivlib.UsageError, match="does not steer"):
-        with ivlib.steer(ivlib.get_method("icl")(), gpt2, prompt):
-            pass
-    with pytest.raises(ivlib.UsageError, match="not fitted"):
-        with ivlib.steer(ivlib.get_method("iv")(), gpt2, prompt):
-            pass
-    with pytest.raises(ivlib.UsageError, match="needs a prompt"):
-        with ivlib.steer(iv, gpt2):
-            pass
+        pass
+    with (
+        pytest.raises(ivlib.UsageError, match="does not steer"),
+        ivlib.steer(ivlib.get_method("icl")(), gpt2, prompt),
+    ):
+        pass
+    with pytest.raises(ivlib.UsageError, match="not fitted"), ivlib.steer(ivlib.get_method("iv")(), gpt2, prompt):
+        pass
+    with pytest.raises(ivlib.UsageError, match="needs a prompt"), ivlib.steer(iv, gpt2):
+        pass
     assert _no_hooks(gpt2)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,7 +100,7 @@ def test_a_state_selected_in_one_order_is_refused_in_the_other(tmp_path, capsys)
     vec, results = tmp_path / "tv.safetensors", str(tmp_path / "runs.jsonl")
     tv = ["--method", "tv", "-s", "1", "-e", "4", "--select-episodes", "4", "--results", results]
     assert main(COMMON + tv + ["--demo-order", "class", "--save-vectors", str(vec)]) == 0
-    assert json.loads(open(results).readline())["fit"]["demo_order"] == "class"
+    assert json.loads(Path(results).read_text().splitlines()[0])["fit"]["demo_order"] == "class"
     capsys.readouterr()
     assert main(COMMON + ["--method", "tv", "--load-vectors", str(vec), "--results", results]) == 2
     err = capsys.readouterr().err.strip()

@@ -228,38 +228,49 @@ def _run_all(tmp: Path, capsys) -> dict[str, Any]:
 def _first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
     """'key.path: expected X, got Y' for the first place where the two differ, else None."""
     if isinstance(expected, dict) and isinstance(actual, dict):
-        for key in list(expected) + [k for k in actual if k not in expected]:
-            where = f"{path}.{key}" if path else str(key)
-            if key not in actual:
-                return f"{where}: missing (expected {_short(expected[key])})"
-            if key not in expected:
-                return f"{where}: unexpected (got {_short(actual[key])})"
-            found = _first_difference(expected[key], actual[key], where)
-            if found:
-                return found
-        return None
+        return _dict_difference(expected, actual, path)
     if isinstance(expected, list) and isinstance(actual, list):
-        for i, (e, a) in enumerate(zip(expected, actual)):
-            found = _first_difference(e, a, f"{path}[{i}]")
-            if found:
-                return found
-        if len(expected) != len(actual):
-            return f"{path}: expected {len(expected)} items, got {len(actual)}"
-        return None
+        return _list_difference(expected, actual, path)
     if isinstance(expected, str) and isinstance(actual, str) and expected != actual:
-        e_lines, a_lines = expected.splitlines(), actual.splitlines()
-        for n, (e, a) in enumerate(zip(e_lines, a_lines), start=1):
-            if e != a:
-                return f"{path}, line {n}:\n  expected {e!r}\n  got      {a!r}"
-        return f"{path}: expected {len(e_lines)} lines, got {len(a_lines)}"
+        return _text_difference(expected, actual, path)
     if ".tensors." in path and isinstance(expected, float) and isinstance(actual, float):
         close = math.isclose(expected, actual, rel_tol=TENSOR_RTOL, abs_tol=TENSOR_ATOL)
         return None if close else f"{path}: expected {expected!r}, got {actual!r} (tolerance {TENSOR_RTOL})"
-    if type(expected) is not type(actual) or expected != actual:
-        if isinstance(expected, float) and isinstance(actual, float) and math.isnan(expected) and math.isnan(actual):
-            return None
+    both_nan = isinstance(expected, float) and isinstance(actual, float) and math.isnan(expected) and math.isnan(actual)
+    if (type(expected) is not type(actual) or expected != actual) and not both_nan:
         return f"{path}: expected {_short(expected)}, got {_short(actual)}"
     return None
+
+
+def _dict_difference(expected: dict[str, Any], actual: dict[str, Any], path: str) -> str | None:
+    for key in list(expected) + [k for k in actual if k not in expected]:
+        where = f"{path}.{key}" if path else str(key)
+        if key not in actual:
+            return f"{where}: missing (expected {_short(expected[key])})"
+        if key not in expected:
+            return f"{where}: unexpected (got {_short(actual[key])})"
+        found = _first_difference(expected[key], actual[key], where)
+        if found:
+            return found
+    return None
+
+
+def _list_difference(expected: list[Any], actual: list[Any], path: str) -> str | None:
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        found = _first_difference(e, a, f"{path}[{i}]")
+        if found:
+            return found
+    if len(expected) != len(actual):
+        return f"{path}: expected {len(expected)} items, got {len(actual)}"
+    return None
+
+
+def _text_difference(expected: str, actual: str, path: str) -> str:
+    e_lines, a_lines = expected.splitlines(), actual.splitlines()
+    for n, (e, a) in enumerate(zip(e_lines, a_lines), start=1):
+        if e != a:
+            return f"{path}, line {n}:\n  expected {e!r}\n  got      {a!r}"
+    return f"{path}: expected {len(e_lines)} lines, got {len(a_lines)}"
 
 
 def _short(value: Any) -> str:

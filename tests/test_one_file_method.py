@@ -41,7 +41,7 @@ class QueryShift(Method[QueryShiftSettings]):
         blocks = scorer.layout.blocks
         return blocks[round(self.settings.depth * (len(blocks) - 1))]
 
-    def fit(self, scorer, encoder, episodes, validation=None):
+    def fit(self, scorer, encoder, episodes, _validation=None):
         def read(batch):  # [B, D] block output at each row's query separator
             rows = torch.arange(batch.input_ids.shape[0])
             with edit_outputs([self._block(scorer)], rows, batch.query_cols, read=True) as sites:
@@ -71,16 +71,29 @@ def registered():
     del METHODS[NAME]
 
 
-BASE = "-c config/tiny.yaml -m tiny-gpt2 -t review_sentiment -s 1 -e 6 -n 24 --quiet".split()
+BASE = [
+    "-c",
+    "config/tiny.yaml",
+    "-m",
+    "tiny-gpt2",
+    "-t",
+    "review_sentiment",
+    "-s",
+    "1",
+    "-e",
+    "6",
+    "-n",
+    "24",
+    "--quiet",
+]
 
 
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_report(
-    registered, tmp_path, monkeypatch, capsys
-):
+@pytest.mark.usefixtures("registered")
+def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     results, vec = tmp_path / "runs.jsonl", tmp_path / "qs.safetensors"
     method = BASE + ["--method", NAME, "--results", str(results)]

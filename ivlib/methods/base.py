@@ -196,7 +196,6 @@ class Method(ABC, Generic[S]):
         loaded file that would steer with the wrong vectors is refused before `load_state` sees it.
         A method with state should declare it; without one (None) a file is checked against its own
         metadata only and `load_state`'s failures become one line."""
-        return None
 
     def restore(self, path: str, tensors: dict[str, torch.Tensor], layout: ModelLayout, n_classes: int) -> None:
         """`load_state` for a state file, after checking every tensor against `state_spec`."""

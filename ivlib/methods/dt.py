@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from ..episodes import Episode
 from ..errors import UsageError
@@ -65,6 +66,7 @@ class DeepThinking(Method[DTSettings]):
         self.step = self.settings.dt_step  # the T used at evaluation; None until chosen on validation
         self.curve: list[float] = []  # validation score after each step 1..dt_steps
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """Nothing is fitted; the steps are selected on validation unless --dt-step gives them."""
         return {
@@ -171,6 +173,7 @@ class DeepThinking(Method[DTSettings]):
         with scorer.over(prefix):
             return scorer.label_scores(batch)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:

@@ -15,12 +15,14 @@ hooks handle both), and unlike the IV release, the patch touches the last token 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from .. import budget
 from ..episodes import Episode, Example
@@ -83,11 +85,13 @@ class FunctionVectors(Method[FVSettings]):
         self.vector: torch.Tensor | None = None  # [D] float32
         self.layer: int | None = None
 
+    @override
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
         total = scorer.layout.n_layers * scorer.layout.n_heads
         if self.settings.n_top_heads is not None and self.settings.n_top_heads > total:
             raise UsageError(f"--n-top-heads {self.settings.n_top_heads} exceeds the model's {total} heads")
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The training demonstrations, and the queries of the --ie-episodes trials: an indirect effect
         is the gain in the correct label's probability."""
@@ -102,7 +106,9 @@ class FunctionVectors(Method[FVSettings]):
             "ie_rows_per_forward": self.rows_per_forward,
         }
 
-    def _patch_heads(self, scorer: Scorer, layer: int, heads: list[int], rows: torch.Tensor, cols: torch.Tensor):
+    def _patch_heads(
+        self, scorer: Scorer, layer: int, heads: list[int], rows: torch.Tensor, cols: torch.Tensor
+    ) -> AbstractContextManager[Any]:
         """A last-token edit (see `LastTokenEdit`) for rows repeated len(heads) times, as
         `last_token_groups` lays them out: row b * len(heads) + j gets head heads[j] overwritten by its mean."""
         keep, value = head_patch(fitted(self.mean_act, self.name), layer, heads)  # [g, F] each
@@ -152,6 +158,7 @@ class FunctionVectors(Method[FVSettings]):
         effects = scorer.runner.map(trials, gains, "FV indirect effects", fallback=self._fewer_rows)
         return effects.mean(dim=0).view(len(layers), n_heads)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -209,6 +216,7 @@ class FunctionVectors(Method[FVSettings]):
         }
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n, h = layout.n_layers, layout.n_heads
         return {

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from .. import budget
 from ..episodes import Episode
@@ -46,7 +47,8 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) ->
 def centroid_scores(hidden: torch.Tensor, centroids: torch.Tensor, distance: str) -> torch.Tensor:
     """[B, C] negative distances of `hidden` [B, D] to each centroid [C, D] (higher: nearer)."""
     if distance == "l2":
-        return -torch.linalg.vector_norm(hidden[:, None, :] - centroids[None], dim=-1)
+        distances: torch.Tensor = torch.linalg.vector_norm(hidden[:, None, :] - centroids[None], dim=-1)
+        return -distances
     cosine = torch.nn.functional.cosine_similarity(hidden[:, None, :], centroids[None], dim=-1)
     return cosine - 1  # minus the cosine distance
 
@@ -78,6 +80,7 @@ class HiddenCalibration(Method[HCSettings]):
         self.centroids: torch.Tensor | None = None  # [C, D] float32
         self.counts: torch.Tensor | None = None  # [C] calibration prompts per class
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -93,6 +96,7 @@ class HiddenCalibration(Method[HCSettings]):
         labels = torch.tensor([p.label for p in prompts])
         self.centroids, self.counts = class_means(hidden, labels, encoder.n_classes)
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The calibration prompts' demonstrations and their queries, whose labels give the classes."""
         return {"fit": budget.distinct(budget.demonstrations(train) + budget.queries(train)), "selection": 0}
@@ -112,6 +116,7 @@ class HiddenCalibration(Method[HCSettings]):
         return centroid_scores(hidden, centroids.to(hidden.device), self.settings.hc_distance)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         # the last hidden state's width is d_model except where a model projects it (OPT-350m): not fixed here
         return {"centroids": TensorSpec((n_classes, None)), "counts": TensorSpec((n_classes,), "int")}

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from .. import budget
 from .. import distributed as dist
@@ -138,6 +139,7 @@ class ImplicitICL(Method[I2CLSettings]):
         self.loss_curve: list[float] = []  # mean calibration loss per epoch
         self.n_demos = 0
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The demonstrations of the first --i2cl-sets training episodes (vectors and calibration)."""
         return {"fit": budget.distinct(budget.demonstrations(train[: self.settings.i2cl_sets])), "selection": 0}
@@ -235,7 +237,13 @@ class ImplicitICL(Method[I2CLSettings]):
         result = (a.detach().cpu(), b.detach().cpu(), curve)
         self.a, self.b, self.loss_curve = dist.share(lambda: result, "I2CL calibration")[0]  # rank 0's
 
-    def _step(self, scorer: Scorer, prompts: list[EncodedPrompt], optimiser, schedule) -> float:
+    def _step(
+        self,
+        scorer: Scorer,
+        prompts: list[EncodedPrompt],
+        optimiser: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+    ) -> float:
         """One optimiser step on one mini-batch; its loss."""
         batch = scorer.batch(prompts)
         try:
@@ -253,6 +261,7 @@ class ImplicitICL(Method[I2CLSettings]):
         schedule.step()
         return float(loss.detach())
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -268,6 +277,7 @@ class ImplicitICL(Method[I2CLSettings]):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n = layout.n_layers
         return {

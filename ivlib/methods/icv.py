@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
 from .. import budget
 from ..episodes import Episode, Example
@@ -97,7 +98,7 @@ def icv_shift(hidden: torch.Tensor, direction: torch.Tensor, strength: float) ->
     unit = F.normalize(direction.to(x.device, torch.float32), dim=-1)
     norm = x.norm(dim=-1, keepdim=True)
     away = F.cosine_similarity(x, -unit.expand_as(x), dim=-1).clamp(min=0)[..., None]  # [..., 1]
-    out = F.normalize(F.normalize(x, dim=-1) + strength * (1 + away) * unit, dim=-1) * norm
+    out: torch.Tensor = F.normalize(F.normalize(x, dim=-1) + strength * (1 + away) * unit, dim=-1) * norm
     return out.to(hidden.dtype)
 
 
@@ -148,6 +149,7 @@ class InContextVectors(Method[ICVSettings]):
         """[L, D]: the in-context vector, the release's principal direction plus mean."""
         return fitted(self.principal, self.name) + fitted(self.mean, self.name)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -170,6 +172,7 @@ class InContextVectors(Method[ICVSettings]):
         self.principal, self.mean = principal.view(states.shape[1:]), mean.view(states.shape[1:])
         self.n_demos = n
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The demonstrations of the first --icv-sets training episodes."""
         return {"fit": budget.distinct(budget.demonstrations(train[: self.settings.icv_sets])), "selection": 0}
@@ -181,6 +184,7 @@ class InContextVectors(Method[ICVSettings]):
             "mean_difference_norm": round(float(fitted(self.mean, self.name).norm()), 4),
         }
 
+    @override
     def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
         """The norm-preserving shift of every MLP output at every position (a `transform`: it depends on
         each activation), with no indexed edits: `steering` applies it at every position, with a prompt
@@ -197,6 +201,7 @@ class InContextVectors(Method[ICVSettings]):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         shape = (layout.n_layers, layout.d_model)
         return {

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from .. import distributed as dist
 from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads
 from ..layout import ModelLayout
 from ..models import LoadedModel
-from ..prompts import PromptBatch, PromptEncoder
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Prefix, Scorer
 from ..settings import EVAL, MethodSettings, setting_field
 from ..state import TensorSpec
@@ -78,6 +79,7 @@ class IterativeVectors(Method[IVSettings]):
             scorer.forward(batch)
         return stack_reads(sites)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -123,7 +125,7 @@ class IterativeVectors(Method[IVSettings]):
     def _window_batch(
         self,
         scorer: Scorer,
-        prompts: list,
+        prompts: list[EncodedPrompt],
         idx: list[int],
         neg: torch.Tensor,
         current: torch.Tensor | None,

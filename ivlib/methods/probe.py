@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from .. import budget
 from .. import distributed as dist
@@ -215,6 +216,7 @@ class Probe(Method[ProbeSettings]):
         return torch.log_softmax(logits, dim=-1)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         # the last hidden state's width is d_model except where a model projects it (OPT-350m): not fixed here
         return {

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from .. import budget
 from .. import distributed as dist
@@ -48,7 +49,7 @@ TOP_HEADS = 10  # heads listed in the record, by alpha
 
 def soft_injection(
     scorer: Scorer, emb: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> AbstractContextManager:
+) -> AbstractContextManager[Any]:
     """At (rows, cols), every head's input to the output projection h <- (1 - alpha) h + alpha emb.
 
     `emb` [L, H, hd], `alpha` [L, H]. The pre-hook writes into a copy of the input (`InputSite`),
@@ -215,6 +216,7 @@ class SoftInjection(Method[SITESettings]):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n, h = layout.n_layers, layout.n_heads
         return {

@@ -22,15 +22,17 @@ demonstrations; ivlib averages over the `-e` training episodes of `-s` shots per
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from ..episodes import Episode
 from ..errors import UsageError
-from ..hooks import Edit, edit_outputs, stack_reads
+from ..hooks import Edit, OutputSite, edit_outputs, stack_reads
 from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
@@ -104,6 +106,7 @@ class StateVector(Method[SVSettings]):
             "window_used": self.window,
         }
 
+    @override
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
         n = scorer.layout.n_layers
         if self.settings.sv_layers is not None and self.settings.sv_layers > n:
@@ -126,7 +129,7 @@ class StateVector(Method[SVSettings]):
         vector = fitted(self.vector, self.name)[:layers].to(scorer.lm.device, scorer.lm.dtype)  # [L, D]
         modules = scorer.layout.attn_out[:layers]
 
-        def edit(rows: torch.Tensor, cols: torch.Tensor):
+        def edit(rows: torch.Tensor, cols: torch.Tensor) -> AbstractContextManager[list[OutputSite]]:
             return edit_outputs(modules, rows, cols, replace=[v.expand(len(rows), -1) for v in vector])
 
         return edit
@@ -185,6 +188,7 @@ class StateVector(Method[SVSettings]):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n = layout.n_layers
         return {
