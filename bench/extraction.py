@@ -65,6 +65,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -288,7 +289,7 @@ def bench_fv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, trai
     FunctionVectors(n_top_heads=args.fv_heads, ie_episodes=1).fit(scorer, encoder, episodes[:2])  # warm-up
     fast, t_fast = timed(ivlib, lm.device)
     trials = [encoder.encode(e) for e in shuffle_labels(episodes[: args.fv_trials], fast.seed)]
-    k = fast.settings.n_top_heads  # resolved by fit when --fv-heads is not given
+    k = len(fast.heads)  # fit's rule when --fv-heads is not given
     (mean_act, effects, heads, vector), t_plain = timed(lambda: plain_fv(lm, encoder, episodes, trials, k), lm.device)
     n_heads = lm.layout.n_layers * lm.layout.n_heads
     mean_diff = (fast.mean_act - mean_act).abs().max().item()
@@ -597,7 +598,7 @@ def bench_site(
 
 
 # ---- report ---------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which fits to time (default all)")
@@ -632,67 +633,37 @@ def main() -> None:
         args.fv_episodes, args.fv_trials = min(args.fv_episodes, 6), min(args.fv_trials, 2)
         args.i2cl_epochs = min(args.i2cl_epochs, 20)
         args.site_steps = min(args.site_steps, 20)
-    if (
-        min(
-            args.episodes,
-            args.ext_shot,
-            args.select_episodes,
-            args.fv_episodes,
-            args.fv_trials,
-            args.batch_size,
-            args.repeats,
-            args.i2cl_epochs,
-            args.i2cl_episodes,
-            args.site_steps,
-        )
-        < 1
-        or args.ext_batch < 0
-    ):
+    counts = (args.episodes, args.ext_shot, args.select_episodes, args.fv_episodes, args.fv_trials, args.batch_size)
+    counts += (args.repeats, args.i2cl_epochs, args.i2cl_episodes, args.site_steps)
+    if min(counts) < 1 or args.ext_batch < 0:
         ap.error("counts must be >= 1 (--ext-batch >= 0)")
     if args.fv_trials > args.fv_episodes:
         ap.error("--fv-trials cannot exceed --fv-episodes (the trials are the first episodes, labels shuffled)")
     if args.tokenizer and not args.random_llama7b:
         ap.error("--tokenizer only applies with --random-llama7b")
     set_threads(ap, args.threads)
+    return args
 
-    load_start = os.getloadavg()[0]
-    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer)
-    encoder = make_encoder(lm, task, args.random_llama7b)
+
+def time_parts(
+    args: argparse.Namespace, lm: LoadedModel, encoder: Any, train: list[Any], validation: list[Any]
+) -> list[dict[str, Any]]:
+    """One row per part asked for (SITE gives two)."""
     scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
-    train = sample_episodes(
-        task.splits["train"], task.n_classes, args.ext_shot, max(args.episodes, args.fv_episodes), 42, "train/extract"
-    )
-    validation = sample_episodes(
-        task.splits["validation"], task.n_classes, 1, args.select_episodes, 42, "validation/select"
-    )
-    largest = max(max(max(encoder.encode(e).ids) for e in train), max(encoder.label_ids), lm.tokenizer.pad_token_id)
-    if largest >= model_vocab(lm):
-        raise SystemExit(f"extraction.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
+    fit_on = train[: args.episodes]
+    parts = {
+        "iv": lambda: [bench_iv(args, lm, scorer, encoder, fit_on)],
+        "tv": lambda: [bench_tv(args, lm, scorer, encoder, fit_on, validation)],
+        "fv": lambda: [bench_fv(args, lm, scorer, encoder, train)],
+        "sv": lambda: [bench_sv(args, lm, scorer, encoder, fit_on, validation)],
+        "i2cl": lambda: [bench_i2cl(args, lm, scorer, encoder, fit_on)],
+        "site": lambda: list(bench_site(args, lm, scorer, encoder, fit_on, validation)),
+    }
+    return [row for part in PARTS if part in args.parts for row in parts[part]()]
 
-    rows = []
-    if "iv" in args.parts:
-        rows.append(bench_iv(args, lm, scorer, encoder, train[: args.episodes]))
-    if "tv" in args.parts:
-        rows.append(bench_tv(args, lm, scorer, encoder, train[: args.episodes], validation))
-    if "fv" in args.parts:
-        rows.append(bench_fv(args, lm, scorer, encoder, train))
-    if "sv" in args.parts:
-        rows.append(bench_sv(args, lm, scorer, encoder, train[: args.episodes], validation))
-    if "i2cl" in args.parts:
-        rows.append(bench_i2cl(args, lm, scorer, encoder, train[: args.episodes]))
-    if "site" in args.parts:
-        rows.extend(bench_site(args, lm, scorer, encoder, train[: args.episodes], validation))
 
-    tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
-    print(
-        f"model {lm.name} ({lm.source}) on {where_it_ran(lm.device, load_start)}, "
-        f"{str(lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
-    )
-    print(
-        f"task {task.name} | train prompts {args.ext_shot}-shot, {tokens:.1f} tokens mean; validation 1-shot | "
-        f"ivlib batch {args.batch_size} | plain loops: one unpadded prompt per forward, full logits"
-    )
-    print()
+def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The table of parts, each part's agreement, and the verdict."""
     head = f"{'part':<4} {'ivlib s':>9} {'plain s':>9} {'ratio':>8}  {'agree':<6} work"
     print(head)
     print("-" * (len(head) + 40))
@@ -720,6 +691,35 @@ def main() -> None:
             for r in rows
         )
     )
+
+
+def main() -> None:
+    args = parse_args()
+    load_start = os.getloadavg()[0]
+    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer)
+    encoder = make_encoder(lm, task, args.random_llama7b)
+    train = sample_episodes(
+        task.splits["train"], task.n_classes, args.ext_shot, max(args.episodes, args.fv_episodes), 42, "train/extract"
+    )
+    validation = sample_episodes(
+        task.splits["validation"], task.n_classes, 1, args.select_episodes, 42, "validation/select"
+    )
+    largest = max(max(max(encoder.encode(e).ids) for e in train), max(encoder.label_ids), lm.tokenizer.pad_token_id)
+    if largest >= model_vocab(lm):
+        raise SystemExit(f"extraction.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
+
+    rows = time_parts(args, lm, encoder, train, validation)
+    tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
+    print(
+        f"model {lm.name} ({lm.source}) on {where_it_ran(lm.device, load_start)}, "
+        f"{str(lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"task {task.name} | train prompts {args.ext_shot}-shot, {tokens:.1f} tokens mean; validation 1-shot | "
+        f"ivlib batch {args.batch_size} | plain loops: one unpadded prompt per forward, full logits"
+    )
+    print()
+    report(args, rows)
 
 
 if __name__ == "__main__":

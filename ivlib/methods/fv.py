@@ -169,9 +169,8 @@ class FunctionVectors(Method[FVSettings]):
 
         trials = [encoder.encode(e) for e in shuffle_labels(episodes[: self.settings.ie_episodes], self.seed)]
         self.effects = self.indirect_effects(scorer, trials)
-        k = self.settings.n_top_heads or default_top_heads(
-            n_layers, n_heads
-        )  # the record keeps what was asked (None: the rule)
+        # the record keeps what was asked (None: the rule)
+        k = self.settings.n_top_heads or default_top_heads(n_layers, n_heads)
         top = torch.topk(self.effects.flatten(), k).indices.tolist()
         self.heads = [(i // n_heads, i % n_heads) for i in top]
         self.vector = self._build_vector(scorer)
