@@ -188,7 +188,13 @@ def _run_all(tmp: Path, capsys) -> dict[str, Any]:
     assert [r["hyperparameters"]["strength"] for r in added] == [0.5, 0.9]
     assert resume.read_bytes().startswith(before)
 
-    # select: best validation setting per model/task/method, with the test commands it prints
+    _select_and_test(tmp, capsys, cases, call)
+    cases["report"] = _report(tmp, capsys)
+    return json.loads(json.dumps(cases))  # what the fixture holds: JSON types, floats as JSON reads them
+
+
+def _select_and_test(tmp: Path, capsys, cases: dict[str, Any], call) -> None:
+    """select: best validation setting per model/task/method, with the test commands it prints."""
     capsys.readouterr()
     assert main(["select", "--results", str(tmp / "runs.jsonl"), "--commands", "-n", "20"]) == 0
     out, err = capsys.readouterr()
@@ -206,20 +212,21 @@ def _run_all(tmp: Path, capsys) -> dict[str, Any]:
             records = call(f"test-run/{method}/{model}", argv, "runs.jsonl")
             assert [r["split"] for r in records] == ["test"] and records[0]["n_eval_episodes"] == 20
 
-    # report: the tables pinned as text, the plots only checked to exist
+
+def _report(tmp: Path, capsys) -> dict[str, Any]:
+    """report: the tables pinned as text, the plots only checked to exist."""
     report = tmp / "report"
     capsys.readouterr()
     assert main(["report", "--results", str(tmp / "runs.jsonl"), "--out", str(report)]) == 0
     out, _ = capsys.readouterr()
     pngs = sorted(p.name for p in report.glob("*.png"))
     assert pngs and all((report / p).stat().st_size > 1000 for p in pngs), pngs
-    cases["report"] = {
+    return {
         "stdout": _stdout(out, tmp),
         "png_files": pngs,
         "table.md": (report / "table.md").read_text(encoding="utf-8"),
         "table.csv": (report / "table.csv").read_text(encoding="utf-8"),
     }
-    return json.loads(json.dumps(cases))  # what the fixture holds: JSON types, floats as JSON reads them
 
 
 # ---- comparing --------------------------------------------------------------------------------

@@ -142,8 +142,12 @@ def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert results.read_bytes() == before
+    _check_select_and_report(results, tmp_path, capsys)
 
-    # select picks the best validation setting and prints a test command for the chosen gain alone
+
+def _check_select_and_report(results, tmp_path, capsys):
+    """select picks the best validation setting and prints a test command for the chosen gain alone;
+    the report has the method's column and a heatmap over its declared axes."""
     assert main(["select", "--results", str(results), "--commands", "-n", "24"]) == 0
     lines = capsys.readouterr().out.splitlines()
     (chosen,) = [line for line in lines if f"| {NAME} |" in line]
@@ -154,8 +158,6 @@ def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_
     assert main(args + ["--quiet"]) == 0
     test_record = _records(results)[-1]
     assert test_record["split"] == "test" and test_record["hyperparameters"]["gain"] == best_gain
-
-    # the report has the method's column and a heatmap over its declared axes
     assert main(["report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "table.md").read_text()
     assert NAME in table.splitlines()[next(i for i, line in enumerate(table.splitlines()) if line.startswith("| Task"))]
