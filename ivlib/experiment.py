@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ __all__ = [  # the run's pieces, here for a caller that runs one (the spec's own
     "score_prompts",
     "task_encoder",
 ]
+
+
+T = TypeVar("T")  # a step's result
 
 
 @dataclass
@@ -342,7 +345,8 @@ class Experiment:
         """The evaluation settings still to run (none before `prepare`)."""
         return list(self.prepared.pending) if self.prepared is not None else []
 
-    def _step(self, value: Any, step: str) -> Any:
+    def _step(self, value: T | None, step: str) -> T:
+        """An earlier step's result, or the one line saying which step to call first."""
         if value is None:
             raise RuntimeError(f"Experiment: call {step}() first")
         return value
@@ -370,7 +374,7 @@ class Experiment:
 
     def fit_episodes(self) -> tuple[list[Episode], list[Episode] | None]:
         """(training episodes, validation episodes to select on) of the method's declared needs."""
-        loaded: Loaded = self._step(self.loaded, "load")
+        loaded = self._step(self.loaded, "load")
         return run_fit_episodes(self._step(self.prepared, "prepare"), loaded.task, loaded.demos)
 
     @property
@@ -396,7 +400,7 @@ class Experiment:
     def evaluate_all(self, on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Evaluate, write and report each evaluation setting as soon as it is done."""
         records = []
-        fitted: Fitted = self._step(self.fitted, "fit")
+        fitted = self._step(self.fitted, "fit")
         for method in fitted.methods:
             record = self.evaluate(method)
             self.write(record)
@@ -417,7 +421,7 @@ class Experiment:
     # ---- for people -----------------------------------------------------------------------------
     def hyperparameters(self, method: Method) -> dict[str, Any]:
         """Everything that defines a run's setting (what --resume matches)."""
-        prepared: Prepared = self._step(self.prepared, "prepare")
+        prepared = self._step(self.prepared, "prepare")
         return prepared.hyperparameters(method)
 
     def label(self, record: dict[str, Any]) -> str:

@@ -69,3 +69,18 @@ def test_a_setting_checks_type_range_and_choices():
     c = Setting("mode", str, "a", "help", choices=("a", "b"))
     with pytest.raises(UsageError, match="accepted: a, b"):
         c.check("z")
+
+
+def test_a_step_called_before_the_one_it_takes_says_which_to_call_and_the_given_spec_is_unchanged(tmp_path):
+    given = _spec(tmp_path, method="iv", settings={"strength": "0.5"}, batch_size="8")
+    exp = Experiment(given)
+    with pytest.raises(RuntimeError, match=r"call prepare\(\) first"):
+        exp.load()
+    exp.prepare()
+    with pytest.raises(RuntimeError, match=r"call load\(\) first"):
+        exp.sample()
+    with pytest.raises(RuntimeError, match=r"call fit\(\) first"):
+        exp.evaluate_all()
+    assert exp.prepared is not None and exp.prepared.values["strength"] == 0.5  # checked: a number
+    assert exp.spec.batch_size == 8 and given.batch_size == "8"  # the checked spec is a new value
+    assert given.settings == {"strength": "0.5"} and exp.given is given
