@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -196,10 +197,8 @@ def settle_rss(model: torch.nn.Module) -> int:
         for param in model.parameters():
             param.sum()
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     return status_kib("VmRSS")
 
 

@@ -69,6 +69,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import transformers
@@ -256,9 +257,19 @@ def fixed_child(args: argparse.Namespace) -> None:
     print(CHILD_TAG + json.dumps({"path": args._child, "cost": cost}), flush=True)
 
 
-def fixed_main(args: argparse.Namespace) -> None:
-    load_start = os.getloadavg()[0]
-    s = fixed_prepare(args)
+@dataclass
+class FixedRun:
+    """What --fixed measured: each path's times and scores, the prefix's one-off costs, memory per batch size."""
+
+    times: dict[str, list[float]]
+    outs: dict[str, torch.Tensor]
+    encode_s: float
+    tuning: float
+    dt1: torch.Tensor
+    memory: dict[str, dict[str, float]]
+
+
+def fixed_measure(s: Any, args: argparse.Namespace) -> FixedRun:
     paths, tuning = fixed_paths(s, args.steps)
     _, encode_s = timed(lambda: s.scorer.encode_prefix(s.shared), s.lm.device)
     for name in FIXED_NAMES:  # warm-up, untimed
@@ -274,6 +285,14 @@ def fixed_main(args: argparse.Namespace) -> None:
     runs = [f"{name}@{size}" for name in FIXED_NAMES for size in args.batch_sizes]
     measured = memory_children(__file__, sys.argv[1:], runs, CHILD_TAG)
     memory = {name: {str(b): measured[f"{name}@{b}"]["cost"] for b in args.batch_sizes} for name in FIXED_NAMES}
+    return FixedRun(times, outs, encode_s, tuning, dt1, memory)
+
+
+def fixed_main(args: argparse.Namespace) -> None:
+    load_start = os.getloadavg()[0]
+    s = fixed_prepare(args)
+    r = fixed_measure(s, args)
+    encode_s, tuning = r.encode_s, r.tuning
     n = len(s.fixed)
     print(
         f"model {s.lm.name} ({s.lm.source}) on {where_it_ran(s.lm.device, load_start)}, "
@@ -291,7 +310,12 @@ def fixed_main(args: argparse.Namespace) -> None:
         f"dt-fixed tunes it (T={args.steps}) in {1000 * tuning:.1f} ms ({tuning / encode_s:.1f}x the encoding)"
     )
     print()
-    eps = {name: n / statistics.median(times[name]) for name in FIXED_NAMES}
+    eps = {name: n / statistics.median(r.times[name]) for name in FIXED_NAMES}
+    fixed_table(args, r.memory, eps)
+    fixed_verdict(s, r, eps)
+
+
+def fixed_table(args: argparse.Namespace, memory: dict[str, dict[str, float]], eps: dict[str, float]) -> None:
     budget = args.budget_mib * 2**20
     fits = {name: max((int(b) for b, c in memory[name].items() if c <= budget), default=0) for name in FIXED_NAMES}
     sizes = " ".join(str(b) for b in args.batch_sizes)
@@ -317,21 +341,24 @@ def fixed_main(args: argparse.Namespace) -> None:
         + f"; so the budget holds about {per_row['icl'] / per_row['dt-fixed']:.2f}x episodic ICL's batch for dt-fixed "
         f"and {per_row['icl-fixed'] / per_row['dt-fixed']:.2f}x fixed ICL's (linear in the rows, an extrapolation)"
     )
-    diff = (dt1 - outs["icl-fixed"]).abs().max().item()
+
+
+def fixed_verdict(s: Any, r: FixedRun, eps: dict[str, float]) -> None:
+    diff = (r.dt1 - r.outs["icl-fixed"]).abs().max().item()
     labels = torch.tensor([p.label for p in s.fixed])
-    acc = {name: (outs[name].argmax(-1) == labels).float().mean().item() for name in FIXED_NAMES}
+    acc = {name: (r.outs[name].argmax(-1) == labels).float().mean().item() for name in FIXED_NAMES}
     print(f"correctness: dt(1)-fixed vs icl-fixed max |score difference| {diff:.2e} (T=1 is plain ICL)")
     print("accuracy (not the point here): " + ", ".join(f"{name} {acc[name]:.3f}" for name in FIXED_NAMES))
     ratio = eps["dt-fixed"] / eps["icl-fixed"]
     print(
         f"verdict: DT's query-only inference runs at {ratio:.2f}x fixed ICL's episodes/s "
         f"({'at least as fast' if ratio >= 1 else 'SLOWER'}) and {eps['dt-fixed'] / eps['icl']:.2f}x episodic ICL's, "
-        f"after a one-off tuning of {tuning:.2f} s"
+        f"after a one-off tuning of {r.tuning:.2f} s"
     )
 
 
 # ---- report ---------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes (validation split)")
@@ -359,19 +386,30 @@ def main() -> None:
     if args.steps < 2:
         ap.error("--steps must be >= 2 (T=1 is always measured as dt(1))")
     set_threads(ap, args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.fixed:
         fixed_child(args) if args._child else fixed_main(args)
         return
     if args._child:
         child(args)
         return
-
     load_start = os.getloadavg()[0]
     s = prepare(args)
-    device = s.lm.device
     names = path_names(args.steps)
-    timed_names = [*names, "demos"]
+    times, outs = measure(s, args, [*names, "demos"])
+    memory = cuda_memory(s, names) if s.lm.device.type == "cuda" else cpu_memory(names)
+    print_setup(s, args, load_start)
+    med = {name: statistics.median(times[name]) for name in [*names, "demos"]}
+    peak, extra = print_table(s, names, times, med, memory)
+    print_verdict(s, args, names, med, outs, peak, extra)
 
+
+def measure(s: Any, args: argparse.Namespace, timed_names: list[str]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """(each path's times, each path's scores)."""
     # Warm-up, untimed: one pass of every path (with --quick, over 4 prompts only), so that no path
     # pays for first-use costs (kernel selection per shape on GPU, allocator growth).
     warm = s.prompts[:4] if args.quick else s.prompts
@@ -381,11 +419,13 @@ def main() -> None:
     outs: dict[str, torch.Tensor] = {}
     for _ in range(args.repeats):  # interleaved, so drift during the run hits every path alike
         for name in timed_names:
-            outs[name], t = timed(lambda: run(s, name), device)
+            outs[name], t = timed(lambda: run(s, name), s.lm.device)
             times[name].append(t)
+    return times, outs
 
-    memory = cuda_memory(s, names) if device.type == "cuda" else cpu_memory(names)
 
+def print_setup(s: Any, args: argparse.Namespace, load_start: float) -> None:
+    device = s.lm.device
     n = len(s.prompts)
     demo = [p.query_start for p in s.prompts]
     qtok = [len(p.ids) - p.query_start for p in s.prompts]
@@ -413,9 +453,18 @@ def main() -> None:
     )
     print()
 
-    med = {name: statistics.median(times[name]) for name in timed_names}
-    eps = {name: n / med[name] for name in timed_names}
-    if device.type == "cuda":
+
+def ratio(value: dict[str, float], name: str) -> str:
+    return f"{value[name] / value['icl']:.3f}x" if value["icl"] > 0 else "n/a"
+
+
+def print_table(
+    s: Any, names: list[str], times: dict[str, list[float]], med: dict[str, float], memory: dict[str, Any]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The table of paths; (each path's peak memory, the part above the loaded model)."""
+    n = len(s.prompts)
+    eps = {name: n / med[name] for name in med}
+    if s.lm.device.type == "cuda":
         peak = {name: memory[name]["peak"] / 2**20 for name in names}
         extra = {name: (memory[name]["peak"] - memory[name]["before"]) / 2**20 for name in names}
         mem_head, extra_head = "peak alloc MiB", "above model MiB"
@@ -423,9 +472,6 @@ def main() -> None:
         peak = {name: memory[name]["peak"] / 1024 for name in names}
         extra = {name: (memory[name]["peak"] - memory[name]["after_load"]) / 1024 for name in names}
         mem_head, extra_head = "peak RSS MiB", "above load MiB"
-
-    def ratio(value: dict[str, float], name: str) -> str:
-        return f"{value[name] / value['icl']:.3f}x" if value["icl"] > 0 else "n/a"
 
     head = (
         f"{'path':<8} {'episodes/s':>10} {'vs icl':>7} {'ms/episode':>10} {'pass range ep/s':>16} "
@@ -443,7 +489,7 @@ def main() -> None:
         f"{'demos':<8} {eps['demos']:>10.2f} {ratio(eps, 'demos'):>7} {1000 * med['demos'] / n:>10.1f}   "
         "(the demonstrations encoded alone, for the split below; not a method)"
     )
-    if device.type != "cuda":
+    if s.lm.device.type != "cuda":
         reset = all(memory[name]["reset"] for name in names)
         whole = ", ".join(f"{name} {memory[name]['ru_maxrss'] / 1024:.0f}" for name in names)
         load = ", ".join(f"{name} {memory[name]['after_load'] / 1024:.0f}" for name in names)
@@ -453,7 +499,21 @@ def main() -> None:
         )
     print()
 
-    per = {name: 1000 * med[name] / n for name in timed_names}  # ms per episode
+    return peak, extra
+
+
+def print_verdict(
+    s: Any,
+    args: argparse.Namespace,
+    names: list[str],
+    med: dict[str, float],
+    outs: dict[str, Any],
+    peak: dict[str, float],
+    extra: dict[str, float],
+) -> None:
+    n = len(s.prompts)
+    eps = {name: n / med[name] for name in med}
+    per = {name: 1000 * med[name] / n for name in med}  # ms per episode
     query = per[names[1]] - per["demos"]
     step = (per[names[2]] - per[names[1]]) / (args.steps - 1)
     print(

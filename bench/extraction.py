@@ -65,6 +65,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ def plain_iv(lm: LoadedModel, encoder: PromptEncoder, episodes: list[Episode], a
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def hook(layer: int):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 out = _hidden(output)
                 if adds is not None:
                     out[0, positions] += adds[layer]
@@ -190,7 +191,7 @@ def plain_tv(
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def read(layer: int):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 reads[layer] = _hidden(output)[0, -1].float()
 
             return fn
@@ -204,7 +205,7 @@ def plain_tv(
     for i, p in enumerate(prompts):
         for layer in range(n_layers):
 
-            def replace(module, args, output, layer=layer):
+            def replace(_module, _args, output, layer=layer):
                 _hidden(output)[0, -1] = theta[layer].to(lm.dtype)
                 return output
 
@@ -217,7 +218,7 @@ def plain_tv(
 
 
 def bench_tv(
-    args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+    _args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
 ) -> dict:
     def ivlib() -> TaskVectors:
         tv = TaskVectors()
@@ -256,7 +257,7 @@ def plain_fv(
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def read(layer: int):
-            def fn(module, args):
+            def fn(_module, args):
                 reads[layer] = args[0][0, -1].float()  # o_proj's input at the query separator: all heads
 
             return fn
@@ -288,7 +289,7 @@ def bench_fv(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, trai
     FunctionVectors(n_top_heads=args.fv_heads, ie_episodes=1).fit(scorer, encoder, episodes[:2])  # warm-up
     fast, t_fast = timed(ivlib, lm.device)
     trials = [encoder.encode(e) for e in shuffle_labels(episodes[: args.fv_trials], fast.seed)]
-    k = fast.n_top_heads  # resolved by fit when --fv-heads is not given
+    k = len(fast.heads)  # fit's rule when --fv-heads is not given
     (mean_act, effects, heads, vector), t_plain = timed(lambda: plain_fv(lm, encoder, episodes, trials, k), lm.device)
     n_heads = lm.layout.n_layers * lm.layout.n_heads
     mean_diff = (fast.mean_act - mean_act).abs().max().item()
@@ -321,7 +322,7 @@ def plain_sv_vector(lm: LoadedModel, encoder: PromptEncoder, train: list[Episode
         reads: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
         def read(layer: int, positions=p.sep_pos):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 reads[layer] = _hidden(output)[0, positions].float()  # [S, D]
 
             return fn
@@ -353,7 +354,7 @@ def plain_sv(
         for n in range(1, n_layers + 1):
 
             def replace(layer: int):
-                def fn(module, args, output):
+                def fn(_module, _args, output):
                     _hidden(output)[0, -1] = vector[layer].to(lm.device, lm.dtype)
                     return output
 
@@ -368,7 +369,7 @@ def plain_sv(
 
 
 def bench_sv(
-    args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
+    _args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, train: list[Episode], validation: list[Episode]
 ) -> dict:
     def ivlib() -> StateVector:
         sv = StateVector()
@@ -406,7 +407,7 @@ def plain_i2cl_vectors(lm: LoadedModel, encoder: PromptEncoder, demos: list) -> 
         reads: list[torch.Tensor] = [None] * len(modules)  # type: ignore[list-item]
 
         def hook(i: int):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 reads[i] = _hidden(output).reshape(len(ids), -1)[-1].float()  # one row: [T, D] (OPT's fc2 too)
 
             return fn
@@ -429,7 +430,7 @@ def bench_i2cl(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, tr
     method.vectors = fast
     calibration = demonstrations(train[: args.i2cl_episodes])
     _, t_cal = timed(lambda: method.calibrate(scorer, encoder, calibration), lm.device)
-    steps = args.i2cl_epochs * -(-len(calibration) // method.i2cl_batch)
+    steps = args.i2cl_epochs * -(-len(calibration) // method.settings.i2cl_batch)
     return {
         "part": "i2cl",
         "what": f"context vectors of {len(demos)} distinct demonstrations: {len(demos)} forwards",
@@ -438,7 +439,7 @@ def bench_i2cl(args, lm: LoadedModel, scorer: Scorer, encoder: PromptEncoder, tr
         "plain": t_plain,
         "agree": f"vectors max |diff| {diff:.2e} (largest |v| {slow.abs().max().item():.2e})",
         "same": close(diff, slow, lm.dtype),
-        "calibration": f"{t_cal:.2f} s for {steps} steps of {method.i2cl_batch} prompts ({steps / t_cal:.2f} steps/s; "
+        "calibration": f"{t_cal:.2f} s for {steps} steps of {method.settings.i2cl_batch} prompts ({steps / t_cal:.2f} steps/s; "
         f"{args.i2cl_epochs} epochs over {len(calibration)} demonstrations), loss "
         f"{method.loss_curve[0]:.4f} -> {method.loss_curve[-1]:.4f}",
     }
@@ -453,7 +454,7 @@ def plain_site_embedding(lm: LoadedModel, prompts: list[EncodedPrompt]) -> torch
         reads: list[torch.Tensor] = [None] * layout.n_layers  # type: ignore[list-item]
 
         def read(layer: int):
-            def fn(module, args):
+            def fn(_module, args):
                 reads[layer] = args[0][0, -1].float()
 
             return fn
@@ -470,7 +471,7 @@ def plain_site_loss(lm: LoadedModel, label_ids: list[int], emb: torch.Tensor, al
     n_heads, hd = emb.shape[1], emb.shape[2]
 
     def mix(layer: int):
-        def fn(module, args):  # out of place: the mix saves h for the backward pass
+        def fn(_module, args):  # out of place: the mix saves h for the backward pass
             x = args[0]
             h = x[0, -1].view(n_heads, hd)
             a = alpha[layer][:, None].to(x.dtype)
@@ -597,7 +598,7 @@ def bench_site(
 
 
 # ---- report ---------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which fits to time (default all)")
@@ -632,67 +633,37 @@ def main() -> None:
         args.fv_episodes, args.fv_trials = min(args.fv_episodes, 6), min(args.fv_trials, 2)
         args.i2cl_epochs = min(args.i2cl_epochs, 20)
         args.site_steps = min(args.site_steps, 20)
-    if (
-        min(
-            args.episodes,
-            args.ext_shot,
-            args.select_episodes,
-            args.fv_episodes,
-            args.fv_trials,
-            args.batch_size,
-            args.repeats,
-            args.i2cl_epochs,
-            args.i2cl_episodes,
-            args.site_steps,
-        )
-        < 1
-        or args.ext_batch < 0
-    ):
+    counts = (args.episodes, args.ext_shot, args.select_episodes, args.fv_episodes, args.fv_trials, args.batch_size)
+    counts += (args.repeats, args.i2cl_epochs, args.i2cl_episodes, args.site_steps)
+    if min(counts) < 1 or args.ext_batch < 0:
         ap.error("counts must be >= 1 (--ext-batch >= 0)")
     if args.fv_trials > args.fv_episodes:
         ap.error("--fv-trials cannot exceed --fv-episodes (the trials are the first episodes, labels shuffled)")
     if args.tokenizer and not args.random_llama7b:
         ap.error("--tokenizer only applies with --random-llama7b")
     set_threads(ap, args.threads)
+    return args
 
-    load_start = os.getloadavg()[0]
-    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer)
-    encoder = make_encoder(lm, task, args.random_llama7b)
+
+def time_parts(
+    args: argparse.Namespace, lm: LoadedModel, encoder: Any, train: list[Any], validation: list[Any]
+) -> list[dict[str, Any]]:
+    """One row per part asked for (SITE gives two)."""
     scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
-    train = sample_episodes(
-        task.splits["train"], task.n_classes, args.ext_shot, max(args.episodes, args.fv_episodes), 42, "train/extract"
-    )
-    validation = sample_episodes(
-        task.splits["validation"], task.n_classes, 1, args.select_episodes, 42, "validation/select"
-    )
-    largest = max(max(max(encoder.encode(e).ids) for e in train), max(encoder.label_ids), lm.tokenizer.pad_token_id)
-    if largest >= model_vocab(lm):
-        raise SystemExit(f"extraction.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
+    fit_on = train[: args.episodes]
+    parts = {
+        "iv": lambda: [bench_iv(args, lm, scorer, encoder, fit_on)],
+        "tv": lambda: [bench_tv(args, lm, scorer, encoder, fit_on, validation)],
+        "fv": lambda: [bench_fv(args, lm, scorer, encoder, train)],
+        "sv": lambda: [bench_sv(args, lm, scorer, encoder, fit_on, validation)],
+        "i2cl": lambda: [bench_i2cl(args, lm, scorer, encoder, fit_on)],
+        "site": lambda: list(bench_site(args, lm, scorer, encoder, fit_on, validation)),
+    }
+    return [row for part in PARTS if part in args.parts for row in parts[part]()]
 
-    rows = []
-    if "iv" in args.parts:
-        rows.append(bench_iv(args, lm, scorer, encoder, train[: args.episodes]))
-    if "tv" in args.parts:
-        rows.append(bench_tv(args, lm, scorer, encoder, train[: args.episodes], validation))
-    if "fv" in args.parts:
-        rows.append(bench_fv(args, lm, scorer, encoder, train))
-    if "sv" in args.parts:
-        rows.append(bench_sv(args, lm, scorer, encoder, train[: args.episodes], validation))
-    if "i2cl" in args.parts:
-        rows.append(bench_i2cl(args, lm, scorer, encoder, train[: args.episodes]))
-    if "site" in args.parts:
-        rows.extend(bench_site(args, lm, scorer, encoder, train[: args.episodes], validation))
 
-    tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
-    print(
-        f"model {lm.name} ({lm.source}) on {where_it_ran(lm.device, load_start)}, "
-        f"{str(lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
-    )
-    print(
-        f"task {task.name} | train prompts {args.ext_shot}-shot, {tokens:.1f} tokens mean; validation 1-shot | "
-        f"ivlib batch {args.batch_size} | plain loops: one unpadded prompt per forward, full logits"
-    )
-    print()
+def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The table of parts, each part's agreement, and the verdict."""
     head = f"{'part':<4} {'ivlib s':>9} {'plain s':>9} {'ratio':>8}  {'agree':<6} work"
     print(head)
     print("-" * (len(head) + 40))
@@ -720,6 +691,35 @@ def main() -> None:
             for r in rows
         )
     )
+
+
+def main() -> None:
+    args = parse_args()
+    load_start = os.getloadavg()[0]
+    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer)
+    encoder = make_encoder(lm, task, args.random_llama7b)
+    train = sample_episodes(
+        task.splits["train"], task.n_classes, args.ext_shot, max(args.episodes, args.fv_episodes), 42, "train/extract"
+    )
+    validation = sample_episodes(
+        task.splits["validation"], task.n_classes, 1, args.select_episodes, 42, "validation/select"
+    )
+    largest = max(max(max(encoder.encode(e).ids) for e in train), max(encoder.label_ids), lm.tokenizer.pad_token_id)
+    if largest >= model_vocab(lm):
+        raise SystemExit(f"extraction.py: token id {largest} is outside the model's vocabulary of {model_vocab(lm)}")
+
+    rows = time_parts(args, lm, encoder, train, validation)
+    tokens = sum(len(encoder.encode(e).ids) for e in train) / len(train)
+    print(
+        f"model {lm.name} ({lm.source}) on {where_it_ran(lm.device, load_start)}, "
+        f"{str(lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    print(
+        f"task {task.name} | train prompts {args.ext_shot}-shot, {tokens:.1f} tokens mean; validation 1-shot | "
+        f"ivlib batch {args.batch_size} | plain loops: one unpadded prompt per forward, full logits"
+    )
+    print()
+    report(args, rows)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def plain_effects(
             for head in range(n_heads):
                 value = mean_act[layer, head].to(lm.device, lm.dtype)
 
-                def patch(mod, args, head=head, value=value):
+                def patch(_mod, args, head=head, value=value):
                     x = args[0].clone()
                     x[0, -1, head * hd : (head + 1) * hd] = value
                     return (x, *args[1:])
@@ -62,7 +62,7 @@ def plain_effects(
     return total / len(trials)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--trials", type=int, default=8, help="shuffled-label prompts")
@@ -78,7 +78,28 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.trials, args.layers = 4, args.layers or 6
+    return args
 
+
+def time_variants(
+    scorer: Scorer, fv: FunctionVectors, trials: list[EncodedPrompt], layers: list[int], repeats: int
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(effects with the preallocated cache, with a growing one, their median times)."""
+    fv.indirect_effects(scorer, trials[:2], layers[:1])  # warm-up
+    times: dict[bool, list[float]] = {True: [], False: []}
+    out: dict[bool, torch.Tensor] = {}
+    for _ in range(repeats):  # interleaved, so neither variant is always the one that runs first
+        for preallocate in (True, False):
+            scorer.preallocate = preallocate
+            out[preallocate], seconds = timed(lambda: fv.indirect_effects(scorer, trials, layers), scorer.lm.device)
+            times[preallocate].append(seconds)
+    scorer.preallocate = True
+    t_fast, t_grown = (float(np.median(times[k])) for k in (True, False))
+    return out[True], out[False], t_fast, t_grown
+
+
+def main() -> None:
+    args = parse_args()
     lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b)
     encoder = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos)
     scorer = Scorer(lm, encoder.label_ids, args.batch_size, quiet=True)
@@ -88,20 +109,7 @@ def main() -> None:
     trials = [encoder.encode(e) for e in shuffle_labels(episodes, 42)]
     layers = list(range(args.layers or lm.layout.n_layers))
 
-    fv.indirect_effects(scorer, trials[:2], layers[:1])  # warm-up
-    times: dict[bool, list[float]] = {True: [], False: []}
-    fast = grown = None
-    for _ in range(args.repeats):  # interleaved, so neither variant is always the one that runs first
-        for preallocate in (True, False):
-            scorer.preallocate = preallocate
-            result, seconds = timed(lambda: fv.indirect_effects(scorer, trials, layers), lm.device)
-            times[preallocate].append(seconds)
-            if preallocate:
-                fast = result
-            else:
-                grown = result
-    scorer.preallocate = True
-    t_fast, t_grown = (float(np.median(times[k])) for k in (True, False))
+    fast, grown, t_fast, t_grown = time_variants(scorer, fv, trials, layers, args.repeats)
     grown_vs_fast = (fast - grown).abs().max().item()
     same = grown_vs_fast <= (1e-5 if lm.dtype == torch.float32 else 3e-2 * fast.abs().max().item())
     heads = len(layers) * lm.layout.n_heads

@@ -50,6 +50,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -208,7 +209,7 @@ def cuda_memory(s: Bench) -> dict[str, dict]:
 
 
 # ---- report ---------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes (validation split)")
@@ -236,31 +237,29 @@ def main() -> None:
     if args.tokenizer and not args.random_llama7b:
         ap.error("--tokenizer only applies with --random-llama7b")
     set_threads(ap, args.threads)
-    if args._child:
-        child(args)
-        return
+    return args
 
-    load_start = os.getloadavg()[0]
-    s = prepare(args)
-    device = s.lm.device
-    names = path_names(args.dt_step)
+
+def measure(s: Bench, args: argparse.Namespace, names: list[str]) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """(each path's times, each path's scores): every path warmed up untimed, then timed interleaved."""
     every = list(range(len(s.plan)))
     warm = sorted({0, len(s.plan) - 1}) if args.quick else every
     for name in names:  # untimed: first-use costs (per-shape kernel choice on GPU, allocator growth)
         s.paths[name](warm)
     times: dict[str, list[float]] = {name: [] for name in names}
-    outs: dict[str, torch.Tensor | None] = {}
+    outs: dict[str, Any] = {}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every path alike
         for name in names:
-            outs[name], t = timed(lambda: s.paths[name](every), device)
+            outs[name], t = timed(lambda: s.paths[name](every), s.lm.device)
             times[name].append(t)
-    reference = limit_scores(s)
-    memory = None if args.no_memory else (cuda_memory(s) if device.type == "cuda" else cpu_memory(s))
+    return times, outs
 
+
+def print_setup(s: Bench, args: argparse.Namespace, load_start: float) -> None:
+    device = s.lm.device
     n, nb = len(s.prompts), len(s.plan)
     lengths = [len(p.ids) for p in s.prompts]
     padded = sum(b.input_ids.numel() for b in s.batches)
-    target = TARGET["cuda" if device.type == "cuda" else "cpu"]
     print(
         f"model {s.lm.name} ({s.lm.source}) on {where_it_ran(device, load_start)}, "
         f"{str(s.lm.dtype).removeprefix('torch.')} | torch {torch.__version__}, transformers {transformers.__version__}"
@@ -276,14 +275,13 @@ def main() -> None:
         "the clock starts; no hooks, no scoring, no copy back. limit+collate: collate + copy inside the clock"
     )
     print(
-        f"IV vectors [{', '.join(map(str, s.iv.vectors.shape))}] added at a2 {s.iv.strength}; "
+        f"IV vectors [{', '.join(map(str, s.iv.vectors.shape))}] added at a2 {s.iv.settings.strength}; "
         f"DT eta 0.01, beta 0.9, T = {args.dt_step}"
     )
     print()
 
-    med = {name: statistics.median(times[name]) for name in names}
-    eps = {name: n / med[name] for name in names}
-    ratio = {name: eps["limit"] / eps[name] for name in names}
+
+def verdicts(names: list[str], ratio: dict[str, float], target: float) -> dict[str, str]:
     verdict: dict[str, str] = {}
     for name in names:
         if name.startswith("dt"):
@@ -294,6 +292,16 @@ def main() -> None:
             verdict[name] = "pass" if ratio[name] <= target else "short"
         else:
             verdict[name] = "(the limit)" if name == "limit" else "(limit + batch building)"
+    return verdict
+
+
+def print_paths(s: Bench, names: list[str], times: dict[str, list[float]], target: float) -> dict[str, float]:
+    """The table of paths; each path's time as a multiple of the limit's."""
+    n, nb = len(s.prompts), len(s.plan)
+    med = {name: statistics.median(times[name]) for name in names}
+    eps = {name: n / med[name] for name in names}
+    ratio = {name: eps["limit"] / eps[name] for name in names}
+    verdict = verdicts(names, ratio, target)
     head = (
         f"{'path':<14} {'episodes/s':>10} {'limit/path':>10} {'+ms/batch':>10} {'pass range ep/s':>16} "
         f"{'target':>7}  verdict"
@@ -309,40 +317,61 @@ def main() -> None:
         )
     print("(+ms/batch: the path's time minus the limit's, per batch)")
     print()
+    return ratio
 
-    mem_line = ""
-    if memory is not None:
-        b = widest(s)
-        shape = tuple(s.batches[b].input_ids.shape)
-        if device.type == "cuda":
-            peak = {k: v["peak"] / 2**20 for k, v in memory.items()}
-            above = {k: (v["peak"] - v["before"]) / 2**20 for k, v in memory.items()}
-            heads = ("peak alloc MiB", "above model MiB")
-            how = "torch.cuda.max_memory_allocated, stats reset before each path, one batch each"
-        else:
-            peak = {k: v["peak"] / 1024 for k, v in memory.items()}
-            above = {k: (v["peak"] - v["after_load"]) / 1024 for k, v in memory.items()}
-            heads = ("peak RSS MiB", "above load MiB")
-            ok = all(v["reset"] for v in memory.values())
-            how = (
-                f"VmHWM of a fresh process per path after a reset at load end ({'done' if ok else 'FAILED: peaks include the load'}); "
-                "RSS at load end " + ", ".join(f"{k} {v['after_load'] / 1024:.0f}" for k, v in memory.items()) + " MiB"
-            )
-        print(f"peak memory of one batch, the widest ({shape[0]} x {shape[1]} tokens): {how}")
-        mhead = f"{'path':<6} {heads[0]:>15} {'vs limit':>9} {heads[1]:>16} {'vs limit':>9}"
-        print(mhead)
-        print("-" * len(mhead))
-        for name in MEMORY_PATHS:
-            rel = f"{above[name] / above['limit']:.3f}x" if above["limit"] > 0 else "n/a"
-            print(f"{name:<6} {peak[name]:>15.1f} {peak[name] / peak['limit']:>8.3f}x {above[name]:>16.1f} {rel:>9}")
-        print()
-        m = peak["iv"] / peak["limit"]
-        rel = f"{above['iv'] / above['limit']:.2f}x" if above["limit"] > 0 else "n/a"
-        mem_line = (
-            f"; memory: IV peak {m:.3f}x the plain forward's (target <= {MEMORY_TARGET:.2f}x: "
-            f"{'pass' if m <= MEMORY_TARGET else 'short'}; the part above the model {rel})"
+
+def print_memory(s: Bench, memory: dict[str, dict[str, Any]]) -> str:
+    """The peak-memory table; the verdict's memory clause."""
+    device = s.lm.device
+    b = widest(s)
+    shape = tuple(s.batches[b].input_ids.shape)
+    if device.type == "cuda":
+        peak = {k: v["peak"] / 2**20 for k, v in memory.items()}
+        above = {k: (v["peak"] - v["before"]) / 2**20 for k, v in memory.items()}
+        heads = ("peak alloc MiB", "above model MiB")
+        how = "torch.cuda.max_memory_allocated, stats reset before each path, one batch each"
+    else:
+        peak = {k: v["peak"] / 1024 for k, v in memory.items()}
+        above = {k: (v["peak"] - v["after_load"]) / 1024 for k, v in memory.items()}
+        heads = ("peak RSS MiB", "above load MiB")
+        ok = all(v["reset"] for v in memory.values())
+        how = (
+            f"VmHWM of a fresh process per path after a reset at load end ({'done' if ok else 'FAILED: peaks include the load'}); "
+            "RSS at load end " + ", ".join(f"{k} {v['after_load'] / 1024:.0f}" for k, v in memory.items()) + " MiB"
         )
+    print(f"peak memory of one batch, the widest ({shape[0]} x {shape[1]} tokens): {how}")
+    mhead = f"{'path':<6} {heads[0]:>15} {'vs limit':>9} {heads[1]:>16} {'vs limit':>9}"
+    print(mhead)
+    print("-" * len(mhead))
+    for name in MEMORY_PATHS:
+        rel = f"{above[name] / above['limit']:.3f}x" if above["limit"] > 0 else "n/a"
+        print(f"{name:<6} {peak[name]:>15.1f} {peak[name] / peak['limit']:>8.3f}x {above[name]:>16.1f} {rel:>9}")
+    print()
+    m = peak["iv"] / peak["limit"]
+    rel = f"{above['iv'] / above['limit']:.2f}x" if above["limit"] > 0 else "n/a"
+    return (
+        f"; memory: IV peak {m:.3f}x the plain forward's (target <= {MEMORY_TARGET:.2f}x: "
+        f"{'pass' if m <= MEMORY_TARGET else 'short'}; the part above the model {rel})"
+    )
 
+
+def main() -> None:
+    args = parse_args()
+    if args._child:
+        child(args)
+        return
+    load_start = os.getloadavg()[0]
+    s = prepare(args)
+    device = s.lm.device
+    names = path_names(args.dt_step)
+    times, outs = measure(s, args, names)
+    reference = limit_scores(s)
+    memory = None if args.no_memory else (cuda_memory(s) if device.type == "cuda" else cpu_memory(s))
+    print_setup(s, args, load_start)
+    target = TARGET["cuda" if device.type == "cuda" else "cpu"]
+    ratio = print_paths(s, names, times, target)
+    mem_line = "" if memory is None else print_memory(s, memory)
+    verdict = verdicts(names, ratio, target)
     icl = outs["icl"]
     print(
         f"correctness: icl vs the limit's own logits (log-softmax at the label ids, untimed pass) max |diff| "

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import transformers
@@ -51,7 +53,7 @@ def one_at_a_time(
             adds = scaled[:, torch.tensor(p.sep_class, device=lm.device)]  # [L, P, D]
             for layer, module in enumerate(lm.layout.attn_out):
 
-                def hook(mod, args, output, layer=layer, pos=pos, adds=adds):
+                def hook(_mod, _args, output, layer=layer, pos=pos, adds=adds):
                     output[0, pos] += adds[layer]
                     return output
 
@@ -78,7 +80,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     return same.float().mean().item(), (a - b).abs().max().item(), margin.max().item() if len(margin) else 0.0
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes (validation split)")
@@ -117,17 +119,32 @@ def main() -> None:
         ap.error("--fp32 only applies with --random-llama7b (registry models run in float32 on CPU)")
     if min(args.batch_size) < 1 or args.episodes < 1 or args.repeats < 1 or args.fit_episodes < 1:
         ap.error("--episodes, --batch-size, --repeats and --fit-episodes must be >= 1")
+    return args
 
-    lm, task = setup(
-        args.config,
-        args.model,
-        args.task,
-        args.gpu,
-        args.random_llama7b,
-        args.tokenizer,
-        torch.float32 if args.fp32 else torch.bfloat16,
-    )
-    device = lm.device
+
+@dataclass
+class Run:
+    """What was timed: the model, task, prompts, fitted IV, each path's times and scores."""
+
+    args: argparse.Namespace
+    lm: LoadedModel
+    task: Any
+    encoder: Any
+    prompts: list[EncodedPrompt]
+    train: list[Any]
+    iv: IterativeVectors
+    methods: list[tuple[Any, torch.Tensor | None]]
+    scorers: dict[int, Scorer]
+    single_t: dict[str, list[float]] = field(default_factory=dict)
+    batched_t: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    single_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    batched_out: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
+def prepare(args: argparse.Namespace) -> Run:
+    """The model, the evaluation prompts (checked against the vocabulary) and IV fitted once."""
+    dtype = torch.float32 if args.fp32 else torch.bfloat16
+    lm, task = setup(args.config, args.model, args.task, args.gpu, args.random_llama7b, args.tokenizer, dtype)
     encoder = make_encoder(lm, task, args.random_llama7b)
     evals = sample_episodes(task.splits["validation"], task.n_classes, args.shot, args.episodes, 42, "validation/eval")
     prompts = [encoder.encode(e) for e in evals]
@@ -135,54 +152,62 @@ def main() -> None:
     largest = max(max(max(p.ids) for p in prompts), max(encoder.label_ids), lm.tokenizer.pad_token_id)
     if largest >= vocab:
         raise SystemExit(f"throughput.py: token id {largest} is outside the model's vocabulary of {vocab}")
-
     scorers = {b: Scorer(lm, encoder.label_ids, b, quiet=True) for b in args.batch_size}
     iv = IterativeVectors(strength=0.5, ext_strength=0.3, ext_batch=10)
     train = sample_episodes(task.splits["train"], task.n_classes, 1, args.fit_episodes, 42, "train/extract")
     iv.fit(scorers[args.batch_size[0]], encoder, train)
-    methods = [(ICL(), None), (iv, iv.vectors)]
+    return Run(args, lm, task, encoder, prompts, train, iv, [(ICL(), None), (iv, iv.vectors)], scorers)
 
+
+def measure(run: Run) -> None:
+    """Warm up every path untimed, then time them all, interleaved, `--repeats` times."""
+    lm, prompts, strength, label_ids = run.lm, run.prompts, run.iv.settings.strength, run.encoder.label_ids
     # Warm-up, untimed: every padded shape of every batch size and method, and one prompt of every
     # length through the plain loop (GPU libraries pick kernels per shape on first use), so
     # neither path nor the method timed first is charged for it.
     by_length = list({len(p.ids): p for p in prompts}.values())
-    for method, vectors in methods:
-        for scorer in scorers.values():
+    for method, vectors in run.methods:
+        for scorer in run.scorers.values():
             batched(scorer, method, prompts)
-        one_at_a_time(lm, encoder.label_ids, by_length, vectors, iv.strength)
-
-    single_t: dict[str, list[float]] = {m.name: [] for m, _ in methods}
-    batched_t: dict[tuple[str, int], list[float]] = {(m.name, b): [] for m, _ in methods for b in scorers}
-    single_out: dict[str, torch.Tensor] = {}
-    batched_out: dict[tuple[str, int], torch.Tensor] = {}
-    for _ in range(args.repeats):  # interleaved, so drift during the run hits every path alike
-        for method, vectors in methods:
-            single_out[method.name], t = timed(
-                lambda: one_at_a_time(lm, encoder.label_ids, prompts, vectors, iv.strength), device
+        one_at_a_time(lm, label_ids, by_length, vectors, strength)
+    run.single_t = {m.name: [] for m, _ in run.methods}
+    run.batched_t = {(m.name, b): [] for m, _ in run.methods for b in run.scorers}
+    for _ in range(run.args.repeats):  # interleaved, so drift during the run hits every path alike
+        for method, vectors in run.methods:
+            run.single_out[method.name], t = timed(
+                lambda: one_at_a_time(lm, label_ids, prompts, vectors, strength), lm.device
             )
-            single_t[method.name].append(t)
-            for b, scorer in scorers.items():
-                batched_out[method.name, b], t = timed(lambda: batched(scorer, method, prompts), device)
-                batched_t[method.name, b].append(t)
+            run.single_t[method.name].append(t)
+            for b, scorer in run.scorers.items():
+                run.batched_out[method.name, b], t = timed(lambda: batched(scorer, method, prompts), lm.device)
+                run.batched_t[method.name, b].append(t)
 
-    n = len(prompts)
-    lengths = [len(p.ids) for p in prompts]
+
+def print_setup(run: Run) -> None:
+    lm, args, iv, device = run.lm, run.args, run.iv, run.lm.device
+    n, lengths = len(run.prompts), [len(p.ids) for p in run.prompts]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"model {lm.name} ({lm.source}) on {where}, {str(lm.dtype).removeprefix('torch.')} | "
         f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
     print(
-        f"task {task.name} | {n} validation episodes, {args.shot}-shot | prompt tokens mean {sum(lengths) / n:.1f}, "
+        f"task {run.task.name} | {n} validation episodes, {args.shot}-shot | prompt tokens mean {sum(lengths) / n:.1f}, "
         f"min {min(lengths)}, max {max(lengths)} | {args.repeats} timed pass(es) per path, median shown"
     )
-    if getattr(encoder, "folded", 0):
-        print(f"ids >= {vocab} folded modulo {vocab}: {encoder.folded} of {encoder.total} tokens encoded")
+    if getattr(run.encoder, "folded", 0):
+        vocab = model_vocab(lm)
+        print(f"ids >= {vocab} folded modulo {vocab}: {run.encoder.folded} of {run.encoder.total} tokens encoded")
     print(
-        f"IV vectors [{', '.join(map(str, iv.vectors.shape))}] fitted on {len(train)} train episodes (1-shot, a1 0.3, "
-        f"refresh 10), added at a2 {iv.strength}; |v| mean {iv.vectors.norm(dim=-1).mean():.3g}"
+        f"IV vectors [{', '.join(map(str, iv.vectors.shape))}] fitted on {len(run.train)} train episodes (1-shot, a1 0.3, "
+        f"refresh 10), added at a2 {iv.settings.strength}; |v| mean {iv.vectors.norm(dim=-1).mean():.3g}"
     )
     print()
+
+
+def print_table(run: Run) -> list[str]:
+    """One row per method and batch size; the summary lines."""
+    n = len(run.prompts)
     head = (
         f"{'method':<6} {'batch':>5} {'batched ep/s':>13} {'one-at-a-time ep/s':>19} {'ratio':>7} "
         f"{'argmax agree':>13} {'max |dlogp|':>12} {'max tie margin':>15} {'acc b/1':>11}"
@@ -190,12 +215,12 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     summary = []
-    labels = torch.tensor([p.label for p in prompts])
-    for method, _ in methods:
-        single_s = statistics.median(single_t[method.name])
-        for b in scorers:
-            batch_s = statistics.median(batched_t[method.name, b])
-            out_b, out_1 = batched_out[method.name, b], single_out[method.name]
+    labels = torch.tensor([p.label for p in run.prompts])
+    for method, _ in run.methods:
+        single_s = statistics.median(run.single_t[method.name])
+        for b in run.scorers:
+            batch_s = statistics.median(run.batched_t[method.name, b])
+            out_b, out_1 = run.batched_out[method.name, b], run.single_out[method.name]
             agree, diff, margin = agreement(out_b, out_1)
             acc_b = (out_b.argmax(-1) == labels).float().mean().item()
             acc_1 = (out_1.argmax(-1) == labels).float().mean().item()
@@ -203,24 +228,32 @@ def main() -> None:
                 f"{method.name:<6} {b:>5} {n / batch_s:>13.2f} {n / single_s:>19.2f} {single_s / batch_s:>6.2f}x "
                 f"{agree:>13.3f} {diff:>12.2e} {margin:>15.2e} {acc_b:>5.3f}/{acc_1:.3f}"
             )
-            spread = ""
-            if args.repeats > 1:
-                bs, ss = batched_t[method.name, b], single_t[method.name]
-                spread = (
-                    f" (passes: batched {n / max(bs):.1f}-{n / min(bs):.1f}, "
-                    f"one-at-a-time {n / max(ss):.1f}-{n / min(ss):.1f} ep/s)"
-                )
             summary.append(
                 f"{method.name.upper()}: batched {n / batch_s:.1f} ep/s (batch {b}) vs one-at-a-time "
-                f"{n / single_s:.1f} ep/s -> {single_s / batch_s:.2f}x{spread}"
+                f"{n / single_s:.1f} ep/s -> {single_s / batch_s:.2f}x{spread(run, method.name, b)}"
             )
+    return summary
+
+
+def spread(run: Run, name: str, b: int) -> str:
+    """The range over the timed passes, when there were several."""
+    if run.args.repeats <= 1:
+        return ""
+    n, bs, ss = len(run.prompts), run.batched_t[name, b], run.single_t[name]
+    return f" (passes: batched {n / max(bs):.1f}-{n / min(bs):.1f}, one-at-a-time {n / max(ss):.1f}-{n / min(ss):.1f} ep/s)"
+
+
+def print_verdict(run: Run, summary: list[str]) -> None:
+    device = run.lm.device
     print()
     print("\n".join(summary))
     # issue targets: >= 10x on a GPU with a 7B-sized model in bf16, >= 2x on 2 CPU cores with SmolLM2-135M
     target = 10.0 if device.type == "cuda" else 2.0
     best = {
-        m.name: max(statistics.median(single_t[m.name]) / statistics.median(batched_t[m.name, b]) for b in scorers)
-        for m, _ in methods
+        m.name: max(
+            statistics.median(run.single_t[m.name]) / statistics.median(run.batched_t[m.name, b]) for b in run.scorers
+        )
+        for m, _ in run.methods
     }
     print(
         "verdict: "
@@ -228,7 +261,11 @@ def main() -> None:
             f"{name.upper()} {r:.2f}x vs target {target:g}x: {'pass' if r >= target else 'short'}"
             for name, r in best.items()
         )
-        + ("" if device.type == "cuda" or lm.name.startswith("smollm2") else " (the CPU target is for SmolLM2-135M)")
+        + (
+            ""
+            if device.type == "cuda" or run.lm.name.startswith("smollm2")
+            else " (the CPU target is for SmolLM2-135M)"
+        )
     )
     print(
         "(max tie margin: the largest top-2 log-prob gap, in the one-at-a-time scores, among episodes whose "
@@ -236,6 +273,13 @@ def main() -> None:
     )
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+
+def main() -> None:
+    run = prepare(parse_args())
+    measure(run)
+    print_setup(run)
+    print_verdict(run, print_table(run))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ agree exactly, and a file saved by one loads in the other.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import budget, experiment, templates
+from . import budget, experiment, record, runspec, templates
 from .arguments import FLAG, METHOD, MODEL, NAME, PATH, SPLIT, TASK, WORDS, checked, kind, optional, setting
 from .batching import NonFinite
 from .config import load_config, lookup
 from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
 from .errors import UsageError
-from .fingerprint import model_fingerprint
 from .hooks import steering
 from .layout import discover_layout
 from .methods import METHODS, Method, get_method
@@ -34,7 +32,7 @@ from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, PromptEncoder, collate
 from .protocol import Protocol
 from .scoring import Scorer
-from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
+from .state import check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import ROLES, Split, Task, _carve
 from .tasks import load_task as _load_task_entry
 from .templates import Template
@@ -190,19 +188,19 @@ def _split_from_lists(role: str, pair: Any, words: list[str]) -> Split:
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise UsageError(f"{role}: text {i} is empty or not a string; accepted: non-empty strings")
-    index = []
-    for i, label in enumerate(labels):
-        if isinstance(label, str):
-            if label not in words:
-                raise UsageError(f"{role}: label {i} '{label}' is not a label word; accepted: {', '.join(words)}")
-            index.append(words.index(label))
-        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(words):
-            index.append(int(label))
-        else:
-            raise UsageError(
-                f"{role}: label {i} {label!r} is out of range; accepted: 0..{len(words) - 1} or a label word"
-            )
+    index = [_label_index(role, i, label, words) for i, label in enumerate(labels)]
     return Split(texts, np.array(index, dtype=np.int64))
+
+
+def _label_index(role: str, i: int, label: Any, words: list[str]) -> int:
+    """A given label (a label word, or its index) as its index, checked."""
+    if isinstance(label, str):
+        if label not in words:
+            raise UsageError(f"{role}: label {i} '{label}' is not a label word; accepted: {', '.join(words)}")
+        return words.index(label)
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(words):
+        return int(label)
+    raise UsageError(f"{role}: label {i} {label!r} is out of range; accepted: 0..{len(words) - 1} or a label word")
 
 
 # ---- episodes and prompts -----------------------------------------------------------------------
@@ -295,10 +293,7 @@ def _build(method: Method | str, settings: dict[str, Any], seed: int) -> Method:
                 f"setting '{other[0]}' given with a built method; accepted there: its evaluation settings "
                 f"({', '.join(evaluated) or 'none'}), or a method name with any of its settings"
             )
-        copied = copy.copy(method)
-        for key, value in settings.items():
-            setattr(copied, key, evaluated[key].check(value))
-        return copied
+        return method.with_settings(**settings)
     if not isinstance(method, str):
         raise UsageError(f"method {method!r}: accepted: a method name or a Method instance")
     cls = get_method(method)
@@ -344,7 +339,7 @@ def protocol_for(
     )
 
 
-def _posed(given: Protocol | None, task: Task, values: dict[str, Any]) -> Protocol:
+def _posed(given: Protocol | None, task: Task, **values: Any) -> Protocol:
     """The protocol given, or one built from the protocol arguments (never both)."""
     if given is None:
         return protocol_for(task, **values)
@@ -399,37 +394,31 @@ def fit(
     method built by name takes `seed` as the CLI's does (FV: which labels its trials shuffle); a built
     one keeps its own.
     """
-    values = {
-        "ext_shot": ext_shot,
-        "episodes": episodes,
-        "select_episodes": select_episodes,
-        "seed": seed,
-        "max_example_tokens": max_example_tokens,
-    }
-    values = {k: _P[k].check(v) for k, v in values.items()}
+    given = (("ext_shot", ext_shot), ("episodes", episodes), ("select_episodes", select_episodes), ("seed", seed))
+    values = {k: _P[k].check(v) for k, v in (*given, ("max_example_tokens", max_example_tokens))}
     posed = _posed(
-        protocol,
-        task,
-        {
-            "shot": shot,
-            "demos": demos,
-            "demo_order": demo_order,
-            "template": template,
-            "score": score,
-            "metric": metric,
-            "max_new_tokens": None,
-        },
+        protocol, task, shot=shot, demos=demos, demo_order=demo_order, template=template, score=score, metric=metric
     )
     built = _build(method, settings, values["seed"])
     cls = type(built)
-    experiment.check_method_task(cls, task)
+    runspec.check_method_task(cls, task)
     posed.check(cls, task.kind, METHODS)
     if cls.needs_fit and values["ext_shot"] < 1:
         raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
+    _fit_built(built, lm, task, posed, values, (batch_size, progress))
+    return built
+
+
+def _fit_built(
+    built: Method, lm: LoadedModel, task: Task, posed: Protocol, values: dict[str, Any], running: tuple[int | str, bool]
+) -> None:
+    """Fit a checked method as the CLI's fit step does (`running`: the batch size and whether to show
+    progress); its `fit_budget` and `fit_info` set."""
+    cls = type(built)
     fitting = cls.needs_fit or cls.needs_validation
     demo_set = experiment.check_data(task, cls, posed, "validation", values["seed"], fitting, values["ext_shot"])
     enc = encoder(lm, task, values["max_example_tokens"], posed.template)
-    scorer = _scorer(lm, task, enc, batch_size, progress, posed)
+    scorer = _scorer(lm, task, enc, *running, posed)
     train, select = experiment.fit_episodes(
         task, cls, posed, values["ext_shot"], values["episodes"], values["select_episodes"], values["seed"], demo_set
     )
@@ -452,7 +441,6 @@ def fit(
         values["seed"],
         values["max_example_tokens"],
     )
-    return built
 
 
 @dataclass
@@ -510,43 +498,58 @@ def evaluate(
     was fitted with (else the CLI's default).
     """
     built = _build(method, settings, seed)
-    cls = type(built)
     if split not in task.splits:
         raise UsageError(f"split '{split}' is not in task '{task.name}'; accepted: {', '.join(task.splits)}")
     posed = _posed(
         protocol,
         task,
-        {
-            "shot": shot,
-            "demos": demos,
-            "demo_order": demo_order,
-            "template": template,
-            "score": score,
-            "metric": _P["metric"].default,
-            "max_new_tokens": max_new_tokens,
-        },
+        shot=shot,
+        demos=demos,
+        demo_order=demo_order,
+        template=template,
+        score=score,
+        max_new_tokens=max_new_tokens,
     )
-    experiment.check_method_task(cls, task)
+    _check_evaluable(built, task, posed)
+    if max_example_tokens is None:  # the fit's
+        max_example_tokens = (built.fit_info or {}).get("max_example_tokens", _P["max_example_tokens"].default)
+    seed, n = _P["seed"].check(seed), _P["eval_episodes"].check(n)
+    return _evaluate_built(built, lm, task, posed, (split, n, seed), max_example_tokens, (batch_size, progress))
+
+
+def _check_evaluable(built: Method, task: Task, posed: Protocol) -> None:
+    """Refuse, before anything is drawn, a method that cannot run on this task under this protocol, or is not fitted."""
+    cls = type(built)
+    runspec.check_method_task(cls, task)
     posed.check(cls, task.kind, METHODS)
     if not _fitted(built):
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
-    if max_example_tokens is None:
-        max_example_tokens = (getattr(built, "fit_info", None) or {}).get(
-            "max_example_tokens", _P["max_example_tokens"].default
-        )
-    seed, n = _P["seed"].check(seed), _P["eval_episodes"].check(n)
+
+
+def _evaluate_built(
+    built: Method,
+    lm: LoadedModel,
+    task: Task,
+    posed: Protocol,
+    drawing: tuple[str, int, int],
+    max_example_tokens: int,
+    running: tuple[int | str, bool],
+) -> Evaluation:
+    """Score a checked, fitted method as the CLI's evaluation does (`drawing`: split, n and seed;
+    `running`: the batch size and whether to show progress)."""
+    cls, (split, n, seed) = type(built), drawing
     demo_set = experiment.check_data(task, cls, posed, split, seed, False, 0)
     drawn = experiment.evaluation_episodes(task, split, posed.eval_shot(cls), n, seed, demo_set, "eval")
     episodes = in_order(drawn, posed.demo_order)
     enc = encoder(lm, task, max_example_tokens, posed.template)
-    scorer = _scorer(lm, task, enc, batch_size, progress, posed)
+    scorer = _scorer(lm, task, enc, *running, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)
     with budget.counting(lm.model) as count, _advised(cls):
         scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", posed.fixed(cls))
     labels = np.array([p.label for p in prompts])
     predictions = scorer.predictions(scores, prompts)
-    metrics = experiment.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
+    metrics = record.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
     spent = {**(built.fit_budget or experiment.NO_FIT_BUDGET), **experiment.eval_budget(episodes, count.tokens)}
     return Evaluation(metrics, predictions, labels, scores, episodes, spent)
 
@@ -572,19 +575,6 @@ def _fitted(method: Method) -> bool:
 
 
 # ---- fitted state -------------------------------------------------------------------------------
-def _identity(name: str, lm: LoadedModel, task: Task) -> dict[str, Any]:
-    """What a state file records and a load checks: the same keys as the CLI's `Experiment.identity`."""
-    return {
-        "method": name,
-        "model": lm.name,
-        "task": task.name,
-        "label_words": task.label_words,
-        "n_layers": lm.layout.n_layers,
-        "d_model": lm.layout.d_model,
-        FINGERPRINT_KEY: model_fingerprint(lm),
-    }
-
-
 @checked(method=BUILT, path=PATH, lm=MODEL, task=TASK)
 def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
     """Write a fitted method's state as the CLI's --save-vectors does (the CLI's --load-vectors reads it)."""
@@ -596,7 +586,9 @@ def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit first")
     check_save_path(path)
     spent = method.fit_budget or experiment.UNKNOWN_FIT_BUDGET
-    save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info, "budget": spent})
+    save_state(
+        path, method.state(), {**experiment.state_identity(cls.name, lm.name, task, lm), "fit": info, "budget": spent}
+    )
 
 
 @checked(path=PATH, lm=MODEL, task=TASK)
@@ -617,7 +609,7 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
             f"given {settings[clash[0]]}; accepted: the same value, or leave it out"
         )
     method = _build(name, {**fitted, **settings}, int(info.get("seed", _P["seed"].default)))
-    tensors, meta = load_state(path, _identity(name, lm, task))
+    tensors, meta = load_state(path, experiment.state_identity(name, lm.name, task, lm))
     method.restore(path, tensors, lm.layout, task.n_classes)
     method.fit_info = meta.get("fit") or {}
     saved = meta.get("budget")
@@ -648,29 +640,42 @@ def steer(
     on exit, also when the block raises.
     """
     method = _build(method, settings, _P["seed"].default)
-    if not hasattr(method, "edit"):
-        steerable = ", ".join(name for name, cls in METHODS.items() if hasattr(cls, "edit"))
-        raise UsageError(f"method '{method.name}' does not steer activations; accepted: {steerable}")
-    if not _fitted(method):
-        raise UsageError(f"method '{method.name}' is not fitted; call ivlib.fit or ivlib.load first")
-    if every_position and prompt is not None:
-        raise UsageError("every_position adds at every position and edits no prompt positions; give no prompt")
-    if not every_position and prompt is None:
-        raise UsageError("steer needs a prompt (ivlib.encode) to edit its positions, or every_position=True")
+    _check_steering(method, prompt is not None, every_position)
     if prompt is None:
         empty = torch.empty(0, dtype=torch.long, device=lm.device)
         edits = method.edit(lm, _no_positions(lm, empty))
     else:
         prompts = prompt if isinstance(prompt, PromptBatch) else batch(lm, prompt)
         edits = method.edit(lm, prompts)
-    if every_position and edits.steady is None:
-        raise UsageError(
-            f"method '{method.name}' replaces a hidden state and has no vector to add at every position; "
-            "accepted with every_position: iv, fv"
-        )
     rows = None if prompt is None else int(prompts.input_ids.shape[0])
     with steering(lm.model, edits, positions=not every_position, every_position=every_position, n_rows=rows):
         yield None if prompt is None else prompts
+
+
+def _check_steering(method: Method, prompted: bool, every_position: bool) -> None:
+    """Refuse, by the method's declared `steers`, a way of steering it cannot do; then an unfitted method."""
+    cls, name = type(method), method.name
+    if not cls.steers:
+        raise UsageError(f"method '{name}' does not steer activations; accepted: {_steering()}")
+    if every_position and prompted:
+        raise UsageError("every_position adds at every position and edits no prompt positions; give no prompt")
+    if not every_position and not prompted:
+        raise UsageError("steer needs a prompt (ivlib.encode) to edit its positions, or every_position=True")
+    if every_position and "every_position" not in cls.steers:
+        raise UsageError(
+            f"method '{name}' steers only at a prompt's positions (it has no vector to add at every "
+            f"position); accepted with every_position: {_steering('every_position')}"
+        )
+    if prompted and "prompt" not in cls.steers:
+        raise UsageError(f"method '{name}' steers at every position only; accepted: every_position=True and no prompt")
+    if not _fitted(method):
+        raise UsageError(f"method '{name}' is not fitted; call ivlib.fit or ivlib.load first")
+
+
+def _steering(how: str | None = None) -> str:
+    """The registered methods that can steer so (their declared `steers`; any way, without `how`), for a
+    refusal's message."""
+    return ", ".join(name for name, cls in METHODS.items() if cls.steers and (how is None or how in cls.steers))
 
 
 def _no_positions(lm: LoadedModel, empty: torch.Tensor) -> PromptBatch:

@@ -10,7 +10,7 @@ device batch, and each caller's per-batch function.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -69,7 +69,7 @@ class BatchRunner:
         self.shrink_on_oom = shrink_on_oom  # --batch-size auto: halve and retry instead of failing
         self.quiet = quiet
 
-    def progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str) -> Any:  # a tqdm bar (tqdm ships no types)
         return tqdm(total=total, desc=desc, disable=self.quiet, unit="ep", dynamic_ncols=True)
 
     def each(

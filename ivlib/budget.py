@@ -38,7 +38,7 @@ class TokenCount:
     def __init__(self) -> None:
         self.tokens = 0
 
-    def hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from . import distributed as dist
 from . import presets
 from .batching import NonFinite
-from .errors import Parser, Terminated, UsageError
-from .experiment import PROTOCOL, Experiment, RunSpec
+from .errors import Parser, Terminated, UsageError, program, terminate
+from .experiment import Experiment
 from .methods import METHODS
 from .presets import PRESETS
+from .runspec import PROTOCOL, RunSpec
 from .settings import Setting
 from .threads import THREADS
 
@@ -60,11 +61,6 @@ def _add_setting(group: Any, setting: Setting) -> None:
         help=_help(setting),
         nargs="+" if setting.many else None,
     )
-
-
-def program() -> str:
-    """`ivlib` when run as the console script, else `iv.py` (the seed's entry point)."""
-    return "ivlib" if Path(sys.argv[0]).name == "ivlib" else "iv.py"
 
 
 def invocation() -> list[str]:
@@ -110,15 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     protocol = p.add_argument_group("protocol (every method)")
     for setting in PROTOCOL:
         _add_setting(protocol, setting)
+    _add_method_settings(p)
+    _add_files(p.add_argument_group("model, device and files"))
+    return p
+
+
+def _add_method_settings(p: argparse.ArgumentParser) -> None:
+    """One group per method, in the registry's order: the settings it declares first (a setting
+    several methods share is listed under the first)."""
     seen: set[str] = set()
     for name, cls in METHODS.items():
-        own = [s for s in cls.settings if s.name not in seen]
+        own = [s for s in cls.declared_settings() if s.name not in seen]
         if own:
             group = p.add_argument_group(f"{name} settings")
             for setting in own:
                 _add_setting(group, setting)
                 seen.add(setting.name)
-    run = p.add_argument_group("model, device and files")
+
+
+def _add_files(run: argparse._ArgumentGroup) -> None:
     run.add_argument(
         "--no-half",
         action="store_true",
@@ -160,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bars or library messages; the summary line and the one-time model conversion notice still print (default: off)",
     )
-    return p
 
 
 def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
@@ -174,7 +179,7 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
             )
         method = "icl"
     protocol = {s.name: s.check(getattr(args, s.name)) for s in PROTOCOL if getattr(args, s.name) is not None}
-    names = {s.name for cls in METHODS.values() for s in cls.settings}
+    names = {s.name for cls in METHODS.values() for s in cls.declared_settings()}
     settings = {n: getattr(args, n) for n in sorted(names) if getattr(args, n) is not None}
     preset = None
     if args.preset:
@@ -228,7 +233,7 @@ def with_preset(
 def _checked(settings: dict[str, Any]) -> dict[str, Any]:
     """Method settings as their declarations read them ('3' -> 3; one value of several -> that value),
     so a flag equal to a preset's value is not called an override."""
-    declared = {s.name: s for cls in METHODS.values() for s in cls.settings}
+    declared = {s.name: s for cls in METHODS.values() for s in cls.declared_settings()}
     out = {}
     for name, value in settings.items():
         values = value if isinstance(value, list) else [value]
@@ -239,9 +244,10 @@ def _checked(settings: dict[str, Any]) -> dict[str, Any]:
 
 def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:
     """One line per record; numbers shown to people are percent with one decimal (records keep fractions)."""
-    spec = experiment.spec
-    task = getattr(experiment, "task", None)
-    labels = [] if task is None or task.multiple_choice else [p.label for p in getattr(experiment, "prompts", [])]
+    spec, loaded, sampled = experiment.spec, experiment.loaded, experiment.sampled
+    shown = loaded is not None and sampled is not None and not loaded.task.multiple_choice
+    labels = [p.label for p in sampled.prompts] if shown and sampled is not None else []
+    fit_s = experiment.fitted.seconds if experiment.fitted is not None else 0.0
     warning = collapse_warning(record.get("predicted_fraction") or {}, labels)
     dropped = (record.get("task_provenance") or {}).get("dropped_unlabelled") or {}
     if dropped:  # rows the data gave no label (-1, a hidden test answer): the run is on fewer rows than the file
@@ -249,7 +255,7 @@ def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:
         warning = "; ".join(w for w in (warning, f"rows without a label dropped: {note} (task_provenance)") if w)
     return (
         f"{experiment.label(record)} | {spec.model} | {spec.task} | {spec.split} | {spec.eval_episodes} episodes | "
-        f"{_metric_summary(record['metrics'])} | fit {experiment.fit_s:.1f}s | "
+        f"{_metric_summary(record['metrics'])} | fit {fit_s:.1f}s | "
         f"eval {record['timing_s']['eval']:.1f}s | -> {spec.results}" + (f" | {warning}" if warning else "")
     )
 
@@ -334,27 +340,27 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "methods":
         print("\n".join(METHODS))
         return 0
-    experiment: Experiment | None = None
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, terminate)
     except ValueError:  # not the main thread (embedded use): leave signals alone
         previous = None
+    try:
+        return _run_command(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(argv: list[str]) -> int:
+    """A run from its flags; every way it can end as its exit code (a crash alone raises)."""
+    experiment: Experiment | None = None
     try:
         spec = spec_from_args(build_parser().parse_args(argv), argv)
         experiment = Experiment(spec)
         run(spec, experiment)
         dist.finish(lambda: _process_device(experiment))
-    except UsageError as exc:  # one process: one line; several: this process's error joins the others'
-        if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
-            exc = exc.advised(experiment.method_cls.scaling_flags())
-        if experiment is not None and dist.active():
-            try:
-                dist.fail_together(exc, lambda: _process_device(experiment))
-            except dist.RunFailed as failed:
-                return _run_failed(failed, experiment)
-        if dist.is_main():  # the flags themselves (the same on every process): printed once
-            print(f"{program()}: error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        return _usage_failed(exc, experiment)
     except dist.RunFailed as exc:  # several processes, one of them failed: every process raises it together
         return _run_failed(exc, experiment)
     except (KeyboardInterrupt, Terminated) as exc:
@@ -366,16 +372,32 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a crash: its traceback here, and with several processes its line from rank 0
         if experiment is None or not dist.active():
             raise
-        traceback.print_exc()
+        return _crashed(exc, experiment)
+    return 0
+
+
+def _usage_failed(exc: UsageError, experiment: Experiment | None) -> int:
+    """One process: one line; several: this process's error joins the others', one line from rank 0."""
+    if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
+        exc = exc.advised(experiment.method_cls.scaling_flags())
+    if experiment is not None and dist.active():
         try:
             dist.fail_together(exc, lambda: _process_device(experiment))
         except dist.RunFailed as failed:
             return _run_failed(failed, experiment)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0
+    if dist.is_main():  # the flags themselves (the same on every process): printed once
+        print(f"{program()}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _crashed(exc: Exception, experiment: Experiment) -> int:
+    """A crash of one of several processes: its traceback, then every process's one line from rank 0."""
+    traceback.print_exc()
+    try:
+        dist.fail_together(exc, lambda: _process_device(experiment))
+    except dist.RunFailed as failed:
+        return _run_failed(failed, experiment)
+    raise exc
 
 
 def _run_failed(exc: dist.RunFailed, experiment: Experiment | None) -> int:
@@ -390,8 +412,9 @@ def _process_device(experiment: Experiment) -> torch.device:
     """This process's device (whose backend the process group uses), also before `load` chose it."""
     from .models import resolve_device
 
-    device = getattr(experiment, "device", None)
-    return device if device is not None else resolve_device(dist.gpu_index(experiment.spec.gpu))
+    if experiment.loaded is not None:
+        return experiment.loaded.device
+    return resolve_device(dist.gpu_index(experiment.spec.gpu))
 
 
 def _written(experiment: Experiment | None) -> str:
@@ -422,7 +445,3 @@ def _interrupted(experiment: Experiment | None, terminated: bool) -> str:
         f"iv.py: interrupted ({name}); {progress.records} record(s) of this run written to {spec.results}{saved}; "
         "rerun with --resume to finish"
     )
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()

@@ -27,6 +27,7 @@ processes, and exists for tests/test_distributed.py.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -117,10 +118,8 @@ def settle() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # a peer that died: nobody left to wait for
             dist.barrier()
-        except Exception:  # a peer that died: nobody left to wait for
-            pass
 
 
 def teardown() -> None:

@@ -8,34 +8,24 @@ command itself (`ivlib.cli`) is imported inside them.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from pathlib import Path
 
-from .errors import Terminated
+from .errors import Terminated, program, terminate
 
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def _program() -> str:
-    return "ivlib" if Path(sys.argv[0]).name == "ivlib" else "iv.py"
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def interrupted(name: str, when: str) -> int:
     """Print the one line of an interrupt outside a run; the exit code."""
-    print(f"{_program()}: interrupted ({name}) {when}; nothing written", file=sys.stderr, flush=True)
+    print(f"{program()}: interrupted ({name}) {when}; nothing written", file=sys.stderr, flush=True)
     return EXIT_CODES[name]
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread: signals are not ours to handle
-        pass
+    with contextlib.suppress(ValueError):  # not the main thread: signals are not ours to handle
+        signal.signal(signal.SIGTERM, terminate)
     try:
         from .cli import main as command
     except KeyboardInterrupt:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
+from pathlib import Path
 from typing import Any, NoReturn
+
+
+def program() -> str:
+    """`ivlib` when run as the console script, else `iv.py` (the seed's entry point): the name every
+    one-line error and interrupt message starts with."""
+    return "ivlib" if Path(sys.argv[0]).name == "ivlib" else "iv.py"
 
 
 class UsageError(Exception):
@@ -48,3 +56,8 @@ class Parser(argparse.ArgumentParser):
 
 class Terminated(Exception):
     """SIGTERM as an exception, so a killed sweep unwinds like Ctrl-C: files closed, message printed."""
+
+
+def terminate(_signum: int, _frame: object) -> NoReturn:
+    """The SIGTERM handler (of the entry point, then of a run): raise `Terminated`."""
+    raise Terminated()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class OutputSite:
         self.rows, self.cols, self.add, self.read, self.replace = rows, cols, add, read, replace
         self.value: torch.Tensor | None = None  # [N, D] float32 after the forward, if read
 
-    def __call__(self, module: nn.Module, args, output):
+    def __call__(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
         if _paused[0]:
             return output
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
@@ -71,7 +72,7 @@ class OutputSite:
 
 
 @contextmanager
-def _installed(modules: Sequence[nn.Module], hooks: Sequence, pre: bool) -> Iterator[None]:
+def _installed(modules: Sequence[nn.Module], hooks: Sequence[Callable[..., Any]], pre: bool) -> Iterator[None]:
     """Register one hook per module; remove them all on exit, also when the forward raised."""
     handles = [(m.register_forward_pre_hook if pre else m.register_forward_hook)(h) for m, h in zip(modules, hooks)]
     try:
@@ -86,8 +87,8 @@ def watch_outputs(modules: Sequence[nn.Module], fn: Callable[[int, torch.Tensor]
     """Call `fn(i, hidden)` with `modules[i]`'s output ([B, T, D]; a tuple's first element) after each
     of its forwards, changing nothing: for diagnostics that must see every layer, e.g. where a NaN began."""
 
-    def watcher(i: int):
-        def hook(module: nn.Module, args, output):
+    def watcher(i: int) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             fn(i, output[0] if isinstance(output, tuple) else output)
 
         return hook
@@ -105,8 +106,8 @@ def map_outputs(modules: Sequence[nn.Module], fn: Callable[[int, torch.Tensor], 
     fit learns the edit's parameters, and the module's own output is left as it was.
     """
 
-    def mapper(i: int):
-        def hook(module: nn.Module, args, output):
+    def mapper(i: int) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
             if isinstance(output, tuple):
                 return (fn(i, output[0]), *output[1:])
             return fn(i, output)
@@ -172,7 +173,7 @@ class InputSite:
         self.rows, self.cols, self.read, self.patch = rows, cols, read, patch
         self.value: torch.Tensor | None = None  # [N, F] float32 after the forward, if read
 
-    def __call__(self, module: nn.Module, args):
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         if _paused[0]:
             return args
         x = args[0]  # [B, T, F]
@@ -275,7 +276,7 @@ class PositionClock:
         self.start = 0
         self.seen = 0
 
-    def __call__(self, module: nn.Module, args, kwargs) -> None:
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -314,7 +315,7 @@ class PositionalSite:
         self.clock, self.rows, self.cols = clock, rows, cols
         self.add, self.replace, self.steady, self.n_rows = add, replace, steady, n_rows
 
-    def __call__(self, module: nn.Module, args, output):
+    def __call__(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output  # [B, T, D]
         start, width = self.clock.start, hidden.shape[1]
         rows, cols = self.rows.to(hidden.device), self.cols.to(hidden.device)
@@ -349,12 +350,12 @@ def steering(
 
     The hooks are removed on exit, also when the block raises.
     """
-    if every_position and edit.steady is None:
-        raise ValueError("this edit has no vector to add at every position")
+    if every_position and edit.steady is None and edit.transform is None:
+        raise ValueError("this edit has nothing to apply at every position (no steady vector, no transform)")
     clock = PositionClock()
     n = len(edit.modules)
 
-    def part(values, i):
+    def part(values: torch.Tensor | Sequence[torch.Tensor | None] | None, i: int) -> torch.Tensor | None:
         return None if values is None or not positions else values[i]
 
     sites = [

@@ -37,7 +37,7 @@ def _layers(cache: Any, model_name: str) -> list[Any]:
                 f"model '{model_name}' uses a {type(layer).__name__} cache layer, which cannot be tuned; "
                 "accepted: models whose cache layers are DynamicLayer or DynamicSlidingWindowLayer"
             )
-    return layers
+    return list(layers)
 
 
 def _check_nothing_dropped(layers: list[Any], model_name: str) -> None:
@@ -154,7 +154,7 @@ class _PrefixLayer(DynamicLayer):
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.keys, self.values = keys, values  # [rows, kv_heads, P, head_dim], expanded views
         self.device, self.is_initialized = keys.device, True
         self._prefix = (keys, values)
@@ -175,7 +175,7 @@ def expand_rows(cache: Any, rows: int, keep: bool = True) -> Cache:
     """
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        out = copy.deepcopy(cache)
+        out: Cache = copy.deepcopy(cache)
         if rows > 1:
             out.batch_repeat_interleave(rows)
         return out

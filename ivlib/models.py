@@ -176,11 +176,11 @@ def _gguf_bar_silenced(quiet: bool) -> Iterator[None]:
     if original is None:
         yield
         return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
+    gguf_utils.tqdm = functools.partial(original, disable=True)  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        gguf_utils.tqdm = original
+        gguf_utils.tqdm = original  # type: ignore[attr-defined]
 
 
 CACHE_MARKER = "ivlib-source.json"  # written by ivlib in every checkpoint it converts: what it came from
@@ -397,6 +397,30 @@ def _from_pretrained(
 ) -> tuple[Any, Any, str, dict[str, Any] | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder, source, identity = _checkpoint(name, entry, quiet)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": bool(entry.get("trust_remote_code", False))}
+    if flash_attention:
+        kwargs["attn_implementation"] = "flash_attention_2"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if mem_limit is not None:
+            kwargs["max_memory"] = {i: mem_limit for i in range(torch.cuda.device_count())}
+    tokenizer_source = str(entry.get("tokenizer", folder))
+    from_hub = any(not Path(p).expanduser().exists() for p in (folder, tokenizer_source))
+    online = hub.hub_reachable() if from_hub else True  # offline: fail at once, not after the retries
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)  # see load_model
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, OSError, ValueError, ImportError) as exc:
+        raise _refused(name, folder, online, exc) from None
+    if device_map is None:
+        model = model.to(device)
+    return model, tokenizer, source, identity
+
+
+def _checkpoint(name: str, entry: dict[str, Any], quiet: bool) -> tuple[str, str, dict[str, Any] | None]:
+    """(the folder transformers loads, the source the record names, a GGUF file's identity or None) of
+    an entry that is not built in."""
     if "assemble" in entry:
         clash = sorted({"path", "package", "gguf_file"} & set(entry))
         if clash:
@@ -411,49 +435,37 @@ def _from_pretrained(
         raise UsageError(f"model '{name}' has no path, package, assemble or builtin")
     if folder.startswith(("/", ".", "~")) and not Path(folder).expanduser().exists():
         raise UsageError(f"model '{name}': path '{folder}' does not exist; fix the registry entry or pass -c")
-    source, identity = folder, None
-    if "gguf_file" in entry:
-        hint = f"fix the entry's gguf_file, or: {MULTI_PART_HINT}" if "package" in entry else None
-        folder, found = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet, hint)
-        source = found["path"]  # the record names the GGUF file that ran, not the cache folder
-        identity = {k: found[k] for k in ("file", "size", "mtime_ns", "sha256")} | {"checkpoint": folder}
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": bool(entry.get("trust_remote_code", False))}
-    if flash_attention:
-        kwargs["attn_implementation"] = "flash_attention_2"
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-        if mem_limit is not None:
-            kwargs["max_memory"] = {i: mem_limit for i in range(torch.cuda.device_count())}
-    tokenizer_source = str(entry.get("tokenizer", folder))
-    from_hub = any(not Path(p).expanduser().exists() for p in (folder, tokenizer_source))
-    online = hub.hub_reachable() if from_hub else True  # offline: fail at once, not after the retries
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)  # see load_model
-    except pickle.UnpicklingError as exc:  # torch's weights-only loader refused what the pickle would run
+    if "gguf_file" not in entry:
+        return folder, folder, None
+    hint = f"fix the entry's gguf_file, or: {MULTI_PART_HINT}" if "package" in entry else None
+    checkpoint, found = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet, hint)
+    identity = {k: found[k] for k in ("file", "size", "mtime_ns", "sha256")} | {"checkpoint": checkpoint}
+    return checkpoint, found["path"], identity  # the record names the GGUF file that ran, not the cache folder
+
+
+def _refused(name: str, folder: str, online: bool, exc: Exception) -> UsageError:
+    """The one line for a checkpoint transformers could not load: refused pickles, damaged weights, or
+    nothing there (offline, or no such folder or hub id)."""
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError):  # torch's weights-only loader refused what the pickle would run
         refusal = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(exc))
-        reason = (refusal.group(1) if refusal else str(exc).strip().splitlines()[0])[:160]
-        raise UsageError(
+        reason = (refusal.group(1) if refusal else text.splitlines()[0])[:160]
+        return UsageError(
             f"model '{name}': the pickle weights in '{folder}' are refused by torch's safe loader ({reason}); "
             "accepted: safetensors weights (save_pretrained's default); convert a checkpoint you trust to safetensors"
-        ) from None
-    except (EOFError, RuntimeError, KeyError) as exc:  # truncated or mismatched weight files
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
+        )
+    reason = text.splitlines()[0][:200] if text else type(exc).__name__
+    if isinstance(exc, (EOFError, RuntimeError, KeyError)):  # truncated or mismatched weight files
+        return UsageError(
             f"model '{name}': the weights in '{folder}' cannot be loaded ({type(exc).__name__}: {reason}); "
             "accepted: a complete checkpoint written by save_pretrained"
-        ) from None
-    except (OSError, ValueError, ImportError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        where = (
-            f"the hub ({hub.endpoint()}) cannot be reached and '{folder}' is not in the local HF cache"
-            if not online
-            else f"cannot load '{folder}' ({reason})"
         )
-        raise UsageError(
-            f"model '{name}': {where}; accepted: a local directory as the entry's path (save_pretrained), "
-            f"or a hub id already in the local cache ({hub.OFFLINE_HINT})"
-        ) from None
-    if device_map is None:
-        model = model.to(device)
-    return model, tokenizer, source, identity
+    where = (
+        f"the hub ({hub.endpoint()}) cannot be reached and '{folder}' is not in the local HF cache"
+        if not online
+        else f"cannot load '{folder}' ({reason})"
+    )
+    return UsageError(
+        f"model '{name}': {where}; accepted: a local directory as the entry's path (save_pretrained), "
+        f"or a hub id already in the local cache ({hub.OFFLINE_HINT})"
+    )

@@ -124,7 +124,8 @@ class PromptEncoder:
         self._trunc_cache: dict[str, str] = {}
 
     def _tokenize(self, text: str) -> BatchEncoding:
-        return self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded: BatchEncoding = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoded
 
     def _kept_space(self, words: list[str]) -> str:
         """The delimiter's trailing spaces that stay in the prompt: all of them when this tokenizer

@@ -35,7 +35,7 @@ def reading_last_hidden(lm: LoadedModel) -> Iterator[list[torch.Tensor]]:
     """Inside the block, each forward appends its last column's final hidden state ([B, D] float32)."""
     seen: list[torch.Tensor] = []
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         seen.append(args[0][:, -1].float())  # [B, T or 1, D] -> [B, D]
 
     handle = output_head(lm).register_forward_pre_hook(hook)

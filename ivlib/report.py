@@ -35,8 +35,6 @@ from .selection import (
     warn,
 )
 
-# the paper's, newer rivals before IV
-METHOD_ORDER = ("zero-shot", "icl", "tv", "tv-hendel", "fv", "dt", "sv", "i2cl", "site", "icv", "hc", "probe", "iv")
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
 DAGGER = "†"
@@ -58,10 +56,13 @@ class Cell:
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
-    """The paper's column order (the newer rivals before IV); methods it does not know go last, alphabetically."""
+    """The registry's order, which the methods declare (`Method.position`: the paper's, newer rivals, IV
+    last); methods a results file names but none registers go last, alphabetically."""
+    from .methods import METHODS  # here, not at import: reading results needs no torch until a table is drawn
+
     present = set(methods)
-    known = [m for m in METHOD_ORDER if m in present]
-    return known + sorted(present - set(METHOD_ORDER))
+    known = [m for m in METHODS if m in present]
+    return known + sorted(present - set(METHODS))
 
 
 def table_cells(scored: list[Scored]) -> tuple[list[Cell], list[tuple[str, str, str]]]:
@@ -120,7 +121,7 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def model_table(model: str, cells: list[Cell], metric: str) -> tuple[list[str], int]:
+def model_table(cells: list[Cell], metric: str) -> tuple[list[str], int]:
     """Markdown lines of one model's table, and how many tasks the average is over."""
     by_key = {(c.run.task, c.run.method): c for c in cells}
     methods = method_order(c.run.method for c in cells)
@@ -167,7 +168,7 @@ def markdown(
     ]
     for model in sorted({c.run.model for c in cells}):
         mine = [c for c in cells if c.run.model == model]
-        table, n_complete = model_table(model, mine, metric)
+        table, n_complete = model_table(mine, metric)
         lines += [f"## {model}", "", *table, ""]
         lines += _footnotes(mine, n_complete, metric)
         lines += details_table(mine)
@@ -540,7 +541,7 @@ def _episodes_text(runs: list[Scored]) -> str:
 
 
 def plot_heatmap(
-    model: str, task: str, method: str, runs: list[Scored], metric: str, path: Path, axes: Axes, names: dict[str, str]
+    model: str, task: str, method: str, runs: list[Scored], path: Path, axes: Axes, names: dict[str, str]
 ) -> bool:
     """One panel per value of the third axis, so the landscape can be read at a glance; False if no grid.
     `names` gives each axis the label a reader knows (the paper's symbol beside the setting). The colour
@@ -812,7 +813,7 @@ def write_report(
             path = out / f"confusion_{safe_name(model)}_{safe_name(task)}_{safe_name(method)}.png"
             plot_confusion(cell, *view, path)
             written.append(path)
-    written += _heatmaps(scored, out, metric)
+    written += _heatmaps(scored, out)
     styles = method_styles(c.run.method for c in cells)  # one colour per method, the same in every plot
     for model in sorted({c.run.model for c in cells}):
         mine = [c for c in cells if c.run.model == model]
@@ -827,20 +828,20 @@ def write_report(
 
 def _grid_methods() -> dict[str, tuple[Axes, dict[str, str]]]:
     """method -> (its declared heatmap axes, axis labels), for every method that declares a grid."""
-    from .experiment import PROTOCOL
     from .methods import METHODS
+    from .runspec import PROTOCOL
 
     out = {}
     for name, cls in METHODS.items():
         if cls.grid_axes is None:
             continue
-        declared = {s.name: s for s in (*PROTOCOL, *cls.settings)}
+        declared = {s.name: s for s in (*PROTOCOL, *cls.declared_settings())}
         names = {a: f"{a} ({declared[a].symbol})" if a in declared and declared[a].symbol else a for a in cls.grid_axes}
         out[name] = (cls.grid_axes, names)
     return out
 
 
-def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
+def _heatmaps(scored: list[Scored], out: Path) -> list[Path]:
     grids = _grid_methods()
     groups: dict[tuple[str, str, str], list[Scored]] = {}
     for s in latest_per_setting(scored):
@@ -854,6 +855,6 @@ def _heatmaps(scored: list[Scored], out: Path, metric: str) -> list[Path]:
         for r in runs:  # several seeds of one setting: one cell, their mean (as select ranks it)
             by_setting.setdefault(r.setting, []).append(r)
         runs = [over_seeds(same) for same in by_setting.values()]
-        if plot_heatmap(model, task, method, runs, metric, path, axes, names):
+        if plot_heatmap(model, task, method, runs, path, axes, names):
             written.append(path)
     return written

@@ -125,7 +125,7 @@ def signals_held() -> Iterator[None]:
     caught: list[int] = []
     try:
         previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {
-            sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+            sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
             for sig in (signal.SIGINT, signal.SIGTERM)
         }
     except ValueError:  # not the main thread: Python delivers no signals here anyway

@@ -64,7 +64,7 @@ def samples_dir(results: str) -> Path:
     return p.with_name(p.stem + ".samples")
 
 
-def samples_stem(results: str, model: str, task: str, method: str, split: str, when: datetime) -> str:
+def samples_stem(model: str, task: str, method: str, split: str, when: datetime) -> str:
     """The log's name without its content hash (added by `write_samples`)."""
     stamp = when.strftime("%Y%m%dT%H%M%S")
     return "_".join(_safe(x) for x in (model, task, method, split)) + f"_{stamp}"

@@ -5,20 +5,35 @@ a head count) and never left to fail later in a library's traceback.
 
 pydantic does the checking (strict: no silent coercion of types); the messages are ivlib's, one
 line each. A key a method reads from the model entry (`Setting.model_default`, e.g. FV's
-`fv_heads`) is declared here too, with the type the method's setting accepts.
+`fv_heads`) is not written here: the schema takes it from the registered methods' declarations
+(`Method.registry_keys`), accepting what the setting it stands for accepts.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import functools
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+)
 from pydantic_core import ErrorDetails
 
 from .errors import UsageError
 from .staicc import DATASETS as STAICC_DATASETS
 from .staicc import INSTALL as STAICC_INSTALL
 from .staicc import SplitMode
+
+if TYPE_CHECKING:
+    from .settings import Setting
 
 Text = Annotated[StrictStr, Field(min_length=1)]
 Texts = Annotated[list[Text], Field(min_length=1)]
@@ -46,7 +61,6 @@ class ModelEntry(_Strict):
     bos: Literal["auto"] | StrictBool | None = None
     layout: Layout | None = None
     trust_remote_code: StrictBool | None = None
-    fv_heads: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
 class MultipleChoice(_Strict):
@@ -101,8 +115,7 @@ MODEL_KEYS = {
     "bos": "auto, true or false (add the tokenizer's BOS token)",
     "layout": "module names when discovery fails: {blocks: NAME, attn_out: NAME, mlp_out: NAME}",
     "trust_remote_code": "true or false (pass trust_remote_code to from_pretrained)",
-    "fv_heads": "an integer >= 1 (function-vector heads for this model, the IV paper's settings)",
-}
+}  # and the keys the methods read (`method_keys`)
 TASK_KEYS = {
     "dataset": "a hub dataset id, or parquet/csv/json for local files (a string)",
     "subset": "a dataset configuration name (a string)",
@@ -135,10 +148,48 @@ SOURCES = {
     "models": ("path", "package", "assemble", "builtin"),
     "tasks": ("dataset", "data_files", "builtin", "staicc"),
 }
-_SCHEMAS: dict[str, tuple[type[BaseModel], dict[str, str]]] = {
-    "models": (ModelEntry, MODEL_KEYS),
-    "tasks": (TaskEntry, TASK_KEYS),
-}
+
+
+def method_keys() -> dict[str, Setting]:
+    """The model-registry keys the registered methods read (FV's `fv_heads`), each with the setting it
+    gives a default to (the first method in the registry's order, where two read one key)."""
+    from .methods import METHODS  # here: reading a config needs the methods only for these keys
+
+    keys: dict[str, Setting] = {}
+    for cls in METHODS.values():
+        for key, setting in cls.registry_keys().items():
+            keys.setdefault(key, setting)
+    return keys
+
+
+def model_keys() -> dict[str, str]:
+    """Every key of a model entry -> what it accepts, as the error message says it."""
+    read = {key: f"{s.accepted()} (the default of {s.flag} for this model)" for key, s in method_keys().items()}
+    return {**MODEL_KEYS, **read}
+
+
+def _value_type(setting: Setting) -> Any:
+    """The pydantic type accepting what `setting` accepts (strict: no text for a number)."""
+    if setting.choices:
+        return Literal[setting.choices]
+    bounds = Field(ge=setting.low, le=setting.high)
+    if setting.type is int:
+        return Annotated[StrictInt, bounds]
+    if setting.type is float:
+        return Annotated[StrictFloat | StrictInt, bounds]
+    return Text
+
+
+@functools.cache
+def _model_schema(keys: tuple[tuple[str, Setting], ...]) -> type[BaseModel]:
+    fields: dict[str, Any] = {key: (_value_type(s) | None, None) for key, s in keys}
+    return create_model("ModelEntry", __base__=ModelEntry, **fields)
+
+
+def _schema(kind: str) -> tuple[type[BaseModel], dict[str, str]]:
+    if kind == "models":
+        return _model_schema(tuple(method_keys().items())), model_keys()
+    return TaskEntry, TASK_KEYS
 
 
 def _short(value: Any) -> str:
@@ -165,7 +216,7 @@ def _message(path: str, label: str, entry: dict[str, Any], error: ErrorDetails, 
 
 def check_entry(kind: str, name: str, entry: dict[str, Any], path: str) -> None:
     """Refuse an entry that does not fit the schema (UsageError, one line naming file, entry, key, value)."""
-    schema, keys = _SCHEMAS[kind]
+    schema, keys = _schema(kind)
     empty = [key for key, value in entry.items() if value is None and key in keys]
     if empty:  # `label_words:` with nothing after it: a value forgotten, never "use the default"
         raise UsageError(f"config '{path}': {kind}.{name}.{empty[0]} has no value; accepted: {keys[empty[0]]}")

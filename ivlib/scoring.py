@@ -20,19 +20,20 @@ from .batching import BatchRunner
 from .errors import UsageError
 from .hooks import edit_inputs, prompt_edits_paused, stack_reads
 from .kvcache import expand_rows, repeated_with_room
+from .layout import ModelLayout
 from .metrics import selection_score
 from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, collate, option_lengths
 from .rules import Answers, Rule, with_label_options
 
-LastTokenEdit = Callable[[torch.Tensor, torch.Tensor], AbstractContextManager]
+LastTokenEdit = Callable[[torch.Tensor, torch.Tensor], AbstractContextManager[Any]]
 """An edit of each row's last token, given where that token sits in the forward about to run:
 (rows [N], cols [N]) -> a context manager that installs it. The same edit serves the prefix-cache
 search (`Scorer.last_token_groups`: the token alone, column 0, rows repeated) and full forwards
 (`Scorer.at_last_token`: the query separator), so neither TV nor FV builds positions itself."""
 
 
-def no_edit(rows: torch.Tensor, cols: torch.Tensor) -> AbstractContextManager:
+def no_edit(_rows: torch.Tensor, _cols: torch.Tensor) -> AbstractContextManager[None]:
     """The unedited baseline among a search's edits."""
     return contextlib.nullcontext()
 
@@ -102,7 +103,7 @@ class Scorer:
         self.prefix: Prefix | None = None  # inside `over`: the cached prefix every batch runs after
 
     @property
-    def layout(self):
+    def layout(self) -> ModelLayout:
         return self.lm.layout
 
     def batch(self, prompts: list[EncodedPrompt]) -> PromptBatch:
@@ -167,7 +168,8 @@ class Scorer:
             use_cache=False,
             **kwargs,
         )
-        return out.logits[:, -1]
+        last: torch.Tensor = out.logits[:, -1]
+        return last
 
     # ---- a shared prefix encoded once (--demos fixed) ------------------------------------------------
     @torch.inference_mode()
@@ -203,7 +205,7 @@ class Scorer:
         logits, cache = self.encode(batch.input_ids, mask, positions, past=expand_rows(prefix.cache, rows, keep))
         return logits, cache, mask, positions
 
-    def at_last_token(self, batch: PromptBatch, edit: LastTokenEdit) -> AbstractContextManager:
+    def at_last_token(self, batch: PromptBatch, edit: LastTokenEdit) -> AbstractContextManager[Any]:
         """`edit` installed at every row's last token (the query separator) for full forwards of `batch`:
         the same edit a last-token search tried, so what it chose is what evaluation runs."""
         rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
@@ -253,7 +255,7 @@ class Scorer:
             out.append(self._search_scores(step.logits[:, -1], gold).view(batch.input_ids.shape[0], g, -1))
         return out
 
-    def _repeated_cache(self, base, g: int):
+    def _repeated_cache(self, base: Any, g: int) -> Any:
         """The prefix cache with each row repeated g times and one free slot (see `repeated_with_room`):
         each last-token forward writes its token there instead of copying the prefix, which on long
         prompts cost more than the forward itself. Caches that cannot be preallocated keep the copy."""
@@ -280,12 +282,14 @@ class Scorer:
         return logprobs[:, self.label_ids.to(logprobs.device)]
 
     @staticmethod
-    def cache_of(out):
+    def cache_of(out: Any) -> Any:
         """The cache a forward returned (the output field was renamed in transformers 5.2x)."""
         return getattr(out, "cache", None) or out.past_key_values
 
     @torch.inference_mode()
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past=None):
+    def encode(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Any = None
+    ) -> tuple[torch.Tensor, Any]:
         """One forward with a cache: (next-token logits at the last column [B, V], the cache).
 
         `mask` covers the past and `ids` ([B, T_past + T]); `past` (a transformers Cache) is
@@ -299,7 +303,7 @@ class Scorer:
 
     def score_after(
         self,
-        past,
+        past: Any,
         past_mask: torch.Tensor,
         ids: torch.Tensor,
         mask: torch.Tensor,
@@ -313,7 +317,7 @@ class Scorer:
 
     @torch.inference_mode()
     def _answer_scores(
-        self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor, batch: PromptBatch
+        self, last_logits: torch.Tensor, cache: Any, mask: torch.Tensor, next_pos: torch.Tensor, batch: PromptBatch
     ) -> torch.Tensor:
         """[B, W] rows of the scoring rule from the answer position's logits and the prompt's cache:
         the rule's own row where the logits decide; otherwise each answer's (an option's, or a label's
@@ -348,7 +352,7 @@ class Scorer:
 
     @torch.inference_mode()
     def _generate(
-        self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor, gold: list[str] | None
+        self, last_logits: torch.Tensor, cache: Any, mask: torch.Tensor, next_pos: torch.Tensor, gold: list[str] | None
     ) -> torch.Tensor:
         """Greedy decoding over the prompt's cache, every row at once (left-padded, so each row's next
         token is its last column): [B, C + 1 + N], the rule's match columns then the decoded ids (-1

@@ -69,11 +69,13 @@ class Scored:
 
     @property
     def model(self) -> str:
-        return self.record["model"]
+        value: str = self.record["model"]
+        return value
 
     @property
     def task(self) -> str:
-        return self.record["task"]
+        value: str = self.record["task"]
+        return value
 
     @property
     def method(self) -> str:
@@ -82,7 +84,8 @@ class Scored:
 
     @property
     def split(self) -> str:
-        return self.record["split"]
+        value: str = self.record["split"]
+        return value
 
     @property
     def setting(self) -> str:
@@ -90,7 +93,8 @@ class Scored:
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
-        return self.record["hyperparameters"]
+        value: dict[str, Any] = self.record["hyperparameters"]
+        return value
 
 
 # Protocol settings whose values are different protocols rather than hyperparameters to choose on
@@ -370,8 +374,8 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 def _fit_setting_objects(record: dict[str, Any]) -> list[Any]:
     """The settings a state file holds for this record's method: the protocol's fitting settings
     and the method's own fit-role settings (what --load-vectors adopts)."""
-    from .experiment import PROTOCOL, PROTOCOL_FIT
     from .methods import METHODS
+    from .runspec import PROTOCOL, PROTOCOL_FIT
 
     cls = METHODS.get(record.get("method", ""))
     if cls is None or not cls.has_state:

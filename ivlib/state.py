@@ -150,7 +150,7 @@ def _open(path: str, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, 
     try:
         with safe_open(path, framework="pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (a file handle, not a dict)
     except Exception:
         raise UsageError(f"--load-vectors '{path}' is not a safetensors file written by ivlib") from None
     _check_meta_types(path, meta)

@@ -38,7 +38,7 @@ class _Loader(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
-                line = self.peek_event().start_mark.line + 1
+                line = self.peek_event().start_mark.line + 1  # type: ignore[no-untyped-call]
                 raise _Refused(
                     f"nests more than {MAX_YAML_DEPTH} deep at line {line}",
                     f"mappings and lists nested at most {MAX_YAML_DEPTH} deep",

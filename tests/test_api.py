@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 import ivlib
 from ivlib.cli import main
 from ivlib.episodes import sample_episodes as raw_sample
-from ivlib.experiment import Experiment, RunSpec
+from ivlib.experiment import fit_episodes
 from ivlib.layout import discover_layout
+from ivlib.protocol import Protocol
 from ivlib.scoring import Scorer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,10 +107,8 @@ def test_tasks_from_the_registry_and_from_lists():
 
 # ---- 3. episodes ------------------------------------------------------------------------------
 def test_episodes_come_from_the_cli_streams(task):
-    spec = RunSpec(model="tiny-gpt2", task="review_sentiment", ext_shot=2, episodes=7, select_episodes=5, method="tv")
-    run = Experiment(spec)
-    run.task = task
-    train, select = run.fit_episodes()
+    # what the CLI's fit step draws for -s 2 -e 7 --select-episodes 5 --method tv (seed 42, the default protocol)
+    train, select = fit_episodes(task, ivlib.get_method("tv"), Protocol(), 2, 7, 5, 42)
     assert ivlib.sample_episodes(task, "train", shot=2, n=7) == train
     assert ivlib.sample_episodes(task, "validation", shot=1, n=5, stream="select") == select
     assert ivlib.sample_episodes(task, "validation", shot=1, n=9, seed=3) == raw_sample(
@@ -156,9 +155,9 @@ def test_fit_accepts_a_built_method_and_refuses_bad_settings(gpt2, task):
     assert ivlib.fit(built, gpt2, task, **FIT) is built and built.vectors is not None
     stronger = ivlib.evaluate(built, gpt2, task, n=20, batch_size=8, strength=2.0)
     plain = ivlib.evaluate(built, gpt2, task, n=20, batch_size=8)
-    assert not torch.equal(stronger.scores, plain.scores) and built.strength == 0.5  # a copy was evaluated
+    assert not torch.equal(stronger.scores, plain.scores) and built.settings.strength == 0.5  # a copy was evaluated
     with pytest.raises(
-        ivlib.UsageError, match="method=.nope. is not accepted; accepted: a registered method.s name .icl"
+        ivlib.UsageError, match="method=.nope. is not accepted; accepted: a registered method.s name .zero-shot, icl"
     ):
         ivlib.fit("nope", gpt2, task)
     with pytest.raises(ivlib.UsageError, match="no setting"):
@@ -268,26 +267,29 @@ def test_steering_refusals_and_hooks_removed_after_an_exception(gpt2, task):
     ids = torch.tensor([prompt.ids])
     with torch.no_grad():
         plain = gpt2.model(ids).logits
-    with pytest.raises(RuntimeError, match="inside"):
-        with ivlib.steer(iv, gpt2, prompt, strength=30.0):
-            with torch.no_grad():
-                assert not torch.allclose(gpt2.model(ids).logits, plain)
-            raise RuntimeError("inside the block")
+    with pytest.raises(RuntimeError, match="inside"), ivlib.steer(iv, gpt2, prompt, strength=30.0):
+        with torch.no_grad():
+            assert not torch.allclose(gpt2.model(ids).logits, plain)
+        raise RuntimeError("inside the block")
     assert _no_hooks(gpt2)
     with torch.no_grad():
         assert torch.equal(gpt2.model(ids).logits, plain)
-    with pytest.raises(ivlib.UsageError, match="replaces a hidden state"):
-        with ivlib.steer(tv, gpt2, every_position=True):
-            pass
-    with pytest.raises(ivlib.UsageError, match="does not steer"):
-        with ivlib.steer(ivlib.get_method("icl")(), gpt2, prompt):
-            pass
-    with pytest.raises(ivlib.UsageError, match="not fitted"):
-        with ivlib.steer(ivlib.get_method("iv")(), gpt2, prompt):
-            pass
-    with pytest.raises(ivlib.UsageError, match="needs a prompt"):
-        with ivlib.steer(iv, gpt2):
-            pass
+    with (
+        pytest.raises(
+            ivlib.UsageError, match="steers only at a prompt.s positions.*accepted with every_position: fv, icv, iv"
+        ),
+        ivlib.steer(tv, gpt2, every_position=True),
+    ):
+        pass
+    with (
+        pytest.raises(ivlib.UsageError, match="does not steer"),
+        ivlib.steer(ivlib.get_method("icl")(), gpt2, prompt),
+    ):
+        pass
+    with pytest.raises(ivlib.UsageError, match="not fitted"), ivlib.steer(ivlib.get_method("iv")(), gpt2, prompt):
+        pass
+    with pytest.raises(ivlib.UsageError, match="needs a prompt"), ivlib.steer(iv, gpt2):
+        pass
     assert _no_hooks(gpt2)
 
 

@@ -4,6 +4,7 @@ argument gets, the call either works or is refused in one line, never a raw exce
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -166,7 +167,8 @@ def test_any_value_of_any_argument_works_or_is_refused_in_one_line(env, target, 
     if isinstance(value, float) and math.isfinite(value) and abs(value) > 1e6:
         value = float(value)  # huge numbers: still only accepted or refused
     try:
-        _calls(env)[function](**{argument: value})
+        with contextlib.chdir(env["dir"]):  # a relative path value (x.yaml) is written there, not into the checkout
+            _calls(env)[function](**{argument: value})
     except UsageError as exc:
         assert "\n" not in str(exc)
     finally:

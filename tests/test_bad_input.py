@@ -77,8 +77,8 @@ def _not_jsonl(tmp):
 
 
 CASES = {
-    "unknown model": (lambda t: _replace(GOOD, "-m", "nope"), "'nope'"),
-    "unknown task": (lambda t: _replace(GOOD, "-t", "nope_task"), "'nope_task'"),
+    "unknown model": (lambda _t: _replace(GOOD, "-m", "nope"), "'nope'"),
+    "unknown task": (lambda _t: _replace(GOOD, "-t", "nope_task"), "'nope_task'"),
     "missing config": (lambda t: _replace(GOOD, "-c", str(t / "absent.yaml")), "absent.yaml"),
     "malformed yaml": (lambda t: _replace(GOOD, "-c", _yaml(t, "models: [unclosed\n")), "not valid YAML"),
     "unknown model key": (
@@ -90,14 +90,14 @@ CASES = {
         lambda t: _replace(_replace(GOOD, "-c", _yaml(t, "models:\n  ghost: /nonexistent/dir\n")), "-m", "ghost"),
         "/nonexistent/dir",
     ),
-    "ext-shot too large": (lambda t: GOOD + ["-s", "100000"], "--ext-shot 100000"),
-    "shot too large": (lambda t: GOOD + ["--shot", "100000"], "--shot 100000"),
-    "zero episodes": (lambda t: _replace(GOOD, "-e", "0"), "--episodes 0"),
-    "negative eval episodes": (lambda t: _replace(GOOD, "-n", "-5"), "--eval-episodes -5"),
-    "strength not a number": (lambda t: GOOD + ["--strength", "abc"], "'abc'"),
-    "strength nan": (lambda t: GOOD + ["--strength", "nan"], "--strength nan"),
-    "unknown method": (lambda t: GOOD + ["--method", "bogus"], "'bogus'"),
-    "unknown flag": (lambda t: GOOD + ["--bogus-flag"], "--bogus-flag"),
+    "ext-shot too large": (lambda _t: GOOD + ["-s", "100000"], "--ext-shot 100000"),
+    "shot too large": (lambda _t: GOOD + ["--shot", "100000"], "--shot 100000"),
+    "zero episodes": (lambda _t: _replace(GOOD, "-e", "0"), "--episodes 0"),
+    "negative eval episodes": (lambda _t: _replace(GOOD, "-n", "-5"), "--eval-episodes -5"),
+    "strength not a number": (lambda _t: GOOD + ["--strength", "abc"], "'abc'"),
+    "strength nan": (lambda _t: GOOD + ["--strength", "nan"], "--strength nan"),
+    "unknown method": (lambda _t: GOOD + ["--method", "bogus"], "'bogus'"),
+    "unknown flag": (lambda _t: GOOD + ["--bogus-flag"], "--bogus-flag"),
     "colliding labels": (
         lambda t: _replace(
             GOOD,
@@ -119,8 +119,8 @@ CASES = {
         lambda t: _replace(GOOD + ["--results", "x"], "--results", str(t / "runs.jsonl" / "x.jsonl")),
         "runs.jsonl",
     ),
-    "no such gpu": (lambda t: GOOD + ["-g", "99"], "-g 99"),
-    "device map on cpu": (lambda t: GOOD + ["--device-map", "balanced"], "--device-map"),
+    "no such gpu": (lambda _t: GOOD + ["-g", "99"], "-g 99"),
+    "device map on cpu": (lambda _t: GOOD + ["--device-map", "balanced"], "--device-map"),
     "task without label column": (
         lambda t: _replace(_replace(GOOD, "-c", _no_label_parquet(t)), "-t", "nolabel"),
         "'label'",
@@ -156,8 +156,8 @@ CASES = {
     ),
     "vectors from another task": (_vectors_for_another_task, "task='other_reviews'"),
     "results file that is not JSONL": (_not_jsonl, "table.csv"),
-    "non-writable results directory": (lambda t: GOOD + ["--results", "/proc/1/runs.jsonl"], "not writable"),
-    "dt with too few steps": (lambda t: GOOD + ["--method", "dt", "--dt-steps", "0"], "--dt-steps 0"),
+    "non-writable results directory": (lambda _t: GOOD + ["--results", "/proc/1/runs.jsonl"], "not writable"),
+    "dt with too few steps": (lambda _t: GOOD + ["--method", "dt", "--dt-steps", "0"], "--dt-steps 0"),
     "vectors path under a file": (
         lambda t: GOOD + ["--save-vectors", str(t / "runs.jsonl" / "v.safetensors")],
         "is a file, not a directory",
@@ -165,7 +165,7 @@ CASES = {
     "vectors path is a directory": (lambda t: GOOD + ["--save-vectors", str(t)], "is a directory"),
     "loaded vectors fitted with another a1": (_vectors_fitted_otherwise, "--ext-strength 0.7; this command gives 0.5"),
     "dt shifted past the position table": (
-        lambda t: GOOD + ["--method", "dt", "--shot", "14", "--dt-steps", "2", "--select-episodes", "2"],
+        lambda _t: GOOD + ["--method", "dt", "--shot", "14", "--dt-steps", "2", "--select-episodes", "2"],
         "--dt-positions pinned",
     ),
     "unknown builtin model": (
@@ -242,20 +242,20 @@ CASES.update(REGISTRY_CASES)
 
 # class 3: flags that conflict or are out of range, refused before the model loads
 FLAG_CASES = {
-    "run-clean with another method": (lambda t: GOOD + ["--run-clean", "--method", "fv"], "--run-clean means"),
+    "run-clean with another method": (lambda _t: GOOD + ["--run-clean", "--method", "fv"], "--run-clean means"),
     "load and save vectors together": (
         lambda t: GOOD + ["--load-vectors", str(t / "a.st"), "--save-vectors", str(t / "b.st")],
         "--load-vectors and --save-vectors together",
     ),
     "load vectors from a directory": (lambda t: GOOD + ["--load-vectors", str(t)], "is not a file (a directory"),
-    "empty vectors path": (lambda t: GOOD + ["--save-vectors", ""], "--save-vectors '' is empty"),
-    "negative seed": (lambda t: GOOD + ["--seed", "-1"], "--seed -1 is out of range"),
-    "eval episodes beyond the cap": (lambda t: _replace(GOOD, "-n", "1000000000000"), "<= 1,000,000"),
-    "extraction episodes beyond the cap": (lambda t: _replace(GOOD, "-e", "1000001"), "--episodes 1000001"),
-    "select episodes beyond the cap": (lambda t: GOOD + ["--select-episodes", "10000000"], "--select-episodes"),
-    "strength minus infinity": (lambda t: GOOD + ["--strength", "-inf"], "--strength -inf is not a finite number"),
-    "strength minus nan among others": (lambda t: GOOD + ["--strength", "0.5", "-nan"], "--strength -nan"),
-    "mem-limit not a size": (lambda t: GOOD + ["-g", "0", "--device-map", "auto", "--mem-limit", "lots"], "'lots'"),
+    "empty vectors path": (lambda _t: GOOD + ["--save-vectors", ""], "--save-vectors '' is empty"),
+    "negative seed": (lambda _t: GOOD + ["--seed", "-1"], "--seed -1 is out of range"),
+    "eval episodes beyond the cap": (lambda _t: _replace(GOOD, "-n", "1000000000000"), "<= 1,000,000"),
+    "extraction episodes beyond the cap": (lambda _t: _replace(GOOD, "-e", "1000001"), "--episodes 1000001"),
+    "select episodes beyond the cap": (lambda _t: GOOD + ["--select-episodes", "10000000"], "--select-episodes"),
+    "strength minus infinity": (lambda _t: GOOD + ["--strength", "-inf"], "--strength -inf is not a finite number"),
+    "strength minus nan among others": (lambda _t: GOOD + ["--strength", "0.5", "-nan"], "--strength -nan"),
+    "mem-limit not a size": (lambda _t: GOOD + ["-g", "0", "--device-map", "auto", "--mem-limit", "lots"], "'lots'"),
 }
 CASES.update(FLAG_CASES)
 

@@ -38,14 +38,14 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_scores(lm, encoder, t
 def test_fixed_batch_size_out_of_memory_is_a_clear_error(lm, encoder, task):
     scorer = Scorer(lm, encoder.label_ids, 8, quiet=True)
 
-    def never_fits(batch):
+    def never_fits(_batch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     with pytest.raises(UsageError, match="out of memory at batch size 8.*--batch-size auto"):
         scorer.runner.map(_prompts(encoder, task, 5), never_fits, "eval")
 
 
-def test_cli_auto_on_cpu_uses_the_cpu_default_and_records_it(tmp_path, monkeypatch):
+def test_cli_auto_on_cpu_uses_the_cpu_default_and_records_it(tmp_path):
     out = tmp_path / "runs.jsonl"
     assert (
         main(
@@ -73,7 +73,7 @@ def test_cli_auto_on_cpu_uses_the_cpu_default_and_records_it(tmp_path, monkeypat
     assert record["batch_size_requested"] == "auto" and record["batch_size"] == 16
 
 
-def test_cli_rejects_a_batch_size_word(tmp_path, capsys):
+def test_cli_rejects_a_batch_size_word(capsys):
     code = main(["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--batch-size", "big"])
     err = capsys.readouterr().err
     assert code == 2 and "'big'" in err and "'auto'" in err

@@ -103,7 +103,7 @@ def test_records_carry_the_budget_and_state_files_keep_the_fits(tmp_path, monkey
         assert loaded["budget"][key] == fitted["budget"][key]
 
 
-def test_split_loops_count_every_process_share(monkeypatch):
+def test_split_loops_count_every_process_share():
     """Under data parallel a split loop adds the other processes' tokens (BatchRunner.shared)."""
     with budget.counting(ivlib.tiny_model()[0]) as count:
         budget.add_elsewhere(7)

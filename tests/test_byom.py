@@ -29,7 +29,7 @@ def fake_conversion(monkeypatch, tmp_path):
     monkeypatch.setenv("IVLIB_CACHE", str(tmp_path / "cache"))
     calls: list[str] = []
 
-    def convert(folder: str, gguf_file: str, out: Path, quiet: bool) -> None:
+    def convert(folder: str, gguf_file: str, out: Path, _quiet: bool) -> None:
         calls.append(str(Path(folder) / gguf_file))
         model, tokenizer = build_tiny("gpt2", vocabulary())
         model.save_pretrained(out)
@@ -89,7 +89,8 @@ def test_registry_name_stays_inside_the_cache(tmp_path, monkeypatch, name):
     assert target.parent == tmp_path / "cache" / "models" and "/" not in target.name and not target.name.startswith(".")
 
 
-def test_refuses_to_delete_what_ivlib_did_not_make(tmp_path, fake_conversion):
+@pytest.mark.usefixtures("fake_conversion")
+def test_refuses_to_delete_what_ivlib_did_not_make(tmp_path):
     path = _gguf(tmp_path / "w", "a.gguf", b"GGUF")
     target = models.checkpoint_dir("m", models.content_identity(path))
     (target.with_name(target.name + ".partial")).mkdir(parents=True)
@@ -99,7 +100,8 @@ def test_refuses_to_delete_what_ivlib_did_not_make(tmp_path, fake_conversion):
     assert (target.with_name(target.name + ".partial") / "precious.txt").is_file()
 
 
-def test_record_names_the_gguf_file_and_its_identity(tmp_path, fake_conversion):
+@pytest.mark.usefixtures("fake_conversion")
+def test_record_names_the_gguf_file_and_its_identity(tmp_path):
     path = _gguf(tmp_path / "w", "model.gguf", b"GGUF bytes")
     cfg = tmp_path / "models.yaml"
     cfg.write_text("models:\n  mine: {path: ./w, gguf_file: model.gguf}\n")
@@ -154,7 +156,7 @@ def test_later_files_replace_earlier_entries_and_one_string_still_works(tmp_path
     spec = RunSpec(model="tiny-gpt2", task="review_sentiment", method="zero-shot", config=str(tiny))
     experiment = Experiment(spec)
     experiment.prepare()
-    assert experiment.config is not None and experiment.config.sources[-1] == str(tiny)
+    assert experiment.prepared is not None and experiment.prepared.config.sources[-1] == str(tiny)
 
 
 # ---- a multi-part package: `assemble: module:function` ----------------------------------------
@@ -184,7 +186,8 @@ def fake_package(tmp_path, monkeypatch):
     sys.modules.pop("parts_pkg", None)
 
 
-def test_assemble_entry_point_is_called_once_and_its_file_is_the_source(tmp_path, fake_package, fake_conversion):
+@pytest.mark.usefixtures("fake_package")
+def test_assemble_entry_point_is_called_once_and_its_file_is_the_source(tmp_path, fake_conversion):
     cfg = tmp_path / "models.yaml"
     cfg.write_text("models:\n  parts: {assemble: 'parts_pkg:assemble'}\n")
     runs = tmp_path / "runs.jsonl"
@@ -204,7 +207,8 @@ def test_assemble_entry_point_is_called_once_and_its_file_is_the_source(tmp_path
     assert len(parts_pkg.CALLS) == 2
 
 
-def test_assemble_errors_are_one_line(tmp_path, fake_package, capsys, monkeypatch):
+@pytest.mark.usefixtures("fake_package")
+def test_assemble_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IVLIB_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "models.yaml"
     cfg.write_text(

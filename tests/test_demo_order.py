@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def test_zero_shot_records_no_order():
         RunSpec("tiny-gpt2", "review_sentiment", "zero-shot", config="config/tiny.yaml", demo_order="class")
     )
     exp.prepare()
-    assert "demo_order" not in exp.hyperparameters(exp.methods[0])
+    assert "demo_order" not in exp.hyperparameters(exp.prepared.methods[0])
 
 
 @pytest.mark.parametrize("method", ["icl", "iv", "tv", "fv", "dt"])
@@ -78,11 +79,11 @@ def test_every_method_evaluates_class_ordered_prompts(method):
     exp = Experiment(spec)
     exp.prepare()
     exp.load()
-    exp.sample()
-    for episode, prompt in zip(exp.eval_episodes, exp.prompts):
+    sampled = exp.sample()
+    for episode, prompt in zip(sampled.episodes, sampled.prompts):
         assert [d.label for d in episode.demos] == [0, 0, 1, 1]
         assert prompt.sep_class == [0, 0, 1, 1, 2]  # the encoded prompt follows the order
-    assert exp.hyperparameters(exp.methods[0])["demo_order"] == "class"
+    assert exp.hyperparameters(exp.prepared.methods[0])["demo_order"] == "class"
 
 
 def test_selection_prompts_take_the_order_and_training_episodes_do_not(task):
@@ -99,7 +100,7 @@ def test_a_state_selected_in_one_order_is_refused_in_the_other(tmp_path, capsys)
     vec, results = tmp_path / "tv.safetensors", str(tmp_path / "runs.jsonl")
     tv = ["--method", "tv", "-s", "1", "-e", "4", "--select-episodes", "4", "--results", results]
     assert main(COMMON + tv + ["--demo-order", "class", "--save-vectors", str(vec)]) == 0
-    assert json.loads(open(results).readline())["fit"]["demo_order"] == "class"
+    assert json.loads(Path(results).read_text().splitlines()[0])["fit"]["demo_order"] == "class"
     capsys.readouterr()
     assert main(COMMON + ["--method", "tv", "--load-vectors", str(vec), "--results", results]) == 2
     err = capsys.readouterr().err.strip()

@@ -99,7 +99,7 @@ def test_fit_picks_the_best_step_on_validation(lm, encoder, task):
     assert fixed.step == 2 and fixed.curve == []
 
 
-def test_cli_dt_record_has_the_curve_and_step(tmp_path, capsys):
+def test_cli_dt_record_has_the_curve_and_step(tmp_path):
     out = tmp_path / "runs.jsonl"
     rc = main(
         [

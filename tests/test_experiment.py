@@ -31,11 +31,13 @@ def test_steps_alone_give_one_record_per_evaluation_setting_and_report_progress(
     pending = exp.prepare()
     assert [c["strength"] for c in pending] == [0.1, 0.9] and all(c["ext_batch"] == 2 for c in pending)
     assert exp.progress.records == 0
-    exp.load()
-    exp.sample()
-    assert len(exp.prompts) == 12
-    exp.fit()
-    assert exp.methods[1].vectors is not None and exp.fit_info["shared_by_strengths"] == [0.1, 0.9]
+    assert exp.prepared is not None and exp.prepared.spec is not exp.given  # checked into a new value
+    loaded = exp.load()
+    sampled = exp.sample()
+    assert len(sampled.prompts) == 12 and exp.sampled is sampled
+    fitted = exp.fit()
+    assert fitted.methods[1].vectors is not None and fitted.info["shared_by_strengths"] == [0.1, 0.9]
+    assert fitted.methods == exp.prepared.methods and loaded.task.name == "review_sentiment"
     records = exp.evaluate_all()
     assert exp.progress.records == 2 and [r["hyperparameters"]["strength"] for r in records] == [0.1, 0.9]
     on_disk = [json.loads(line) for line in Path(exp.spec.results).read_text().splitlines()]
@@ -67,3 +69,18 @@ def test_a_setting_checks_type_range_and_choices():
     c = Setting("mode", str, "a", "help", choices=("a", "b"))
     with pytest.raises(UsageError, match="accepted: a, b"):
         c.check("z")
+
+
+def test_a_step_called_before_the_one_it_takes_says_which_to_call_and_the_given_spec_is_unchanged(tmp_path):
+    given = _spec(tmp_path, method="iv", settings={"strength": "0.5"}, batch_size="8")
+    exp = Experiment(given)
+    with pytest.raises(RuntimeError, match=r"call prepare\(\) first"):
+        exp.load()
+    exp.prepare()
+    with pytest.raises(RuntimeError, match=r"call load\(\) first"):
+        exp.sample()
+    with pytest.raises(RuntimeError, match=r"call fit\(\) first"):
+        exp.evaluate_all()
+    assert exp.prepared is not None and exp.prepared.values["strength"] == 0.5  # checked: a number
+    assert exp.spec.batch_size == 8 and given.batch_size == "8"  # the checked spec is a new value
+    assert given.settings == {"strength": "0.5"} and exp.given is given

@@ -97,7 +97,7 @@ def test_help_lists_subcommands_and_defaults(capsys):
 # ---- the record's command can be pasted -----------------------------------------------------------
 
 
-def test_record_command_starts_with_the_program(tmp_path, monkeypatch, capsys):
+def test_record_command_starts_with_the_program(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     argv = ["-c", "config/tiny.yaml", "-m", "tiny-gpt2", "-t", "review_sentiment", "--method", "zero-shot", "-n", "8"]
     argv += ["--quiet", "--results", str(tmp_path / "r.jsonl")]

@@ -230,9 +230,10 @@ def test_a_runspec_fixed_run_logs_one_set_and_scores_as_whole_prompts(tmp_path, 
     assert record["hyperparameters"]["demos"] == "fixed"
     lines = read_samples(record, tmp_path)
     assert len({tuple(x["demo_rows"]) for x in lines}) == 1 and len(lines[0]["demo_rows"]) == 4
-    assert lines[0]["demo_rows"] == [d.index for d in demo_set(exp.task, 2, 42)]  # train rows
-    method, scorer = exp.methods[0], exp.scorer
-    whole = scorer.runner.map(exp.prompts, lambda b: method.predict(scorer, b), "whole")
+    assert exp.loaded is not None and exp.sampled is not None and exp.fitted is not None
+    assert lines[0]["demo_rows"] == [d.index for d in demo_set(exp.loaded.task, 2, 42)]  # train rows
+    method, scorer = exp.fitted.methods[0], exp.loaded.scorer
+    whole = scorer.runner.map(exp.sampled.prompts, lambda b: method.predict(scorer, b), "whole")
     torch.testing.assert_close(torch.tensor([x["scores"] for x in lines]), whole, atol=2e-4, rtol=1e-4)
 
 
@@ -253,7 +254,7 @@ def test_a_method_that_cannot_take_fixed_demonstrations_refuses_before_loading(t
     assert _cli(tmp_path / "runs.jsonl", "--method", "own-demos", "--demos", "fixed") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "--demos fixed does not apply to --method own-demos; accepted with: icl, zero-shot, iv, " in err
+    assert "--demos fixed does not apply to --method own-demos; accepted with: zero-shot, icl, tv, " in err
 
 
 def test_the_api_refuses_it_too(gpt2, task):

@@ -32,7 +32,7 @@ def _plain_effect(lm, encoder, fv, prompt, layer, head):
     last = len(prompt.ids) - 1
 
     def p_correct(patch):
-        def pre(mod, args):
+        def pre(_mod, args):
             x = args[0].clone()
             if patch:
                 x[0, last, head * hd : (head + 1) * hd] = fv.mean_act[layer, head]

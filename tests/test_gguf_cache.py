@@ -26,7 +26,7 @@ def conversions(monkeypatch, tmp_path) -> list[str]:
     monkeypatch.setenv("IVLIB_CACHE", str(tmp_path / "cache"))
     calls: list[str] = []
 
-    def convert(folder: str, gguf_file: str, out: Path, quiet: bool) -> None:
+    def convert(folder: str, gguf_file: str, out: Path, _quiet: bool) -> None:
         calls.append(str(Path(folder) / gguf_file))
         model, tokenizer = build_tiny("gpt2", vocabulary())
         model.save_pretrained(out)
@@ -52,7 +52,8 @@ def test_one_conversion_serves_every_environment(tmp_path, conversions):
     assert [identity["path"] for _, identity in targets] == [str((env / "model.gguf").resolve()) for env in envs]
 
 
-def test_the_record_names_the_file_that_ran_and_its_hash(tmp_path, conversions, monkeypatch):
+@pytest.mark.usefixtures("conversions")
+def test_the_record_names_the_file_that_ran_and_its_hash(tmp_path):
     cfg = tmp_path / "models.yaml"
     folder = _install(tmp_path / "venv")
     cfg.write_text(f"models:\n  smol: {{path: '{folder}', gguf_file: model.gguf}}\n")
@@ -77,8 +78,9 @@ def test_the_hash_is_remembered_by_path_size_and_mtime(tmp_path, conversions):
     assert touched["sha256"] == hashlib.sha256(CONTENT.upper()).hexdigest() and len(conversions) == 2
 
 
+@pytest.mark.usefixtures("conversions")
 @pytest.mark.parametrize("memo", ["garbage", "list", "wrong-source", "directory", "symlink"])
-def test_a_memo_that_is_not_ivlib_s_is_never_trusted(tmp_path, conversions, memo):
+def test_a_memo_that_is_not_ivlib_s_is_never_trusted(tmp_path, memo):
     folder = _install(tmp_path / "venv")
     identity = models.source_identity(folder / "model.gguf")
     models.content_sha256(identity)

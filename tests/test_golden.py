@@ -188,7 +188,13 @@ def _run_all(tmp: Path, capsys) -> dict[str, Any]:
     assert [r["hyperparameters"]["strength"] for r in added] == [0.5, 0.9]
     assert resume.read_bytes().startswith(before)
 
-    # select: best validation setting per model/task/method, with the test commands it prints
+    _select_and_test(tmp, capsys, cases, call)
+    cases["report"] = _report(tmp, capsys)
+    return json.loads(json.dumps(cases))  # what the fixture holds: JSON types, floats as JSON reads them
+
+
+def _select_and_test(tmp: Path, capsys, cases: dict[str, Any], call) -> None:
+    """select: best validation setting per model/task/method, with the test commands it prints."""
     capsys.readouterr()
     assert main(["select", "--results", str(tmp / "runs.jsonl"), "--commands", "-n", "20"]) == 0
     out, err = capsys.readouterr()
@@ -206,20 +212,21 @@ def _run_all(tmp: Path, capsys) -> dict[str, Any]:
             records = call(f"test-run/{method}/{model}", argv, "runs.jsonl")
             assert [r["split"] for r in records] == ["test"] and records[0]["n_eval_episodes"] == 20
 
-    # report: the tables pinned as text, the plots only checked to exist
+
+def _report(tmp: Path, capsys) -> dict[str, Any]:
+    """report: the tables pinned as text, the plots only checked to exist."""
     report = tmp / "report"
     capsys.readouterr()
     assert main(["report", "--results", str(tmp / "runs.jsonl"), "--out", str(report)]) == 0
     out, _ = capsys.readouterr()
     pngs = sorted(p.name for p in report.glob("*.png"))
     assert pngs and all((report / p).stat().st_size > 1000 for p in pngs), pngs
-    cases["report"] = {
+    return {
         "stdout": _stdout(out, tmp),
         "png_files": pngs,
         "table.md": (report / "table.md").read_text(encoding="utf-8"),
         "table.csv": (report / "table.csv").read_text(encoding="utf-8"),
     }
-    return json.loads(json.dumps(cases))  # what the fixture holds: JSON types, floats as JSON reads them
 
 
 # ---- comparing --------------------------------------------------------------------------------
@@ -228,38 +235,49 @@ def _run_all(tmp: Path, capsys) -> dict[str, Any]:
 def _first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
     """'key.path: expected X, got Y' for the first place where the two differ, else None."""
     if isinstance(expected, dict) and isinstance(actual, dict):
-        for key in list(expected) + [k for k in actual if k not in expected]:
-            where = f"{path}.{key}" if path else str(key)
-            if key not in actual:
-                return f"{where}: missing (expected {_short(expected[key])})"
-            if key not in expected:
-                return f"{where}: unexpected (got {_short(actual[key])})"
-            found = _first_difference(expected[key], actual[key], where)
-            if found:
-                return found
-        return None
+        return _dict_difference(expected, actual, path)
     if isinstance(expected, list) and isinstance(actual, list):
-        for i, (e, a) in enumerate(zip(expected, actual)):
-            found = _first_difference(e, a, f"{path}[{i}]")
-            if found:
-                return found
-        if len(expected) != len(actual):
-            return f"{path}: expected {len(expected)} items, got {len(actual)}"
-        return None
+        return _list_difference(expected, actual, path)
     if isinstance(expected, str) and isinstance(actual, str) and expected != actual:
-        e_lines, a_lines = expected.splitlines(), actual.splitlines()
-        for n, (e, a) in enumerate(zip(e_lines, a_lines), start=1):
-            if e != a:
-                return f"{path}, line {n}:\n  expected {e!r}\n  got      {a!r}"
-        return f"{path}: expected {len(e_lines)} lines, got {len(a_lines)}"
+        return _text_difference(expected, actual, path)
     if ".tensors." in path and isinstance(expected, float) and isinstance(actual, float):
         close = math.isclose(expected, actual, rel_tol=TENSOR_RTOL, abs_tol=TENSOR_ATOL)
         return None if close else f"{path}: expected {expected!r}, got {actual!r} (tolerance {TENSOR_RTOL})"
-    if type(expected) is not type(actual) or expected != actual:
-        if isinstance(expected, float) and isinstance(actual, float) and math.isnan(expected) and math.isnan(actual):
-            return None
+    both_nan = isinstance(expected, float) and isinstance(actual, float) and math.isnan(expected) and math.isnan(actual)
+    if (type(expected) is not type(actual) or expected != actual) and not both_nan:
         return f"{path}: expected {_short(expected)}, got {_short(actual)}"
     return None
+
+
+def _dict_difference(expected: dict[str, Any], actual: dict[str, Any], path: str) -> str | None:
+    for key in list(expected) + [k for k in actual if k not in expected]:
+        where = f"{path}.{key}" if path else str(key)
+        if key not in actual:
+            return f"{where}: missing (expected {_short(expected[key])})"
+        if key not in expected:
+            return f"{where}: unexpected (got {_short(actual[key])})"
+        found = _first_difference(expected[key], actual[key], where)
+        if found:
+            return found
+    return None
+
+
+def _list_difference(expected: list[Any], actual: list[Any], path: str) -> str | None:
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        found = _first_difference(e, a, f"{path}[{i}]")
+        if found:
+            return found
+    if len(expected) != len(actual):
+        return f"{path}: expected {len(expected)} items, got {len(actual)}"
+    return None
+
+
+def _text_difference(expected: str, actual: str, path: str) -> str:
+    e_lines, a_lines = expected.splitlines(), actual.splitlines()
+    for n, (e, a) in enumerate(zip(e_lines, a_lines), start=1):
+        if e != a:
+            return f"{path}, line {n}:\n  expected {e!r}\n  got      {a!r}"
+    return f"{path}: expected {len(e_lines)} lines, got {len(a_lines)}"
 
 
 def _short(value: Any) -> str:

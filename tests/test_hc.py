@@ -191,7 +191,7 @@ def test_python_api_matches_the_cli(tmp_path, monkeypatch):
     assert json.loads(json.dumps(result.metrics)) == record["metrics"]
     ivlib.save(method, str(api_file), gpt2, task)
     loaded = ivlib.load(str(api_file), gpt2, task, hc_distance="cosine")
-    assert loaded.hc_distance == "cosine" and torch.equal(loaded.centroids, method.centroids)
+    assert loaded.settings.hc_distance == "cosine" and torch.equal(loaded.centroids, method.centroids)
     cosine = ivlib.evaluate(loaded, gpt2, task, n=20, batch_size=4)
     assert cosine.scores.shape == (20, 2) and bool((cosine.scores <= 0).all())
     prompt = ivlib.encode(gpt2, task, demos=[("a dull film", 0), ("a fine film", 1)], query="a good film")

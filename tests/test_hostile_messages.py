@@ -45,7 +45,8 @@ def no_model(monkeypatch):
     monkeypatch.setattr(ivlib.experiment, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
 
 
-def test_a_save_under_proc_is_not_called_full(tmp_path, capsys, no_model):
+@pytest.mark.usefixtures("no_model")
+def test_a_save_under_proc_is_not_called_full(tmp_path, capsys):
     err = _refused(
         [*GOOD, "--save-vectors", "/proc/ivlib-test/iv.safetensors", "--results", str(tmp_path / "r")], capsys
     )
@@ -53,7 +54,8 @@ def test_a_save_under_proc_is_not_called_full(tmp_path, capsys, no_model):
     assert "virtual file system with no storage" in err or "is not writable" in err  # root may write /proc's bits
 
 
-def test_a_file_system_without_storage_is_named_as_such(tmp_path, capsys, monkeypatch, no_model):
+@pytest.mark.usefixtures("no_model")
+def test_a_file_system_without_storage_is_named_as_such(tmp_path, capsys, monkeypatch):
     real = os.statvfs
 
     class Virtual:

@@ -43,7 +43,7 @@ FAST = settings(
 def no_hang(seconds: int = 20) -> Iterator[None]:
     """Fail (instead of hanging the suite) when the block blocks, e.g. on opening a pipe."""
 
-    def stop(signum: int, frame: object) -> None:
+    def stop(_signum: int, _frame: object) -> None:
         raise TimeoutError(f"the reader blocked for {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, stop)
@@ -101,7 +101,7 @@ def _analyse(argv: list[str], capsys) -> tuple[int, str]:
     ("make", "says"),
     [
         (lambda t: _fifo(t), "is a named pipe (FIFO), not a file"),
-        (lambda t: "/dev/zero", "is a character device, not a file"),
+        (lambda _t: "/dev/zero", "is a character device, not a file"),
         (lambda t: str(t), "is a directory, not a file"),
     ],
     ids=["fifo", "dev-zero", "directory"],
@@ -395,7 +395,7 @@ def test_aliases_and_merge_keys_within_the_bound_still_work(tmp_path):
 @pytest.mark.parametrize(
     ("make", "says"),
     [
-        (lambda t: "/dev/zero", "config file '/dev/zero' is a character device, not a file"),
+        (lambda _t: "/dev/zero", "config file '/dev/zero' is a character device, not a file"),
         (lambda t: _fifo(t, "cfg.yaml"), "is a named pipe (FIFO), not a file"),
         (lambda t: str(t / "absent.yaml"), "absent.yaml' does not exist"),
         (lambda t: str(t), "is a directory, not a file"),

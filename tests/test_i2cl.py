@@ -100,11 +100,13 @@ def test_every_position_of_every_site_becomes_b_out_plus_a_v(lm, encoder, task):
     batch = _eval_batch(scorer, encoder, task)
     modules = site_modules(lm.layout)
     raw, after = {}, {}
-    with torch.inference_mode():
-        with watch_outputs(modules, lambda i, h: raw.__setitem__(i, h.clone())):  # runs before the edit
-            with method.injected(lm.layout, method.a, method.b):
-                with watch_outputs(modules, lambda i, h: after.__setitem__(i, h.clone())):  # after it
-                    lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    with (  # hooks run in the order they are installed: `raw` before the edit, `after` after it
+        torch.inference_mode(),
+        watch_outputs(modules, lambda i, h: raw.__setitem__(i, h.clone())),
+        method.injected(lm.layout, method.a, method.b),
+        watch_outputs(modules, lambda i, h: after.__setitem__(i, h.clone())),
+    ):
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     assert len(raw) == len(after) == 2 * lm.layout.n_layers
     for i in range(len(modules)):
         layer, site = divmod(i, 2)
@@ -122,13 +124,13 @@ def test_calibration_noise_is_its_scale_times_each_positions_norm(gpt2, task):
     modules = site_modules(gpt2.layout)
     n = gpt2.layout.n_layers
     raw, after = {}, {}
-    with torch.inference_mode():
-        with watch_outputs(modules, lambda i, h: raw.__setitem__(i, h.clone())):
-            with method.injected(
-                gpt2.layout, torch.zeros(n, 2), torch.ones(n, 2), 0.5, torch.Generator().manual_seed(9)
-            ):
-                with watch_outputs(modules, lambda i, h: after.__setitem__(i, h.clone())):
-                    gpt2.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    with (
+        torch.inference_mode(),
+        watch_outputs(modules, lambda i, h: raw.__setitem__(i, h.clone())),
+        method.injected(gpt2.layout, torch.zeros(n, 2), torch.ones(n, 2), 0.5, torch.Generator().manual_seed(9)),
+        watch_outputs(modules, lambda i, h: after.__setitem__(i, h.clone())),
+    ):
+        gpt2.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     draws = torch.Generator().manual_seed(9)  # the sites draw in forward order: attn 0, mlp 0, attn 1, ...
     for i in range(len(modules)):
         noise = torch.randn(raw[i].shape, generator=draws)

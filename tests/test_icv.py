@@ -101,7 +101,7 @@ def _block_reads(lm, ids):
     reads = {}
 
     def hook(layer):
-        def fn(module, args, output):
+        def fn(_module, _args, output):
             reads[layer] = (output[0] if isinstance(output, tuple) else output)[0, -1].double().numpy()
 
         return fn
@@ -143,9 +143,12 @@ def test_the_shift_lands_on_every_position_of_every_mlp_output(lm, encoder, task
     def outputs(edit):
         """Each MLP's output as it left the module ([B, T, D]), and as the rest of the model saw it."""
         raw, seen = {}, {}
-        with watch_outputs(modules, lambda i, h: raw.__setitem__(i, h.clone())):  # installed first: runs first
-            with edit(), watch_outputs(modules, lambda i, h: seen.__setitem__(i, h.clone())):
-                scorer.forward(batch)
+        with (
+            watch_outputs(modules, lambda i, h: raw.__setitem__(i, h.clone())),  # installed first: runs first
+            edit(),
+            watch_outputs(modules, lambda i, h: seen.__setitem__(i, h.clone())),
+        ):
+            scorer.forward(batch)
         return raw, seen
 
     plain, plain_seen = outputs(contextlib.nullcontext)

@@ -13,7 +13,7 @@ def _plain_reads(lm, ids, positions, adds=None):
     reads, handles = [], []
     for layer, module in enumerate(lm.layout.attn_out):
 
-        def hook(mod, args, out, layer=layer):
+        def hook(_mod, _args, out, layer=layer):
             out = out.clone()
             if adds is not None:
                 out[0, positions] += adds[layer]
@@ -106,7 +106,7 @@ def test_evaluation_adds_strength_times_vectors_at_every_separator(lm, encoder, 
         handles = []
         for layer, module in enumerate(lm.layout.attn_out):
 
-            def hook(mod, args, out, layer=layer):
+            def hook(_mod, _args, out, layer=layer):
                 out = out.clone()
                 out[0, p.sep_pos] += adds[layer]
                 return out

@@ -39,7 +39,7 @@ def test_layout_is_discovered(arch):
     assert all("mlp" not in n for n, m in lm.model.named_modules() if any(m is a for a in layout.attn_out))
     # the MLP output (I2CL's second site): a module of each block returning [B, T, D], not the attention
     shapes = []
-    with watch_outputs(layout.mlp_out, lambda i, hidden: shapes.append(hidden.shape)):
+    with watch_outputs(layout.mlp_out, lambda _i, hidden: shapes.append(hidden.shape)):
         lm.model(input_ids=ids)
     assert [s.numel() for s in shapes] == [3 * 64] * 2  # [1, 3, 64], or OPT's flattened [3, 64]
     assert all(m is lm.layout.blocks[i].get_submodule(layout.mlp_out_path) for i, m in enumerate(layout.mlp_out))
@@ -58,9 +58,12 @@ def test_edit_changes_exactly_the_given_positions(arch):
     base = sites[0].value.view(2, 7, -1)
     rows, cols = torch.tensor([0, 1, 1]), torch.tensor([4, 2, 6])
     vec = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), edit_outputs(module, rows, cols, add=[vec]):
-        with edit_outputs(module, everywhere_r, everywhere_c, read=True) as after:  # runs after the add
-            logits = lm.model(input_ids=ids).logits
+    with (
+        torch.no_grad(),
+        edit_outputs(module, rows, cols, add=[vec]),
+        edit_outputs(module, everywhere_r, everywhere_c, read=True) as after,  # runs after the add
+    ):
+        logits = lm.model(input_ids=ids).logits
     diff = after[0].value.view(2, 7, -1) - base
     expected = torch.zeros_like(diff)
     expected[rows, cols] = vec
@@ -174,9 +177,8 @@ def test_head_patching_and_function_vectors_work_on_every_family(arch, task):
 def test_hooks_are_removed_even_when_the_forward_raises():
     lm = tiny("gpt2")
     module = lm.layout.attn_out[0]
-    with pytest.raises(IndexError):
-        with edit_outputs([module], torch.tensor([0]), torch.tensor([99]), read=True):
-            lm.model(input_ids=torch.tensor([[5, 6]]))  # column 99 does not exist: the hook raises
+    with pytest.raises(IndexError), edit_outputs([module], torch.tensor([0]), torch.tensor([99]), read=True):
+        lm.model(input_ids=torch.tensor([[5, 6]]))  # column 99 does not exist: the hook raises
     assert not module._forward_hooks and not module._forward_pre_hooks
 
 
@@ -201,7 +203,7 @@ def test_head_dim_is_the_width_each_head_has_at_the_output_projection(arch):
     """What state specs check FV's and SITE's per-head tensors against: the projection's real input."""
     lm = tiny(arch)
     seen = []
-    handle = lm.layout.attn_out[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+    handle = lm.layout.attn_out[0].register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[-1]))
     try:
         with torch.no_grad():
             lm.model(input_ids=torch.tensor([[5, 6, 7]]))

@@ -159,5 +159,5 @@ def test_steering_methods_refuse_multiple_choice(mc_config, tmp_path, capsys, me
     out.write_text('{"kept": 1}\n')
     rc = main(["-c", mc_config, "-m", "tiny-llama", "-t", "csqa-local", "--method", method, "--results", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "multiple-choice" in err[0] and "accepted: icl, zero-shot, dt" in err[0]
+    assert rc == 2 and len(err) == 1 and "multiple-choice" in err[0] and "accepted: zero-shot, icl, dt" in err[0]
     assert out.read_text() == '{"kept": 1}\n'

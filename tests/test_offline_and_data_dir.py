@@ -22,7 +22,7 @@ def no_network(monkeypatch):
     """Every socket connection refused (as offline), the hub client not told to be offline, no earlier probe."""
     attempts = []
 
-    def refuse(self, address, *args):
+    def refuse(_self, address, *args):
         attempts.append(address)
         raise OSError(f"network unreachable: {address}")
 

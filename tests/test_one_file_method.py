@@ -4,6 +4,7 @@ registered method gets: CLI flags and checks, several evaluation values sharing 
 
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,22 +13,24 @@ import torch
 from ivlib.cli import main
 from ivlib.hooks import edit_outputs, stack_reads
 from ivlib.methods import METHODS, Method, register
-from ivlib.settings import EVAL, Setting
+from ivlib.settings import EVAL, MethodSettings, setting_field
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "query-shift"
 
 
-class QueryShift(Method):
+@dataclass(frozen=True)
+class QueryShiftSettings(MethodSettings):
+    gain: float = setting_field(1.0, "scale of the added vector", role=EVAL, symbol="g")
+    depth: float = setting_field(0.5, "edited block, as a fraction of the depth", low=0.0, high=1.0)
+
+
+class QueryShift(Method[QueryShiftSettings]):
     """Adds gain x (the mean block output at the query separator of training prompts) there, at one block."""
 
     name = NAME
     needs_fit = True
     has_state = True
-    settings = (
-        Setting("gain", float, 1.0, "scale of the added vector", role=EVAL, symbol="g"),
-        Setting("depth", float, 0.5, "edited block, as a fraction of the depth", low=0.0, high=1.0),
-    )
     grid_axes = ("gain", "depth", "ext_shot")
 
     def __init__(self, *args, **kwargs):
@@ -36,9 +39,9 @@ class QueryShift(Method):
 
     def _block(self, scorer):
         blocks = scorer.layout.blocks
-        return blocks[round(self.depth * (len(blocks) - 1))]
+        return blocks[round(self.settings.depth * (len(blocks) - 1))]
 
-    def fit(self, scorer, encoder, episodes, validation=None):
+    def fit(self, scorer, encoder, episodes, _validation=None):
         def read(batch):  # [B, D] block output at each row's query separator
             rows = torch.arange(batch.input_ids.shape[0])
             with edit_outputs([self._block(scorer)], rows, batch.query_cols, read=True) as sites:
@@ -50,7 +53,7 @@ class QueryShift(Method):
 
     def predict(self, scorer, batch):
         rows = torch.arange(batch.input_ids.shape[0])
-        add = (self.gain * self.vector).to(scorer.lm.dtype).expand(len(rows), -1)
+        add = (self.settings.gain * self.vector).to(scorer.lm.dtype).expand(len(rows), -1)
         with edit_outputs([self._block(scorer)], rows, batch.query_cols, add=[add]):
             return scorer.label_scores(batch)
 
@@ -68,16 +71,29 @@ def registered():
     del METHODS[NAME]
 
 
-BASE = "-c config/tiny.yaml -m tiny-gpt2 -t review_sentiment -s 1 -e 6 -n 24 --quiet".split()
+BASE = [
+    "-c",
+    "config/tiny.yaml",
+    "-m",
+    "tiny-gpt2",
+    "-t",
+    "review_sentiment",
+    "-s",
+    "1",
+    "-e",
+    "6",
+    "-n",
+    "24",
+    "--quiet",
+]
 
 
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_report(
-    registered, tmp_path, monkeypatch, capsys
-):
+@pytest.mark.usefixtures("registered")
+def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     results, vec = tmp_path / "runs.jsonl", tmp_path / "qs.safetensors"
     method = BASE + ["--method", NAME, "--results", str(results)]
@@ -126,8 +142,12 @@ def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
     assert results.read_bytes() == before
+    _check_select_and_report(results, tmp_path, capsys)
 
-    # select picks the best validation setting and prints a test command for the chosen gain alone
+
+def _check_select_and_report(results, tmp_path, capsys):
+    """select picks the best validation setting and prints a test command for the chosen gain alone;
+    the report has the method's column and a heatmap over its declared axes."""
     assert main(["select", "--results", str(results), "--commands", "-n", "24"]) == 0
     lines = capsys.readouterr().out.splitlines()
     (chosen,) = [line for line in lines if f"| {NAME} |" in line]
@@ -138,8 +158,6 @@ def test_a_method_declared_in_one_file_runs_through_cli_resume_state_select_and_
     assert main(args + ["--quiet"]) == 0
     test_record = _records(results)[-1]
     assert test_record["split"] == "test" and test_record["hyperparameters"]["gain"] == best_gain
-
-    # the report has the method's column and a heatmap over its declared axes
     assert main(["report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "table.md").read_text()
     assert NAME in table.splitlines()[next(i for i, line in enumerate(table.splitlines()) if line.startswith("| Task"))]

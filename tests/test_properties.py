@@ -222,7 +222,7 @@ def test_any_flag_values_are_refused_in_one_line_or_pass_every_check(flags):
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         folder = Path(tmp)
 
-        def stop(self):
+        def stop(_self):
             raise _ModelWouldLoad
 
         mp.setattr(ivlib.experiment.Experiment, "load", stop)

@@ -45,7 +45,8 @@ def _colliding_config(tmp: Path) -> str:
     return str(path)
 
 
-def test_colliding_labels_are_refused_by_first_tokens_and_scored_whole(tmp_path, here, capsys):
+@pytest.mark.usefixtures("here")
+def test_colliding_labels_are_refused_by_first_tokens_and_scored_whole(tmp_path, capsys):
     cfg = _colliding_config(tmp_path)
     args = ["-c", cfg, "-m", "tiny-gpt2", "-t", "shots", "--quiet", "-n", "9", "--method", "icl"]
     assert main([*args, "--results", str(tmp_path / "r.jsonl")]) == 2
@@ -76,14 +77,16 @@ def test_the_emoji_task_is_registered_with_colliding_label_words():
         (["--metric", "f2"], "--metric 'f2' is not accepted"),
     ],
 )
-def test_protocol_values_that_cannot_run_are_refused_before_anything(tmp_path, here, capsys, extra, says):
+@pytest.mark.usefixtures("here")
+def test_protocol_values_that_cannot_run_are_refused_before_anything(tmp_path, capsys, extra, says):
     assert _run(tmp_path, "--method", "icl", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs.jsonl").exists()
 
 
-def test_a_template_file_without_the_input_field_is_refused(tmp_path, here, capsys):
+@pytest.mark.usefixtures("here")
+def test_a_template_file_without_the_input_field_is_refused(tmp_path, capsys):
     bad = tmp_path / "t.yaml"
     bad.write_text('input: "Review: {review}\\nSentiment:"\n')
     assert _run(tmp_path, "--method", "icl", "--template", str(bad)) == 2
@@ -91,7 +94,8 @@ def test_a_template_file_without_the_input_field_is_refused(tmp_path, here, caps
     assert "{text} exactly once" in err and len(err.splitlines()) == 1
 
 
-def test_a_multiple_choice_task_is_never_judged_by_a_label_rule(tmp_path, here, capsys):
+@pytest.mark.usefixtures("here")
+def test_a_multiple_choice_task_is_never_judged_by_a_label_rule(tmp_path, capsys):
     rows = [{"question": f"q{i}", "choices": ["red", "green"], "answer": i % 2} for i in range(60)]
     data = tmp_path / "mc.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
@@ -108,7 +112,8 @@ def test_a_multiple_choice_task_is_never_judged_by_a_label_rule(tmp_path, here, 
     assert record["hyperparameters"]["scoring"] == "full" and {"accuracy", "accuracy_mean"} <= set(record["metrics"])
 
 
-def test_templates_and_rules_are_recorded_kept_apart_and_resumed(tmp_path, here, capsys):
+@pytest.mark.usefixtures("here")
+def test_templates_and_rules_are_recorded_kept_apart_and_resumed(tmp_path, capsys):
     cfg = tmp_path / "t.yaml"
     cfg.write_text(
         "models:\n  tiny-gpt2: {builtin: tiny-gpt2}\ntasks:\n"
@@ -131,7 +136,8 @@ def test_templates_and_rules_are_recorded_kept_apart_and_resumed(tmp_path, here,
     assert "skipped (--resume)" in capsys.readouterr().out and len(_records(Path(out))) == 3
 
 
-def test_vectors_fitted_under_one_template_are_refused_under_another(tmp_path, here, capsys):
+@pytest.mark.usefixtures("here")
+def test_vectors_fitted_under_one_template_are_refused_under_another(tmp_path, capsys):
     vec = str(tmp_path / "tv.safetensors")
     fit = ["--method", "tv", "-s", "1", "-e", "4", "--select-episodes", "4", "--template", "fv"]
     assert _run(tmp_path, *fit, "--save-vectors", vec) == 0
@@ -141,7 +147,8 @@ def test_vectors_fitted_under_one_template_are_refused_under_another(tmp_path, h
     assert _run(tmp_path, "--method", "tv", "--template", "fv", "--load-vectors", vec) == 0
 
 
-def test_the_fixed_set_is_built_once_per_run(tmp_path, here, monkeypatch):
+@pytest.mark.usefixtures("here")
+def test_the_fixed_set_is_built_once_per_run(tmp_path, monkeypatch):
     calls = []
     original = experiment.fixed_demos
 
@@ -155,7 +162,8 @@ def test_the_fixed_set_is_built_once_per_run(tmp_path, here, monkeypatch):
     assert len(calls) == 1  # evaluation and the layer search share it
 
 
-def test_select_and_report_rank_by_accuracy(tmp_path, here, capsys):
+@pytest.mark.usefixtures("here")
+def test_select_and_report_rank_by_accuracy(tmp_path, capsys):
     assert _run(tmp_path, "--method", "icl") == 0
     assert _run(tmp_path, "--method", "zero-shot") == 0
     out = str(tmp_path / "runs.jsonl")

@@ -211,7 +211,7 @@ def test_heatmap_has_a_fixed_scale_the_episode_count_and_the_chosen_cell_framed(
     runs = score_records(iv_grid(M1, RT, 0.89))
     names = {"strength": "strength (a2)", "ext_strength": "ext_strength (a1)", "ext_shot": "ext_shot"}
     assert report_module.plot_heatmap(
-        M1, RT, "iv", runs, "macro", tmp_path / "h.png", ("strength", "ext_strength", "ext_shot"), names
+        M1, RT, "iv", runs, tmp_path / "h.png", ("strength", "ext_strength", "ext_shot"), names
     )
     assert {(vmin, vmax) for _, vmin, vmax, _ in panels} == {(0.0, 100.0)}
     marks = {title: mark for title, _, _, mark in panels}

@@ -79,7 +79,7 @@ def test_local_model_and_data_run_with_the_network_cut(tmp_path, monkeypatch):
         monkeypatch.setenv(var, value)
     attempts = []
 
-    def refuse(self, address, *args):
+    def refuse(_self, address, *args):
         attempts.append(address)
         raise OSError(f"network call attempted: {address}")
 

@@ -53,7 +53,7 @@ def test_a_signal_inside_signals_held_takes_effect_when_the_block_ends():
     class Stop(Exception):
         pass
 
-    def stop(signum, frame):
+    def stop(_signum, _frame):
         raise Stop()
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -62,12 +62,11 @@ def test_a_signal_inside_signals_held_takes_effect_when_the_block_ends():
     worker = threading.Thread(target=idle.wait)  # like torch's threads: the kernel may hand it the signal
     worker.start()
     try:
-        with pytest.raises(Stop):
-            with signals_held():
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):  # the handler would have run by now, were it live
-                    sum(range(100))
-                done.append("after the signal")
+        with pytest.raises(Stop), signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler would have run by now, were it live
+                sum(range(100))
+            done.append("after the signal")
         assert done == ["after the signal"]
         assert signal.getsignal(signal.SIGTERM) is stop  # the handler is back
     finally:

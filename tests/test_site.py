@@ -86,10 +86,12 @@ def test_mixing_changes_only_the_last_positions_head_inputs_as_computed_by_hand(
     with edit_inputs(modules, every_r, every_c, read=True) as plain:
         scorer.forward(batch)
     # pre-hooks run in order: `before` sees the input the edit receives, `after` what it passes on
-    with edit_inputs(modules, every_r, every_c, read=True) as before:
-        with soft_injection(scorer, site.emb, alpha, torch.arange(b), batch.query_cols):
-            with edit_inputs(modules, every_r, every_c, read=True) as after:
-                scorer.forward(batch)
+    with (
+        edit_inputs(modules, every_r, every_c, read=True) as before,
+        soft_injection(scorer, site.emb, alpha, torch.arange(b), batch.query_cols),
+        edit_inputs(modules, every_r, every_c, read=True) as after,
+    ):
+        scorer.forward(batch)
     last = batch.query_cols
     assert bool((last == t - 1).all())
     for layer in range(lm.layout.n_layers):
@@ -156,7 +158,7 @@ def test_the_best_checkpoint_on_validation_is_kept_not_the_last(gpt2, task, monk
     site.emb = head_means(scorer, few_shot, "t")
     seen = []
 
-    def scripted_validation(scorer, prompts, logits, n_classes):  # the reference's bug kept the last of these
+    def scripted_validation(_scorer, _prompts, logits, _n_classes):  # the reference's bug kept the last of these
         seen.append(logits.detach().cpu().clone())
         value = scripted[len(seen) - 1]
         return {"loss": value, "macro_f1": 0.0} if select == "loss" else {"loss": 1.0, "macro_f1": value}

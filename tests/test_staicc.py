@@ -230,7 +230,7 @@ def test_registry_names_all_ten_datasets_both_ways(package):
     assert load_registry_task("staicc/rotten_tomatoes").label_words == ["negative", "positive"]
 
 
-def test_a_run_records_where_the_staicc_task_came_from(package, tmp_path, monkeypatch, capsys):
+def test_a_run_records_where_the_staicc_task_came_from(package, tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
     write_dataset(package, "sst2", make_rows(200, 2))
     results = tmp_path / "r.jsonl"

@@ -34,7 +34,7 @@ def _rewrite(src: Path, dst: Path, **changes) -> Path:
     """A copy of a state file with metadata keys replaced (None: removed), tensors unchanged."""
     with safe_open(str(src), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a file handle, not a dict)
     for key, value in changes.items():
         if value is None:
             meta.pop(key, None)

@@ -44,7 +44,7 @@ def states(tmp_path_factory):
 
 def _read(path):
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118 (a file handle)
 
 
 def _rewrite(src, dest, edit, keep_table=False):
@@ -147,7 +147,7 @@ def test_a_method_without_a_spec_still_loads_and_its_failures_are_one_line(state
     from ivlib.methods.iv import IterativeVectors
 
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(IterativeVectors, "state_spec", classmethod(lambda cls, layout, n: None))
+    monkeypatch.setattr(IterativeVectors, "state_spec", classmethod(lambda _cls, _layout, _n: None))
     results = tmp_path / "r.jsonl"
     assert main(GOOD + ["-s", "1", "--load-vectors", str(states["iv"]), "--results", str(results)]) == 0
     capsys.readouterr()  # the run's own output (the tiny task's cross-split duplicates warning)

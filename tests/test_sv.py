@@ -68,7 +68,7 @@ def plain_fit(lm, encoder, episodes, window, beta, lr):
         reads = {}
 
         def hook(layer):
-            def fn(module, args, output):
+            def fn(_module, _args, output):
                 out = output[0] if isinstance(output, tuple) else output
                 reads[layer] = out[0, p.sep_pos].float()  # [S, D]
 

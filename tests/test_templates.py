@@ -89,14 +89,21 @@ def test_a_space_ends_the_prompt_only_where_it_is_a_token_of_its_own():
 
 def _fitted(name: str, lm, n_classes: int):
     """Each registered method with a random state of the right shapes (what predict needs)."""
-    layers, d, heads, hd = lm.layout.n_layers, lm.layout.d_model, lm.layout.n_heads, lm.layout.head_dim
     g = torch.Generator().manual_seed(7)
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     if name in ("icl", "zero-shot"):
         return ICL() if name == "icl" else ZeroShot()
     if name == "dt":
         return DeepThinking(dt_step=2)
-    builders = {
+    method, state = {**_added_states(lm, n_classes, rand), **_learned_states(lm, n_classes, rand, g)}[name]
+    method.load_state(state)
+    return method
+
+
+def _added_states(lm, n_classes: int, rand):
+    """name -> (method, a random state): the methods that add or write vectors."""
+    layers, d, heads, hd = lm.layout.n_layers, lm.layout.d_model, lm.layout.n_heads, lm.layout.head_dim
+    return {
         "iv": (IterativeVectors(strength=2.0), {"vectors": rand(layers, n_classes + 1, d)}),
         "tv": (
             TaskVectors(),
@@ -121,6 +128,14 @@ def _fitted(name: str, lm, n_classes: int):
                 "window_used": torch.tensor(1),
             },
         ),
+        "tv-hendel": (HendelTaskVectors(), {"layer": torch.tensor(0), "layer_scores": torch.zeros(layers)}),
+    }
+
+
+def _learned_states(lm, n_classes: int, rand, g):
+    """name -> (method, a random state): the methods that learn parameters or read-outs."""
+    layers, d, heads, hd = lm.layout.n_layers, lm.layout.d_model, lm.layout.n_heads, lm.layout.head_dim
+    builders = {
         "i2cl": (
             ImplicitICL(),
             {
@@ -153,7 +168,6 @@ def _fitted(name: str, lm, n_classes: int):
             "demonstrations": torch.tensor(2),
         },
     )
-    builders["tv-hendel"] = (HendelTaskVectors(), {"layer": torch.tensor(0), "layer_scores": torch.zeros(layers)})
     builders["hc"] = (
         HiddenCalibration(),
         {"centroids": rand(n_classes, d), "counts": torch.ones(n_classes, dtype=torch.long)},
@@ -171,9 +185,7 @@ def _fitted(name: str, lm, n_classes: int):
             "converged": torch.tensor(1),
         },
     )
-    method, state = builders[name]
-    method.load_state(state)
-    return method
+    return builders
 
 
 def test_the_position_test_covers_every_registered_method():

@@ -20,7 +20,7 @@ def test_gradients_reach_a_hooked_parameter_and_never_the_weights(lm, encoder, t
     gain = torch.zeros((), requires_grad=True)
     direction = torch.randn(lm.layout.d_model, generator=torch.Generator().manual_seed(0))
 
-    def shift(module, args, output):  # block output += gain * direction, at every position
+    def shift(_module, _args, output):  # block output += gain * direction, at every position
         hidden = output[0] if isinstance(output, tuple) else output
         edited = hidden + gain * direction
         return (edited, *output[1:]) if isinstance(output, tuple) else edited

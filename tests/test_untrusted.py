@@ -70,7 +70,7 @@ def test_a_hostile_name_converts_inside_the_cache_and_deletes_nothing_outside(tm
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF fake")
 
-    def convert(folder, gguf_file, out, quiet):
+    def convert(_folder, _gguf_file, out, _quiet):
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"x")
 

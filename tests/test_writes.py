@@ -85,7 +85,7 @@ def test_appending_to_a_device_that_is_full_is_one_error():
 def test_a_vectors_file_that_cannot_be_written_leaves_nothing(results, tmp_path, monkeypatch, capsys):
     import safetensors.torch
 
-    def full(tensors, filename, metadata=None):
+    def full(_tensors, filename, metadata=None):  # noqa: ARG001 (save_file is called with metadata=)
         Path(filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -100,7 +100,7 @@ def test_a_vectors_file_that_cannot_be_written_leaves_nothing(results, tmp_path,
 def test_a_samples_log_that_cannot_be_written_leaves_no_log_and_no_record(results, monkeypatch, capsys):
     import ivlib.samples
 
-    def eio(fd):
+    def eio(_fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(ivlib.samples.os, "fsync", eio)
@@ -143,11 +143,11 @@ def _samples_name_taken(tmp):
 
 
 PATH_CASES = {
-    "results is /dev/full": (lambda t: ["--results", "/dev/full"], "is not a regular file"),
+    "results is /dev/full": (lambda _t: ["--results", "/dev/full"], "is not a regular file"),
     "results is a symlink loop": (lambda t: ["--results", _loop(t)], "is a symbolic link that loops"),
     "results is a dangling symlink": (lambda t: ["--results", _dangling(t)], "which does not exist"),
     "results ends with a slash": (lambda t: ["--results", str(t / "out") + "/"], "ends with '/', a directory"),
-    "vectors to /dev/full": (lambda t: ["--save-vectors", "/dev/full"], "--save-vectors '/dev/full' is not a regular"),
+    "vectors to /dev/full": (lambda _t: ["--save-vectors", "/dev/full"], "--save-vectors '/dev/full' is not a regular"),
     "vectors to a symlink loop": (lambda t: ["--save-vectors", _loop(t)], "--save-vectors"),
     "vectors path ends with a slash": (lambda t: ["--save-vectors", str(t / "v") + "/"], "ends with '/'"),
     "samples folder name taken by a file": (_samples_name_taken, "is a file, not a folder"),

@@ -18,70 +18,68 @@ computed in one pass); the reference picked the best step on test.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from ..episodes import Episode
 from ..errors import UsageError
 from ..kvcache import KV, read_kv, sliding_window, write_kv
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_demos, split_prefix
 from ..scoring import Prefix, Scorer
-from ..settings import Setting
+from ..settings import MethodSettings, setting_field
 from .base import Method, fitted, register
 
 POSITIONS = ("shifted", "pinned")
 
 
+@dataclass(frozen=True)
+class DTSettings(MethodSettings):
+    dt_steps: int = setting_field(15, "most tuning steps T tried on validation", low=1, symbol="T max")
+    dt_step: int | None = setting_field(None, "use this T instead of choosing it on validation", low=1, symbol="T")
+    dt_eta: float = setting_field(0.01, "step size of the cache update", symbol="eta", scales=True)
+    dt_beta: float = setting_field(0.9, "momentum", symbol="beta")
+    dt_positions: str = setting_field(
+        "shifted",
+        "positions of the re-encoded demonstrations: continue after them "
+        "(shifted, the reference) or re-use theirs (pinned)",
+        choices=POSITIONS,
+    )
+
+
 @register
-class DeepThinking(Method):
+class DeepThinking(Method[DTSettings]):
     name = "dt"
+    position = 60
     supports_open_vocabulary = True
     needs_validation = True  # chooses the number of steps
     supports_multiple_choice = True
     caches_fixed_prefix = True  # the tuned cache is the prefix
     min_shot = 1  # the demonstrations are what it tunes
-    settings = (
-        Setting("dt_steps", int, 15, "most tuning steps T tried on validation", low=1, symbol="T max"),
-        Setting(
-            "dt_step", int, None, "use this T instead of choosing it on validation", low=1, optional=True, symbol="T"
-        ),
-        Setting("dt_eta", float, 0.01, "step size of the cache update", symbol="eta", scales=True),
-        Setting("dt_beta", float, 0.9, "momentum", symbol="beta"),
-        Setting(
-            "dt_positions",
-            str,
-            "shifted",
-            "positions of the re-encoded demonstrations: continue after them "
-            "(shifted, the reference) or re-use theirs (pinned)",
-            choices=POSITIONS,
-        ),
-    )
-
-    dt_steps: int
-    dt_step: int | None
-    dt_eta: float
-    dt_beta: float
-    dt_positions: str
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.step = self.dt_step  # the T used at evaluation; None until chosen on validation
+        self.step = self.settings.dt_step  # the T used at evaluation; None until chosen on validation
         self.curve: list[float] = []  # validation score after each step 1..dt_steps
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """Nothing is fitted; the steps are selected on validation unless --dt-step gives them."""
         return {
             "fit": 0,
-            "selection": 0 if self.dt_step is not None else super().labeled_examples([], validation)["selection"],
+            "selection": 0
+            if self.settings.dt_step is not None
+            else super().labeled_examples([], validation)["selection"],
         }
 
     def fit_summary(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "step_chosen_by": "user" if self.dt_step is not None else "validation",
+            "step_chosen_by": "user" if self.settings.dt_step is not None else "validation",
             "curve": [round(s, 4) for s in self.curve],
         }
 
@@ -91,7 +89,7 @@ class DeepThinking(Method):
         rotary model's trained length it is silently out of distribution."""
         context = scorer.lm.context_length
         longest = max(p.query_start for p in prompts)
-        if self.dt_positions == "shifted" and context is not None and 2 * longest > context:
+        if self.settings.dt_positions == "shifted" and context is not None and 2 * longest > context:
             raise UsageError(
                 f"dt: --dt-positions shifted re-encodes {longest} demonstration tokens at positions up to "
                 f"{2 * longest - 1}, beyond the context of model '{scorer.lm.name}' ({context}); accepted: "
@@ -118,7 +116,7 @@ class DeepThinking(Method):
         momentum: KV | None = None
         width = demo_ids.shape[1]
         twice = torch.cat([demo_mask, demo_mask], dim=1)
-        again_pos = demo_pos + n_demo[:, None] if self.dt_positions == "shifted" else demo_pos
+        again_pos = demo_pos + n_demo[:, None] if self.settings.dt_positions == "shifted" else demo_pos
         for t in range(2, upto + 1):
             write_kv(cache, state, dtype, name)
             scorer.encode(demo_ids, twice, again_pos, past=cache)
@@ -127,9 +125,15 @@ class DeepThinking(Method):
             momentum = (
                 grads
                 if momentum is None
-                else [(gk + self.dt_beta * mk, gv + self.dt_beta * mv) for (gk, gv), (mk, mv) in zip(grads, momentum)]
+                else [
+                    (gk + self.settings.dt_beta * mk, gv + self.settings.dt_beta * mv)
+                    for (gk, gv), (mk, mv) in zip(grads, momentum)
+                ]
             )
-            state = [(pk + self.dt_eta * mk, pv + self.dt_eta * mv) for (pk, pv), (mk, mv) in zip(state, momentum)]
+            state = [
+                (pk + self.settings.dt_eta * mk, pv + self.settings.dt_eta * mv)
+                for (pk, pv), (mk, mv) in zip(state, momentum)
+            ]
             _check_finite(state, demo_mask, t)
             write_kv(cache, state, dtype, name)
             yield cache, state
@@ -169,10 +173,11 @@ class DeepThinking(Method):
         with scorer.over(prefix):
             return scorer.label_scores(batch)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
-        if self.dt_step is not None:
+        if self.settings.dt_step is not None:
             return
         if not validation:
             raise ValueError("DT chooses its number of steps on validation episodes")
@@ -180,13 +185,15 @@ class DeepThinking(Method):
         self.check_prompts(scorer, prompts)
         scores = self._fixed_step_scores(scorer, prompts) if len({e.demos for e in validation}) == 1 else None
         if scores is None:
-            scores = scorer.runner.map(prompts, lambda b: self.step_scores(scorer, b, self.dt_steps), "DT step search")
+            scores = scorer.runner.map(
+                prompts, lambda b: self.step_scores(scorer, b, self.settings.dt_steps), "DT step search"
+            )
         labels = np.array([p.label for p in prompts])
         mc = prompts[0].options is not None
         n = scores.shape[-1] if mc else encoder.n_classes  # options per question, or classes
         self.curve = [
             scorer.selection_score(labels, scorer.predictions(scores[:, t], prompts), n, mc)
-            for t in range(self.dt_steps)
+            for t in range(self.settings.dt_steps)
         ]
         self.step = int(np.argmax(self.curve)) + 1  # ties: the fewest steps, the cheapest
 
@@ -198,7 +205,9 @@ class DeepThinking(Method):
             return None
         scorer.check_context(max(len(p.ids) for p in prompts))  # the query batches do not hold the prefix
         steps = []
-        for t, prefix in enumerate(self._tuned_prefixes(scorer, scorer.batch([shared]), self.dt_steps), start=1):
+        for t, prefix in enumerate(
+            self._tuned_prefixes(scorer, scorer.batch([shared]), self.settings.dt_steps), start=1
+        ):
             steps.append(
                 scorer.runner.map(queries, partial(self.predict_over, scorer, prefix), f"DT step search, T={t}")
             )

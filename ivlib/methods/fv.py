@@ -15,11 +15,14 @@ hooks handle both), and unlike the IV release, the patch touches the last token 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from .. import budget
 from ..episodes import Episode, Example
@@ -29,7 +32,7 @@ from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer, head_means, no_edit
-from ..settings import Setting
+from ..settings import MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -51,52 +54,48 @@ def shuffle_labels(episodes: list[Episode], seed: int) -> list[Episode]:
     return out
 
 
+@dataclass(frozen=True)
+class FVSettings(MethodSettings):
+    n_top_heads: int | None = setting_field(
+        None,
+        "heads summed into the vector (default: the model entry's fv_heads, else about 2% of all heads)",
+        low=1,
+        model_default="fv_heads",
+    )
+    ie_episodes: int = setting_field(200, "shuffled-label trials for the indirect effects (at most -e)", low=1)
+
+
 @register
-class FunctionVectors(Method):
+class FunctionVectors(Method[FVSettings]):
     name = "fv"
+    position = 50
+    takes_seed = True  # which labels the indirect-effect trials shuffle
+    steers = ("prompt", "every_position")  # at the query's separator; its vector everywhere
     supports_open_vocabulary = True
     needs_fit = True
     has_state = True
     caches_fixed_prefix = True  # edits the query separator alone
-    settings = (
-        Setting(
-            "n_top_heads",
-            int,
-            None,
-            "heads summed into the vector (default: the model entry's fv_heads, else about 2% of all heads)",
-            low=1,
-            optional=True,
-            model_default="fv_heads",
-        ),
-        Setting("ie_episodes", int, 200, "shuffled-label trials for the indirect effects (at most -e)", low=1),
-    )
     rows_per_forward = 128  # batch rows x heads tried in one last-token forward (each needs a cache copy)
 
-    n_top_heads: int | None
-    ie_episodes: int
-
-    def __init__(self, *args: Any, seed: int = 42, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.seed = seed  # the run's: which labels the indirect-effect trials shuffle
         self.mean_act: torch.Tensor | None = None  # [L, H, head_dim] float32
         self.effects: torch.Tensor | None = None  # [L, H] mean probability gain
         self.heads: list[tuple[int, int]] = []
         self.vector: torch.Tensor | None = None  # [D] float32
         self.layer: int | None = None
 
-    @classmethod
-    def from_settings(cls, values: dict[str, Any], seed: int) -> FunctionVectors:
-        return cls(**values, seed=seed)
-
+    @override
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
         total = scorer.layout.n_layers * scorer.layout.n_heads
-        if self.n_top_heads is not None and self.n_top_heads > total:
-            raise UsageError(f"--n-top-heads {self.n_top_heads} exceeds the model's {total} heads")
+        if self.settings.n_top_heads is not None and self.settings.n_top_heads > total:
+            raise UsageError(f"--n-top-heads {self.settings.n_top_heads} exceeds the model's {total} heads")
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The training demonstrations, and the queries of the --ie-episodes trials: an indirect effect
         is the gain in the correct label's probability."""
-        trials = budget.queries(train[: self.ie_episodes])
+        trials = budget.queries(train[: self.settings.ie_episodes])
         return {"fit": budget.distinct(budget.demonstrations(train) + trials), "selection": 0}
 
     def fit_summary(self) -> dict[str, Any]:
@@ -107,7 +106,9 @@ class FunctionVectors(Method):
             "ie_rows_per_forward": self.rows_per_forward,
         }
 
-    def _patch_heads(self, scorer: Scorer, layer: int, heads: list[int], rows: torch.Tensor, cols: torch.Tensor):
+    def _patch_heads(
+        self, scorer: Scorer, layer: int, heads: list[int], rows: torch.Tensor, cols: torch.Tensor
+    ) -> AbstractContextManager[Any]:
         """A last-token edit (see `LastTokenEdit`) for rows repeated len(heads) times, as
         `last_token_groups` lays them out: row b * len(heads) + j gets head heads[j] overwritten by its mean."""
         keep, value = head_patch(fitted(self.mean_act, self.name), layer, heads)  # [g, F] each
@@ -157,6 +158,7 @@ class FunctionVectors(Method):
         effects = scorer.runner.map(trials, gains, "FV indirect effects", fallback=self._fewer_rows)
         return effects.mean(dim=0).view(len(layers), n_heads)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -165,9 +167,10 @@ class FunctionVectors(Method):
 
         self.mean_act = self.mean_activations(scorer, [encoder.encode(e) for e in episodes])
 
-        trials = [encoder.encode(e) for e in shuffle_labels(episodes[: self.ie_episodes], self.seed)]
+        trials = [encoder.encode(e) for e in shuffle_labels(episodes[: self.settings.ie_episodes], self.seed)]
         self.effects = self.indirect_effects(scorer, trials)
-        k = self.n_top_heads or default_top_heads(n_layers, n_heads)  # the record keeps what was asked (None: the rule)
+        # the record keeps what was asked (None: the rule)
+        k = self.settings.n_top_heads or default_top_heads(n_layers, n_heads)
         top = torch.topk(self.effects.flatten(), k).indices.tolist()
         self.heads = [(i // n_heads, i % n_heads) for i in top]
         self.vector = self._build_vector(scorer)
@@ -212,6 +215,7 @@ class FunctionVectors(Method):
         }
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n, h = layout.n_layers, layout.n_heads
         return {

@@ -17,9 +17,11 @@ code computes. Both read the same centroids, so several values share one fit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from .. import budget
 from ..episodes import Episode
@@ -28,7 +30,7 @@ from ..layout import ModelLayout
 from ..prompts import PromptBatch, PromptEncoder
 from ..readout import last_hidden, last_hiddens
 from ..scoring import Scorer
-from ..settings import EVAL, Setting
+from ..settings import EVAL, MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -45,14 +47,26 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n_classes: int) ->
 def centroid_scores(hidden: torch.Tensor, centroids: torch.Tensor, distance: str) -> torch.Tensor:
     """[B, C] negative distances of `hidden` [B, D] to each centroid [C, D] (higher: nearer)."""
     if distance == "l2":
-        return -torch.linalg.vector_norm(hidden[:, None, :] - centroids[None], dim=-1)
+        distances: torch.Tensor = torch.linalg.vector_norm(hidden[:, None, :] - centroids[None], dim=-1)
+        return -distances
     cosine = torch.nn.functional.cosine_similarity(hidden[:, None, :], centroids[None], dim=-1)
     return cosine - 1  # minus the cosine distance
 
 
+@dataclass(frozen=True)
+class HCSettings(MethodSettings):
+    hc_distance: str = setting_field(
+        "l2",
+        "distance to the class centroids: l2 (Euclidean, the reference's) or cosine; several share one fit",
+        role=EVAL,
+        choices=DISTANCES,
+    )
+
+
 @register
-class HiddenCalibration(Method):
+class HiddenCalibration(Method[HCSettings]):
     name = "hc"
+    position = 110
     needs_fit = True
     has_state = True
     # it classifies the model's last hidden state itself (nearest class centroid of the last hidden state): no reading of the
@@ -60,24 +74,13 @@ class HiddenCalibration(Method):
     scoring_rules = ("first-token",)
     scoring_note = "it classifies the last hidden state itself"
     caches_fixed_prefix = True  # edits nothing and reads the query's last position only
-    settings = (
-        Setting(
-            "hc_distance",
-            str,
-            "l2",
-            "distance to the class centroids: l2 (Euclidean, the reference's) or cosine; several share one fit",
-            role=EVAL,
-            choices=DISTANCES,
-        ),
-    )
-
-    hc_distance: str
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.centroids: torch.Tensor | None = None  # [C, D] float32
         self.counts: torch.Tensor | None = None  # [C] calibration prompts per class
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -93,6 +96,7 @@ class HiddenCalibration(Method):
         labels = torch.tensor([p.label for p in prompts])
         self.centroids, self.counts = class_means(hidden, labels, encoder.n_classes)
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The calibration prompts' demonstrations and their queries, whose labels give the classes."""
         return {"fit": budget.distinct(budget.demonstrations(train) + budget.queries(train)), "selection": 0}
@@ -109,9 +113,10 @@ class HiddenCalibration(Method):
                 f"hc: the centroids are {centroids.shape[-1]} wide, the model's last hidden state "
                 f"{hidden.shape[-1]}; accepted: a state fitted on this model"
             )
-        return centroid_scores(hidden, centroids.to(hidden.device), self.hc_distance)
+        return centroid_scores(hidden, centroids.to(hidden.device), self.settings.hc_distance)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         # the last hidden state's width is d_model except where a model projects it (OPT-350m): not fixed here
         return {"centroids": TensorSpec((n_classes, None)), "counts": TensorSpec((n_classes,), "int")}

@@ -30,11 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 from .. import budget
 from .. import distributed as dist
@@ -44,7 +46,7 @@ from ..hooks import map_outputs, watch_outputs
 from ..layout import ModelLayout
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
-from ..settings import Setting
+from ..settings import MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -94,9 +96,32 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return (1 + math.cos(math.pi * step / total)) / 2
 
 
+@dataclass(frozen=True)
+class I2CLSettings(MethodSettings):
+    i2cl_sets: int = setting_field(
+        1,
+        "training episodes (from the first, at most -e) whose demonstrations make the context vectors and "
+        "the calibration data: the paper uses one set of k per class; each more set multiplies the "
+        "calibration's cost",
+        low=1,
+        symbol="sets",
+    )
+    i2cl_epochs: int = setting_field(100, "calibration epochs over the demonstrations", low=1)
+    i2cl_batch: int = setting_field(2, "calibration prompts per optimiser step", low=1)
+    i2cl_lr: float = setting_field(0.01, "calibration learning rate (AdamW)", low=0, symbol="lr")
+    i2cl_wd: float = setting_field(1e-3, "calibration weight decay (AdamW)", low=0, symbol="wd")
+    i2cl_noise: float = setting_field(
+        0.001, "calibration noise, times each position's norm; 0 = none", low=0, symbol="noise"
+    )
+    i2cl_init_a: float = setting_field(0.1, "initial strength a of the context vectors", symbol="a0", scales=True)
+    i2cl_init_b: float = setting_field(1.0, "initial scale b of the module outputs", symbol="b0", scales=True)
+
+
 @register
-class ImplicitICL(Method):
+class ImplicitICL(Method[I2CLSettings]):
     name = "i2cl"
+    position = 80
+    takes_seed = True  # the calibration's prompt order and noise
     needs_fit = True
     has_state = True
     fixed_eval_shot = 0  # the demonstrations live in the vectors: queries run alone
@@ -105,53 +130,19 @@ class ImplicitICL(Method):
     # paper (classification by label tokens) never defines
     scoring_rules = ("first-token", "full", "full-mean", "vocab")
     scoring_note = "it injects into every position of every forward, the tokens it would generate too"
-    settings = (
-        Setting(
-            "i2cl_sets",
-            int,
-            1,
-            "training episodes (from the first, at most -e) whose demonstrations make the context vectors and "
-            "the calibration data: the paper uses one set of k per class; each more set multiplies the "
-            "calibration's cost",
-            low=1,
-            symbol="sets",
-        ),
-        Setting("i2cl_epochs", int, 100, "calibration epochs over the demonstrations", low=1),
-        Setting("i2cl_batch", int, 2, "calibration prompts per optimiser step", low=1),
-        Setting("i2cl_lr", float, 0.01, "calibration learning rate (AdamW)", low=0, symbol="lr"),
-        Setting("i2cl_wd", float, 1e-3, "calibration weight decay (AdamW)", low=0, symbol="wd"),
-        Setting(
-            "i2cl_noise", float, 0.001, "calibration noise, times each position's norm; 0 = none", low=0, symbol="noise"
-        ),
-        Setting("i2cl_init_a", float, 0.1, "initial strength a of the context vectors", symbol="a0", scales=True),
-        Setting("i2cl_init_b", float, 1.0, "initial scale b of the module outputs", symbol="b0", scales=True),
-    )
 
-    i2cl_sets: int
-    i2cl_epochs: int
-    i2cl_batch: int
-    i2cl_lr: float
-    i2cl_wd: float
-    i2cl_noise: float
-    i2cl_init_a: float
-    i2cl_init_b: float
-
-    def __init__(self, *args: Any, seed: int = 42, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.seed = seed  # the run's: the calibration's prompt order and noise
         self.vectors: torch.Tensor | None = None  # [L, 2, D] float32
         self.a: torch.Tensor | None = None  # [L, 2] float32
         self.b: torch.Tensor | None = None  # [L, 2] float32
         self.loss_curve: list[float] = []  # mean calibration loss per epoch
         self.n_demos = 0
 
-    @classmethod
-    def from_settings(cls, values: dict[str, Any], seed: int) -> ImplicitICL:
-        return cls(**values, seed=seed)
-
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The demonstrations of the first --i2cl-sets training episodes (vectors and calibration)."""
-        return {"fit": budget.distinct(budget.demonstrations(train[: self.i2cl_sets])), "selection": 0}
+        return {"fit": budget.distinct(budget.demonstrations(train[: self.settings.i2cl_sets])), "selection": 0}
 
     def fit_summary(self) -> dict[str, Any]:
         a, b = fitted(self.a, self.name), fitted(self.b, self.name)
@@ -225,26 +216,34 @@ class ImplicitICL(Method):
         (no split) with the same seeded order and noise, then all adopt rank 0's result."""
         layout, device = scorer.layout, scorer.lm.device
         prompts = [encoder.encode(Episode((), d)) for d in demos]  # each demonstration as a zero-shot query
-        a = torch.full((layout.n_layers, 2), self.i2cl_init_a, device=device, requires_grad=True)
-        b = torch.full((layout.n_layers, 2), self.i2cl_init_b, device=device, requires_grad=True)
-        optimiser = torch.optim.AdamW([a, b], lr=self.i2cl_lr, weight_decay=self.i2cl_wd)
-        _, warmup, total = schedule(len(prompts), self.i2cl_batch, self.i2cl_epochs)
+        a = torch.full((layout.n_layers, 2), self.settings.i2cl_init_a, device=device, requires_grad=True)
+        b = torch.full((layout.n_layers, 2), self.settings.i2cl_init_b, device=device, requires_grad=True)
+        optimiser = torch.optim.AdamW([a, b], lr=self.settings.i2cl_lr, weight_decay=self.settings.i2cl_wd)
+        _, warmup, total = schedule(len(prompts), self.settings.i2cl_batch, self.settings.i2cl_epochs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, partial(lr_factor, warmup=warmup, total=total))
         order_gen = torch.Generator().manual_seed(self.seed)
         noise_gen = torch.Generator(device=device).manual_seed(self.seed)
         curve: list[float] = []
-        with scorer.trainable(), self.injected(layout, a, b, self.i2cl_noise, noise_gen):
-            for _ in range(self.i2cl_epochs):
+        with scorer.trainable(), self.injected(layout, a, b, self.settings.i2cl_noise, noise_gen):
+            for _ in range(self.settings.i2cl_epochs):
                 order = torch.randperm(len(prompts), generator=order_gen).tolist()
                 losses = [
-                    self._step(scorer, [prompts[i] for i in order[s : s + self.i2cl_batch]], optimiser, scheduler)
-                    for s in range(0, len(order), self.i2cl_batch)
+                    self._step(
+                        scorer, [prompts[i] for i in order[s : s + self.settings.i2cl_batch]], optimiser, scheduler
+                    )
+                    for s in range(0, len(order), self.settings.i2cl_batch)
                 ]
                 curve.append(sum(losses) / len(losses))
         result = (a.detach().cpu(), b.detach().cpu(), curve)
         self.a, self.b, self.loss_curve = dist.share(lambda: result, "I2CL calibration")[0]  # rank 0's
 
-    def _step(self, scorer: Scorer, prompts: list[EncodedPrompt], optimiser, schedule) -> float:
+    def _step(
+        self,
+        scorer: Scorer,
+        prompts: list[EncodedPrompt],
+        optimiser: torch.optim.Optimizer,
+        schedule: torch.optim.lr_scheduler.LRScheduler,
+    ) -> float:
         """One optimiser step on one mini-batch; its loss."""
         batch = scorer.batch(prompts)
         try:
@@ -254,7 +253,7 @@ class ImplicitICL(Method):
             loss.backward()
         except torch.OutOfMemoryError:
             raise UsageError(
-                f"i2cl calibration: out of memory at --i2cl-batch {self.i2cl_batch}; accepted: a smaller --i2cl-batch"
+                f"i2cl calibration: out of memory at --i2cl-batch {self.settings.i2cl_batch}; accepted: a smaller --i2cl-batch"
             ) from None
         if not torch.isfinite(loss):
             raise UsageError("i2cl calibration: the loss is not finite; lower --i2cl-lr or run with --no-half")
@@ -262,10 +261,11 @@ class ImplicitICL(Method):
         schedule.step()
         return float(loss.detach())
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
-        demos = demonstrations(episodes[: self.i2cl_sets])
+        demos = demonstrations(episodes[: self.settings.i2cl_sets])
         if not demos:
             raise UsageError("i2cl needs demonstrations in its training episodes; accepted: -s 1 or more")
         self.n_demos = len(demos)
@@ -277,6 +277,7 @@ class ImplicitICL(Method):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n = layout.n_layers
         return {

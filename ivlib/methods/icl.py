@@ -14,6 +14,7 @@ class ICL(Method):
     """The reference code's "clean" run: the same prompts IV edits, left unedited."""
 
     name = "icl"
+    position = 20
     supports_open_vocabulary = True
     supports_multiple_choice = True
     caches_fixed_prefix = True  # no edits at all
@@ -25,4 +26,5 @@ class ICL(Method):
 @register
 class ZeroShot(ICL):
     name = "zero-shot"
+    position = 10  # the report's first column
     fixed_eval_shot = 0

@@ -34,11 +34,13 @@ output is not part of the vector (it reads it, then drops it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
 from .. import budget
 from ..episodes import Episode, Example
@@ -48,7 +50,7 @@ from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer
-from ..settings import EVAL, Setting
+from ..settings import EVAL, MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -96,50 +98,44 @@ def icv_shift(hidden: torch.Tensor, direction: torch.Tensor, strength: float) ->
     unit = F.normalize(direction.to(x.device, torch.float32), dim=-1)
     norm = x.norm(dim=-1, keepdim=True)
     away = F.cosine_similarity(x, -unit.expand_as(x), dim=-1).clamp(min=0)[..., None]  # [..., 1]
-    out = F.normalize(F.normalize(x, dim=-1) + strength * (1 + away) * unit, dim=-1) * norm
+    out: torch.Tensor = F.normalize(F.normalize(x, dim=-1) + strength * (1 + away) * unit, dim=-1) * norm
     return out.to(hidden.dtype)
 
 
+@dataclass(frozen=True)
+class ICVSettings(MethodSettings):
+    icv_strength: float = setting_field(
+        0.1,
+        "step lam towards the in-context vector at every layer and position (the release's example: "
+        "0.1); several values share one extraction",
+        role=EVAL,
+        low=0.0,
+        symbol="lam",
+        scales=True,
+    )
+    icv_pair: str = setting_field(
+        "separate",
+        "each demonstration's output y: its label word alone (separate: the release's and LIVE's pairing) "
+        "or its input followed by the label word (joined)",
+        choices=PAIRS,
+    )
+    icv_sets: int = setting_field(
+        1,
+        "training episodes (from the first, at most -e) whose demonstrations give the vector: the "
+        "release uses one set of k demonstrations",
+        low=1,
+        symbol="sets",
+    )
+
+
 @register
-class InContextVectors(Method):
+class InContextVectors(Method[ICVSettings]):
     name = "icv"
+    position = 100
+    steers = ("prompt", "every_position")  # its shift is everywhere either way: it has no positions of its own
     needs_fit = True
     has_state = True
     fixed_eval_shot = 0  # the vector stands in for the demonstrations: queries run alone
-    settings = (
-        Setting(
-            "icv_strength",
-            float,
-            0.1,
-            "step lam towards the in-context vector at every layer and position (the release's example: "
-            "0.1); several values share one extraction",
-            role=EVAL,
-            low=0.0,
-            symbol="lam",
-            scales=True,
-        ),
-        Setting(
-            "icv_pair",
-            str,
-            "separate",
-            "each demonstration's output y: its label word alone (separate: the release's and LIVE's pairing) "
-            "or its input followed by the label word (joined)",
-            choices=PAIRS,
-        ),
-        Setting(
-            "icv_sets",
-            int,
-            1,
-            "training episodes (from the first, at most -e) whose demonstrations give the vector: the "
-            "release uses one set of k demonstrations",
-            low=1,
-            symbol="sets",
-        ),
-    )
-
-    icv_strength: float
-    icv_pair: str
-    icv_sets: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -153,10 +149,11 @@ class InContextVectors(Method):
         """[L, D]: the in-context vector, the release's principal direction plus mean."""
         return fitted(self.principal, self.name) + fitted(self.mean, self.name)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
-        demos = demonstrations(episodes[: self.icv_sets])
+        demos = demonstrations(episodes[: self.settings.icv_sets])
         if not demos:
             raise UsageError("icv needs demonstrations in its training episodes; accepted: -s 1 or more")
         blocks = scorer.layout.blocks
@@ -167,7 +164,7 @@ class InContextVectors(Method):
             return stack_reads(sites).transpose(0, 1)
 
         inputs = [encoder.encode(Episode((), d)) for d in demos]
-        outputs = [output_prompt(encoder, d, self.icv_pair) for d in demos]
+        outputs = [output_prompt(encoder, d, self.settings.icv_pair) for d in demos]
         states = scorer.runner.map(inputs + outputs, read, "ICV extract")  # [2N, L, D]
         n = len(demos)
         deltas = (states[n:] - states[:n]).reshape(n, -1)  # [N, L * D]: h(y) - h(x)
@@ -175,9 +172,10 @@ class InContextVectors(Method):
         self.principal, self.mean = principal.view(states.shape[1:]), mean.view(states.shape[1:])
         self.n_demos = n
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The demonstrations of the first --icv-sets training episodes."""
-        return {"fit": budget.distinct(budget.demonstrations(train[: self.icv_sets])), "selection": 0}
+        return {"fit": budget.distinct(budget.demonstrations(train[: self.settings.icv_sets])), "selection": 0}
 
     def fit_summary(self) -> dict[str, Any]:
         return {
@@ -186,18 +184,16 @@ class InContextVectors(Method):
             "mean_difference_norm": round(float(fitted(self.mean, self.name).norm()), 4),
         }
 
+    @override
     def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
         """The norm-preserving shift of every MLP output at every position (a `transform`: it depends on
-        each activation); no indexed edits and no fixed vector to add (`steady` zeros, so a caller's
-        `every_position` steering applies the shift too)."""
+        each activation), with no indexed edits: `steering` applies it at every position, with a prompt
+        or without."""
         vector = self.vector.to(lm.device)  # [L, D]
         none = torch.empty(0, dtype=torch.long, device=lm.device)
+        strength = self.settings.icv_strength
         return Edit(
-            lm.layout.mlp_out,
-            none,
-            none,
-            steady=[torch.zeros_like(v, dtype=lm.dtype) for v in vector],
-            transform=lambda layer, hidden: icv_shift(hidden, vector[layer], self.icv_strength),
+            lm.layout.mlp_out, none, none, transform=lambda layer, hidden: icv_shift(hidden, vector[layer], strength)
         )
 
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
@@ -205,6 +201,7 @@ class InContextVectors(Method):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         shape = (layout.n_layers, layout.d_model)
         return {

@@ -14,18 +14,20 @@ separator, so under causal attention the answer tokens could not change what is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from .. import distributed as dist
 from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads
 from ..layout import ModelLayout
 from ..models import LoadedModel
-from ..prompts import PromptBatch, PromptEncoder
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Prefix, Scorer
-from ..settings import EVAL, Setting
+from ..settings import EVAL, MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, register
 
@@ -40,42 +42,35 @@ def refresh_windows(n_episodes: int, ext_batch: int) -> list[list[int]]:
     return windows
 
 
+@dataclass(frozen=True)
+class IVSettings(MethodSettings):
+    strength: float = setting_field(
+        0.5,
+        "evaluation strength a2 of the vectors; several values share one extraction, one record each",
+        role=EVAL,
+        symbol="a2",
+        scales=True,
+    )
+    ext_strength: float = setting_field(0.3, "extraction strength a1 of the current vectors", symbol="a1", scales=True)
+    ext_batch: int = setting_field(
+        10, "episodes between refreshes of the vectors; 0 = one pass, no iteration", low=0, symbol="b"
+    )
+
+
 @register
-class IterativeVectors(Method):
+class IterativeVectors(Method[IVSettings]):
     name = "iv"
+    position = 1000  # the report's last column: the method the others are compared with
+    steers = ("prompt", "every_position")  # at the separators; everywhere, the query slot's vector
     needs_fit = True
     has_state = True
     caches_fixed_prefix = True  # `prefix` adds the class vectors at the demonstrations' separators
-    settings = (
-        Setting(
-            "strength",
-            float,
-            0.5,
-            "evaluation strength a2 of the vectors; several values share one extraction, one record each",
-            role=EVAL,
-            symbol="a2",
-            scales=True,
-        ),
-        Setting("ext_strength", float, 0.3, "extraction strength a1 of the current vectors", symbol="a1", scales=True),
-        Setting(
-            "ext_batch",
-            int,
-            10,
-            "episodes between refreshes of the vectors; 0 = one pass, no iteration",
-            low=0,
-            symbol="b",
-        ),
-    )
     grid_axes = ("strength", "ext_strength", "ext_shot")  # the paper's grid: a2 x a1, one panel per ext-shot
-
-    strength: float
-    ext_strength: float
-    ext_batch: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.vectors: torch.Tensor | None = None  # [L, C + 1, D] float32
-        self._device_vectors: dict[tuple, torch.Tensor] = {}
+        self._device_vectors: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
 
     # ---- extraction -------------------------------------------------------------------------
     def _read_separators(self, scorer: Scorer, batch: PromptBatch, add: torch.Tensor | None) -> torch.Tensor:
@@ -84,6 +79,7 @@ class IterativeVectors(Method):
             scorer.forward(batch)
         return stack_reads(sites)
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -99,7 +95,7 @@ class IterativeVectors(Method):
         total = torch.zeros(n_layers, n_slots, dim, device=device)  # sum of per-episode samples
         count = 0
         desc = "IV extract: few-shot"
-        windows = refresh_windows(len(episodes), self.ext_batch)
+        windows = refresh_windows(len(episodes), self.settings.ext_batch)
         split = dist.active()  # several processes: each takes a part of every window
         with scorer.runner.progress(sum(len(dist.shard_rows(w)) for w in windows), desc) as bar:
             for window in windows:
@@ -129,7 +125,7 @@ class IterativeVectors(Method):
     def _window_batch(
         self,
         scorer: Scorer,
-        prompts: list,
+        prompts: list[EncodedPrompt],
         idx: list[int],
         neg: torch.Tensor,
         current: torch.Tensor | None,
@@ -139,7 +135,7 @@ class IterativeVectors(Method):
         batch = scorer.batch(prompts)
         add = None
         if current is not None:
-            add = (self.ext_strength * current)[:, batch.sep_class].to(scorer.lm.dtype)
+            add = (self.settings.ext_strength * current)[:, batch.sep_class].to(scorer.lm.dtype)
         reads = self._read_separators(scorer, batch, add)  # [L, N, D]
         delta = reads - neg[torch.tensor(idx, device=neg.device)[batch.sep_rows]].transpose(0, 1)
         return self._episode_means(delta, batch, n_slots).sum(dim=1)
@@ -167,7 +163,7 @@ class IterativeVectors(Method):
 
     def edit(self, lm: LoadedModel, batch: PromptBatch) -> Edit:
         """strength x the vectors at every separator of the batch; steady: the query slot's, every layer."""
-        scaled = self._scaled(self.strength, lm.device, lm.dtype)  # [L, C + 1, D]
+        scaled = self._scaled(self.settings.strength, lm.device, lm.dtype)  # [L, C + 1, D]
         return Edit(
             lm.layout.attn_out,
             batch.sep_rows,

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from .. import budget
 from .. import distributed as dist
@@ -36,7 +38,7 @@ from ..layout import ModelLayout
 from ..prompts import PromptBatch, PromptEncoder
 from ..readout import last_hidden, last_hiddens
 from ..scoring import Scorer
-from ..settings import Setting
+from ..settings import MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -75,9 +77,28 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, c: float, n_classes: int) 
     return coef, intercept, bool(np.all(model.n_iter_ < MAX_ITER))
 
 
+@dataclass(frozen=True)
+class ProbeSettings(MethodSettings):
+    probe_c: float | None = setting_field(
+        None,
+        "inverse L2 strength C of the logistic regression (default: chosen on the validation queries "
+        "from 1e-4, 1e-3, ..., 1e4)",
+        low=1e-6,
+        symbol="C",
+    )
+    probe_examples: int | None = setting_field(
+        None,
+        "train on the first N distinct examples of the training episodes (default: all of them, "
+        "demonstrations and queries)",
+        low=1,
+        symbol="N",
+    )
+
+
 @register
-class Probe(Method):
+class Probe(Method[ProbeSettings]):
     name = "probe"
+    position = 120
     needs_fit = True
     needs_validation = True  # chooses C on validation (unless --probe-c gives it)
     has_state = True
@@ -86,31 +107,6 @@ class Probe(Method):
     scoring_rules = ("first-token",)
     scoring_note = "it classifies the last hidden state itself"
     fixed_eval_shot = 0  # a read-out of the query's own hidden state: no demonstrations
-    settings = (
-        Setting(
-            "probe_c",
-            float,
-            None,
-            "inverse L2 strength C of the logistic regression (default: chosen on the validation queries "
-            "from 1e-4, 1e-3, ..., 1e4)",
-            low=1e-6,
-            optional=True,
-            symbol="C",
-        ),
-        Setting(
-            "probe_examples",
-            int,
-            None,
-            "train on the first N distinct examples of the training episodes (default: all of them, "
-            "demonstrations and queries)",
-            low=1,
-            optional=True,
-            symbol="N",
-        ),
-    )
-
-    probe_c: float | None
-    probe_examples: int | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,7 +114,7 @@ class Probe(Method):
         self.scale: torch.Tensor | None = None  # [D]
         self.weight: torch.Tensor | None = None  # [C, D] on standardised features
         self.bias: torch.Tensor | None = None  # [C]
-        self.c: float | None = self.probe_c  # the C used
+        self.c: float | None = self.settings.probe_c  # the C used
         self.c_scores: list[float] = []  # validation macro-F1 per C of C_GRID (empty when given)
         self.counts: list[int] = []  # training examples per class
         self.converged = True
@@ -126,7 +122,7 @@ class Probe(Method):
     # ---- fitting --------------------------------------------------------------------------------
     def training_examples(self, episodes: list[Episode], label_words: list[str]) -> list[Example]:
         """The examples the fit may use (see the module doc); every class must be among them."""
-        examples = distinct_examples(episodes)[: self.probe_examples]
+        examples = distinct_examples(episodes)[: self.settings.probe_examples]
         present = {x.label for x in examples}
         missing = [w for c, w in enumerate(label_words) if c not in present]
         if missing:
@@ -145,7 +141,7 @@ class Probe(Method):
         y = np.array([p.label for p in prompts])
         self.counts = np.bincount(y, minlength=encoder.n_classes).tolist()
         val_x, val_y = None, None
-        if self.probe_c is None:
+        if self.settings.probe_c is None:
             if not validation:
                 raise ValueError("the probe chooses its C on validation episodes")
             val_prompts = [encoder.encode(e.query_only()) for e in validation]
@@ -176,7 +172,7 @@ class Probe(Method):
         mean, scale = standardiser(x)
         z = (x - mean) / scale
         if val_x is None or val_y is None:
-            c = float(fitted(self.probe_c, self.name))
+            c = float(fitted(self.settings.probe_c, self.name))
             weight, bias, converged = logistic_regression(z, y, c, n_classes)
             return mean, scale, weight, bias, c, [], converged
         val_z = (val_x - mean) / scale
@@ -192,15 +188,15 @@ class Probe(Method):
 
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """Its training examples (see `training_examples`); the validation queries when C is chosen."""
-        chosen = budget.distinct(budget.queries(validation or [])) if self.probe_c is None else 0
-        return {"fit": len(distinct_examples(train)[: self.probe_examples]), "selection": chosen}
+        chosen = budget.distinct(budget.queries(validation or [])) if self.settings.probe_c is None else 0
+        return {"fit": len(distinct_examples(train)[: self.settings.probe_examples]), "selection": chosen}
 
     def fit_summary(self) -> dict[str, Any]:
         return {
             "examples": sum(self.counts),
             "per_class": self.counts,
             "c": self.c,
-            "c_chosen_by": "user" if self.probe_c is not None else "validation",
+            "c_chosen_by": "user" if self.settings.probe_c is not None else "validation",
             "c_scores": [[c, round(s, 4)] for c, s in zip(C_GRID, self.c_scores)],
             "converged": self.converged,
         }
@@ -220,6 +216,7 @@ class Probe(Method):
         return torch.log_softmax(logits, dim=-1)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         # the last hidden state's width is d_model except where a model projects it (OPT-350m): not fixed here
         return {

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from .. import budget
 from .. import distributed as dist
@@ -37,7 +39,7 @@ from ..layout import ModelLayout
 from ..metrics import f1_scores
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import Scorer, gold_first, head_means
-from ..settings import Setting
+from ..settings import MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -47,7 +49,7 @@ TOP_HEADS = 10  # heads listed in the record, by alpha
 
 def soft_injection(
     scorer: Scorer, emb: torch.Tensor, alpha: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> AbstractContextManager:
+) -> AbstractContextManager[Any]:
     """At (rows, cols), every head's input to the output projection h <- (1 - alpha) h + alpha emb.
 
     `emb` [L, H, hd], `alpha` [L, H]. The pre-hook writes into a copy of the input (`InputSite`),
@@ -68,55 +70,38 @@ def _passes(n: int, rng: np.random.Generator) -> Iterator[int]:
         yield from rng.permutation(n).tolist()
 
 
+@dataclass(frozen=True)
+class SITESettings(MethodSettings):
+    site_steps: int = setting_field(400, "optimisation steps of the mixing weights", low=1, symbol="steps")
+    site_lr: float = setting_field(0.2, "Adam learning rate of the mixing logits", low=1e-6, symbol="lr")
+    site_batch: int = setting_field(1, "zero-shot training prompts per step", low=1)
+    site_init: float = setting_field(
+        0.0, "initial logit of every head's weight (alpha = sigmoid(logit); 0 is alpha 0.5)", low=-30.0, high=30.0
+    )
+    site_val_every: int = setting_field(50, "steps between validation checkpoints (the last step is one)", low=1)
+    site_select: str = setting_field(
+        "loss", "what picks the kept checkpoint on validation: loss (the reference's) or macro_f1", choices=SELECT
+    )
+
+
 @register
-class SoftInjection(Method):
+class SoftInjection(Method[SITESettings]):
     name = "site"
+    position = 90
+    takes_seed = True  # the order of the training prompts
     supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True  # keeps the best checkpoint on validation
     has_state = True
     fixed_eval_shot = 0
-    settings = (
-        Setting("site_steps", int, 400, "optimisation steps of the mixing weights", low=1, symbol="steps"),
-        Setting("site_lr", float, 0.2, "Adam learning rate of the mixing logits", low=1e-6, symbol="lr"),
-        Setting("site_batch", int, 1, "zero-shot training prompts per step", low=1),
-        Setting(
-            "site_init",
-            float,
-            0.0,
-            "initial logit of every head's weight (alpha = sigmoid(logit); 0 is alpha 0.5)",
-            low=-30.0,
-            high=30.0,
-        ),
-        Setting("site_val_every", int, 50, "steps between validation checkpoints (the last step is one)", low=1),
-        Setting(
-            "site_select",
-            str,
-            "loss",
-            "what picks the kept checkpoint on validation: loss (the reference's) or macro_f1",
-            choices=SELECT,
-        ),
-    )
 
-    site_steps: int
-    site_lr: float
-    site_batch: int
-    site_init: float
-    site_val_every: int
-    site_select: str
-
-    def __init__(self, *args: Any, seed: int = 42, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.seed = seed  # the run's: the order of the training prompts
         self.emb: torch.Tensor | None = None  # [L, H, head_dim] float32
         self.logits: torch.Tensor | None = None  # [L, H] float32, the kept checkpoint
         self.loss_curve: list[float] = []  # training loss per step
         self.checkpoints: list[dict[str, float]] = []  # {step, loss, macro_f1} on validation
         self.chosen: int | None = None  # the kept checkpoint's step
-
-    @classmethod
-    def from_settings(cls, values: dict[str, Any], seed: int) -> SoftInjection:
-        return cls(**values, seed=seed)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -144,22 +129,22 @@ class SoftInjection(Method):
     def optimise(self, scorer: Scorer, train: list[EncodedPrompt], val: list[EncodedPrompt], n_classes: int) -> None:
         """Fit the logits on `train` (zero-shot prompts), keeping the best checkpoint on `val`."""
         layout = scorer.layout
-        logits = torch.full((layout.n_layers, layout.n_heads), self.site_init, device=scorer.lm.device)
+        logits = torch.full((layout.n_layers, layout.n_heads), self.settings.site_init, device=scorer.lm.device)
         logits.requires_grad_(True)
-        optimizer = torch.optim.Adam([logits], lr=self.site_lr)
+        optimizer = torch.optim.Adam([logits], lr=self.settings.site_lr)
         order = _passes(len(train), np.random.default_rng([self.seed, 18]))
         self.loss_curve, self.checkpoints = [], []
         best: tuple[tuple[float, float], torch.Tensor, int] | None = None
-        with scorer.trainable(), scorer.runner.progress(self.site_steps, "SITE optimisation") as bar:
-            for step in range(1, self.site_steps + 1):
-                batch = scorer.batch([train[next(order)] for _ in range(self.site_batch)])
+        with scorer.trainable(), scorer.runner.progress(self.settings.site_steps, "SITE optimisation") as bar:
+            for step in range(1, self.settings.site_steps + 1):
+                batch = scorer.batch([train[next(order)] for _ in range(self.settings.site_batch)])
                 optimizer.zero_grad()
                 loss = self._loss(scorer, batch, logits)
                 loss.backward()
                 optimizer.step()
                 self.loss_curve.append(float(loss.detach()))
                 bar.update(1)
-                if step % self.site_val_every and step != self.site_steps:
+                if step % self.settings.site_val_every and step != self.settings.site_steps:
                     continue
                 with torch.no_grad():  # every process continues from the main process's logits
                     logits.copy_(dist.share(lambda: logits.detach().cpu(), "SITE weights")[0])
@@ -173,7 +158,7 @@ class SoftInjection(Method):
 
     def _rank(self, point: dict[str, float]) -> tuple[float, float]:
         """Higher is better: the validation loss alone, or macro-F1 with ties to the lower loss."""
-        if self.site_select == "loss":
+        if self.settings.site_select == "loss":
             return (-point["loss"], 0.0)
         return (point["macro_f1"], -point["loss"])
 
@@ -213,7 +198,7 @@ class SoftInjection(Method):
         top = torch.topk(alpha.flatten(), min(TOP_HEADS, alpha.numel())).indices.tolist()
         return {
             "chosen_step": self.chosen,
-            "chosen_by": self.site_select,
+            "chosen_by": self.settings.site_select,
             "loss_curve": [round(x, 4) for x in self.loss_curve],
             "validation": self.checkpoints,
             "alpha": {
@@ -231,6 +216,7 @@ class SoftInjection(Method):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n, h = layout.n_layers, layout.n_heads
         return {

@@ -22,19 +22,22 @@ demonstrations; ivlib averages over the `-e` training episodes of `-s` shots per
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from ..episodes import Episode
 from ..errors import UsageError
-from ..hooks import Edit, edit_outputs, stack_reads
+from ..hooks import Edit, OutputSite, edit_outputs, stack_reads
 from ..layout import ModelLayout
 from ..models import LoadedModel
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
 from ..scoring import LastTokenEdit, Scorer
-from ..settings import Setting
+from ..settings import MethodSettings, setting_field
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -54,74 +57,62 @@ def aggregate(states: torch.Tensor, window: int, beta: float, lr: float) -> torc
     return inner + lr * (steps * weights).sum(dim=1)
 
 
+@dataclass(frozen=True)
+class SVSettings(MethodSettings):
+    sv_window: int = setting_field(
+        6,
+        "last demonstrations whose separator states are averaged (with the query's) and give the "
+        "momentum steps (at most the training prompts' demonstrations)",
+        low=1,
+        symbol="window",
+    )
+    sv_beta: float = setting_field(
+        0.5, "momentum decay: each older step weighs beta x the next", low=0, high=1, symbol="beta"
+    )
+    sv_lr: float = setting_field(1.0, "step size of the momentum added to the inner mean", symbol="lr", scales=True)
+    sv_layers: int | None = setting_field(
+        None, "edit the first L layers instead of choosing L on validation", low=1, symbol="L"
+    )
+
+
 @register
-class StateVector(Method):
+class StateVector(Method[SVSettings]):
     name = "sv"
+    position = 70
+    steers = ("prompt",)  # replaces the first L attention outputs there: no vector to add everywhere
     supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True  # chooses L, the number of first layers edited
     has_state = True
     caches_fixed_prefix = True  # edits the query separator alone
-    settings = (
-        Setting(
-            "sv_window",
-            int,
-            6,
-            "last demonstrations whose separator states are averaged (with the query's) and give the "
-            "momentum steps (at most the training prompts' demonstrations)",
-            low=1,
-            symbol="window",
-        ),
-        Setting(
-            "sv_beta",
-            float,
-            0.5,
-            "momentum decay: each older step weighs beta x the next",
-            low=0,
-            high=1,
-            symbol="beta",
-        ),
-        Setting("sv_lr", float, 1.0, "step size of the momentum added to the inner mean", symbol="lr", scales=True),
-        Setting(
-            "sv_layers",
-            int,
-            None,
-            "edit the first L layers instead of choosing L on validation",
-            low=1,
-            optional=True,
-            symbol="L",
-        ),
-    )
-
-    sv_window: int
-    sv_beta: float
-    sv_lr: float
-    sv_layers: int | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.vector: torch.Tensor | None = None  # [n_layers, D] float32
-        self.layers = self.sv_layers  # L used at evaluation; None until chosen on validation
+        self.layers = self.settings.sv_layers  # L used at evaluation; None until chosen on validation
         self.layer_scores: list[float] = []  # validation macro-F1 for L = 1..n_layers
         self.window: int | None = None  # the window used (sv_window, at most the demonstrations)
 
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         """The training demonstrations; validation only when L is selected (not given by --sv-layers)."""
         own = super().labeled_examples(train, validation)
-        return {**own, "selection": 0 if self.sv_layers is not None else own["selection"]}
+        return {**own, "selection": 0 if self.settings.sv_layers is not None else own["selection"]}
 
     def fit_summary(self) -> dict[str, Any]:
         return {
             "layers": self.layers,
-            "layers_chosen_by": "user" if self.sv_layers is not None else "validation",
+            "layers_chosen_by": "user" if self.settings.sv_layers is not None else "validation",
             "layer_scores": [round(s, 4) for s in self.layer_scores],
             "window_used": self.window,
         }
 
+    @override
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
         n = scorer.layout.n_layers
-        if self.sv_layers is not None and self.sv_layers > n:
-            raise UsageError(f"--sv-layers {self.sv_layers} exceeds the model's {n} layers; accepted: 1 to {n}")
+        if self.settings.sv_layers is not None and self.settings.sv_layers > n:
+            raise UsageError(
+                f"--sv-layers {self.settings.sv_layers} exceeds the model's {n} layers; accepted: 1 to {n}"
+            )
 
     def states(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         """[B, S, n_layers, D] float32: attention outputs at every separator (S per row, the query's last)."""
@@ -138,7 +129,7 @@ class StateVector(Method):
         vector = fitted(self.vector, self.name)[:layers].to(scorer.lm.device, scorer.lm.dtype)  # [L, D]
         modules = scorer.layout.attn_out[:layers]
 
-        def edit(rows: torch.Tensor, cols: torch.Tensor):
+        def edit(rows: torch.Tensor, cols: torch.Tensor) -> AbstractContextManager[list[OutputSite]]:
             return edit_outputs(modules, rows, cols, replace=[v.expand(len(rows), -1) for v in vector])
 
         return edit
@@ -153,13 +144,15 @@ class StateVector(Method):
         n_demos = counts.pop()
         if n_demos < 1:
             raise UsageError("sv reads every training demonstration's separator; accepted: -s 1 or more")
-        self.window = min(self.sv_window, n_demos)
+        self.window = min(self.settings.sv_window, n_demos)
 
         def per_episode(batch: PromptBatch) -> torch.Tensor:  # [B, n_layers, D]
-            return aggregate(self.states(scorer, batch), self.sv_window, self.sv_beta, self.sv_lr)
+            return aggregate(
+                self.states(scorer, batch), self.settings.sv_window, self.settings.sv_beta, self.settings.sv_lr
+            )
 
         self.vector = scorer.runner.map(prompts, per_episode, "SV extract").mean(dim=0)
-        if self.sv_layers is not None:
+        if self.settings.sv_layers is not None:
             return
         if not validation:
             raise ValueError("SV chooses its number of layers on validation episodes")
@@ -195,6 +188,7 @@ class StateVector(Method):
             return scorer.label_scores(batch)
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n = layout.n_layers
         return {

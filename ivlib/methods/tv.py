@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from ..episodes import Episode
 from ..hooks import Edit, edit_outputs, stack_reads, vector_edit
@@ -28,6 +29,8 @@ from .base import Method, fitted, register
 @register
 class TaskVectors(Method):
     name = "tv"
+    position = 30
+    steers = ("prompt",)  # replaces a hidden state there: no vector to add at every position
     supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True
@@ -96,6 +99,7 @@ class TaskVectors(Method):
         }
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         n = layout.n_layers
         return {

@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from ..episodes import Episode
 from ..errors import UsageError
 from ..hooks import edit_outputs, stack_reads
 from ..layout import ModelLayout
-from ..prompts import PromptBatch, PromptEncoder, split_demos
-from ..scoring import Scorer
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_demos
+from ..scoring import LastTokenEdit, Scorer
 from ..state import TensorSpec
 from .base import Method, fitted, register
 
@@ -62,6 +63,7 @@ def zero_shot(batch: PromptBatch, bos: int | None) -> PromptBatch:
 @register
 class HendelTaskVectors(Method):
     name = "tv-hendel"
+    position = 40
     supports_open_vocabulary = True
     needs_validation = True  # chooses L
     has_state = True
@@ -75,6 +77,7 @@ class HendelTaskVectors(Method):
     def fit_summary(self) -> dict[str, Any]:
         return {"layer": self.layer, "layer_scores": [round(s, 4) for s in self.layer_scores]}
 
+    @override
     def labeled_examples(self, train: list[Episode], validation: list[Episode] | None) -> dict[str, int]:
         return {"fit": 0, "selection": super().labeled_examples([], validation)["selection"]}
 
@@ -90,6 +93,7 @@ class HendelTaskVectors(Method):
     def _bos(scorer: Scorer) -> int | None:
         return scorer.lm.tokenizer.bos_token_id if scorer.lm.add_bos else None
 
+    @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
     ) -> None:
@@ -103,7 +107,7 @@ class HendelTaskVectors(Method):
             theta = self.vectors(scorer, batch, layers).to(scorer.lm.dtype)  # [B, L, D]
             alone = zero_shot(batch, self._bos(scorer))
 
-            def patch(layer: int):
+            def patch(layer: int) -> LastTokenEdit:
                 return lambda rows, cols: edit_outputs([blocks[layer]], rows, cols, replace=[theta[rows, layer]])
 
             return scorer.last_token_variants(alone, [patch(layer) for layer in layers]).transpose(0, 1)
@@ -122,7 +126,7 @@ class HendelTaskVectors(Method):
         with edit_outputs([scorer.layout.blocks[layer]], rows, alone.query_cols, replace=[theta]):
             return scorer.label_scores(alone)
 
-    def check_prompts(self, scorer: Scorer, prompts: list) -> None:
+    def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
         if any(p.query_start <= (1 if scorer.lm.add_bos else 0) for p in prompts):
             raise UsageError("tv-hendel reads its vector from each query's demonstrations; accepted: --shot 1 or more")
 
@@ -130,6 +134,7 @@ class HendelTaskVectors(Method):
         return {"layer": torch.tensor(fitted(self.layer, self.name)), "layer_scores": torch.tensor(self.layer_scores)}
 
     @classmethod
+    @override
     def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
         return {
             "layer": TensorSpec((), "int", below=(layout.n_layers,)),
