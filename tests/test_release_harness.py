@@ -225,3 +225,40 @@ def test_softmax_spy_records_the_argmax_and_passes_the_rest():
     torch.testing.assert_close(spy.softmax(logits, dim=-1), torch.softmax(logits, dim=-1))
     assert spy.calls == [[1, 0, 1]]
     assert spy.relu is torch.nn.functional.relu
+
+
+sv = _load("sv")
+
+
+def test_sv_names_each_scoring_by_the_result_it_saved():
+    saved = {"Regular": 0.5, "ICL baseline": 1.0}
+    calls = [([0.5], [0, 3]), ([1.0], [0, 0])]
+    assert sv.label_calls(saved, calls) == {"Regular": [0, 3], "ICL baseline": [0, 0]}
+    with pytest.raises(ValueError, match="is not the recorded call's accuracy"):
+        sv.label_calls({"Regular": 0.5, "ICL baseline": 0.5}, calls)
+    with pytest.raises(ValueError, match="saved 1 results but scored 2 times"):
+        sv.label_calls({"Regular": 0.5}, calls)
+
+
+def test_sv_top1_is_rank_zero():
+    got = sv.hits_summary([0, 4, 0, 1])
+    assert got["n"] == 4 and got["accuracy"]["value"] == 0.5
+    assert got["accuracy"] == bootstrap_accuracy([1, 1, 1, 1], [1, 0, 1, 0])
+
+
+def test_sv_split_export_and_partition_check(tmp_path):
+    data = {
+        "demon": [{"input": "hot", "output": "cold"}],
+        "valid": [{"input": "big", "output": "small"}],
+        "test": [{"input": "up", "output": "down"}, {"input": "in", "output": "out"}],
+    }
+    fv = tmp_path / "antonym.json"
+    fv.write_text(
+        '[{"input": "hot", "output": "cold"}, {"input": "up", "output": "down"}, {"input": "big", "output": "small"}]'
+    )
+    assert sv.partition_check(data, fv) == {"fv_file": str(fv), "items": 4, "found": 3, "fv_rows": 3}
+    sv.export_split(tmp_path / "split", data, 1)
+    assert (tmp_path / "split" / "test.jsonl").read_text() == '{"input": "up", "output": "down"}\n'
+    assert (tmp_path / "split" / "train.jsonl").read_text() == '{"input": "hot", "output": "cold"}\n'
+    argv = sv.release_args("antonym", "/d", "/s", 100, 233)
+    assert dict(zip(argv[1::2], argv[2::2]))["--max_test_num"] == "100" and "--rand_seed" in argv
