@@ -16,7 +16,7 @@ import torch
 import ivlib
 from ivlib.errors import UsageError
 from ivlib.experiment import evaluation_episodes
-from ivlib.metrics import bootstrap_accuracy
+from ivlib.metrics import bootstrap_accuracy, bootstrap_f1
 from ivlib.paired import paired_bootstrap
 
 RELEASES = Path(__file__).resolve().parents[1] / "bench" / "releases"
@@ -164,7 +164,9 @@ def test_summary_is_ivlib_bootstrap():
     rng = np.random.default_rng(0)
     gold, pred = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
     got = harness.summary(gold, pred, 2)
-    assert got["n"] == 200 and got["accuracy"] == bootstrap_accuracy(gold, pred)
+    record = bootstrap_f1(gold, pred, 2)  # what an ivlib record holds for these answers
+    assert got == {"n": 200, "accuracy": record["micro"], "macro": record["macro"]}
+    assert got["accuracy"]["value"] == pytest.approx(np.mean(gold == pred))
     assert harness.pct({"value": 0.7127, "ci_low": 0.67, "ci_high": 0.754}) == "71.3 [67.0, 75.4]"
     with pytest.raises(ValueError, match="of one length"):
         harness.summary([0, 1], [0], 2)

@@ -6,8 +6,9 @@ per seed dominates the variance, and a release draws it with its own generator: 
 same seed is another one. This takes a harness's summary (dt.py, i2cl.py), reads the
 demonstrations the release used, and scores the same queries with ivlib under the release's
 protocol with that set in place of ivlib's (`experiment.demo_set` returns it): ICL (paired with the
-release's few-shot answers, or Deep-Thinking's step 1), and for Deep-Thinking also DT at the steps
-the harness kept (`--dt-step`: the release's reported step and its last). What differs then is the
+release's few-shot answers, or Deep-Thinking's step 1); for Deep-Thinking also DT at the steps
+the harness kept (`--dt-step`: the release's reported step and its last); for I2CL also I2CL
+calibrated on the release's demonstrations (its one training episode holds them). What differs then is the
 implementation alone (tokenization at the demonstrations' end, padding, numerics).
 
     python bench/releases/same_demos.py results/releases/dt-sst2-local-seed42.json
@@ -27,7 +28,7 @@ from harness import UsageError
 
 import ivlib
 from ivlib import experiment
-from ivlib.episodes import Example
+from ivlib.episodes import Episode, Example
 
 # How each release writes one demonstration of a sentiment task (the input template, a space, the label).
 DEMO = re.compile(r"Review: (.*?)\nSentiment: (\w+)")
@@ -71,6 +72,24 @@ def paired(summary: dict[str, Any], entry: str, rows: list[int], ev: Any) -> dic
     }
 
 
+def i2cl_fit(lm: Any, task: Any, demos: tuple[Example, ...], summary: dict[str, Any]) -> Any:
+    """ivlib's I2CL calibrated on the release's demonstrations (its one training episode holds them,
+    in the release's order), with the release's settings: 5 per class, one set, its template."""
+    episode = Episode(demos, demos[0])  # I2CL reads the episode's demonstrations only
+    with harness.patched(experiment, "fit_episodes", lambda *a, **k: ([episode], None)):
+        return ivlib.fit(
+            "i2cl",
+            lm,
+            task,
+            ext_shot=len(demos) // task.n_classes,
+            episodes=1,
+            i2cl_sets=1,
+            template="i2cl",
+            score="first-token",
+            seed=summary["seed"],
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("summary", help="a harness's JSON (dt.py, i2cl.py)")
@@ -96,6 +115,10 @@ def main() -> None:
     with harness.patched(experiment, "demo_set", lambda *a: demos):
         ev = ivlib.evaluate("icl", lm, task, **common)
         results["icl"] = paired(summary, "icl", rows, ev)
+        if summary["release"] == "i2cl" and not args.icl_only:
+            results["i2cl"] = paired(
+                summary, "headline", rows, ivlib.evaluate(i2cl_fit(lm, task, demos, summary), lm, task, **common)
+            )
         if summary["release"] == "deep-thinking" and not args.icl_only:
             for entry in ("headline", "final"):
                 step = summary["steps_chosen"][entry]

@@ -46,6 +46,8 @@ import harness
 import numpy as np
 from harness import UsageError
 
+from ivlib.metrics import bootstrap_accuracy
+
 MODEL_PATH = "smollm2-135m-llama"
 FV_DATA = Path("/work/shared/data/fv/abstractive")
 
@@ -75,7 +77,7 @@ def label_calls(saved: dict[str, float], calls: list[tuple[list[float], list[int
 def hits_summary(ranks: list[int]) -> dict[str, Any]:
     """Top-1 accuracy (the answer token ranked first) with ivlib's bootstrap interval over the queries."""
     hits = (np.asarray(ranks) == 0).astype(int)
-    return {"n": len(hits), "accuracy": harness.bootstrap_accuracy(np.ones_like(hits), hits)}
+    return {"n": len(hits), "accuracy": bootstrap_accuracy(np.ones_like(hits), hits)}
 
 
 def partition_check(data: dict[str, Any], fv_file: Path) -> dict[str, Any]:
