@@ -157,7 +157,7 @@ def report(args: argparse.Namespace, task: Any, rows: list[int], out: dict[str, 
 
     best = best_step(out["log"])
     chosen = {"icl": 1, "headline": best, "final": args.kv_iter}
-    summaries = {k: harness.summary(gold, answers(s), task.n_classes) for k, s in chosen.items()}
+    summaries = {k: harness.summary(gold, answers(s), task.n_classes, args.seed) for k, s in chosen.items()}
     curve = {
         rule: [
             float(sum(p == g for p, g in zip(answers(s, rule), gold)) / len(gold)) for s in range(1, args.kv_iter + 1)

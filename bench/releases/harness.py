@@ -182,9 +182,10 @@ def release_on_path(root: Path) -> Iterator[None]:
 
 
 # ---- numbers ---------------------------------------------------------------------------------------
-def summary(gold: Sequence[int], pred: Sequence[int], n_classes: int, seed: int = 0) -> dict[str, Any]:
+def summary(gold: Sequence[int], pred: Sequence[int], n_classes: int, seed: int) -> dict[str, Any]:
     """Accuracy and macro-F1 with the bootstrap 95% intervals an ivlib record holds for the same answers
-    (its `micro`, which is accuracy for single-label classification, and `macro`: same resampling, seed 0)."""
+    (its `micro`, which is accuracy for single-label classification, and `macro`: the same resampling,
+    seeded as ivlib seeds it, with the run's --seed)."""
     y, p = np.asarray(gold), np.asarray(pred)
     if len(y) == 0 or len(y) != len(p):
         raise ValueError(f"gold and predictions must be non-empty and of one length (got {len(y)}, {len(p)})")
@@ -272,16 +273,20 @@ def compare_main(argv: Sequence[str]) -> None:
     ap.add_argument("release_json")
     ap.add_argument("ivlib_results")
     ap.add_argument("--method", help="the ivlib record's method (default: the last record with a samples log)")
+    ap.add_argument("--model", help="the ivlib record's model (default: any)")
     ap.add_argument("--entry", default="headline", help="which of the release's answers (a key of its 'answers')")
     args = ap.parse_args(argv)
     release = json.loads(Path(args.release_json).read_text())
     if args.entry not in release["answers"]:
         raise UsageError(f"--entry '{args.entry}' unknown; accepted: {', '.join(release['answers'])}")
-    record, lines = _ivlib_lines(args.ivlib_results, lambda r: args.method in (None, r.get("method")))
+    record, lines = _ivlib_lines(
+        args.ivlib_results,
+        lambda r: args.method in (None, r.get("method")) and args.model in (None, r.get("model")),
+    )
     paired = pair(release["answers"][args.entry], lines, release["n_classes"])
     acc = paired["accuracy"]
     print(
-        f"ivlib {record['method']} minus {release['release']} ({args.entry}) on the same {paired['n']} queries: "
+        f"ivlib {record['method']} ({record['model']}) minus {release['release']} ({args.entry}) on the same {paired['n']} queries: "
         f"accuracy {pct(acc)} points, answers agree on {100 * paired['agreement']:.1f}%"
     )
 

@@ -166,7 +166,7 @@ def report(args: argparse.Namespace, task: Any, rows: list[int], out: dict[str, 
                 f"i2cl.py: the recorded answers of {name} do not give the release's accuracy {result['acc']}"
             )
         answers[name] = harness.sample_lines(rows, gold, pred)
-        summaries[name] = {**harness.summary(gold, pred, task.n_classes), "release": result}
+        summaries[name] = {**harness.summary(gold, pred, task.n_classes, args.seed), "release": result}
     if args.runs == 1:  # one run: its I2CL and few-shot answers are the ones to pair with ivlib's
         answers["headline"], answers["icl"] = answers["i2cl/run0"], answers["icl/run0"]
     return {

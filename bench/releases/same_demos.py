@@ -66,7 +66,7 @@ def paired(summary: dict[str, Any], entry: str, rows: list[int], ev: Any) -> dic
     lines = harness.sample_lines(rows, ev.labels.tolist(), ev.predictions.tolist())
     kept = summary["summaries"]
     return {
-        "ivlib": harness.summary(ev.labels, ev.predictions, summary["n_classes"]),
+        "ivlib": harness.summary(ev.labels, ev.predictions, summary["n_classes"], summary["seed"]),
         "release": kept[entry] if entry in kept else kept[ALIASES[entry]],
         "paired": harness.pair(summary["answers"][entry], lines, summary["n_classes"]),
     }
