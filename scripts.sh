@@ -19,7 +19,11 @@
 #   and LAUNCH: a launcher put in front of every run's iv.py instead of $PY, e.g.
 #   LAUNCH="torchrun --nproc-per-node 2" or LAUNCH="accelerate launch --num_processes 8" (see README "Scaling out";
 #   a launcher not on the PATH is looked for next to $PY, e.g. .venv/bin/torchrun).
-set -euo pipefail
+# EXTRA and LAUNCH are split into words as a shell splits a command line (quotes group, a backslash escapes:
+# EXTRA='--label-words "very good" bad' is three words), but nothing in them is ever expanded or run:
+# EXTRA='--quiet; touch x' passes the words `--quiet;` `touch` `x` to iv.py, which refuses them. No value
+# of any setting is globbed either (set -f).
+set -euo pipefail -f
 CALLER_DIR="$PWD"                      # array's DIR and cell's FILE are read from where the command was given
 cd "$(dirname "$0")"
 
@@ -44,10 +48,33 @@ PY="${PY:-python}"                     # the Python with ivlib's requirements: t
 [ "$PY" = python ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 LAUNCH="${LAUNCH:-}"                   # e.g. "torchrun --nproc-per-node 2": replaces "$PY" in front of iv.py
 
+# The one way a text becomes words here (EXTRA, LAUNCH, select's test commands, a cells file's lines): Python's
+# shlex.split, POSIX shell quoting without any expansion, so nothing in a value is run. `split_words ARRAY WHAT
+# TEXT` fills ARRAY; a text it cannot split (an unclosed quote) is one line naming WHAT, exit 2.
+SPLIT_PY='import shlex, sys
+try:
+    words = shlex.split(sys.argv[1])
+except ValueError as exc:
+    sys.exit(f"scripts.sh: {sys.argv[2]} {sys.argv[1]!r} cannot be split into words ({exc}); accepted: closed quotes")
+sys.stdout.write("".join(w + "\0" for w in ["ok", *words]))'
+split_words() {
+  local -n split_into="$1"
+  mapfile -d '' -t split_into < <("$PY" -c "$SPLIT_PY" "$3" "$2")
+  [ "${split_into[0]:-}" = ok ] || exit 2
+  split_into=("${split_into[@]:1}")
+}
+# one word as shlex.quote writes it (bare when safe, else in single quotes), so split_words reads it back
+quote_word() {
+  local q="'\"'\"'"
+  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/$q}"; fi
+}
+
+extra=()
+[ -z "$EXTRA" ] || split_words extra EXTRA "$EXTRA"
 # what runs iv.py: "$PY", or the launcher's words (torchrun / accelerate launch take the script, not python)
 launcher=("$PY")
 if [ -n "$LAUNCH" ]; then
-  read -ra launcher <<<"$LAUNCH"
+  split_words launcher LAUNCH "$LAUNCH"
   if ! command -v "${launcher[0]}" >/dev/null && [ -x "$(dirname "$PY")/${launcher[0]}" ]; then
     launcher[0]="$(dirname "$PY")/${launcher[0]}"
   fi
@@ -59,11 +86,17 @@ DRY_RUN=""                             # set by `array`: run() prints each comma
 seed_list() { if [ -n "$SEEDS" ]; then printf '%s\n' $SEEDS; else echo default; fi; }
 seed_args() { if [ "$1" != default ]; then printf '%s\n' --seed "$1"; fi; }
 run() {
-  # shellcheck disable=SC2086  # EXTRA is a list of flags
-  set -- "${launcher[@]}" iv.py "${config_flag[@]}" -g "$GPU" --results "$RESULTS" --resume --quiet $EXTRA "$@"
-  if [ -n "$DRY_RUN" ]; then
-    printf '%q ' "$@" | sed 's/ $//'
-    echo
+  set -- "${launcher[@]}" iv.py "${config_flag[@]}" -g "$GPU" --results "$RESULTS" --resume --quiet "${extra[@]}" "$@"
+  if [ -n "$DRY_RUN" ]; then  # one line per command, in the quoting split_words reads back
+    local word line=""
+    for word in "$@"; do
+      if [[ "$word" == *$'\n'* ]]; then
+        echo "array: the value $(printf %q "$word") holds a newline; accepted: values on one line" >&2
+        exit 2
+      fi
+      line+="${line:+ }$(quote_word "$word")"
+    done
+    printf '%s\n' "$line"
   else
     "$@"
   fi
@@ -105,7 +138,8 @@ test_best() {
     mapfile -t seeded < <(seed_args "$seed")
     commands="$("$PY" iv.py select --results "$RESULTS" --metric "$METRIC" --commands -n "$TEST_EPISODES" "${seeded[@]}")"
     grep '^python iv.py' <<<"$commands" | while read -r line; do
-      eval "\"\${launcher[@]}\" ${line#python } -g \"\$GPU\" --resume --quiet $EXTRA ${seeded[*]}"
+      split_words words "select's test command" "$line"  # python iv.py ARGS...: the launcher replaces python
+      "${launcher[@]}" "${words[@]:1}" -g "$GPU" --resume --quiet "${extra[@]}" "${seeded[@]}"
     done
   done
 }
@@ -115,8 +149,16 @@ from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$CALLER_DIR
 
 array() {
   local dir repo n
-  dir="$(from_caller "${1:?usage: bash scripts.sh array DIR}")"
-  mkdir -p "$dir/logs"
+  [ -n "${1:-}" ] || { echo "usage: bash scripts.sh array DIR" >&2; exit 2; }
+  dir="$(from_caller "$1")"
+  if [ -e "$dir" ] && [ ! -d "$dir" ]; then
+    echo "array: '$dir' is a file, not a folder; accepted: a new or existing folder for the job files" >&2
+    exit 2
+  fi
+  mkdir -p "$dir/logs" 2>/dev/null || {
+    echo "array: cannot create the folder '$dir/logs'; accepted: a folder path you can write" >&2
+    exit 2
+  }
   dir="$(cd "$dir" && pwd)" repo="$(pwd)"
   # The very commands iv-grid and baselines run (relative paths are the checkout's: `cell` runs from it).
   # Running them all at once is safe: no two cells write the same vectors file, since iv-grid has one cell
@@ -183,7 +225,7 @@ cell() {
   line="$(sed -n "$((i + 1))p" "$file")"
   [ -n "$line" ] || { echo "cell $i: $file has no line $((i + 1))" >&2; exit 2; }
   local -a cmd
-  eval "cmd=($line)"
+  split_words cmd "line $((i + 1)) of $file" "$line"
   # iv-grid's choice, made when the cell runs: a vectors file an earlier attempt of this cell wrote is loaded
   for j in "${!cmd[@]}"; do
     case "${cmd[j]}" in

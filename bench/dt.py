@@ -89,10 +89,10 @@ from common import (
 
 from ivlib.episodes import sample_episodes
 from ivlib.experiment import demo_set, evaluation_episodes
-from ivlib.methods.dt import DeepThinking, split_demos
+from ivlib.methods.dt import DeepThinking
 from ivlib.methods.icl import ICL
 from ivlib.models import LoadedModel
-from ivlib.prompts import EncodedPrompt, PromptBatch, split_prefix
+from ivlib.prompts import EncodedPrompt, PromptBatch, split_demos, split_prefix
 from ivlib.scoring import Scorer
 from ivlib.tasks import Task
 

@@ -47,7 +47,7 @@ def main() -> None:
     episodes = sample_episodes(task.splits["validation"], task.n_classes, args.shot, args.episodes, 42, "v/eval")
     prompts = [encoder.encode(e) for e in episodes]
     scorers = {
-        rule: make_scorer(lm, task, encoder, args.batch_size, True, Protocol(score=rule))
+        rule: make_scorer(lm, task, encoder, args.batch_size, True, Protocol.build(score=rule))
         for rule in ("first-token", "full")
     }
     for scorer in scorers.values():  # warm-up, untimed

@@ -10,6 +10,7 @@ agree exactly, and a file saved by one loads in the other.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,10 +20,13 @@ import numpy as np
 import torch
 
 from . import budget, experiment, templates
+from .arguments import FLAG, METHOD, MODEL, NAME, PATH, SPLIT, TASK, WORDS, checked, kind, optional, setting
+from .batching import NonFinite
 from .config import load_config, lookup
 from .episodes import Episode, Example, check_shots, in_order
 from .episodes import sample_episodes as _sample
 from .errors import UsageError
+from .fingerprint import model_fingerprint
 from .hooks import steering
 from .layout import discover_layout
 from .methods import METHODS, Method, get_method
@@ -30,16 +34,68 @@ from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, PromptEncoder, collate
 from .protocol import Protocol
 from .scoring import Scorer
-from .state import check_save_path, load_state, read_meta, save_state
+from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import ROLES, Split, Task, _carve
 from .tasks import load_task as _load_task_entry
 from .templates import Template
 
 _P = experiment.PROTOCOL_BY_NAME  # the protocol's declared settings: their defaults and checks are the CLI's
 DEFAULT_STREAMS = {"train": "extract", "validation": "eval", "test": "eval"}
+STREAMS = ("extract", "eval", "select")
+
+
+def _is_module(value: Any) -> bool:
+    return isinstance(value, torch.nn.Module) and hasattr(value, "get_input_embeddings")
+
+
+def _is_tokenizer(value: Any) -> bool:
+    from transformers import PreTrainedTokenizerBase
+
+    return isinstance(value, PreTrainedTokenizerBase)
+
+
+def _is_layout(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _is_prompts(value: Any) -> bool:
+    listed = [value] if isinstance(value, EncodedPrompt) else value
+    return isinstance(listed, Sequence) and all(isinstance(p, EncodedPrompt) for p in listed)
+
+
+def _is_configs(value: Any) -> bool:
+    listed = value if isinstance(value, (list, tuple)) else [value]
+    return all(isinstance(v, (str, os.PathLike)) for v in listed)
+
+
+def _configs(value: Any) -> str | list[str]:
+    return [os.fspath(v) for v in value] if isinstance(value, (list, tuple)) else os.fspath(value)
+
+
+# what the public functions' arguments accept: the run settings are the CLI's own declarations
+RUN = {name: setting(_P[name]) for name in ("ext_shot", "episodes", "select_episodes", "seed", "max_example_tokens")}
+BATCH, SHOT, N = setting(_P["batch_size"]), setting(_P["shot"]), setting(_P["eval_episodes"])
+TORCH_MODEL = kind("a transformers model (torch.nn.Module with input embeddings)", _is_module)
+TOKENIZER = kind("a transformers tokenizer", _is_tokenizer)
+LAYOUT = optional(kind("{blocks: NAME, attn_out: NAME, mlp_out: NAME} (module names as strings)", _is_layout))
+BOS = kind(
+    "'auto', True or False",
+    lambda v: v in ("auto", True, False) and not isinstance(v, (int, float)) or isinstance(v, bool),
+)
+PROMPTS = kind("an EncodedPrompt (ivlib.encode) or a list of them", _is_prompts)
+CONFIGS = optional(kind("a YAML path (str or pathlib.Path) or a list of them", _is_configs, _configs))
+STREAM = optional(kind(f"one of {', '.join(STREAMS)}", lambda v: v in STREAMS))
+BUILT = kind("a fitted Method (ivlib.fit or ivlib.load)", lambda v: isinstance(v, Method))
+TEMPLATE = optional(kind("a template name, a YAML path or an ivlib.Template", lambda v: isinstance(v, (str, Template))))
+PROTOCOL = optional(kind("an ivlib.Protocol (ivlib.protocol_for(task, ...))", lambda v: isinstance(v, Protocol)))
+ARCH = kind(
+    "a tiny architecture: " + ", ".join(__import__("ivlib.tiny", fromlist=["TINY_ARCHS"]).TINY_ARCHS),
+    lambda v: v in __import__("ivlib.tiny", fromlist=["TINY_ARCHS"]).TINY_ARCHS,
+)
 
 
 # ---- models -----------------------------------------------------------------------------------
+@checked(arch=ARCH, seed=RUN["seed"])
 def tiny_model(arch: str = "llama", seed: int = 0) -> tuple[Any, Any]:
     """A tiny random (model, tokenizer) of a supported family (`ivlib.tiny.TINY_ARCHS`) whose
     tokenizer knows the built-in task's words: for trying the API, and for tests, without a download."""
@@ -49,6 +105,7 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> tuple[Any, Any]:
     return build_tiny(arch, vocabulary(), seed)
 
 
+@checked(model=TORCH_MODEL, tokenizer=TOKENIZER, name=NAME, add_bos=BOS, layout=LAYOUT)
 def wrap(
     model: Any,
     tokenizer: Any,
@@ -64,8 +121,6 @@ def wrap(
     registry entry). The device and dtype are read from the model; the model is put in eval mode
     and a tokenizer without a pad token gets one, as the CLI does.
     """
-    if add_bos not in ("auto", True, False):
-        raise UsageError(f"add_bos {add_bos!r} unknown; accepted: 'auto', True, False")
     model.eval()
     found = discover_layout(model, layout)
     if tokenizer.pad_token_id is None:
@@ -76,12 +131,14 @@ def wrap(
 
 
 # ---- tasks ------------------------------------------------------------------------------------
+@checked(name=NAME, config=CONFIGS)
 def load_task(name: str, config: str | Sequence[str] | None = None) -> Task:
     """A task of the registry (`ivlib/base.yaml`, with the YAML file `config`, or several files in
     order, merged over it)."""
     return _load_task_entry(name, lookup(load_config(config).tasks, "task", name))
 
 
+@checked(label_words=WORDS, name=NAME)
 def task_from_lists(
     label_words: Sequence[str],
     train: tuple[Sequence[str], Sequence[int | str]],
@@ -123,6 +180,8 @@ def task_from_lists(
 def _split_from_lists(role: str, pair: Any, words: list[str]) -> Split:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise UsageError(f"{role}: accepted: a pair (texts, labels)")
+    if isinstance(pair[0], (str, bytes)) or isinstance(pair[1], (str, bytes)):
+        raise UsageError(f"{role}: (texts, labels) given a string; accepted: two lists, e.g. (['a film'], ['good'])")
     texts, labels = list(pair[0]), list(pair[1])
     if len(texts) != len(labels):
         raise UsageError(f"{role}: {len(texts)} texts but {len(labels)} labels; accepted: one label per text")
@@ -147,6 +206,7 @@ def _split_from_lists(role: str, pair: Any, words: list[str]) -> Split:
 
 
 # ---- episodes and prompts -----------------------------------------------------------------------
+@checked(task=TASK, split=SPLIT, shot=SHOT, n=N, seed=RUN["seed"], stream=STREAM)
 def sample_episodes(
     task: Task, split: str = "train", shot: int = 1, n: int = 200, seed: int = 42, stream: str | None = None
 ) -> list[Episode]:
@@ -163,6 +223,7 @@ def sample_episodes(
     return _sample(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
 
 
+@checked(lm=MODEL, task=TASK, max_example_tokens=RUN["max_example_tokens"], template=TEMPLATE)
 def encoder(
     lm: LoadedModel,
     task: Task,
@@ -173,9 +234,10 @@ def encoder(
     as `ivlib.protocol` takes it (default: the task entry's, else IV's)."""
     written = template if isinstance(template, Template) else templates.resolve(template, task.prompt, task.name)
     checked = _P["max_example_tokens"].check(max_example_tokens)
-    return PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, checked, written)
+    return experiment.task_encoder(lm, task, checked, written)
 
 
+@checked(lm=MODEL, task=TASK, max_example_tokens=RUN["max_example_tokens"])
 def encode(
     lm: LoadedModel,
     task: Task,
@@ -187,22 +249,29 @@ def encode(
     ending in its separator. `.ids` are its token ids; its separators are where IV edits."""
     words = task.label_words
 
-    def label_of(value: int | str) -> int:
-        if isinstance(value, str):
-            if value not in words:
-                raise UsageError(f"label '{value}' is not a label word; accepted: {', '.join(words)}")
+    def label_of(value: Any) -> int:
+        if isinstance(value, str) and value in words:
             return words.index(value)
-        if not 0 <= int(value) < len(words):
-            raise UsageError(f"label {value} is out of range; accepted: 0..{len(words) - 1} or a label word")
-        return int(value)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(words):
+            return int(value)
+        raise UsageError(f"label {value!r} is not accepted; accepted: 0..{len(words) - 1} or a label word")
 
-    text, label = (query, -1) if isinstance(query, str) else (query[0], label_of(query[1]))
+    def pair(value: Any, what: str) -> tuple[str, int]:
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str)):
+            raise UsageError(f"{what} {value!r} is not accepted; accepted: a pair (text, label index or word)")
+        return value[0], label_of(value[1])
+
+    if isinstance(demos, (str, bytes)) or not isinstance(demos, Sequence):
+        raise UsageError(f"demos {demos!r} is not accepted; accepted: a list of (text, label) pairs")
+    text, label = (query, -1) if isinstance(query, str) else pair(query, "query")
     if not text.strip():
         raise UsageError("query is empty; accepted: a non-empty text")
-    episode = Episode(tuple(Example(t, label_of(y)) for t, y in demos), Example(text, label))
+    shown = [pair(d, "demonstration") for d in demos]
+    episode = Episode(tuple(Example(t, y) for t, y in shown), Example(text, label))
     return encoder(lm, task, max_example_tokens).encode(episode)
 
 
+@checked(lm=MODEL, prompts=PROMPTS)
 def batch(lm: LoadedModel, prompts: EncodedPrompt | Sequence[EncodedPrompt]) -> PromptBatch:
     """Prompts left-padded into one batch on the model's device (`input_ids`, `attention_mask` for
     `model(...)` or `model.generate(...)`)."""
@@ -245,6 +314,7 @@ def _scorer(
     return experiment.make_scorer(lm, task, enc, _P["batch_size"].check(batch_size), not progress, protocol)
 
 
+@checked(task=TASK)
 def protocol_for(
     task: Task,
     *,
@@ -297,6 +367,7 @@ PROTOCOL_DEFAULTS: dict[str, Any] = {
 }
 
 
+@checked(method=METHOD, lm=MODEL, task=TASK, batch_size=BATCH, shot=SHOT, progress=FLAG, protocol=PROTOCOL, **RUN)
 def fit(
     method: Method | str,
     lm: LoadedModel,
@@ -352,7 +423,7 @@ def fit(
     built = _build(method, settings, values["seed"])
     cls = type(built)
     experiment.check_method_task(cls, task)
-    posed.check(cls, task.multiple_choice, METHODS)
+    posed.check(cls, task.kind, METHODS)
     if cls.needs_fit and values["ext_shot"] < 1:
         raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
     fitting = cls.needs_fit or cls.needs_validation
@@ -365,7 +436,7 @@ def fit(
     checked = select or train  # a method refuses what it cannot run before any compute, as in the CLI
     if checked:
         built.check_prompts(scorer, [enc.encode(e) for e in checked])
-    with budget.counting(lm.model) as count:
+    with budget.counting(lm.model) as count, _advised(cls):
         if fitting:
             built.fit(scorer, enc, train, select)
     built.fit_budget = (
@@ -398,6 +469,19 @@ class Evaluation:
     budget: dict[str, Any] = field(default_factory=dict)  # what the fit and each query consumed (a record's)
 
 
+@checked(
+    method=METHOD,
+    lm=MODEL,
+    task=TASK,
+    split=SPLIT,
+    shot=SHOT,
+    n=N,
+    seed=RUN["seed"],
+    batch_size=BATCH,
+    max_example_tokens=optional(RUN["max_example_tokens"]),
+    progress=FLAG,
+    protocol=PROTOCOL,
+)
 def evaluate(
     method: Method | str,
     lm: LoadedModel,
@@ -443,7 +527,7 @@ def evaluate(
         },
     )
     experiment.check_method_task(cls, task)
-    posed.check(cls, task.multiple_choice, METHODS)
+    posed.check(cls, task.kind, METHODS)
     if not _fitted(built):
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
     if max_example_tokens is None:
@@ -458,13 +542,22 @@ def evaluate(
     scorer = _scorer(lm, task, enc, batch_size, progress, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)
-    with budget.counting(lm.model) as count:
+    with budget.counting(lm.model) as count, _advised(cls):
         scores = experiment.score_prompts(built, scorer, prompts, f"{cls.name} eval ({split})", posed.fixed(cls))
     labels = np.array([p.label for p in prompts])
     predictions = scorer.predictions(scores, prompts)
     metrics = experiment.score_metrics(task, labels, predictions, scores, seed, scorer, prompts)
     spent = {**(built.fit_budget or experiment.NO_FIT_BUDGET), **experiment.eval_budget(episodes, count.tokens)}
     return Evaluation(metrics, predictions, labels, scores, episodes, spent)
+
+
+@contextmanager
+def _advised(cls: type[Method]) -> Iterator[None]:
+    """An overflow's advice naming this method's own settings (as the CLI's does)."""
+    try:
+        yield
+    except NonFinite as exc:
+        raise exc.advised(cls.scaling_flags()) from None
 
 
 def _fitted(method: Method) -> bool:
@@ -488,9 +581,11 @@ def _identity(name: str, lm: LoadedModel, task: Task) -> dict[str, Any]:
         "label_words": task.label_words,
         "n_layers": lm.layout.n_layers,
         "d_model": lm.layout.d_model,
+        FINGERPRINT_KEY: model_fingerprint(lm),
     }
 
 
+@checked(method=BUILT, path=PATH, lm=MODEL, task=TASK)
 def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
     """Write a fitted method's state as the CLI's --save-vectors does (the CLI's --load-vectors reads it)."""
     cls = type(method)
@@ -504,6 +599,7 @@ def save(method: Method, path: str, lm: LoadedModel, task: Task) -> None:
     save_state(path, method.state(), {**_identity(cls.name, lm, task), "fit": info, "budget": spent})
 
 
+@checked(path=PATH, lm=MODEL, task=TASK)
 def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
     """A method rebuilt from a state file (the API's or the CLI's --save-vectors), checked against the
     model and task; its fitting settings are the file's, evaluation settings (IV's strength) may be given."""
@@ -512,7 +608,7 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
     if not isinstance(name, str):
         raise UsageError(f"state file '{path}' names no method")
     cls = get_method(name)
-    info = meta.get("fit") or {}
+    info = checked_fit(path, meta, (*cls.fit_settings(), _P["seed"]))  # as flags are checked
     fitted = {s.name: info[s.name] for s in cls.fit_settings() if s.name in info}
     clash = sorted(k for k in settings if k in fitted and settings[k] != fitted[k])
     if clash:
@@ -530,6 +626,7 @@ def load(path: str, lm: LoadedModel, task: Task, **settings: Any) -> Method:
 
 
 # ---- steering -----------------------------------------------------------------------------------
+@checked(method=METHOD, lm=MODEL, every_position=FLAG)
 @contextmanager
 def steer(
     method: Method,

@@ -23,6 +23,29 @@ from .models import LoadedModel
 from .prompts import EncodedPrompt, PromptBatch, length_order
 
 T = TypeVar("T")
+HALF = (torch.float16, torch.bfloat16)
+
+
+class NonFinite(UsageError):
+    """inf/NaN in the activations: a setting that scales the method's edits is too large, or the model
+    overflowed in half precision. The runner does not know the method; `advised` names its own flags
+    (`Method.scaling_flags`), so the advice says what this method can lower."""
+
+    def __init__(self, what: str, dtype: torch.dtype, flags: tuple[str, ...] | None = None):
+        self.what, self.dtype, self.flags = what, dtype, flags
+        precision = str(dtype).removeprefix("torch.")
+        half = f"--no-half (the model runs in {precision})" if dtype in HALF else ""
+        if flags is None:
+            lower = "smaller values of the settings that scale the method's edits"
+        else:
+            lower = f"a smaller {' or '.join(flags)}" if flags else ""
+        accepted = ", or ".join(x for x in (lower, half) if x)
+        tail = f"accepted: {accepted}" if accepted else f"the model itself overflows on these prompts in {precision}"
+        super().__init__(f"{what}; {tail}")
+
+    def advised(self, flags: tuple[str, ...]) -> NonFinite:
+        """The same error, its advice naming the method's own settings."""
+        return NonFinite(self.what, self.dtype, flags)
 
 
 class BatchRunner:
@@ -91,7 +114,7 @@ class BatchRunner:
             )
         self.batch_size = max(1, self.batch_size // 2)
 
-    def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> str:
+    def _nonfinite_report(self, batch: PromptBatch, fn: Callable[[PromptBatch], torch.Tensor], desc: str) -> NonFinite:
         """Re-run the failing batch watching every block's output, to name the first layer that overflowed."""
         first: list[int] = []
         mask = batch.attention_mask.bool()
@@ -104,10 +127,7 @@ class BatchRunner:
         with watch_outputs(self.lm.layout.blocks, check):
             fn(batch)
         where = f"first at layer {first[0]}" if first else "in the output head"
-        return (
-            f"{desc}: non-finite values (inf/NaN) in the activations, {where}; "
-            "run with --no-half or lower the strengths"
-        )
+        return NonFinite(f"{desc}: non-finite values (inf/NaN) in the activations, {where}", self.lm.dtype)
 
     def shared(self, work: Callable[[], T], desc: str) -> list[T]:
         """This process's share of a split loop, then every process's result (see `distributed.share`).
@@ -141,7 +161,7 @@ class BatchRunner:
                 batch = self.make_batch([prompts[i] for i in idx])
                 result = fn(batch).cpu()
                 if torch.isnan(result).any():  # never score an overflow silently
-                    raise UsageError(self._nonfinite_report(batch, fn, desc))
+                    raise self._nonfinite_report(batch, fn, desc)
                 pieces.append((idx, result))
                 bar.update(len(idx))
 

@@ -10,14 +10,22 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import distributed as dist
+from . import presets
+from .batching import NonFinite
 from .errors import Parser, Terminated, UsageError
 from .experiment import PROTOCOL, Experiment, RunSpec
 from .methods import METHODS
+from .presets import PRESETS
 from .settings import Setting
+from .threads import THREADS
+
+if TYPE_CHECKING:
+    import torch
 
 ANALYSIS = ("select", "report")  # read results files; no model involved
 SUBCOMMANDS = (*ANALYSIS, "methods")
@@ -93,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-clean", action="store_true", help="same as --method icl, the reference code's name (default: off)"
     )
     p.add_argument("--run-test", action="store_true", help="evaluate on test (default: validation)")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a release's own protocol (template, scoring rule, demonstrations, test size, seed, its method's "
+        "settings); flags given win, each override said in one line (default: none)",
+    )
     protocol = p.add_argument_group("protocol (every method)")
     for setting in PROTOCOL:
         _add_setting(protocol, setting)
@@ -117,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--mem-limit", help="per-GPU memory cap with --device-map, e.g. 20GiB (default: none)")
     run.add_argument("--flash-attention", action="store_true", help="use flash_attention_2 (default: off)")
+    _add_setting(run, THREADS)
     run.add_argument(
         "--results",
         default="results/runs.jsonl",
@@ -161,6 +176,9 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
     protocol = {s.name: s.check(getattr(args, s.name)) for s in PROTOCOL if getattr(args, s.name) is not None}
     names = {s.name for cls in METHODS.values() for s in cls.settings}
     settings = {n: getattr(args, n) for n in sorted(names) if getattr(args, n) is not None}
+    preset = None
+    if args.preset:
+        protocol, settings, preset = with_preset(args.preset, method, protocol, settings)
     return RunSpec(
         model=args.model,
         task=args.task,
@@ -174,6 +192,7 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         device_map=args.device_map,
         mem_limit=args.mem_limit,
         flash_attention=args.flash_attention,
+        threads=THREADS.check(args.threads),
         results=args.results,
         save_vectors=args.save_vectors,
         load_vectors=args.load_vectors,
@@ -181,7 +200,41 @@ def spec_from_args(args: argparse.Namespace, argv: list[str]) -> RunSpec:
         quiet=args.quiet,
         log_samples=args.log_samples,
         command=[*invocation(), *argv],
+        preset=preset,
     )
+
+
+def with_preset(
+    name: str, method: str, protocol: dict[str, Any], settings: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The preset's values under the flags given; each given value that overrides it said in one line
+    (main process) and recorded: (protocol values, method settings, the record's `preset`)."""
+    preset = presets.get(name)
+    own = presets.values(preset, method)
+    merged, overridden = presets.apply(preset, method, {**protocol, **_checked(settings)})
+    if dist.is_main():
+        for key, value in overridden.items():
+            flag = "--" + key.replace("_", "-")
+            print(f"{program()}: note: {flag} {value} overrides preset {name}'s {own[key]}", file=sys.stderr)
+    record = {"name": name, "seeds": list(preset.seeds), **({"overridden": overridden} if overridden else {})}
+    run_names = {s.name for s in PROTOCOL}
+    return (
+        {k: v for k, v in merged.items() if k in run_names},
+        {k: v for k, v in merged.items() if k not in run_names},
+        record,
+    )
+
+
+def _checked(settings: dict[str, Any]) -> dict[str, Any]:
+    """Method settings as their declarations read them ('3' -> 3; one value of several -> that value),
+    so a flag equal to a preset's value is not called an override."""
+    declared = {s.name: s for cls in METHODS.values() for s in cls.settings}
+    out = {}
+    for name, value in settings.items():
+        values = value if isinstance(value, list) else [value]
+        checked = [declared[name].check(v) for v in values] if name in declared else values
+        out[name] = checked[0] if len(checked) == 1 and not isinstance(value, list) else checked
+    return out
 
 
 def summary_line(experiment: Experiment, record: dict[str, Any]) -> str:
@@ -224,6 +277,16 @@ def collapse_warning(predicted_fraction: dict[str, float], true_labels: list[int
     return f"warning: {100 * share:.1f}% of predictions '{name}', true classes balanced (README: Troubleshooting)"
 
 
+def leak_warning(task: str, record: dict[str, Any]) -> str | None:
+    """One line when the task's splits share texts (`task_provenance.cross_split_duplicates`): an
+    evaluation example also seen in training measures memory, not in-context learning."""
+    found = (record.get("task_provenance") or {}).get("cross_split_duplicates") or {}
+    if not found:
+        return None
+    pairs = ", ".join(f"{n} {pair.split('/')[1]} row(s) also in {pair.split('/')[0]}" for pair, n in found.items())
+    return f"warning: task '{task}' has texts in two splits: {pairs} (task_provenance.cross_split_duplicates)"
+
+
 def _metric_summary(metrics: dict[str, dict[str, float]]) -> str:
     name = "macro" if "macro" in metrics else next(iter(metrics))
     m = metrics[name]
@@ -244,9 +307,14 @@ def run(spec: RunSpec, experiment: Experiment | None = None) -> list[dict[str, A
     """Run a spec, printing one summary line per record as it lands (even with --quiet, which
     silences progress bars only)."""
     experiment = experiment or Experiment(spec)
+    warned: list[str] = []
 
     def report(record: dict[str, Any]) -> None:
         if dist.is_main():  # several processes: the main one speaks for the run
+            leak = leak_warning(spec.task, record)
+            if leak and not warned:  # a property of the task: said once per run, not per record
+                warned.append(leak)
+                print(leak, file=sys.stderr, flush=True)
             print(summary_line(experiment, record), flush=True)
 
     records = experiment.run(on_record=report)
@@ -275,25 +343,55 @@ def main(argv: list[str] | None = None) -> int:
         spec = spec_from_args(build_parser().parse_args(argv), argv)
         experiment = Experiment(spec)
         run(spec, experiment)
-    except UsageError as exc:  # raised alike on every process (the same flags): printed once
-        if dist.is_main():
+        dist.finish(lambda: _process_device(experiment))
+    except UsageError as exc:  # one process: one line; several: this process's error joins the others'
+        if isinstance(exc, NonFinite) and experiment is not None:  # the advice names this method's settings
+            exc = exc.advised(experiment.method_cls.scaling_flags())
+        if experiment is not None and dist.active():
+            try:
+                dist.fail_together(exc, lambda: _process_device(experiment))
+            except dist.RunFailed as failed:
+                return _run_failed(failed, experiment)
+        if dist.is_main():  # the flags themselves (the same on every process): printed once
             print(f"{program()}: error: {exc}", file=sys.stderr)
         return 2
     except dist.RunFailed as exc:  # several processes, one of them failed: every process raises it together
-        if dist.is_main():
-            print(f"{program()}: error: {exc}; {_written(experiment)}", file=sys.stderr, flush=True)
-        dist.settle()
-        return 2 if exc.usage else 1
+        return _run_failed(exc, experiment)
     except (KeyboardInterrupt, Terminated) as exc:
         if dist.is_main():
             print(_interrupted(experiment, isinstance(exc, Terminated)), file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:  # a crash: its traceback here, and with several processes its line from rank 0
+        if experiment is None or not dist.active():
+            raise
+        traceback.print_exc()
+        try:
+            dist.fail_together(exc, lambda: _process_device(experiment))
+        except dist.RunFailed as failed:
+            return _run_failed(failed, experiment)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _run_failed(exc: dist.RunFailed, experiment: Experiment | None) -> int:
+    """Every process raised `RunFailed` from one exchange: the main one prints its line, all wait for it."""
+    if dist.is_main():
+        print(f"{program()}: error: {exc}; {_written(experiment)}", file=sys.stderr, flush=True)
+    dist.settle()
+    return 2 if exc.usage else 1
+
+
+def _process_device(experiment: Experiment) -> torch.device:
+    """This process's device (whose backend the process group uses), also before `load` chose it."""
+    from .models import resolve_device
+
+    device = getattr(experiment, "device", None)
+    return device if device is not None else resolve_device(dist.gpu_index(experiment.spec.gpu))
 
 
 def _written(experiment: Experiment | None) -> str:

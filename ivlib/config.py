@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import files
 from .errors import UsageError
 from .schema import MODEL_KEYS, TASK_KEYS, check_entry
+from .yamlread import read_yaml
 
 __all__ = ["MODEL_KEYS", "TASK_KEYS", "Config", "load_config", "lookup"]
 
@@ -43,49 +43,11 @@ class Config:
     sources: list[str] = field(default_factory=list)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping: plain YAML keeps the last silently,
-    so a forgotten earlier entry (or value) would run without a word."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise _DuplicateKey(key, seen[key], line)
-                seen[key] = line
-            except TypeError:  # an unhashable key: SafeLoader's own error follows
-                continue
-        return super().construct_mapping(node, deep=deep)
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, first: int, again: int):
-        super().__init__(f"key '{key}' is given twice (lines {first} and {again})")
+CONFIG_ACCEPTED = "a UTF-8 YAML file (-c DIR/name.yaml)"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise UsageError(f"config file '{path}' is a directory; accepted: a YAML file (-c DIR/name.yaml)")
-    if not path.is_file():
-        raise UsageError(f"config file '{path}' does not exist; pass an existing YAML file with -c")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise UsageError(f"config file '{path}' cannot be read ({reason}); accepted: a UTF-8 YAML file") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except _DuplicateKey as exc:
-        raise UsageError(f"config file '{path}': {exc}; accepted: each key once per mapping") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"config file '{path}' is not valid YAML{where}") from None
+    data = read_yaml("config file", path, files.MAX_CONFIG_BYTES, CONFIG_ACCEPTED)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -201,5 +163,5 @@ def load_config(user_files: str | Sequence[str] | None) -> Config:
 def lookup(registry: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     if name not in registry:
         known = ", ".join(sorted(registry)) or "(none)"
-        raise UsageError(f"unknown {kind} '{name}'; known {kind}s: {known}")
+        raise UsageError(f"unknown {kind} '{name}'; accepted: a {kind} of the registry: {known}")
     return registry[name]

@@ -13,7 +13,9 @@ list (one of IV's refresh windows) into contiguous parts.
 Every exchange is one `all_gather_object` of a tagged payload (CPU tensors and Python objects):
 a process whose share raised sends its error in place of its data, so all processes raise the
 same `RunFailed` from the same exchange and stop together with one message, instead of the
-others waiting forever on a collective that never comes. A process that dies outright (killed,
+others waiting forever on a collective that never comes. A process that fails anywhere else
+(`fail_together`: e.g. a config or data file only it cannot read) joins the others' next exchange
+with its error, and every run ends with one exchange (`finish`), so there always is a next one. A process that dies outright (killed,
 out of host memory) is stopped by the launcher, which then terminates the others; an exchange
 that loses its peer raises `RunFailed` too.
 
@@ -231,6 +233,31 @@ def share(work: Callable[[], T], desc: str) -> list[T]:
 
     result, error = _attempt(checked)
     return _exchange(result, error)
+
+
+def fail_together(error: Exception, device: Callable[[], torch.device]) -> None:
+    """Report a failure this process met outside any exchange (bad input it alone saw, before the process
+    group existed or between two exchanges): join the group if need be and send the error into the
+    others' next exchange, so every process raises `RunFailed` there and the main one names this
+    process in its one line, instead of waiting at a collective until the launcher kills it. Returns
+    only with one process, or when the group cannot be joined: the caller then reports alone."""
+    if not active():
+        return
+    try:
+        setup(device())
+    except Exception:
+        return
+    _exchange(None, error)
+
+
+def finish(device: Callable[[], torch.device]) -> None:
+    """The run's last exchange, every process confirming it got to the end: a process whose run failed
+    where the main one's had no exchange left (e.g. --resume found everything recorded there) is
+    heard, not left waiting. Nothing with one process."""
+    if not active():
+        return
+    setup(device())
+    _exchange(None)
 
 
 def _test_failure(desc: str) -> None:

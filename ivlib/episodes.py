@@ -36,6 +36,7 @@ class Example:
     label: int  # class index, or the correct option's index for multiple choice
     options: tuple[str, ...] | None = None  # multiple choice: the answers to choose from
     index: int | None = None  # the example's row in its split (what a samples log records), if known
+    answer: str | None = None  # open vocabulary: its answer (label is then 0: "the answer")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def check_shots(split: Split, split_name: str, n_classes: int, shot: int, label_
     """A query must stay distinct from its demonstrations, so each class needs shot + 1 examples."""
     if shot < 0:
         raise UsageError(f"{flag} {shot} is negative; accepted: 0 or more")
-    if split.options is not None:  # multiple choice: `shot` demonstrations in all, not per class
+    if split.options is not None or split.answers is not None:  # `shot` demonstrations in all, not per class
         if len(split.texts) < shot + 1:
             raise UsageError(
                 f"{flag} {shot} is too large for split '{split_name}' ({len(split.texts)} examples); "
@@ -77,8 +78,8 @@ def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, 
         raise UsageError(f"episode count {n} must be positive")
     labels, texts = split.labels, split.texts
     queries = _rng(seed, stream, 0).integers(0, len(labels), size=n)
-    if split.options is not None:
-        return _multiple_choice_episodes(split, shot, queries, _rng(seed, stream, 1000 + shot))
+    if split.options is not None or split.answers is not None:
+        return _pooled_episodes(split, shot, queries, _rng(seed, stream, 1000 + shot))
     if shot == 0:
         return [Episode((), Example(texts[q], int(labels[q]), index=int(q))) for q in queries]
     pools = [np.flatnonzero(labels == c) for c in range(n_classes)]
@@ -113,13 +114,19 @@ def in_order(episodes: list[Episode], order: str) -> list[Episode]:
     return [Episode(tuple(sorted(e.demos, key=lambda d: d.label)), e.query) for e in episodes]
 
 
-def _multiple_choice_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.random.Generator) -> list[Episode]:
-    """Answers are positions among per-question options, not classes: `shot` random other questions."""
-    options = split.options
-    assert options is not None, "a multiple-choice split has options"
+def example_at(split: Split, i: int) -> Example:
+    """Row `i` of a split as an example: its class, or its options (multiple choice) or answer (open)."""
+    options = None if split.options is None else tuple(split.options[i])
+    answer = None if split.answers is None else split.answers[i]
+    return Example(split.texts[i], int(split.labels[i]), options, index=i, answer=answer)
+
+
+def _pooled_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.random.Generator) -> list[Episode]:
+    """Multiple-choice and open-vocabulary tasks have no classes to draw per: `shot` random other
+    questions (or inputs) from the whole split, none with the query's text."""
 
     def example(i: int) -> Example:
-        return Example(split.texts[i], int(split.labels[i]), tuple(options[i]), index=i)
+        return example_at(split, i)
 
     episodes = []
     for q in queries:
@@ -150,7 +157,7 @@ def fixed_demos(
     """
     rng = _rng(seed, FIXED_STREAM, shot)
     usable = np.array([t not in avoid for t in train.texts], dtype=bool)
-    if train.options is not None:
+    if train.options is not None or train.answers is not None:
         pool = np.flatnonzero(usable)
         if len(pool) < shot:
             raise UsageError(
@@ -169,11 +176,7 @@ def fixed_demos(
                 )
             chosen.extend(int(i) for i in rng.choice(pool, size=shot, replace=False))
         chosen = [chosen[i] for i in rng.permutation(len(chosen))]
-    options = train.options
-    return tuple(
-        Example(train.texts[i], int(train.labels[i]), None if options is None else tuple(options[i]), index=i)
-        for i in chosen
-    )
+    return tuple(example_at(train, i) for i in chosen)
 
 
 def with_demos(episodes: list[Episode], demos: tuple[Example, ...]) -> list[Episode]:

@@ -30,6 +30,7 @@ from . import distributed as dist
 from .config import REPO_DIR, Config, load_config, lookup
 from .episodes import Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
 from .errors import UsageError
+from .fingerprint import model_fingerprint
 from .methods import METHODS, Method, get_method
 from .metrics import bootstrap_accuracy, bootstrap_f1
 from .models import LoadedModel, load_model, resolve_device
@@ -41,9 +42,10 @@ from .rules import Answers, make_rule
 from .samples import check_samples_dir, sample_lines, samples_stem, write_samples
 from .scoring import Scorer
 from .settings import Setting, by_name
-from .state import check_save_path, load_state, read_meta, save_state
+from .state import FINGERPRINT_KEY, check_save_path, checked_fit, load_state, read_meta, save_state
 from .tasks import Task, load_task
-from .templates import IV
+from .templates import IV, Template
+from .threads import use_threads
 
 AUTO_GPU_START = 256  # --batch-size auto on GPU: first try, halved on each out-of-memory error
 AUTO_CPU = 16  # on CPU larger batches buy little and cost memory
@@ -133,6 +135,7 @@ class RunSpec:
     device_map: str | None = None
     mem_limit: str | None = None
     flash_attention: bool = False
+    threads: int | None = None  # torch CPU threads (ivlib.threads); None: torch's own
     results: str = "results/runs.jsonl"
     save_vectors: str | None = None
     load_vectors: str | None = None
@@ -140,6 +143,7 @@ class RunSpec:
     quiet: bool = False
     log_samples: bool = False  # one JSONL line per evaluation episode beside the record (samples.py)
     command: list[str] | None = None  # what the record says was run
+    preset: dict[str, Any] | None = None  # --preset: its name, its seeds and the flags that overrode it
 
 
 @dataclass
@@ -172,9 +176,9 @@ class Experiment:
 
     # ---- what the spec implies ---------------------------------------------------------------
     @property
-    def multiple_choice(self) -> bool:
-        """Known from the registry entry, before the data loads."""
-        return "multiple_choice" in self.task_entry
+    def kind(self) -> str:
+        """The task's kind, known from the registry entry before the data loads."""
+        return next((k for k in ("multiple_choice", "open_vocabulary") if k in self.task_entry), "classification")
 
     @property
     def eval_shot(self) -> int:
@@ -194,7 +198,7 @@ class Experiment:
     def hyperparameters(self, method: Method) -> dict[str, Any]:
         """Everything that defines a run's setting, known before any compute (what --resume matches)."""
         cls, spec = self.method_cls, self.spec
-        protocol = self.protocol.fields(cls, self.multiple_choice)  # defaults absent: earlier records still match
+        protocol = self.protocol.fields(cls, self.kind)  # defaults absent: earlier records still match
         return {
             **method.hyperparameters(),
             "shot": protocol.pop("shot"),
@@ -213,12 +217,14 @@ class Experiment:
         if spec.quiet or not dist.is_main():  # with several processes only the main one reports progress
             _silence_libraries()
         self._check_run()
+        spec.threads = use_threads(spec.threads)  # checked like a flag, applied before any compute
         self.values = self._given_settings()
         self.config = load_config(spec.config)
         self.model_entry = lookup(self.config.models, "model", spec.model)
         self.task_entry = lookup(self.config.tasks, "task", spec.task)
         self.protocol = build_protocol(spec, spec.task, self.task_entry)
-        self.protocol.check(self.method_cls, self.multiple_choice, METHODS)
+        check_method_task(self.method_cls, self.kind, spec.task)
+        self.protocol.check(self.method_cls, self.kind, METHODS)
         check_writable(spec.results)
         if spec.log_samples:
             check_samples_dir(spec.results)
@@ -312,9 +318,10 @@ class Experiment:
             raise UsageError(
                 f"--load-vectors '{path}' was fitted with method={meta.get('method')!r}; this run has {spec.method!r}"
             )
-        fitted = meta.get("fit") or {}
+        settings = (*(_P[k] for k in PROTOCOL_FIT), *self.method_cls.fit_settings())
+        fitted = checked_fit(path, meta, settings)  # each value through its flag's own check
         self.fitted_with = fitted
-        for setting in (*(_P[k] for k in PROTOCOL_FIT), *self.method_cls.fit_settings()):
+        for setting in settings:
             if setting.name not in fitted:
                 continue
             protocol = setting.name in PROTOCOL_FIT
@@ -336,7 +343,7 @@ class Experiment:
     def _check_fitted_protocol(self, fitted: dict[str, Any]) -> None:
         """A state was fitted on prompts of one template (and a selection judged by one rule and metric, in
         one demonstration order); using it under another would mix two protocols in one record."""
-        wanted = self.protocol.fit_fields(self.method_cls, self.multiple_choice)
+        wanted = self.protocol.fit_fields(self.method_cls, self.kind)
         for key, flag in FITTED_PROTOCOL.items():
             default = PROTOCOL_DEFAULTS[key]
             was, now = fitted.get(key, default), wanted.get(key, default)
@@ -412,9 +419,7 @@ class Experiment:
             )
         )
         self.load_s = time.perf_counter() - t0
-        self.encoder = PromptEncoder(
-            lm.tokenizer, task.label_words, lm.add_bos, spec.max_example_tokens, self.protocol.template
-        )
+        self.encoder = task_encoder(lm, task, spec.max_example_tokens, self.protocol.template)
         quiet = spec.quiet or not dist.is_main()
         self.scorer = make_scorer(lm, task, self.encoder, spec.batch_size, quiet, self.protocol)
 
@@ -453,6 +458,7 @@ class Experiment:
             "label_words": self.task.label_words,
             "n_layers": self.lm.layout.n_layers,
             "d_model": self.lm.layout.d_model,
+            FINGERPRINT_KEY: model_fingerprint(self.lm),  # another model under the same name is refused
         }
 
     def fit(self) -> None:
@@ -515,7 +521,13 @@ class Experiment:
         y_true = np.array([p.label for p in self.prompts])
         y_pred = scorer.predictions(scores, self.prompts)
         metrics = score_metrics(task, y_true, y_pred, scores, spec.seed, scorer, self.prompts)
-        answers = [f"option_{i}" for i in range(task.n_classes)] if task.multiple_choice else list(task.label_words)
+        answers = (
+            [f"option_{i}" for i in range(task.n_classes)]
+            if task.multiple_choice
+            else [GOLD]
+            if task.open_vocabulary
+            else list(task.label_words)
+        )
         if scorer.rule.can_say_none:
             answers.append(NONE)
         fractions = np.round(np.bincount(y_pred, minlength=len(answers)) / len(y_pred), 4).tolist()
@@ -532,9 +544,9 @@ class Experiment:
             "budget": {**self.fit_budget, **eval_budget(self.eval_episodes, count.tokens)},
         }
         if spec.log_samples:  # written (atomically) before the record that points to it is appended
-            rule = scorer.rule
+            rule, gold = scorer.rule, [p.answer[0] for p in self.prompts if p.answer] or None
             data = sample_lines(
-                self.eval_episodes, y_pred, scores[:, : rule.score_columns(task.n_classes)], rule.texts(scores)
+                self.eval_episodes, y_pred, scores[:, : rule.score_columns(task.n_classes)], rule.texts(scores, gold)
             )
             stem = samples_stem(spec.results, spec.model, spec.task, spec.method, spec.split, now)
             record["samples"] = dist.together(lambda: write_samples(spec.results, stem, data))
@@ -555,6 +567,7 @@ class Experiment:
             "batch_size_requested": spec.batch_size,
             "device": str(self.device),
             **({"n_processes": dist.world_size()} if dist.active() else {}),  # absent with one: records as before
+            **({"threads": spec.threads} if spec.threads is not None else {}),  # only when given: records as before
             "dtype": str(lm.dtype).removeprefix("torch."),
             "device_map": spec.device_map,
             "model_source": lm.source,
@@ -563,12 +576,13 @@ class Experiment:
             "add_bos": lm.add_bos,
             "label_words": task.label_words,
             **({"template": self.protocol.template.definition()} if self.protocol.template != IV else {}),
-            "task_kind": "multiple_choice" if task.multiple_choice else "classification",
+            "task_kind": task.kind,
             "task_provenance": task.provenance,
             "config_files": self.config.sources,
             "versions": _versions(),
             "git_commit": _git_commit(),
             "command": spec.command,
+            **({"preset": spec.preset} if spec.preset else {}),
         }
 
     def write(self, record: dict[str, Any]) -> None:
@@ -662,15 +676,21 @@ def fixed_scores(method: Method, scorer: Scorer, prompts: list[EncodedPrompt], d
 # ---- the steps' pieces that need no spec: the Python API (ivlib.api) calls these too, so an API run
 # sees the same checks and episodes, fits the same state and computes the same metrics as the CLI's
 NONE = "(none)"  # predicted_fraction's key for answers that are none of the labels (vocab, generate)
+GOLD = "(the gold answer)"  # an open-vocabulary task's one "label": each query's own answer
 
 
-def check_method_task(cls: type[Method], task: Task) -> None:
-    """Refuse a method on a task kind it cannot run (steering towards class labels on multiple choice)."""
-    if task.multiple_choice and not cls.supports_multiple_choice:
-        accepted = ", ".join(name for name, c in METHODS.items() if c.supports_multiple_choice)
+def check_method_task(cls: type[Method], task: Task | str, name: str = "") -> None:
+    """Refuse a method on a task kind it cannot run (class vectors or read-outs without classes); the
+    kind is known from the registry entry, so this runs before anything loads."""
+    kind = task if isinstance(task, str) else task.kind
+    name = name or (task if isinstance(task, str) else task.name)
+    supported = {"multiple_choice": "supports_multiple_choice", "open_vocabulary": "supports_open_vocabulary"}
+    if kind in supported and not getattr(cls, supported[kind]):
+        accepted = ", ".join(n for n, c in METHODS.items() if getattr(c, supported[kind]))
+        why = "it steers towards class labels" if kind == "multiple_choice" else "it is built per class"
         raise UsageError(
-            f"--method {cls.name} does not apply to multiple-choice task '{task.name}' "
-            f"(it steers towards class labels); accepted: {accepted}"
+            f"--method {cls.name} does not apply to {kind.replace('_', '-')} task '{name}' ({why}); "
+            f"accepted: {accepted}"
         )
 
 
@@ -692,6 +712,12 @@ def check_data(
     return demos
 
 
+def task_encoder(lm: LoadedModel, task: Task, max_example_tokens: int, template: Template) -> PromptEncoder:
+    """The prompt encoder of a model and task (an open-vocabulary task's one class is its answer)."""
+    classes = task.n_classes if task.open_vocabulary else None
+    return PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, max_example_tokens, template, classes)
+
+
 def make_scorer(
     lm: LoadedModel,
     task: Task,
@@ -704,15 +730,15 @@ def make_scorer(
     collisions refused where first tokens are compared, and --batch-size auto's first try (halved on
     out-of-memory from there)."""
     protocol = protocol or Protocol()
-    name = protocol.rule(task.multiple_choice)
-    if not task.multiple_choice and name in ("first-token", "vocab"):
+    name = protocol.rule(task.kind)
+    if task.kind == "classification" and name in ("first-token", "vocab"):
         encoder.check_label_collisions()
     answers = Answers(tuple(task.label_words), tuple(encoder.label_ids), tuple(tuple(t) for t in encoder.label_tokens))
     rule = make_rule(name, answers, lm.tokenizer, protocol.template.stop, protocol.max_new_tokens)
     auto = batch_size == "auto"
     start = (AUTO_GPU_START if lm.device.type == "cuda" else AUTO_CPU) if auto else int(batch_size)
     scorer = Scorer(lm, encoder.label_ids, start, quiet, shrink_on_oom=auto, rule=rule)
-    scorer.metric = protocol.metric
+    scorer.metric = protocol.metric if task.kind == "classification" else "accuracy"  # no classes: accuracy
     return scorer
 
 
@@ -784,7 +810,7 @@ def fit_info(
         "max_example_tokens": max_example_tokens,
         **{k: v for k, v in method.hyperparameters().items() if k not in evaluated},
         **({"select_episodes": select_episodes, "select_shot": protocol.shot} if cls.needs_validation else {}),
-        **protocol.fit_fields(cls, task.multiple_choice),
+        **protocol.fit_fields(cls, task.kind),
         **method.fit_summary(),
     }
 
@@ -820,6 +846,8 @@ def score_metrics(
     a whole-answer rule also the other normalisation's (`_sum` or `_mean`: the sum and the per-token
     mean are both recorded, the headline by the rule)."""
     rule = scorer.rule.name if scorer is not None else None
+    if task.open_vocabulary:  # right or not: accuracy, the headline of every paper on such tasks
+        return {"accuracy": bootstrap_accuracy(y_true, y_pred, seed=seed)}
     if task.multiple_choice:  # length-normalised (per token) is the headline unless the rule is `full`
         other = y_pred_other = None
         if scorer is not None and prompts is not None:

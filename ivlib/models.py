@@ -78,13 +78,25 @@ def resolve_device(gpu: int | None) -> torch.device:
 
 
 def choose_dtype(entry: dict[str, Any], device: torch.device, no_half: bool) -> torch.dtype:
-    if no_half or device.type == "cpu":
+    """--no-half: float32. An entry's explicit `dtype`: that dtype on every device, a CPU included (slower
+    there, but the way to run on a CPU what a GPU runs in half precision). Else half precision on a GPU
+    (bf16 where supported, else fp16) and float32 on a CPU."""
+    if no_half:
         return torch.float32
-    if "dtype" in entry:
+    if entry.get("dtype") is not None:
         if entry["dtype"] not in DTYPES:
             raise UsageError(f"dtype '{entry['dtype']}' unknown; accepted: {', '.join(DTYPES)}")
         return DTYPES[entry["dtype"]]
+    if device.type == "cpu":
+        return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _dtype_note(name: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """One line when the registry entry puts a CPU run in half precision: unusual, and slower there."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return None
+    return f"[ivlib] model '{name}': dtype {str(dtype).removeprefix('torch.')} on CPU (from the registry entry)"
 
 
 MULTI_PART_HINT = (
@@ -178,8 +190,8 @@ SOURCE_HINT = "fix the entry's path/gguf_file (or package)"
 
 
 def source_identity(gguf_path: Path, hint: str = SOURCE_HINT) -> dict[str, Any]:
-    """What a GGUF file is, cheaply: its resolved path, name, size and modification time (a content
-    hash would read gigabytes on every load). A missing file is a one-line error, cache or not."""
+    """Where a GGUF file is, cheaply: its resolved path, name, size and modification time (what its
+    content hash is remembered by, `content_sha256`). A missing file is a one-line error, cache or not."""
     if not gguf_path.is_file():
         raise UsageError(f"GGUF file '{gguf_path}' does not exist; {hint}")
     resolved = gguf_path.resolve()
@@ -194,12 +206,69 @@ def source_identity_or_none(gguf_path: Path) -> dict[str, Any] | None:
         return None
 
 
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MEMO_BYTES = 4096  # a remembered hash's file is a few hundred bytes: anything longer is not ivlib's
+
+
+def content_sha256(identity: dict[str, Any]) -> str:
+    """The sha256 of a GGUF file's bytes, read once per (path, size, modification time) and remembered
+    in the cache (`sha256/`), so a later load hashes nothing and another environment's copy of the
+    same file finds the same conversion. A memo that cannot be written (a read-only cache) only
+    costs a hash next time."""
+    where = [identity["path"], identity["size"], identity["mtime_ns"]]
+    memo = cache_dir() / "sha256" / (hashlib.sha256(json.dumps(where).encode()).hexdigest()[:32] + ".json")
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if memo.is_file() and not memo.is_symlink():
+            with open(memo, "rb") as f:
+                remembered = json.loads(f.read(MEMO_BYTES))
+            if (
+                isinstance(remembered, dict)
+                and remembered.get("source") == where
+                and SHA256.match(str(remembered.get("sha256")))
+            ):
+                return str(remembered["sha256"])
+    digest = hashlib.sha256()
+    with open(identity["path"], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    found = digest.hexdigest()
+    if source_identity_or_none(Path(identity["path"])) == identity:  # not rewritten while it was read
+        _remember(memo, {"source": where, "sha256": found})
+    return found
+
+
+def _remember(memo: Path, content: dict[str, Any]) -> None:
+    """Write a memo whole or not at all (a reader never sees half of one); failure is no error."""
+    partial = memo.with_name(f"{memo.name}.{os.getpid()}.partial")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(content) + "\n")
+        os.replace(partial, memo)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
+def content_identity(gguf_path: Path, hint: str = SOURCE_HINT) -> dict[str, Any]:
+    """`source_identity` with the sha256 of the file's bytes: what a conversion is keyed by."""
+    identity = source_identity(gguf_path, hint)
+    return {**identity, "sha256": content_sha256(identity)}
+
+
+def _content_key(identity: dict[str, Any]) -> Any:
+    """What a conversion depends on: the file's bytes (its sha256) where known, else where it is."""
+    return {"sha256": identity["sha256"]} if "sha256" in identity else identity
+
+
 def checkpoint_dir(name: str, identity: dict[str, Any]) -> Path:
-    """The cache folder of one conversion: keyed by the source's identity (another file, or the same
-    file changed, is another folder), named by a sanitised registry name plus a hash, so no registry
-    name ('../x', '/abs') can point outside the cache directory."""
+    """The cache folder of one conversion: keyed by the source's content (`sha256` in `identity`; the
+    same bytes at another path, e.g. in another environment's site-packages, are the same folder;
+    other or changed bytes another one), named by a sanitised registry name plus a hash, so no
+    registry name ('../x', '/abs') can point outside the cache directory."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:48] or "model"
-    digest = hashlib.sha256(json.dumps([name, identity], sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([name, _content_key(identity)], sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{safe}-{digest}"
 
 
@@ -208,7 +277,9 @@ def _marker_matches(folder: Path, identity: dict[str, Any]) -> bool:
         recorded = json.loads((folder / CACHE_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(recorded, dict) and recorded.get("identity") == identity
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("identity"), dict):
+        return False
+    return bool(_content_key(recorded["identity"]) == _content_key(identity))
 
 
 def _remove_own(folder: Path) -> None:
@@ -246,8 +317,9 @@ def _gguf_checkpoint(
     name: str, folder: str, gguf_file: str, quiet: bool, hint: str | None = None
 ) -> tuple[str, dict[str, Any]]:
     """Dequantize a GGUF file once and keep a normal checkpoint, so later runs load in a second.
-    Returns the checkpoint folder and the source's identity, checked on every load."""
-    identity = source_identity(Path(folder) / gguf_file, hint or SOURCE_HINT)
+    Returns the checkpoint folder and the source's identity (with its content's sha256), checked on
+    every load."""
+    identity = content_identity(Path(folder) / gguf_file, hint or SOURCE_HINT)
     target = checkpoint_dir(name, identity)
     if _marker_matches(target, identity) and (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return str(target), identity
@@ -282,6 +354,9 @@ def load_model(
     quiet: bool = False,
 ) -> LoadedModel:
     dtype = choose_dtype(entry, device, no_half)
+    note = _dtype_note(name, dtype, device)
+    if note and not quiet:
+        print(note, file=sys.stderr, flush=True)
     model: Any  # a transformers PreTrainedModel (whose decorated `.to` mypy cannot call)
     if "builtin" in entry:
         arch = str(entry["builtin"]).removeprefix("tiny-")
@@ -341,7 +416,7 @@ def _from_pretrained(
         hint = f"fix the entry's gguf_file, or: {MULTI_PART_HINT}" if "package" in entry else None
         folder, found = _gguf_checkpoint(name, folder, entry["gguf_file"], quiet, hint)
         source = found["path"]  # the record names the GGUF file that ran, not the cache folder
-        identity = {"file": found["file"], "size": found["size"], "mtime_ns": found["mtime_ns"], "checkpoint": folder}
+        identity = {k: found[k] for k in ("file", "size", "mtime_ns", "sha256")} | {"checkpoint": folder}
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": bool(entry.get("trust_remote_code", False))}
     if flash_attention:
         kwargs["attn_implementation"] = "flash_attention_2"

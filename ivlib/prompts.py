@@ -31,6 +31,7 @@ class EncodedPrompt:
     label: int  # the query's class
     query_start: int  # index of the query's first token: ids[:query_start] are BOS + demonstrations
     options: list[list[int]] | None = None  # multiple choice: each option's continuation tokens
+    answer: list[int] | None = None  # open vocabulary: the query's own answer's continuation tokens
 
 
 @dataclass
@@ -48,6 +49,8 @@ class PromptBatch:
     labels: torch.Tensor  # [B]
     option_ids: torch.Tensor | None = None  # [B, C, Lo] multiple choice: option tokens, right-padded
     option_lens: torch.Tensor | None = None  # [B, C] tokens per option, 0 where a row has fewer options
+    answer_ids: torch.Tensor | None = None  # [B, La] open vocabulary: each row's answer tokens, right-padded
+    answer_lens: torch.Tensor | None = None  # [B] tokens of each row's answer
 
     def to(self, device: torch.device | str) -> PromptBatch:
         fields = {k: v for k, v in self.__dict__.items() if v is not None}
@@ -91,11 +94,13 @@ class PromptEncoder:
         add_bos: bool,
         max_example_tokens: int = 256,
         template: Template = IV,
+        n_classes: int | None = None,
     ) -> None:
         self.tok = tokenizer
         self.template = template
         self.label_words = label_words
-        self.n_classes = len(label_words)
+        # the demonstrations' classes; an open-vocabulary task has one ("the answer") and no label words
+        self.n_classes = len(label_words) if n_classes is None else n_classes
         self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         self.max_example_tokens = max_example_tokens
         self.anchor = template.answer_context
@@ -222,6 +227,7 @@ class PromptEncoder:
         options = None
         if episode.query.options is not None:
             options = [self._continuation(self.truncate(o)) for o in episode.query.options]
+        answer = None if episode.query.answer is None else self._continuation(episode.query.answer, "answer")
         return EncodedPrompt(
             ids,
             sep_pos,
@@ -229,10 +235,13 @@ class PromptEncoder:
             episode.query.label,
             _token_boundary(enc["offset_mapping"], query_char) + len(self.bos),
             options,
+            answer,
         )
 
     def answer_text(self, example: Example) -> str:
-        """What follows a demonstration's separator: its label word, or its correct option."""
+        """What follows a demonstration's separator: its label word, its correct option, or its answer."""
+        if example.answer is not None:
+            return example.answer
         return self.label_words[example.label] if example.options is None else example.options[example.label]
 
 
@@ -291,7 +300,16 @@ def collate(prompts: list[EncodedPrompt], pad_id: int) -> PromptBatch:
         query_starts=torch.tensor(starts, dtype=torch.long),
         labels=torch.tensor([p.label for p in prompts], dtype=torch.long),
         **(_collate_options(prompts, pad_id) if prompts[0].options is not None else {}),
+        **(_collate_answers(prompts, pad_id) if prompts[0].answer is not None else {}),
     )
+
+
+def _collate_answers(prompts: list[EncodedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
+    answers = [p.answer or [] for p in prompts]
+    ids = torch.full((len(prompts), max(len(a) for a in answers)), pad_id, dtype=torch.long)
+    for r, a in enumerate(answers):
+        ids[r, : len(a)] = torch.tensor(a, dtype=torch.long)
+    return {"answer_ids": ids, "answer_lens": torch.tensor([len(a) for a in answers], dtype=torch.long)}
 
 
 def _options(prompts: list[EncodedPrompt]) -> list[list[list[int]]]:
@@ -351,5 +369,28 @@ def split_prefix(prompts: list[EncodedPrompt]) -> tuple[EncodedPrompt, list[Enco
         start = p.query_start
         if p.ids[:start] != prefix.ids or p.sep_pos[:-1] != prefix.sep_pos:
             differ.append(i)
-        queries.append(EncodedPrompt(p.ids[start:], [p.sep_pos[-1] - start], p.sep_class[-1:], p.label, 0, p.options))
+        queries.append(
+            EncodedPrompt(p.ids[start:], [p.sep_pos[-1] - start], p.sep_class[-1:], p.label, 0, p.options, p.answer)
+        )
     return prefix, queries, differ
+
+
+def split_demos(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut left-padded whole prompts into left-padded demonstrations and the query part.
+
+    Returns demo ids and mask [B, Ld], query ids and mask [B, Lq] (query rows left-padded too,
+    so the pads sit between demos and query, masked out) and each row's demo length [B].
+    """
+    ids, mask, starts = batch.input_ids, batch.attention_mask, batch.query_starts
+    width = ids.shape[1]
+    n_demo = starts - (width - mask.sum(dim=1))  # [B] real demo tokens per row
+    if int(n_demo.min()) < 1:
+        raise UsageError("these prompts have no demonstrations to cut; accepted: --shot 1 or more")
+    demo_w = int(n_demo.max())
+    src = starts[:, None] - demo_w + torch.arange(demo_w, device=ids.device)  # [B, Ld] source columns
+    demo_mask = (src >= starts[:, None] - n_demo[:, None]).long()
+    demo_ids = torch.where(demo_mask.bool(), ids.gather(1, src.clamp(min=0)), ids[:, :1])
+    query_w = width - int(starts.min())
+    cols = torch.arange(width - query_w, width, device=ids.device)
+    query_mask = (cols[None, :] >= starts[:, None]).long()  # [B, Lq]
+    return demo_ids, demo_mask, ids[:, width - query_w :], query_mask, n_demo

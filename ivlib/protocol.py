@@ -26,8 +26,18 @@ DEMOS = ("episodic", "fixed")
 RULES = ("first-token", "full", "full-mean", "vocab", "generate")  # the scoring rules (see `rules`)
 LAST_TOKEN_RULES = ("first-token", "vocab")  # computable from the answer position's logits alone
 METRICS = ("macro", "accuracy")  # what a method selecting on validation maximises (TV's layer, DT's steps...)
-CLASSIFICATION_RULE, MULTIPLE_CHOICE_RULE = "first-token", "full-mean"  # each task kind's own rule
-MULTIPLE_CHOICE_RULES = ("full", "full-mean")  # options are continuations: ranked, never generated
+KINDS = ("classification", "multiple_choice", "open_vocabulary")
+KIND_RULES = {"classification": "first-token", "multiple_choice": "full-mean", "open_vocabulary": "vocab"}  # each's own
+KIND_ACCEPTS = {
+    "classification": RULES,
+    "multiple_choice": ("full", "full-mean"),
+    "open_vocabulary": ("vocab", "generate"),
+}
+KIND_WHY = {
+    "classification": "",
+    "multiple_choice": "its options are ranked by their log-probability",
+    "open_vocabulary": "its answer is any text: the model's own top token or generation is judged",
+}
 
 SETTINGS = (
     Setting("shot", int, 1, "evaluation demonstrations per class (multiple choice: in all)", low=0),
@@ -54,7 +64,7 @@ SETTINGS = (
         None,
         "scoring rule: first-token (label first tokens), full (whole-label log-prob, summed), full-mean (per "
         "token), vocab (top-1 over the vocabulary), generate (greedy, exact match) (default: first-token; "
-        "multiple choice: full-mean)",
+        "multiple choice: full-mean; open vocabulary: vocab)",
         choices=RULES,
         optional=True,
     ),
@@ -95,7 +105,7 @@ class Protocol:
     demos: str = "episodic"
     demo_order: str = "shuffled"
     template: Template = field(default=templates.IV)
-    scoring: str | None = None  # None: the task's own rule (first-token; multiple choice: full-mean)
+    scoring: str | None = None  # None: the task kind's own rule (KIND_RULES)
     metric: str = "macro"
     max_new_tokens: int | None = None
 
@@ -142,10 +152,11 @@ class Protocol:
         """Whether this method's evaluation prompts share the one set (zero-shot has none to share)."""
         return self.one_set and self.eval_shot(cls) > 0
 
-    def rule(self, multiple_choice: bool) -> str:
-        return self.scoring or (MULTIPLE_CHOICE_RULE if multiple_choice else CLASSIFICATION_RULE)
+    def rule(self, kind: str) -> str:
+        """The scoring rule, given or the task kind's own (`KIND_RULES`)."""
+        return self.scoring or KIND_RULES[kind]
 
-    def check(self, cls: type[Method], multiple_choice: bool, methods: dict[str, type[Method]]) -> None:
+    def check(self, cls: type[Method], kind: str, methods: dict[str, type[Method]]) -> None:
         """Refuse, in one line, what this method or task cannot run under this protocol."""
         shot = self.eval_shot(cls)
         if shot < cls.min_shot:
@@ -156,16 +167,16 @@ class Protocol:
         if self.fixed(cls) and not cls.supports_fixed_demos:
             accepted = ", ".join(name for name, c in methods.items() if c.supports_fixed_demos)
             raise UsageError(f"--demos fixed does not apply to --method {cls.name}; accepted with: {accepted}")
-        rule = self.rule(multiple_choice)
-        if multiple_choice and rule not in MULTIPLE_CHOICE_RULES:
+        rule = self.rule(kind)
+        if rule not in KIND_ACCEPTS[kind]:
             raise UsageError(
-                f"--score {rule} does not apply to a multiple-choice task (its options are ranked by their "
-                f"log-probability); accepted: {', '.join(MULTIPLE_CHOICE_RULES)}"
+                f"--score {rule} does not apply to a {kind.replace('_', '-')} task ({KIND_WHY[kind]}); "
+                f"accepted: {', '.join(KIND_ACCEPTS[kind])}"
             )
-        if multiple_choice and self.demo_order != DEMO_ORDER.default:
+        if kind != "classification" and self.demo_order != DEMO_ORDER.default:
             raise UsageError(
-                f"--demo-order {self.demo_order} needs classes to sort by; a multiple-choice task has none; "
-                "accepted: --demo-order shuffled"
+                f"--demo-order {self.demo_order} needs classes to sort by; a {kind.replace('_', '-')} task has "
+                "none; accepted: --demo-order shuffled"
             )
         if rule not in cls.scoring_rules:
             accepted = ", ".join(name for name, c in methods.items() if rule in c.scoring_rules)
@@ -176,7 +187,7 @@ class Protocol:
             )
 
     # ---- what records hold --------------------------------------------------------------------------
-    def fields(self, cls: type[Method], multiple_choice: bool) -> dict[str, Any]:
+    def fields(self, cls: type[Method], kind: str) -> dict[str, Any]:
         """The record's protocol keys (what --resume matches and select keeps apart): `shot` always;
         the others only when not the default, so records made before they existed still match."""
         shot = self.eval_shot(cls)
@@ -185,34 +196,34 @@ class Protocol:
             out["demos"] = "fixed"
         if self.demo_order != DEMO_ORDER.default and shot > 0:  # prompts without demonstrations have no order
             out["demo_order"] = self.demo_order
-        out.update(self.posing(multiple_choice))
-        if cls.needs_validation and self.metric != BY_NAME["metric"].default and not multiple_choice:
+        out.update(self.posing(kind))
+        if cls.needs_validation and self.metric != BY_NAME["metric"].default and kind == "classification":
             out["metric"] = self.metric
-        if self.rule(multiple_choice) == "generate" and self.max_new_tokens is not None:
+        if self.rule(kind) == "generate" and self.max_new_tokens is not None:
             out["max_new_tokens"] = self.max_new_tokens
         return out
 
-    def posing(self, multiple_choice: bool) -> dict[str, Any]:
+    def posing(self, kind: str) -> dict[str, Any]:
         """Template and scoring rule, where not the defaults (the task kind's own rule is the default)."""
         out: dict[str, Any] = {}
         if self.template != templates.IV:
             out["template"] = self.template.key
-        rule = self.rule(multiple_choice)
-        if rule != (MULTIPLE_CHOICE_RULE if multiple_choice else CLASSIFICATION_RULE):
+        rule = self.rule(kind)
+        if rule != KIND_RULES[kind]:
             out["scoring"] = rule
         return out
 
-    def fit_fields(self, cls: type[Method], multiple_choice: bool) -> dict[str, Any]:
+    def fit_fields(self, cls: type[Method], kind: str) -> dict[str, Any]:
         """What a state file records of the protocol it was fitted under, and a load must match: the
         template (the prompts it learned from), and for a method selecting on validation also the rule,
         metric and demonstration order it selected with."""
-        posing = self.posing(multiple_choice)
+        posing = self.posing(kind)
         if not cls.needs_validation:
             return {k: v for k, v in posing.items() if k == "template"}
         out = dict(posing)
         if self.demo_order != DEMO_ORDER.default and self.shot > 0:
             out["demo_order"] = self.demo_order
-        if self.metric != BY_NAME["metric"].default and not multiple_choice:
+        if self.metric != BY_NAME["metric"].default and kind == "classification":
             out["metric"] = self.metric
         return out
 

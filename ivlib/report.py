@@ -8,12 +8,16 @@ is imported inside the plotting functions: analysis is optional, the runner must
 from __future__ import annotations
 
 import csv
+import os
 import re
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import files
 from .errors import UsageError
 from .paired import Paired, aligned, compare, confusion, per_class_f1
 from .samples import SamplesError, read_samples
@@ -32,7 +36,7 @@ from .selection import (
 )
 
 # the paper's, newer rivals before IV
-METHOD_ORDER = ("zero-shot", "icl", "tv", "fv", "dt", "sv", "i2cl", "site", "icv", "hc", "probe", "iv")
+METHOD_ORDER = ("zero-shot", "icl", "tv", "tv-hendel", "fv", "dt", "sv", "i2cl", "site", "icv", "hc", "probe", "iv")
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
 DAGGER = "†"
@@ -425,7 +429,7 @@ PAIRED_COLUMNS = (
 
 def write_paired_csv(pairs: list[Pair], path: Path) -> None:
     """Every paired comparison (both orders), differences as fractions."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with output(path) as f:
         writer = csv.writer(f)
         writer.writerow(PAIRED_COLUMNS)
         for p in pairs:
@@ -458,7 +462,7 @@ CSV_COLUMNS = ("model", "task", "method", "split", "value", "ci_low", "ci_high",
 def write_csv(cells: list[Cell], path: Path, logs: Logs | None = None) -> None:
     """Values as fractions (as in the records), one row per table cell; `per_class_f1` (from the
     samples log, empty without one) as `label=F1` pairs joined by `;`."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with output(path) as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for c in cells:
@@ -739,11 +743,40 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        with output(path, binary=True) as f:
+            fig.savefig(f, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
 
 
 # ---- entry point ------------------------------------------------------------------------------
+
+
+@contextmanager
+def output(path: Path, binary: bool = False) -> Iterator[Any]:
+    """A report file opened for writing, or one line (UsageError) saying why not: a directory, pipe or
+    device of that name is refused before it is opened (a pipe would wait for a reader), and a write
+    that fails says so instead of a traceback."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise UsageError(
+            f"--out: '{path}' cannot be written ({exc.strerror}); accepted: a writable directory"
+        ) from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(
+            f"--out: '{path}' is {files.kind(mode)}, not a file; accepted: remove it, or another --out directory"
+        )
+    try:
+        with open(path, "wb") if binary else open(path, "w", newline="", encoding="utf-8") as f:
+            yield f
+    except OSError as exc:
+        raise UsageError(
+            f"--out: '{path}' could not be written ({exc.strerror}); accepted: a writable directory"
+        ) from None
 
 
 def write_report(
@@ -766,7 +799,8 @@ def write_report(
     pairs = all_pairs(cells, logs)
     written = [out / "table.md", out / "table.csv"]
     spreads = seed_spreads(cells, scored, metric, base)
-    written[0].write_text(markdown(cells, untested, metric, pairs, spreads), encoding="utf-8")
+    with output(written[0]) as f:
+        f.write(markdown(cells, untested, metric, pairs, spreads))
     write_csv(cells, written[1], logs)
     if any(p.paired is not None for p in pairs):
         written.append(out / "paired.csv")

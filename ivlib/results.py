@@ -14,12 +14,16 @@ import json
 import os
 import signal
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+
+from . import files
 from .errors import UsageError
 
 MIN_FREE_BYTES = 1 << 20  # a file system with less free space than this is full for our purposes
@@ -57,11 +61,17 @@ def check_free_space(flag: str, path: str, directory: Path) -> None:
         vfs = os.statvfs(directory)
     except OSError:
         return  # no answer (some network file systems): the write itself will tell
-    if vfs.f_bavail * vfs.f_frsize < MIN_FREE_BYTES:
+    if vfs.f_bavail * vfs.f_frsize >= MIN_FREE_BYTES:
+        return
+    if vfs.f_blocks == 0:  # no storage at all (/proc, /sys): not full, but a place that holds no files
         raise UsageError(
-            f"{flag} '{path}': the file system holding '{directory}' is full "
-            f"({vfs.f_bavail * vfs.f_frsize} bytes free); accepted: a path on a file system with space"
+            f"{flag} '{path}': '{directory}' is on a virtual file system with no storage (such as /proc or /sys); "
+            "accepted: a path on a disk"
         )
+    raise UsageError(
+        f"{flag} '{path}': the file system holding '{directory}' is full "
+        f"({vfs.f_bavail * vfs.f_frsize} bytes free); accepted: a path on a file system with space"
+    )
 
 
 def check_writable(path: str) -> None:
@@ -88,10 +98,7 @@ def check_writable(path: str) -> None:
 
 
 def _is_record(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
-        return False
+    return isinstance(files.json_line(line)[0], dict)
 
 
 def _can_create_in(directory: Path) -> bool:
@@ -193,23 +200,90 @@ def _rolled_back(fd: int, size: int, exc: OSError) -> str:
     return f"writing the record failed ({exc.strerror}); the file is back to its previous {size} bytes"
 
 
+class _Samples(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    path: StrictStr
+    sha256: StrictStr
+    n: StrictInt | None = None
+
+
+class RecordSchema(BaseModel):
+    """The fields of a run record that readers use (`select`, `report`, `--resume`), with their types;
+    other fields (records of other versions) are allowed and kept. A record is checked, not converted:
+    readers get the dict as it was written."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    method: StrictStr
+    model: StrictStr
+    task: StrictStr
+    split: StrictStr
+    hyperparameters: dict[StrictStr, Any]
+    metrics: dict[StrictStr, Any]
+    seed: StrictInt | None = None
+    n_eval_episodes: StrictInt | None = None
+    time: StrictStr | None = None
+    command: list[StrictStr] | None = None
+    samples: _Samples | None = None
+    label_words: list[StrictStr] | None = None
+    task_kind: StrictStr | None = None
+    demos: StrictStr | None = None
+    demo_order: StrictStr | None = None
+
+
+_ACCEPTED = {
+    "hyperparameters": "an object",
+    "metrics": "an object",
+    "seed": "an integer or null",
+    "n_eval_episodes": "an integer or null",
+    "command": "a list of strings",
+    "samples": "{path: string, sha256: string, n: integer}",
+    "label_words": "a list of strings",
+}
+
+
+def record_problem(obj: Any) -> str | None:
+    """Why a parsed line is not a run record (one short phrase), or None when it is one."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    try:
+        RecordSchema.model_validate(obj)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = str(error["loc"][0])
+        if error["type"] == "missing":
+            return f"no '{key}'"
+        shown = repr(obj[key])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return f"'{key}' is {shown}; accepted: {_ACCEPTED.get(key, 'a string')}"
+    return None
+
+
+RESULTS_ACCEPTED = "a .jsonl results file written by iv.py"
+
+
 def read_records(path: str) -> tuple[list[dict[str, Any]], list[int]]:
-    """(records, line numbers that did not parse): a bad line is skipped, not fatal."""
-    records, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(number)
-                continue
-            if isinstance(obj, dict):
-                records.append(obj)
-            else:
-                bad.append(number)
+    """(the records, in file order; the numbers of the lines skipped). A line that is not a run record
+    (cut short by a killed writer, not UTF-8, nested too deep, of the wrong types) is skipped with one
+    warning naming it, never fatal; a path that is not a regular file of at most MAX_RESULTS_BYTES is
+    refused whole (UsageError)."""
+    records: list[dict[str, Any]] = []
+    bad: list[int] = []
+    for number, line in files.lines("--results", path, files.MAX_RESULTS_BYTES, RESULTS_ACCEPTED):
+        if line is not None and not line.strip():
+            continue
+        obj, why = files.json_line(line)
+        why = why or record_problem(obj)
+        if why is None:
+            records.append(obj)
+        else:
+            bad.append(number)
+            _warn(f"{path} line {number}: {'not a JSON object' if why == 'not valid JSON' else why}; skipped")
     return records, bad
+
+
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # several processes (torchrun) read the same file: say it once
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def canonical(hyperparameters: dict[str, Any]) -> str:

@@ -84,14 +84,20 @@ class Rule:
         return n_answers + (1 if self.can_say_none else 0)
 
     # ---- rows of scores --------------------------------------------------------------------------
-    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """[N, V] answer-position logits -> [N, W] rows, for rules that need nothing else."""
+    def from_logits(self, logits: torch.Tensor, gold: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, V] answer-position logits -> [N, W] rows, for rules that need nothing else. `gold` [N]:
+        an open-vocabulary task's own answer per row (its first token), its one "label" column."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        first = torch.tensor(self.answers.first, device=logprobs.device)
-        labels = logprobs[:, first]  # [N, C]
+        if gold is not None:
+            first = gold.to(logprobs.device)[:, None]  # [N, 1]
+            labels = logprobs.gather(1, first)
+            others = logprobs.scatter(1, first, NEG_INF)
+        else:
+            ids = torch.tensor(self.answers.first, dtype=torch.long, device=logprobs.device)
+            labels = logprobs[:, ids]  # [N, C]
+            others = logprobs.index_fill(1, ids, NEG_INF) if self.name == "vocab" else logprobs
         if self.name != "vocab":
             return labels
-        others = logprobs.index_fill(1, first, NEG_INF)
         best, best_id = others.max(dim=-1)  # the best token that starts no label
         return torch.cat([labels, best[:, None], best_id[:, None].float()], dim=1)
 
@@ -106,13 +112,15 @@ class Rule:
             head = head / lengths.clamp(min=1)
         return head.argmax(dim=-1).numpy()
 
-    def texts(self, scores: torch.Tensor) -> list[str] | None:
+    def texts(self, scores: torch.Tensor, gold: list[int] | None = None) -> list[str] | None:
         """What the model answered, per row, for a samples log: the predicted token (vocab) or the
-        decoded text (generate); None for rules that only rank the answers."""
+        decoded text (generate); None for rules that only rank the answers. `gold`: an open-vocabulary
+        task's answers' first tokens, per row."""
         c = scores.shape[1] - self.width(0)
         if self.name == "vocab":
             picks = self.choices(scores)
-            ids = [self.answers.first[p] if p < c else int(scores[i, c + 1]) for i, p in enumerate(picks)]
+            firsts = [[g] for g in gold] if gold is not None else [list(self.answers.first)] * len(picks)
+            ids = [firsts[i][p] if p < c else int(scores[i, c + 1]) for i, p in enumerate(picks)]
             return [self.tokenizer.decode([t]) if self.tokenizer is not None else str(t) for t in ids]
         if self.name == "generate":
             return [self.decode(row[c + 1 :]) for row in scores]
@@ -138,14 +146,22 @@ class Rule:
         text, eos = self._raw(ids)
         return eos or self.stop in text
 
-    def matches(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, N] decoded ids -> [B, C + 1]: 0 at the label the text equals (or at none), -inf elsewhere."""
-        words = [w.strip() for w in self.answers.words]
-        out = torch.full((tokens.shape[0], len(words) + 1), NEG_INF)
+    def matches(self, tokens: torch.Tensor, gold: list[str] | None = None) -> torch.Tensor:
+        """[B, N] decoded ids -> [B, C + 1]: 0 at the label the text equals (or at none), -inf elsewhere.
+        `gold`: an open-vocabulary task's answer per row, its one label."""
+        out = torch.full((tokens.shape[0], 1 + (1 if gold is not None else len(self.answers.words))), NEG_INF)
         for row, ids in enumerate(tokens.cpu()):
+            words = [gold[row].strip()] if gold is not None else [w.strip() for w in self.answers.words]
             text = self.decode(ids)
             out[row, words.index(text) if text in words else len(words)] = 0.0
         return out
+
+    def gold_texts(self, answer_ids: torch.Tensor, answer_lens: torch.Tensor) -> list[str]:
+        """An open-vocabulary batch's answers as text (what a decoded answer must equal)."""
+        return [
+            self.tokenizer.decode(ids[: int(n)].tolist(), skip_special_tokens=True).strip()
+            for ids, n in zip(answer_ids.cpu(), answer_lens.cpu())
+        ]
 
 
 def make_rule(name: str, answers: Answers, tokenizer: Any, stop: str, max_new_tokens: int | None) -> Rule:

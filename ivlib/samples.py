@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from . import distributed as dist
+from . import files
 from .episodes import Episode
 from .errors import UsageError
 
@@ -107,19 +109,87 @@ def check_samples_dir(results: str) -> None:
 
 
 class SamplesError(ValueError):
-    """A record's samples log is missing or does not match its checksum."""
+    """A record's samples log is missing, does not match its checksum, or does not hold what the record
+    says (the callers warn in one line and go on without it)."""
+
+
+class SampleLine(BaseModel):
+    """One line of a samples log: `gold` and `pred` (what the readers compare) required, the rest as
+    `sample_lines` writes it, checked when present (types checked, not converted)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    gold: StrictInt
+    pred: StrictInt
+    episode: StrictInt | None = None
+    query_row: StrictInt | None = None
+    demo_rows: list[StrictInt] | None = None
+    correct: StrictBool | None = None
+    scores: list[float] | None = None
+
+
+SAMPLES_ACCEPTED = "the log iv.py --log-samples wrote"
 
 
 def read_samples(record: dict[str, Any], base: str | Path) -> list[dict[str, Any]] | None:
-    """The record's episodes, or None when it has no log; raises SamplesError if the log is bad."""
+    """The record's episodes, or None when it has no log; raises SamplesError if the log is bad: not a
+    regular file of at most MAX_SAMPLES_BYTES, another checksum, or lines that are not the record's
+    episodes (a checksum says the log was not changed, not that it was written by iv.py)."""
     entry = record.get("samples")
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
         return None
     path = Path(base) / entry["path"]
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SamplesError(f"samples log '{path}' cannot be read ({exc.strerror})") from None
+        data = files.read_bytes("samples log", path, files.MAX_SAMPLES_BYTES, SAMPLES_ACCEPTED)
+    except UsageError as exc:
+        raise SamplesError(str(exc).split("; accepted:")[0]) from None
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise SamplesError(f"samples log '{path}' does not match the record's sha256")
-    return [json.loads(line) for line in data.splitlines() if line.strip()]
+    read = [_episode(path, number, line, record) for number, line in enumerate(data.split(b"\n"), start=1)]
+    episodes = [e for e in read if e is not None]
+    n = entry.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and len(episodes) != n:
+        raise SamplesError(f"samples log '{path}' holds {len(episodes)} episodes; its record says {n}")
+    return episodes
+
+
+def _episode(path: Path, number: int, line: bytes, record: dict[str, Any]) -> dict[str, Any] | None:
+    """One line as an episode (None for a blank line), checked against the line's place and the record."""
+    if not line.strip():
+        return None
+    if len(line) > files.MAX_LINE_BYTES:
+        why: str | None = f"longer than {files.MAX_LINE_BYTES // files.MiB} MiB"
+        obj = None
+    else:
+        obj, why = files.json_line(line)
+    if why is None:
+        why = _line_problem(obj, number, record)
+    if why is not None:
+        raise SamplesError(f"samples log '{path}' line {number}: {why}")
+    return obj
+
+
+def _line_problem(obj: Any, number: int, record: dict[str, Any]) -> str | None:
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    try:
+        SampleLine.model_validate(obj)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        return f"'{error['loc'][0]}' missing or of the wrong type" if error["loc"] else "not an episode"
+    if obj.get("episode", number - 1) != number - 1:
+        return f"episode {obj['episode']} where episode {number - 1} belongs"
+    words, scores = record.get("label_words"), obj.get("scores")
+    if record.get("task_kind") != "multiple_choice" and isinstance(words, list) and words:
+        classes = len(words)
+        if scores is not None and len(scores) != classes:
+            return f"{len(scores)} scores for the record's {classes} label words"
+    elif scores is not None:  # multiple choice: one score per option
+        classes = len(scores)
+    else:
+        return "no scores, and no label_words in the record, to check gold and pred against"
+    for key in ("gold", "pred"):
+        if not 0 <= obj[key] < classes:
+            return f"{key} {obj[key]} is out of range; accepted: 0..{classes - 1}"
+    if obj.get("correct", obj["gold"] == obj["pred"]) != (obj["gold"] == obj["pred"]):
+        return f"correct is {obj['correct']} for gold {obj['gold']} and pred {obj['pred']}"
+    return None

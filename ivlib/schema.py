@@ -56,6 +56,11 @@ class MultipleChoice(_Strict):
     answer_base: Literal[0, 1] | None = None
 
 
+class OpenVocabulary(_Strict):
+    input: Text | None = None
+    output: Text | None = None
+
+
 class TemplateEntry(_Strict):
     name: Text | None = None
     input: StrictStr
@@ -76,6 +81,7 @@ class TaskEntry(_Strict):
     label_words: Annotated[list[Text], Field(min_length=2)] | None = None
     builtin: Text | None = None
     multiple_choice: MultipleChoice | None = None
+    open_vocabulary: OpenVocabulary | None = None
     template: Text | TemplateEntry | None = None
     template_task: Text | None = None
     staicc: Text | None = None
@@ -110,6 +116,7 @@ TASK_KEYS = {
     "(quote yes/no/on/off and numbers)",
     "builtin": "a task whose data ivlib generates itself (a string)",
     "multiple_choice": "{options: FIELD or [FIELDS], answer: FIELD, option_keys: FIELD, answer_base: 0 or 1}",
+    "open_vocabulary": "{input: COLUMN, output: COLUMN} (default input, output): each input's answer is any text",
     "template": "a template name (iv, dt, fv, ... or a family's form such as dt/sst2) or {input: 'Review: {text}"
     "\\nSentiment:', delimiter, separator, preamble, keep_space}: the task's prompt unless --template is given",
     "template_task": "the task a template family's forms know this one as (sst2, mr, agnews, trec, ...), a string",
@@ -159,6 +166,9 @@ def _message(path: str, label: str, entry: dict[str, Any], error: ErrorDetails, 
 def check_entry(kind: str, name: str, entry: dict[str, Any], path: str) -> None:
     """Refuse an entry that does not fit the schema (UsageError, one line naming file, entry, key, value)."""
     schema, keys = _SCHEMAS[kind]
+    empty = [key for key, value in entry.items() if value is None and key in keys]
+    if empty:  # `label_words:` with nothing after it: a value forgotten, never "use the default"
+        raise UsageError(f"config '{path}': {kind}.{name}.{empty[0]} has no value; accepted: {keys[empty[0]]}")
     try:
         schema.model_validate(entry)
     except ValidationError as exc:

@@ -65,6 +65,11 @@ def head_means(scorer: Scorer, prompts: list[EncodedPrompt], desc: str) -> torch
         return mean.view(layout.n_layers, layout.n_heads, -1).clone()
 
 
+def gold_first(batch: PromptBatch) -> torch.Tensor | None:
+    """[B] an open-vocabulary batch's answers' first tokens (each row's one label), else None."""
+    return None if batch.answer_ids is None else batch.answer_ids[:, 0]
+
+
 class Scorer:
     """Runs a model on prompt batches and turns the answer position into per-label log-probs.
 
@@ -129,7 +134,7 @@ class Scorer:
             raise UsageError("a fit with gradients scores classification tasks only, not multiple choice")
         if not self._trainable or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             raise RuntimeError("differentiable_scores needs autograd: call it inside `with scorer.trainable():`")
-        return self.label_logprobs(self._last_logits(batch))
+        return self.label_logprobs(self._last_logits(batch), gold_first(batch))
 
     @contextlib.contextmanager
     def trainable(self) -> Iterator[None]:
@@ -243,7 +248,9 @@ class Scorer:
                     **{self._cache_kwarg: caches[g]},
                 )
             caches[g].crop(-1)  # negative = tokens to remove: the next edit starts from the bare prefix
-            out.append(self._search_scores(step.logits[:, -1]).view(batch.input_ids.shape[0], g, -1))
+            gold = gold_first(batch)
+            gold = None if gold is None else gold.repeat_interleave(g)
+            out.append(self._search_scores(step.logits[:, -1], gold).view(batch.input_ids.shape[0], g, -1))
         return out
 
     def _repeated_cache(self, base, g: int):
@@ -257,14 +264,19 @@ class Scorer:
                 cache.batch_repeat_interleave(g)
         return cache
 
-    def _search_scores(self, logits: torch.Tensor) -> torch.Tensor:
+    def _search_scores(self, logits: torch.Tensor, gold: torch.Tensor | None = None) -> torch.Tensor:
         """A last-token search's rows: the rule's where the answer position decides it (first-token,
         vocab), else the labels' first-token log-probs (their first C columns are those either way)."""
-        return self.rule.from_logits(logits) if self.rule.last_token else self.label_logprobs(logits)
+        if self.rule.last_token:
+            return self.rule.from_logits(logits, gold)
+        return self.label_logprobs(logits, gold)
 
-    def label_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """[N, V] next-token logits -> [N, C] float32 log-probabilities of each label's first token."""
+    def label_logprobs(self, logits: torch.Tensor, gold: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, V] next-token logits -> [N, C] float32 log-probabilities of each label's first token
+        (`gold` [N]: an open-vocabulary task's own answer's first token per row, C = 1)."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if gold is not None:
+            return logprobs.gather(1, gold.to(logprobs.device)[:, None])
         return logprobs[:, self.label_ids.to(logprobs.device)]
 
     @staticmethod
@@ -307,9 +319,12 @@ class Scorer:
         the rule's own row where the logits decide; otherwise each answer's (an option's, or a label's
         under `full`) summed continuation log-prob, -inf for a missing option; or a greedy decoding."""
         if self.rule.name == "generate" and batch.option_ids is None:
-            return self._generate(last_logits, cache, mask, next_pos)
+            gold = None
+            if batch.answer_ids is not None and batch.answer_lens is not None:
+                gold = self.rule.gold_texts(batch.answer_ids, batch.answer_lens)
+            return self._generate(last_logits, cache, mask, next_pos, gold)
         if not self._continues(batch):
-            return self.rule.from_logits(last_logits)
+            return self.rule.from_logits(last_logits, gold_first(batch))
         opt, lens = with_label_options(batch, self.rule.answers)  # [B, C, Lo], [B, C]
         b, c, width = opt.shape
         first = torch.log_softmax(last_logits.float(), dim=-1).gather(1, opt[:, :, 0])  # [B, C]
@@ -332,7 +347,9 @@ class Scorer:
         return total.masked_fill(lens == 0, float("-inf"))
 
     @torch.inference_mode()
-    def _generate(self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor) -> torch.Tensor:
+    def _generate(
+        self, last_logits: torch.Tensor, cache, mask: torch.Tensor, next_pos: torch.Tensor, gold: list[str] | None
+    ) -> torch.Tensor:
         """Greedy decoding over the prompt's cache, every row at once (left-padded, so each row's next
         token is its last column): [B, C + 1 + N], the rule's match columns then the decoded ids (-1
         after a row stopped). Stops early once every row has ended its answer."""
@@ -357,13 +374,13 @@ class Scorer:
                 )
                 cache = self.cache_of(out)
                 token = out.logits[:, -1].argmax(dim=-1)
-        return torch.cat([self.rule.matches(tokens), tokens.float()], dim=1).to(last_logits.device)
+        return torch.cat([self.rule.matches(tokens, gold), tokens.float()], dim=1).to(last_logits.device)
 
     def label_scores(self, batch: PromptBatch) -> torch.Tensor:
         """[B, W] float32 answer scores under the scoring rule (`rules`): label first-token log-probs
         by default; whole-label or option log-probs, vocabulary or generation rows otherwise."""
         if not self._continues(batch):
-            return self.rule.from_logits(self.forward(batch))
+            return self.rule.from_logits(self.forward(batch), gold_first(batch))
         if self.prefix is not None:  # the answers run over the prefix + query cache, as over a whole prompt's
             logits, cache, mask, positions = self._after_prefix(batch)
             return self._answer_scores(logits, cache, mask, positions[:, -1] + 1, batch)

@@ -40,53 +40,17 @@ def check_metric(metric: str) -> str:
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records usable for analysis, in file order; everything else is one warning line each.
+    """Records usable for analysis, in file order; every other line is one warning (`read_records`).
 
     Raises UsageError when there is nothing to analyse, since every later step would be empty.
     """
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"--results '{path}' does not exist; accepted: a .jsonl file written by iv.py --results")
-    if not p.is_file():
-        raise UsageError(f"--results '{path}' is not a file; accepted: a .jsonl file written by iv.py --results")
-    try:
-        records, bad = read_records(str(p))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--results '{path}' cannot be read ({exc}); accepted: a UTF-8 .jsonl file") from None
-    for number in bad:
-        warn(f"{path} line {number}: not a JSON object; skipped")
-    usable = []
-    for number, record in zip(_record_line_numbers(p, set(bad)), records):
-        problem = _problem(record)
-        if problem:
-            warn(f"{path} line {number}: {problem}; skipped")
-        else:
-            usable.append(record)
-    if not usable:
+    records, _ = read_records(str(path))
+    if not records:
         raise UsageError(
             f"--results '{path}' holds no valid run records; "
             f"accepted: a .jsonl file of records written by iv.py (fields {', '.join(REQUIRED)})"
         )
-    return usable
-
-
-def _record_line_numbers(path: Path, bad: set[int]) -> list[int]:
-    """Line numbers of the records read_records returned, so warnings can point into the file."""
-    with open(path, encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, start=1) if line.strip() and n not in bad]
-
-
-def _problem(record: dict[str, Any]) -> str | None:
-    for key in REQUIRED:
-        if key not in record:
-            return f"no '{key}'"
-    for key in ("method", "model", "task", "split"):
-        if not isinstance(record[key], str):
-            return f"'{key}' is not a string"
-    for key in ("hyperparameters", "metrics"):
-        if not isinstance(record[key], dict):
-            return f"'{key}' is not an object"
-    return None
+    return records
 
 
 # ---- scoring ----------------------------------------------------------------------------------

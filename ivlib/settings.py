@@ -46,6 +46,9 @@ class Setting:
     model_default: str | None = None
     parse: Callable[[str], Any] | None = None  # text -> value, when not `type` itself (e.g. 'auto')
     accepts: str | None = None  # what an error message says is accepted, when the derived text would not do
+    # a larger value makes the method's edit of the activations larger: what an overflow (inf/NaN in the
+    # activations) asks the user to lower, named by the method's own flag
+    scales: bool = False
 
     @property
     def flag(self) -> str:
@@ -124,6 +127,8 @@ def bind(settings: Sequence[Setting], args: tuple[Any, ...], kwargs: dict[str, A
         values[setting.name] = value
     unknown = sorted(set(kwargs) - set(values))
     if unknown:
-        raise TypeError(f"{owner} has no setting '{unknown[0]}'; its settings: {', '.join(values) or 'none'}")
+        raise TypeError(
+            f"{owner} has no setting '{unknown[0]}'; accepted: its settings ({', '.join(values) or 'none'})"
+        )
     values.update(kwargs)
     return {s.name: s.check(values[s.name]) for s in settings}

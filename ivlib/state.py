@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,9 +16,13 @@ from typing import Any, Literal
 import torch
 
 from .errors import UsageError
+from .fingerprint import describe, same_model, well_formed
+from .settings import Setting
 
 MATCH_KEYS = ("method", "model", "task", "label_words", "n_layers", "d_model")
 TENSORS_KEY = "tensors"  # metadata: each tensor's shape and dtype as saved, so a file can be checked against itself
+FINGERPRINT_KEY = "model_fingerprint"  # metadata: the model's architecture and sampled weights (ivlib.fingerprint)
+FIT_KEY = "fit"  # metadata: the fitting settings and what the fit chose (a mapping)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,47 @@ def _open(path: str, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, 
             loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception:
         raise UsageError(f"--load-vectors '{path}' is not a safetensors file written by ivlib") from None
+    _check_meta_types(path, meta)
     return loaded, meta
+
+
+def _check_meta_types(path: str, meta: dict[str, Any]) -> None:
+    """The metadata every reader indexes into has the structure ivlib writes, or the file is refused
+    here in one line (not with a TypeError wherever it is first read)."""
+    fit = meta.get(FIT_KEY)
+    if fit is not None and not isinstance(fit, dict):
+        raise UsageError(
+            f"--load-vectors '{path}': its '{FIT_KEY}' metadata is {type(fit).__name__} {_short(fit)}, not a mapping; "
+            "accepted: a file written by --save-vectors, unedited"
+        )
+    if FINGERPRINT_KEY in meta and not well_formed(meta[FINGERPRINT_KEY]):
+        raise UsageError(
+            f"--load-vectors '{path}': its '{FINGERPRINT_KEY}' metadata is not what ivlib writes; "
+            "accepted: a file written by --save-vectors, unedited"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def checked_fit(path: str, meta: dict[str, Any], settings: Iterable[Setting]) -> dict[str, Any]:
+    """The file's `fit` metadata with each of `settings` it holds passed through that setting's own check,
+    as the same value given as a flag would be: a file is no way around a range check (a record with
+    `ext_shot: -5` or `episodes: "lots"` is never written from one)."""
+    fit = dict(meta.get(FIT_KEY) or {})  # a mapping: `_open` refused anything else
+    for setting in settings:
+        if setting.name not in fit:
+            continue
+        try:
+            fit[setting.name] = setting.check(fit[setting.name])
+        except UsageError as exc:
+            raise UsageError(
+                f"--load-vectors '{path}' holds fit setting {setting.name}={_short(fit[setting.name])}, "
+                f"which a flag would not pass: {exc}"
+            ) from None
+    return fit
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -157,11 +202,35 @@ def read_meta(path: str) -> dict[str, Any]:
 
 
 def load_state(path: str, expect: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The file's tensors and metadata, once it is known to be fitted for what `expect` describes (the
+    run's identity: method, model name and fingerprint, task, labels, layout)."""
     tensors, meta = _open(path, tensors=True)
     check_own_metadata(path, tensors, meta)
-    for key in MATCH_KEYS:
+    named, implied = MATCH_KEYS[:2], MATCH_KEYS[2:]  # (method, model), then what the model and task imply
+    _check_keys(path, meta, expect, named)
+    check_same_model(path, meta, expect)  # the model itself, before its layers and width say less
+    _check_keys(path, meta, expect, implied)
+    return tensors, meta
+
+
+def _check_keys(path: str, meta: dict[str, Any], expect: dict[str, Any], keys: Iterable[str]) -> None:
+    for key in keys:
         if key in expect and meta.get(key) != expect[key]:
             raise UsageError(
                 f"--load-vectors '{path}' was fitted with {key}={meta.get(key)!r}; this run has {expect[key]!r}"
             )
-    return tensors, meta
+
+
+def check_same_model(path: str, meta: dict[str, Any], expect: dict[str, Any]) -> None:
+    """Refuse a file fitted on another model registered under this run's model name: its architecture or
+    sampled weights differ. Files written before fingerprints existed carry none and keep the older
+    checks (name, layers, width), as they always had."""
+    saved, current = meta.get(FINGERPRINT_KEY), expect.get(FINGERPRINT_KEY)
+    if saved is None or current is None or same_model(saved, current):
+        return
+    name = expect.get("model", meta.get("model"))
+    raise UsageError(
+        f"--load-vectors '{path}' was fitted on another model registered as '{name}' ({describe(saved)}); "
+        f"this run's '{name}' is {describe(current)}; accepted: a file fitted on this model (refit it, or "
+        "register the other model under its own name)"
+    )

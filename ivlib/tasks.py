@@ -10,6 +10,8 @@ run's seed, so every run and method sees the same validation and test sets.
 from __future__ import annotations
 
 import math
+import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import hub, staicc
+from . import files, hub, staicc
 from .builtin_tasks import BUILTIN_TASKS
 from .errors import UsageError
 
@@ -32,14 +34,16 @@ _LOCAL_LOADERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl
 @dataclass
 class Split:
     texts: list[str]
-    labels: np.ndarray  # [N] int64 class indices (multiple choice: index of the correct option)
+    labels: np.ndarray  # [N] int64 class indices (multiple choice: index of the correct option; open: 0)
     options: list[list[str]] | None = None  # multiple choice: each example's options
+    answers: list[str] | None = None  # open vocabulary: each example's answer, any text
 
     def subset(self, idx: np.ndarray) -> Split:
         return Split(
             [self.texts[i] for i in idx],
             self.labels[idx],
             None if self.options is None else [self.options[i] for i in idx],
+            None if self.answers is None else [self.answers[i] for i in idx],
         )
 
     def class_counts(self, n_classes: int) -> np.ndarray:
@@ -54,16 +58,64 @@ class Task:
     provenance: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)  # its entry's `template` / `template_task`, if any
 
+    def __post_init__(self) -> None:
+        check_label_words(self.name, self.label_words)
+
     @property
     def multiple_choice(self) -> bool:
         return self.splits["train"].options is not None
 
     @property
+    def open_vocabulary(self) -> bool:
+        """Input -> any text (antonym, country-capital): no label set; each query has its own answer."""
+        return self.splits["train"].answers is not None
+
+    @property
+    def kind(self) -> str:
+        """classification, multiple_choice or open_vocabulary (what a protocol and a method accept)."""
+        return (
+            "multiple_choice"
+            if self.multiple_choice
+            else "open_vocabulary"
+            if self.open_vocabulary
+            else "classification"
+        )
+
+    @property
     def n_classes(self) -> int:
-        """Classes, or for multiple choice the most options any question has (the score width)."""
+        """Classes; for multiple choice the most options any question has (the score width); for an
+        open-vocabulary task one: each query's own answer, the one "class" it can be right about."""
         if self.multiple_choice:
             return max(len(o) for split in self.splits.values() for o in split.options or [])
+        if self.open_vocabulary:
+            return 1
         return len(self.label_words)
+
+
+def _first_pair(values: list[str], same: Callable[[str], str]) -> tuple[str, str] | None:
+    """The first two values that are one under `same`, or None."""
+    first: dict[str, str] = {}
+    for value in values:
+        key = same(value)
+        if key in first:
+            return first[key], value
+        first[key] = value
+    return None
+
+
+def check_label_words(name: str, words: list[str]) -> None:
+    """Label words the model can tell apart: none empty once its whitespace is gone, and no two equal
+    but for whitespace ('good' and ' good' are one answer to a reader, two to a tokenizer)."""
+    blank = [w for w in words if not w.strip()]
+    if blank:
+        raise UsageError(f"task '{name}': label word {blank[0]!r} is empty or whitespace; accepted: a word per class")
+    pair = _first_pair(words, lambda w: "".join(w.split()))
+    if pair is not None:
+        what = "repeat" if pair[0] == pair[1] else "differ only in whitespace:"
+        raise UsageError(
+            f"task '{name}': label_words {what} {pair[0]!r} and {pair[1]!r}; accepted: words that differ in more "
+            "than whitespace, one per class"
+        )
 
 
 def _loader_for(data_files: Any) -> str:
@@ -89,9 +141,14 @@ def _check_data_file(name: str, path: Path, spec: dict[str, Any]) -> None:
     """A data file that exists, is a file, and holds something (a library's traceback otherwise)."""
     if not path.exists():
         raise UsageError(f"task '{name}': data file '{path}' does not exist{_env_hint(spec)}")
-    if path.is_dir():
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
         raise UsageError(
             f"task '{name}': data file '{path}' is a directory; accepted: a file, or a list of the files in it"
+        )
+    if not stat.S_ISREG(mode):  # a pipe or device: its size says nothing, and reading it may never end
+        raise UsageError(
+            f"task '{name}': data file '{path}' is {files.kind(mode)}, not a file; accepted: a regular file"
         )
     if path.stat().st_size == 0:
         raise UsageError(f"task '{name}': data file '{path}' is empty (0 bytes); accepted: a file with examples")
@@ -177,10 +234,10 @@ def _text_columns(name: str, columns: list[str], spec: dict[str, Any]) -> list[s
 
 def _label_names(name: str, ds: Any, label_field: str, spec: dict[str, Any]) -> list[str]:
     feature = ds.features.get(label_field)
-    if "label_names" in spec:
-        return [str(n) for n in spec["label_names"]]
+    if spec.get("label_names") is not None:  # null in an entry: not given
+        return _checked_names(name, [str(n) for n in spec["label_names"]])
     if feature is not None and hasattr(feature, "names"):
-        return list(feature.names)
+        return _checked_names(name, list(feature.names))
     if "label_text" in ds.column_names:  # files such as shared/data: int label + its name
         columns = ds.select_columns([label_field, "label_text"]).to_dict()  # a Column iterates slowly
         pairs = sorted(
@@ -194,8 +251,17 @@ def _label_names(name: str, ds: Any, label_field: str, spec: dict[str, Any]) -> 
         for y, t in pairs:
             names.setdefault(y, t)
         if sorted(names) == list(range(len(names))):
-            return [names[i] for i in range(len(names))]
+            return _checked_names(name, [names[i] for i in range(len(names))])
     raise UsageError(f"task '{name}': label column '{label_field}' has no class names; set label_names in the task")
+
+
+def _checked_names(name: str, names: list[str]) -> list[str]:
+    """Class names as the data or the config give them, each once (a name twice makes two classes that
+    a record, a confusion matrix or a label word cannot tell apart)."""
+    pair = _first_pair(names, lambda n: n)
+    if pair is not None:
+        raise UsageError(f"task '{name}': label_names repeat {pair[0]!r}; accepted: a different name per class")
+    return names
 
 
 def _carve(train_n: int, missing: list[str]) -> dict[str, np.ndarray]:
@@ -280,6 +346,31 @@ def _field(row: dict[str, Any], path: str) -> Any:
     return value
 
 
+HIDDEN = "or empty / -1 for a hidden answer (dropped and counted)"
+
+
+def _answer_index(where: str, answer: Any, keys: list[Any] | None, base: int, n_options: int) -> int | None:
+    """The correct option's index, or None for a hidden answer (None/NaN, empty or -1, as hub test
+    splits give it); an answer that names no option is refused, never dropped as if hidden."""
+    if _missing(answer) or (isinstance(answer, str) and not answer.strip()):
+        return None
+    number = int(answer) if isinstance(answer, str) and re.fullmatch(r"\s*-?\d+\s*", answer) else None
+    if not isinstance(answer, (str, bool)):
+        number = _as_index(answer)
+    if number == NO_LABEL and (keys is None or answer not in keys):
+        return None
+    if keys is not None:
+        if answer in keys:
+            return keys.index(answer)
+        raise UsageError(f"{where}: answer {answer!r} is not one of its option keys {keys}; accepted: a key, {HIDDEN}")
+    if number is None or not 0 <= number - base < n_options:
+        raise UsageError(
+            f"{where}: answer {answer!r} names none of its {n_options} options; accepted: "
+            f"{base}..{base + n_options - 1} (answer_base {base}), {HIDDEN}"
+        )
+    return number - base
+
+
 def _multiple_choice_split(
     name: str, ds: Any, role: str, spec: dict[str, Any], text_cols: list[str]
 ) -> tuple[Split, int]:
@@ -305,11 +396,11 @@ def _multiple_choice_split(
             raise UsageError(
                 f"task '{name}': row {i} lacks a multiple_choice field ({mc}); columns: {', '.join(ds.column_names)}"
             ) from None
-        if keys is not None:
-            index = list(keys).index(answer) if answer in keys else -1
-        else:
-            index = int(answer) - base if str(answer).strip().lstrip("-").isdigit() else -1
-        if not 0 <= index < len(opts):  # hub test splits often hide the answer: dropped, and counted
+        where = f"task '{name}': split '{role}' row {i}"
+        if len(opts) < 2:  # one option is always right: the score would say nothing
+            raise UsageError(f"{where} has {len(opts)} option(s); accepted: two or more options per question")
+        index = _answer_index(where, answer, None if keys is None else list(keys), base, len(opts))
+        if index is None:  # hub test splits often hide the answer: dropped, and counted
             continue
         if any(_missing(row[c]) for c in text_cols):
             raise UsageError(
@@ -323,6 +414,36 @@ def _multiple_choice_split(
 
 
 PROMPT_KEYS = ("template", "template_task")  # a task entry's say in how its prompts are written
+
+
+OPEN_KEYS = ("input", "output")
+
+
+def _open_fields(name: str, spec: dict[str, Any], ds: Any) -> tuple[str, str]:
+    """The input and output columns of an open-vocabulary task (`open_vocabulary: {input, output}`)."""
+    given = spec["open_vocabulary"] or {}
+    fields = (str(given.get("input", "input")), str(given.get("output", "output")))
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise UsageError(
+            f"task '{name}': open_vocabulary column '{missing[0]}' not in the data; columns: {', '.join(ds.column_names)}"
+        )
+    return fields
+
+
+def _open_split(name: str, ds: Any, role: str, fields: tuple[str, str]) -> tuple[Split, int]:
+    """Inputs and their answers; a row whose input or answer is missing or empty is refused."""
+    columns = ds.select_columns(list(dict.fromkeys(fields))).to_dict()
+    texts, answers = columns[fields[0]], columns[fields[1]]
+    for column, values in zip(fields, (texts, answers)):
+        bad = [i for i, v in enumerate(values) if _missing(v) or not str(v).strip()]
+        if bad:
+            raise UsageError(
+                f"task '{name}': split '{role}' has {len(bad)} missing or empty value(s) in column '{column}', "
+                f"first at row {bad[0]}; accepted: a text in every row"
+            )
+    texts, answers = [str(t).strip() for t in texts], [str(a).strip() for a in answers]
+    return Split(texts, np.zeros(len(texts), dtype=np.int64), answers=answers), 0
 
 
 def load_task(name: str, spec: dict[str, Any]) -> Task:
@@ -365,12 +486,15 @@ def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
     if multiple_choice:
         text_cols = _text_columns(name, train_ds.column_names, spec)
         return _assemble(name, [], dsd, mapping, partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols))
+    if "open_vocabulary" in spec:
+        return _assemble(name, [], dsd, mapping, partial(_open_split, name, fields=_open_fields(name, spec, train_ds)))
     if label_field not in train_ds.column_names:
         raise UsageError(
             f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}"
         )
     names = _label_names(name, train_ds, label_field, spec)
-    words = [str(w) for w in spec.get("label_words", names)]
+    given = spec.get("label_words")
+    words = [str(w) for w in (names if given is None else given)]  # null in an entry: not given
     if len(words) != len(names):
         raise UsageError(f"task '{name}': {len(words)} label_words for {len(names)} classes")
     text_cols = _text_columns(name, train_ds.column_names, spec)
@@ -386,6 +510,20 @@ def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
         return Split(texts, labels), int((~keep).sum())
 
     return _assemble(name, words, dsd, mapping, to_split)
+
+
+def cross_split_duplicates(splits: dict[str, Split]) -> dict[str, int]:
+    """Per pair of splits ("train/test"), how many rows of the second hold a text the first holds too:
+    a test example also seen in training (as a demonstration or fitting episode) measures memory, not
+    learning, and a user should see it. Pairs without any are left out."""
+    texts = {role: set(split.texts) for role, split in splits.items()}
+    found = {}
+    for first, second in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        if first in splits and second in splits:
+            n = sum(text in texts[first] for text in splits[second].texts)
+            if n:
+                found[f"{first}/{second}"] = n
+    return found
 
 
 def _assemble(
@@ -415,6 +553,9 @@ def _assemble(
             "seed": CARVE_SEED,
             "sizes": {r: int(len(i)) for r, i in cuts.items()},
         }
+    leaks = cross_split_duplicates(splits)
+    if leaks:  # only when there are some: records of tasks without any stay as they were
+        provenance["cross_split_duplicates"] = leaks
     for role, split in splits.items():
         if len(split.texts) == 0:
             why = f" (its {dropped[role]} rows have no label)" if dropped.get(role) else ""

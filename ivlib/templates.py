@@ -24,9 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import UsageError
+from .yamlread import read_yaml
 
 FIELD = "text"  # the one placeholder: the example's input text (a pair task's fields joined, as today)
 FIELDS = ("name", "input", "delimiter", "separator", "preamble", "keep_space")
@@ -208,16 +207,7 @@ def from_file(path: str) -> Template:
     """A --template FILE: YAML or JSON with `input` and optionally delimiter, separator, preamble,
     keep_space, name (default: the file's stem)."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--template '{path}' is not a file; accepted: a built-in name or a YAML file")
-    if p.stat().st_size > MAX_TEMPLATE_FILE:
-        raise UsageError(f"--template '{path}' is over {MAX_TEMPLATE_FILE // 1024} KiB; accepted: a template file")
-    try:
-        value = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UsageError(
-            f"--template '{path}' cannot be read as YAML ({type(exc).__name__}); accepted: a UTF-8 YAML file"
-        ) from None
+    value = read_yaml("--template", p, MAX_TEMPLATE_FILE, "a built-in name or a UTF-8 YAML template file")
     if not isinstance(value, dict):
         raise UsageError(f"--template '{path}' holds no mapping; accepted: keys {', '.join(FIELDS)}")
     return from_mapping(p.stem, value, f"--template '{path}'")

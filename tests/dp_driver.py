@@ -4,7 +4,8 @@ which on 2 CPU cores is most of the cost. Each command runs through `ivlib.cli.m
 
     python -m torch.distributed.run --nproc-per-node 2 tests/dp_driver.py CASES.json OUT_DIR
 
-CASES.json maps a case name to its argv; each command's stdout and stderr go to
+CASES.json maps a case name to its argv, or to {rank: argv} where the processes are given different
+input (what one process alone sees); each command's stdout and stderr go to
 OUT_DIR/<name>.<rank>.out and .err, its exit code to OUT_DIR/<name>.<rank>.rc.
 """
 
@@ -28,5 +29,5 @@ if __name__ == "__main__":
             contextlib.redirect_stdout(stdout),
             contextlib.redirect_stderr(stderr),
         ):
-            rc = main(argv)
+            rc = main(argv[rank] if isinstance(argv, dict) else argv)
         (out / f"{name}.{rank}.rc").write_text(str(rc))

@@ -157,7 +157,9 @@ def test_fit_accepts_a_built_method_and_refuses_bad_settings(gpt2, task):
     stronger = ivlib.evaluate(built, gpt2, task, n=20, batch_size=8, strength=2.0)
     plain = ivlib.evaluate(built, gpt2, task, n=20, batch_size=8)
     assert not torch.equal(stronger.scores, plain.scores) and built.strength == 0.5  # a copy was evaluated
-    with pytest.raises(ivlib.UsageError, match="unknown"):
+    with pytest.raises(
+        ivlib.UsageError, match="method=.nope. is not accepted; accepted: a registered method.s name .icl"
+    ):
         ivlib.fit("nope", gpt2, task)
     with pytest.raises(ivlib.UsageError, match="no setting"):
         ivlib.fit("iv", gpt2, task, strenght=1.0)

@@ -1,5 +1,5 @@
-"""Issue 20, bring your own model: the GGUF conversion cache is keyed by the source file's identity
-(a changed or renamed file is converted again, a missing one is refused even when a cache exists,
+"""Issue 20, bring your own model: the GGUF conversion cache is keyed by the source file's content
+(a changed file is converted again, a missing one is refused even when a cache exists,
 no registry name escapes the cache), the record names the file that ran; the one-time conversion
 says so in one line; several -c files merge in order; a multi-part package's `assemble` entry point.
 
@@ -59,9 +59,12 @@ def test_changed_source_changes_the_key_and_missing_source_is_refused(tmp_path, 
     path.write_bytes(b"GGUF two, longer")  # same registry name, the file changed
     changed, _ = models._gguf_checkpoint("m", str(weights), "a.gguf", quiet=True)
     assert changed != first and len(fake_conversion) == 2
-    _gguf(weights, "b.gguf", b"GGUF one")  # another file under the same name
+    _gguf(weights, "b.gguf", b"GGUF one")  # another file under the same name, the first one's bytes
     other, _ = models._gguf_checkpoint("m", str(weights), "b.gguf", quiet=True)
-    assert other not in (first, changed) and len(fake_conversion) == 3
+    assert other == first and len(fake_conversion) == 2  # keyed by content: the first conversion serves it
+    _gguf(weights, "c.gguf", b"GGUF three")  # another file, other bytes
+    third, _ = models._gguf_checkpoint("m", str(weights), "c.gguf", quiet=True)
+    assert third not in (first, changed) and len(fake_conversion) == 3
 
     path.unlink()  # a cache for a.gguf exists, the file does not: refused, not served
     with pytest.raises(UsageError, match=r"GGUF file '.*a\.gguf' does not exist") as err:
@@ -69,11 +72,14 @@ def test_changed_source_changes_the_key_and_missing_source_is_refused(tmp_path, 
     assert "\n" not in str(err.value)
 
 
-def test_same_stat_other_mtime_is_another_key(tmp_path):
+def test_touched_is_the_same_key_other_bytes_another(tmp_path, monkeypatch):
+    monkeypatch.setenv("IVLIB_CACHE", str(tmp_path / "cache"))
     path = _gguf(tmp_path, "a.gguf", b"GGUF")
-    before = models.source_identity(path)
+    before = models.content_identity(path)
     os.utime(path, ns=(before["mtime_ns"] + 10**9, before["mtime_ns"] + 10**9))
-    assert models.checkpoint_dir("m", models.source_identity(path)) != models.checkpoint_dir("m", before)
+    assert models.checkpoint_dir("m", models.content_identity(path)) == models.checkpoint_dir("m", before)
+    path.write_bytes(b"GGUF, other bytes")
+    assert models.checkpoint_dir("m", models.content_identity(path)) != models.checkpoint_dir("m", before)
 
 
 @pytest.mark.parametrize("name", ["../../escape", "/abs/olute", "..", "a/../../b", "ok name"])
@@ -85,7 +91,7 @@ def test_registry_name_stays_inside_the_cache(tmp_path, monkeypatch, name):
 
 def test_refuses_to_delete_what_ivlib_did_not_make(tmp_path, fake_conversion):
     path = _gguf(tmp_path / "w", "a.gguf", b"GGUF")
-    target = models.checkpoint_dir("m", models.source_identity(path))
+    target = models.checkpoint_dir("m", models.content_identity(path))
     (target.with_name(target.name + ".partial")).mkdir(parents=True)
     (target.with_name(target.name + ".partial") / "precious.txt").write_text("not ivlib's")
     with pytest.raises(UsageError, match="not made by ivlib"):

@@ -67,7 +67,9 @@ def test_sigterm_during_evaluation_keeps_finished_records_and_resume_completes(t
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # one line, after the warning that the tiny task repeats texts across its splits (printed with the first record)
+    said = [line for line in err.strip().splitlines() if not line.startswith("warning: task 'review_sentiment' has")]
+    assert len(said) == 1 and "Traceback" not in err
     written = _lines(results)
     assert 1 <= len(written) < len(STRENGTHS)
     assert f"{len(written)} record(s) of this run written" in err and "vectors saved to" in err and "--resume" in err

@@ -173,15 +173,15 @@ def test_the_protocol_refuses_what_a_method_cannot_run():
     from ivlib.methods import METHODS
 
     with pytest.raises(UsageError, match="--shot 0 is too few for --method dt"):
-        Protocol.build(shot=0).check(METHODS["dt"], False, METHODS)
+        Protocol.build(shot=0).check(METHODS["dt"], "classification", METHODS)
     with pytest.raises(UsageError, match="--demo-order class needs classes"):
-        Protocol.build(demo_order="class").check(METHODS["icl"], True, METHODS)
+        Protocol.build(demo_order="class").check(METHODS["icl"], "open_vocabulary", METHODS)
     protocol = Protocol.build(shot=2, demos="fixed", template="fv", score="vocab", metric="accuracy")
-    assert protocol.fields(METHODS["tv"], False) == {
+    assert protocol.fields(METHODS["tv"], "classification") == {
         "shot": 2,
         "demos": "fixed",
         "template": "fv",
         "scoring": "vocab",
         "metric": "accuracy",
     }
-    assert protocol.fields(METHODS["zero-shot"], False) == {"shot": 0, "template": "fv", "scoring": "vocab"}
+    assert protocol.fields(METHODS["zero-shot"], "classification") == {"shot": 0, "template": "fv", "scoring": "vocab"}

@@ -6,22 +6,23 @@ from pathlib import Path
 from ivlib.results import append_record, read_records
 
 REPO = Path(__file__).resolve().parent.parent
+BASE = {"method": "icl", "model": "m", "task": "t", "split": "validation", "hyperparameters": {}, "metrics": {}}
 
 
 def test_append_and_read_back(tmp_path):
     path = tmp_path / "runs.jsonl"
-    append_record(str(path), {"a": 1})
-    append_record(str(path), {"b": [1, 2]})
+    append_record(str(path), {**BASE, "a": 1})
+    append_record(str(path), {**BASE, "b": [1, 2]})
     records, bad = read_records(str(path))
-    assert records == [{"a": 1}, {"b": [1, 2]}] and bad == []
+    assert records == [{**BASE, "a": 1}, {**BASE, "b": [1, 2]}] and bad == []
 
 
 def test_a_partial_line_left_by_a_killed_writer_does_not_swallow_the_next_record(tmp_path):
     path = tmp_path / "runs.jsonl"
-    path.write_text('{"ok": 1}\n{"cut off')
-    append_record(str(path), {"next": 2})
+    path.write_text(json.dumps({**BASE, "ok": 1}) + '\n{"cut off')
+    append_record(str(path), {**BASE, "next": 2})
     records, bad = read_records(str(path))
-    assert records == [{"ok": 1}, {"next": 2}] and bad == [2]
+    assert records == [{**BASE, "ok": 1}, {**BASE, "next": 2}] and bad == [2]
 
 
 def test_two_processes_appending_never_interleave(tmp_path):

@@ -24,6 +24,7 @@ from ivlib.methods.probe import Probe
 from ivlib.methods.site import SoftInjection
 from ivlib.methods.sv import StateVector
 from ivlib.methods.tv import TaskVectors
+from ivlib.methods.tv_hendel import HendelTaskVectors
 from ivlib.prompts import PromptEncoder
 from ivlib.scoring import Scorer
 from ivlib.templates import BUILTIN, IV, Template, from_mapping, named, resolve
@@ -152,6 +153,7 @@ def _fitted(name: str, lm, n_classes: int):
             "demonstrations": torch.tensor(2),
         },
     )
+    builders["tv-hendel"] = (HendelTaskVectors(), {"layer": torch.tensor(0), "layer_scores": torch.zeros(layers)})
     builders["hc"] = (
         HiddenCalibration(),
         {"centroids": rand(n_classes, d), "counts": torch.ones(n_classes, dtype=torch.long)},
@@ -203,6 +205,10 @@ def _check_positions(name: str, spy: _Spy, batch) -> None:
         assert not edited
         return
     assert edited
+    if name == "tv-hendel":  # read at the few-shot rows' query separators, written at the zero-shot rows' last
+        assert edited[0] == queries and {r for r, _ in edited[1]} == {r for r, _ in queries} == set(range(len(queries)))
+        assert len(edited[1]) == len(queries)
+        return
     for positions in edited:
         assert positions == (separators if name == "iv" else queries)
 

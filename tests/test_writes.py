@@ -118,7 +118,7 @@ def test_a_full_file_system_is_refused_before_the_compute(results, monkeypatch, 
 
     class Full:
         def __init__(self, real_result):
-            self.f_frsize, self.f_bavail = real_result.f_frsize, 3
+            self.f_frsize, self.f_bavail, self.f_blocks = real_result.f_frsize, 3, real_result.f_blocks
 
     monkeypatch.setattr(ivlib.results.os, "statvfs", lambda p: Full(real(p)))
     monkeypatch.setattr(ivlib.experiment, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))

@@ -34,6 +34,9 @@ class Method(ABC):
     fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
     min_shot: ClassVar[int] = 0  # fewest evaluation demonstrations per class it can work with
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options
+    # whether it can run an open-vocabulary task (input -> any text, no classes): not one that builds
+    # anything per class (IV's class vectors, I2CL's and HC's per-label calibration, the probe)
+    supports_open_vocabulary: ClassVar[bool] = False
     # the scoring rules (--score, see `ivlib.rules`) it can be judged by: a method whose edits are the
     # prompt's (paused over the answer's continuation and decoding) can be judged by any of them
     scoring_rules: ClassVar[tuple[str, ...]] = RULES
@@ -75,6 +78,12 @@ class Method(ABC):
     def fit_settings(cls) -> tuple[Setting, ...]:
         """Settings that define what fitting computes (saved with the state, adopted on load)."""
         return tuple(s for s in cls.settings if s.role == FIT)
+
+    @classmethod
+    def scaling_flags(cls) -> tuple[str, ...]:
+        """Flags of the settings that scale the method's edits (`Setting.scales`): what an overflow asks
+        the user to lower."""
+        return tuple(s.flag for s in cls.settings if s.scales)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The method's settings as the run record names them (what --resume and select match)."""

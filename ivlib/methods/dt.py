@@ -27,7 +27,7 @@ import torch
 from ..episodes import Episode
 from ..errors import UsageError
 from ..kvcache import KV, read_kv, sliding_window, write_kv
-from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_prefix
+from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_demos, split_prefix
 from ..scoring import Prefix, Scorer
 from ..settings import Setting
 from .base import Method, fitted, register
@@ -35,30 +35,10 @@ from .base import Method, fitted, register
 POSITIONS = ("shifted", "pinned")
 
 
-def split_demos(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut left-padded whole prompts into left-padded demonstrations and the query part.
-
-    Returns demo ids and mask [B, Ld], query ids and mask [B, Lq] (query rows left-padded too,
-    so the pads sit between demos and query, masked out) and each row's demo length [B].
-    """
-    ids, mask, starts = batch.input_ids, batch.attention_mask, batch.query_starts
-    width = ids.shape[1]
-    n_demo = starts - (width - mask.sum(dim=1))  # [B] real demo tokens per row
-    if int(n_demo.min()) < 1:
-        raise UsageError("dt needs demonstrations; accepted: --shot 1 or more")
-    demo_w = int(n_demo.max())
-    src = starts[:, None] - demo_w + torch.arange(demo_w, device=ids.device)  # [B, Ld] source columns
-    demo_mask = (src >= starts[:, None] - n_demo[:, None]).long()
-    demo_ids = torch.where(demo_mask.bool(), ids.gather(1, src.clamp(min=0)), ids[:, :1])
-    query_w = width - int(starts.min())
-    cols = torch.arange(width - query_w, width, device=ids.device)
-    query_mask = (cols[None, :] >= starts[:, None]).long()  # [B, Lq]
-    return demo_ids, demo_mask, ids[:, width - query_w :], query_mask, n_demo
-
-
 @register
 class DeepThinking(Method):
     name = "dt"
+    supports_open_vocabulary = True
     needs_validation = True  # chooses the number of steps
     supports_multiple_choice = True
     caches_fixed_prefix = True  # the tuned cache is the prefix
@@ -68,7 +48,7 @@ class DeepThinking(Method):
         Setting(
             "dt_step", int, None, "use this T instead of choosing it on validation", low=1, optional=True, symbol="T"
         ),
-        Setting("dt_eta", float, 0.01, "step size of the cache update", symbol="eta"),
+        Setting("dt_eta", float, 0.01, "step size of the cache update", symbol="eta", scales=True),
         Setting("dt_beta", float, 0.9, "momentum", symbol="beta"),
         Setting(
             "dt_positions",

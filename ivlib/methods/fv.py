@@ -40,18 +40,21 @@ def default_top_heads(n_layers: int, n_heads: int) -> int:
 
 
 def shuffle_labels(episodes: list[Episode], seed: int) -> list[Episode]:
-    """The same demonstrations with their labels permuted among them (the query keeps its own)."""
+    """The same demonstrations with their labels (open vocabulary: their answers) permuted among
+    them; the query keeps its own."""
     rng = np.random.default_rng([seed, 7])
     out = []
     for ep in episodes:
-        labels = rng.permutation([d.label for d in ep.demos])
-        out.append(Episode(tuple(Example(d.text, int(y)) for d, y in zip(ep.demos, labels)), ep.query))
+        order = rng.permutation(len(ep.demos))
+        demos = tuple(Example(d.text, ep.demos[j].label, answer=ep.demos[j].answer) for d, j in zip(ep.demos, order))
+        out.append(Episode(demos, ep.query))
     return out
 
 
 @register
 class FunctionVectors(Method):
     name = "fv"
+    supports_open_vocabulary = True
     needs_fit = True
     has_state = True
     caches_fixed_prefix = True  # edits the query separator alone

@@ -14,8 +14,9 @@ with one (a, b) per layer and site, starting at (0.1, 1.0).
 Calibration ("noisy self-calibration"): the frozen model is differentiated for a and b only, on
 the demonstrations themselves posed as zero-shot queries: cross-entropy of the label's first token
 (the evaluation's own scores), AdamW (lr 0.01, weight decay 1e-3), mini-batches of 2, 100 epochs,
-a linear warm-up over the first 5% of the epochs, then a cosine decay over all steps. While
-calibrating, Gaussian noise of 0.001 x each position's L2 norm is added after every injection.
+a linear warm-up of the release's `int(0.05 * epochs * (n // batch))` steps, then a cosine decay
+over all steps. While calibrating, Gaussian noise of 0.001 x each position's L2 norm is added after
+every injection.
 
 In ivlib's protocol the demonstrations are the distinct training examples that appear as
 demonstrations in the fit episodes (-e episodes of -s per class; with -e 1 it is one
@@ -68,6 +69,24 @@ def demo_prompt(encoder: PromptEncoder, demo: Example) -> EncodedPrompt:
     return EncodedPrompt(ids, [len(ids) - 1], [encoder.n_classes], demo.label, len(ids))
 
 
+WARMUP_SHARE = 0.05  # of the epochs, as the release counts them (`schedule`)
+
+
+def schedule(n: int, batch: int, epochs: int) -> tuple[int, int, int]:
+    """(steps per epoch, warm-up steps, total steps) of a calibration on `n` prompts, `batch` per step.
+
+    Warm-up: the release's formula, `int(0.05 * epochs * (n // batch))` steps, truncated once after
+    scaling (so 30 epochs of 2 steps warm up for 3 steps, not for one whole epoch). Steps: each epoch
+    visits every prompt once, ceil(n / batch) steps (the last one short), and the cosine ends at the
+    last step. Where `batch` divides `n` (the release's settings: k demonstrations per class, batches
+    of 2) that is the release's count and horizon too. Otherwise the release takes n // batch steps
+    per epoch, each a fresh random draw, towards a horizon of `epochs * n // batch` that its last step
+    never reaches; a full pass per epoch needs the extra step, and the cosine then ends at zero."""
+    per_epoch = math.ceil(n / batch)
+    warmup = int((WARMUP_SHARE * epochs) * (n // batch))
+    return per_epoch, warmup, epochs * per_epoch
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """The reference's schedule: linear warm-up, then a cosine over all `total` steps (not restarted)."""
     if warmup > 0 and step <= warmup:
@@ -104,8 +123,8 @@ class ImplicitICL(Method):
         Setting(
             "i2cl_noise", float, 0.001, "calibration noise, times each position's norm; 0 = none", low=0, symbol="noise"
         ),
-        Setting("i2cl_init_a", float, 0.1, "initial strength a of the context vectors", symbol="a0"),
-        Setting("i2cl_init_b", float, 1.0, "initial scale b of the module outputs", symbol="b0"),
+        Setting("i2cl_init_a", float, 0.1, "initial strength a of the context vectors", symbol="a0", scales=True),
+        Setting("i2cl_init_b", float, 1.0, "initial scale b of the module outputs", symbol="b0", scales=True),
     )
 
     i2cl_sets: int
@@ -209,10 +228,8 @@ class ImplicitICL(Method):
         a = torch.full((layout.n_layers, 2), self.i2cl_init_a, device=device, requires_grad=True)
         b = torch.full((layout.n_layers, 2), self.i2cl_init_b, device=device, requires_grad=True)
         optimiser = torch.optim.AdamW([a, b], lr=self.i2cl_lr, weight_decay=self.i2cl_wd)
-        per_epoch = math.ceil(len(prompts) / self.i2cl_batch)
-        total = self.i2cl_epochs * per_epoch
-        warmup = int(0.05 * self.i2cl_epochs) * per_epoch
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, partial(lr_factor, warmup=warmup, total=total))
+        _, warmup, total = schedule(len(prompts), self.i2cl_batch, self.i2cl_epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, partial(lr_factor, warmup=warmup, total=total))
         order_gen = torch.Generator().manual_seed(self.seed)
         noise_gen = torch.Generator(device=device).manual_seed(self.seed)
         curve: list[float] = []
@@ -220,7 +237,7 @@ class ImplicitICL(Method):
             for _ in range(self.i2cl_epochs):
                 order = torch.randperm(len(prompts), generator=order_gen).tolist()
                 losses = [
-                    self._step(scorer, [prompts[i] for i in order[s : s + self.i2cl_batch]], optimiser, schedule)
+                    self._step(scorer, [prompts[i] for i in order[s : s + self.i2cl_batch]], optimiser, scheduler)
                     for s in range(0, len(order), self.i2cl_batch)
                 ]
                 curve.append(sum(losses) / len(losses))

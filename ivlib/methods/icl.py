@@ -14,6 +14,7 @@ class ICL(Method):
     """The reference code's "clean" run: the same prompts IV edits, left unedited."""
 
     name = "icl"
+    supports_open_vocabulary = True
     supports_multiple_choice = True
     caches_fixed_prefix = True  # no edits at all
 

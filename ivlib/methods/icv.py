@@ -116,6 +116,7 @@ class InContextVectors(Method):
             role=EVAL,
             low=0.0,
             symbol="lam",
+            scales=True,
         ),
         Setting(
             "icv_pair",

@@ -54,8 +54,9 @@ class IterativeVectors(Method):
             "evaluation strength a2 of the vectors; several values share one extraction, one record each",
             role=EVAL,
             symbol="a2",
+            scales=True,
         ),
-        Setting("ext_strength", float, 0.3, "extraction strength a1 of the current vectors", symbol="a1"),
+        Setting("ext_strength", float, 0.3, "extraction strength a1 of the current vectors", symbol="a1", scales=True),
         Setting(
             "ext_batch",
             int,

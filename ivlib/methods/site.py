@@ -36,7 +36,7 @@ from ..hooks import edit_inputs
 from ..layout import ModelLayout
 from ..metrics import f1_scores
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder
-from ..scoring import Scorer, head_means
+from ..scoring import Scorer, gold_first, head_means
 from ..settings import Setting
 from ..state import TensorSpec
 from .base import Method, fitted, register
@@ -71,6 +71,7 @@ def _passes(n: int, rng: np.random.Generator) -> Iterator[int]:
 @register
 class SoftInjection(Method):
     name = "site"
+    supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True  # keeps the best checkpoint on validation
     has_state = True
@@ -187,8 +188,9 @@ class SoftInjection(Method):
             rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
             with soft_injection(scorer, fitted(self.emb, self.name), alpha, rows, batch.query_cols):
                 answer = scorer.forward(batch)
-                judged = scorer.rule.from_logits(answer) if scorer.rule.last_token else scorer.label_scores(batch)
-            return torch.cat([scorer.label_logprobs(answer), judged], dim=1)
+                gold = gold_first(batch)
+                judged = scorer.rule.from_logits(answer, gold) if scorer.rule.last_token else scorer.label_scores(batch)
+            return torch.cat([scorer.label_logprobs(answer, gold), judged], dim=1)
 
         out = scorer.runner.map(prompts, scores, "SITE validation")
         labels = torch.tensor([p.label for p in prompts])

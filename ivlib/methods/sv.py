@@ -57,6 +57,7 @@ def aggregate(states: torch.Tensor, window: int, beta: float, lr: float) -> torc
 @register
 class StateVector(Method):
     name = "sv"
+    supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True  # chooses L, the number of first layers edited
     has_state = True
@@ -80,7 +81,7 @@ class StateVector(Method):
             high=1,
             symbol="beta",
         ),
-        Setting("sv_lr", float, 1.0, "step size of the momentum added to the inner mean", symbol="lr"),
+        Setting("sv_lr", float, 1.0, "step size of the momentum added to the inner mean", symbol="lr", scales=True),
         Setting(
             "sv_layers",
             int,

@@ -28,6 +28,7 @@ from .base import Method, fitted, register
 @register
 class TaskVectors(Method):
     name = "tv"
+    supports_open_vocabulary = True
     needs_fit = True
     needs_validation = True
     has_state = True
