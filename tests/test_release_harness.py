@@ -243,9 +243,13 @@ def test_sv_names_each_scoring_by_the_result_it_saved():
 
 
 def test_sv_top1_is_rank_zero():
-    got = sv.hits_summary([0, 4, 0, 1])
-    assert got["n"] == 4 and got["accuracy"]["value"] == 0.5
-    assert got["accuracy"] == bootstrap_accuracy([1, 1, 1, 1], [1, 0, 1, 0])
+    """Rank 0 is a hit; the interval is the one an ivlib record seeded with the same --seed holds."""
+    ranks = [0 if i % 3 == 0 or i % 7 == 0 else 1 + i % 5 for i in range(300)]
+    hits = [int(r == 0) for r in ranks]
+    got = sv.hits_summary(ranks, 233)
+    assert got["n"] == 300 and got["accuracy"]["value"] == sum(hits) / 300
+    assert got["accuracy"] == bootstrap_accuracy([1] * 300, hits, seed=233)
+    assert got["accuracy"] != sv.hits_summary(ranks, 0)["accuracy"]  # the seed is the run's, not a constant
 
 
 def test_sv_split_export_and_partition_check(tmp_path):
@@ -264,3 +268,21 @@ def test_sv_split_export_and_partition_check(tmp_path):
     assert (tmp_path / "split" / "train.jsonl").read_text() == '{"input": "hot", "output": "cold"}\n'
     argv = sv.release_args("antonym", "/d", "/s", 100, 233)
     assert dict(zip(argv[1::2], argv[2::2]))["--max_test_num"] == "100" and "--rand_seed" in argv
+
+
+def test_sv_antonym_config_reads_the_exported_split(tmp_path):
+    """bench/releases/sv-antonym.yaml (ivlib's side of the State Vector rows) reads the very items
+    sv.py --export wrote, split for split, in order: ivlib sees the release's data."""
+    data = {
+        "demon": [{"input": f"d{i}", "output": f"D{i}"} for i in range(3)],
+        "valid": [{"input": f"v{i}", "output": f"V{i}"} for i in range(4)],
+        "test": [{"input": f"t{i}", "output": f"T{i}"} for i in range(5)],
+    }
+    sv.export_split(tmp_path / "results" / "releases" / "sv-antonym-split", data, 2)
+    (tmp_path / "bench" / "releases").mkdir(parents=True)
+    config = tmp_path / "bench" / "releases" / "sv-antonym.yaml"
+    config.write_text((RELEASES / "sv-antonym.yaml").read_text())
+    task = harness.load_ivlib_task("antonym-sv", [str(config)])
+    for split, items in (("train", data["demon"]), ("validation", data["valid"]), ("test", data["test"][:2])):
+        assert list(task.splits[split].texts) == [r["input"] for r in items]
+        assert list(task.splits[split].answers) == [r["output"] for r in items]
