@@ -187,6 +187,16 @@ def test_pair_needs_the_same_queries():
         harness.sample_lines([1, 2], [0], [0])
 
 
+def test_compare_takes_only_runs_over_the_release_queries():
+    """A results file holds ICL under DT's 200 queries and under I2CL's 500: compare takes the one
+    with the release's task, --seed and query count."""
+    release = {"task": "sst2-local", "seed": 42, "answers": {"icl": [{}] * 200}}
+    run = {"task": "sst2-local", "seed": 42, "n_eval_episodes": 200}
+    assert harness.same_queries(run, release, "icl")
+    for key, other in (("n_eval_episodes", 500), ("seed", 43), ("task", "rotten_tomatoes-local")):
+        assert not harness.same_queries({**run, key: other}, release, "icl")
+
+
 def test_dt_reports_the_release_logged_step():
     # AdvantageLogger keeps a step when it is >= the best so far: ties go to the later step
     assert dt.best_step([(50.0, 1), (61.0, 3), (61.0, 7)]) == 7

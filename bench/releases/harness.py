@@ -256,6 +256,16 @@ def pair(release: list[dict[str, Any]], ivlib: list[dict[str, Any]], n_classes: 
     }
 
 
+def same_queries(record: dict[str, Any], release: dict[str, Any], entry: str) -> bool:
+    """Whether an ivlib record can have answered the release's queries: the same task, --seed and -n
+    (a results file holds runs of several protocols, e.g. ICL under DT's 200 queries and I2CL's 500)."""
+    return (
+        record.get("task") == release.get("task")
+        and record.get("seed") == release.get("seed")
+        and record.get("n_eval_episodes") == len(release["answers"][entry])
+    )
+
+
 def _ivlib_lines(results: str, select: Callable[[dict[str, Any]], bool]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from ivlib.samples import read_samples
 
@@ -281,7 +291,11 @@ def compare_main(argv: Sequence[str]) -> None:
         raise UsageError(f"--entry '{args.entry}' unknown; accepted: {', '.join(release['answers'])}")
     record, lines = _ivlib_lines(
         args.ivlib_results,
-        lambda r: args.method in (None, r.get("method")) and args.model in (None, r.get("model")),
+        lambda r: (
+            args.method in (None, r.get("method"))
+            and args.model in (None, r.get("model"))
+            and same_queries(r, release, args.entry)
+        ),
     )
     paired = pair(release["answers"][args.entry], lines, release["n_classes"])
     acc = paired["accuracy"]
