@@ -197,6 +197,19 @@ def test_compare_takes_only_runs_over_the_release_queries():
         assert not harness.same_queries({**run, key: other}, release, "icl")
 
 
+def test_sv_pairs_item_by_item():
+    """ivlib's draws (with replacement) from State Vector's items meet the release's answer to each item."""
+    ranks = [0, 3, 0, 1]  # the release: items 0 and 2 right
+    lines = [{"query_row": r, "correct": c} for r, c in ((2, True), (1, True), (2, False), (0, True))]
+    theirs = harness.release_by_item(ranks, lines)
+    assert [x["pred"] for x in theirs] == [0, 1, 0, 0] and [x["query_row"] for x in theirs] == [2, 1, 2, 0]
+    ours = [harness.hit_line(x, x["correct"]) for x in lines]
+    paired = harness.pair(theirs, ours, 2)
+    assert paired["agreement"] == 0.5 and (paired["wins"], paired["losses"]) == (1, 1)
+    with pytest.raises(UsageError, match="beyond the release's 4"):
+        harness.release_by_item(ranks, [{"query_row": 4, "correct": True}])
+
+
 def test_dt_reports_the_release_logged_step():
     # AdvantageLogger keeps a step when it is >= the best so far: ties go to the later step
     assert dt.best_step([(50.0, 1), (61.0, 3), (61.0, 7)]) == 7

@@ -287,22 +287,42 @@ def compare_main(argv: Sequence[str]) -> None:
     ap.add_argument("--entry", default="headline", help="which of the release's answers (a key of its 'answers')")
     args = ap.parse_args(argv)
     release = json.loads(Path(args.release_json).read_text())
-    if args.entry not in release["answers"]:
-        raise UsageError(f"--entry '{args.entry}' unknown; accepted: {', '.join(release['answers'])}")
+    by_item = "ranks" in release  # sv.py: the release answered every item once, ivlib draws items
+    answers = release["ranks"] if by_item else release["answers"]
+    if args.entry not in answers:
+        raise UsageError(f"--entry '{args.entry}' unknown; accepted: {', '.join(answers)}")
     record, lines = _ivlib_lines(
         args.ivlib_results,
         lambda r: (
             args.method in (None, r.get("method"))
             and args.model in (None, r.get("model"))
-            and same_queries(r, release, args.entry)
+            and (r.get("seed") == release.get("seed") if by_item else same_queries(r, release, args.entry))
         ),
     )
-    paired = pair(release["answers"][args.entry], lines, release["n_classes"])
-    acc = paired["accuracy"]
+    if by_item:
+        theirs, lines = release_by_item(answers[args.entry], lines), [hit_line(x, x["correct"]) for x in lines]
+        paired = pair(theirs, lines, 2)
+    else:
+        paired = pair(answers[args.entry], lines, release["n_classes"])
     print(
-        f"ivlib {record['method']} ({record['model']}) minus {release['release']} ({args.entry}) on the same {paired['n']} queries: "
-        f"accuracy {pct(acc)} points, answers agree on {100 * paired['agreement']:.1f}%"
+        f"ivlib {record['method']} ({record['model']}) minus {release['release']} ({args.entry}) on the same "
+        f"{paired['n']} {'items' if by_item else 'queries'}: accuracy {pct(paired['accuracy'])} points, "
+        f"answers agree on {100 * paired['agreement']:.1f}%"
     )
+
+
+def hit_line(line: dict[str, Any], right: bool) -> dict[str, Any]:
+    """An open-vocabulary answer as a two-class line: gold 0, predicted 0 when right."""
+    return {"query_row": line["query_row"], "gold": 0, "pred": 0 if right else 1}
+
+
+def release_by_item(ranks: Sequence[int], lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The release's answer to each item an ivlib run drew (State Vector answers each of its test items
+    once; an ivlib run draws its queries from those items with replacement): paired item by item,
+    right when the release ranked the answer's first token first."""
+    if any(not 0 <= x["query_row"] < len(ranks) for x in lines):
+        raise UsageError(f"the ivlib run drew items beyond the release's {len(ranks)}; accepted: a run on its split")
+    return [hit_line(x, ranks[x["query_row"]] == 0) for x in lines]
 
 
 def guarded(main: Callable[[], None], name: str) -> None:

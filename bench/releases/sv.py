@@ -13,8 +13,10 @@ replaced from outside:
              the layer counts in its table were set for Llama-2-7B's 32 layers, SmolLM2 has 30)
   data       none by default: the release's own file. `--export DIR` writes the very split it
              evaluated (demonstrations, validation, the first -n test items) as JSONL of
-             {input, output}, for an ivlib run on the same queries once ivlib reads open-vocabulary
-             tasks; `--data-root DIR` points the release at another folder of files in its format
+             {input, output}, which bench/releases/sv-antonym.yaml reads as the ivlib task
+             `antonym-sv` (ivlib's side on the release's data; `harness.py compare` then pairs
+             ivlib's draws item by item with the release's answers); `--data-root DIR` points the
+             release at another folder of files in its format
 
 Reductions: `--max_test_num` is `-n` (default 200; the release's scripts say 10). The release
 reports top-1 accuracy over the whole vocabulary (the first answer token) for zero-shot
