@@ -1,0 +1,311 @@
+"""The release harnesses' own logic (bench/releases/), without any release checkout or download:
+the adapters change no number, the queries are the CLI's, the answers become ivlib's intervals
+and pair only with runs that answered the same queries."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ivlib
+from ivlib.errors import UsageError
+from ivlib.experiment import evaluation_episodes
+from ivlib.metrics import bootstrap_accuracy, bootstrap_f1
+from ivlib.paired import paired_bootstrap
+
+RELEASES = Path(__file__).resolve().parents[1] / "bench" / "releases"
+sys.path.insert(0, str(RELEASES))
+import harness  # noqa: E402
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"release_harness_{name}", RELEASES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dt = _load("dt")
+i2cl = _load("i2cl")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ivlib.tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def task():
+    def split(start: int, n: int) -> tuple[list[str], list[int]]:
+        return [f"w{i} w{i % 7}" for i in range(start, start + n)], [i % 3 for i in range(start, start + n)]
+
+    return ivlib.task_from_lists(["a", "b", "c"], split(0, 90), split(90, 30), split(120, 30), name="three")
+
+
+# ---- adapters ------------------------------------------------------------------------------------
+def test_legacy_cache_scores_equal_the_native_cache(tiny):
+    """A release passes the cache back as (key, value) pairs, expanded to its batch: same logits."""
+    model, _ = tiny
+    prefix, rest = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10], [11, 12]])
+    mask = torch.ones(2, 6, dtype=torch.long)
+    native = model(input_ids=prefix, use_cache=True).past_key_values
+    reference = model(input_ids=torch.cat([prefix.expand(2, -1), rest], 1), attention_mask=mask).logits[:, -2:]
+    adapted = harness.legacy_cache(model)
+    legacy = adapted(input_ids=prefix, use_cache=True).past_key_values
+    assert isinstance(legacy, tuple) and len(legacy) == len(native.layers)
+    for (k, v), layer in zip(legacy, native.layers):
+        assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+    expanded = [[k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)] for k, v in legacy]
+    logits = adapted(input_ids=rest, attention_mask=mask, past_key_values=expanded).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(k, layer.keys) for (k, _), layer in zip(legacy, native.layers)), "the past is not mutated"
+
+
+def test_hub_tokenizer_class_renames_only(tiny):
+    _, tok = tiny
+    before = tok("w1 w2")["input_ids"]
+    loaded = type(tok)
+    renamed = harness.hub_tokenizer_class(tok, "GPT2TokenizerFast")
+    assert renamed is tok and type(tok).__name__ == "GPT2TokenizerFast" and isinstance(tok, loaded)
+    assert tok("w1 w2")["input_ids"] == before
+    assert harness.hub_tokenizer_class(tok, "") is tok and type(tok).__name__ == "GPT2TokenizerFast"
+    tok.__class__ = loaded
+
+
+def test_py310_random_takes_a_set_as_a_tuple_and_shares_the_generator():
+    population = {5, 3, 11, 7, 2}
+    random.seed(3)
+    expected = random.sample(tuple(population), 3)
+    random.seed(3)
+    assert harness.Py310Random().sample(population, 3) == expected
+    shim = harness.Py310Random()
+    random.seed(4)
+    from_list = shim.sample([1, 2, 3, 4], 2)
+    random.seed(4)
+    assert from_list == random.sample([1, 2, 3, 4], 2)
+    shim.seed(9)
+    first = shim.random()
+    random.seed(9)
+    assert random.random() == first
+
+
+def test_patched_restores_after_an_error():
+    class Target:
+        value = 1
+
+    with pytest.raises(RuntimeError), harness.patched(Target, "value", 2):
+        assert Target.value == 2
+        raise RuntimeError
+    assert Target.value == 1
+
+
+def test_release_modules_are_forgotten(tmp_path):
+    (tmp_path / "release_only_module_xyz.py").write_text("VALUE = 7\n")
+    before = list(sys.path)
+    with harness.release_on_path(tmp_path):
+        import release_only_module_xyz
+
+        assert release_only_module_xyz.VALUE == 7
+    assert "release_only_module_xyz" not in sys.modules and sys.path == before
+
+
+# ---- arguments -----------------------------------------------------------------------------------------------
+def test_checkout_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UsageError, match="is not a folder"):
+        harness.checkout(str(tmp_path / "missing"), "run_i2cl.py", "I2CL")
+    with pytest.raises(UsageError, match="has no run_i2cl.py"):
+        harness.checkout(str(tmp_path), "run_i2cl.py", "I2CL")
+    (tmp_path / "run_i2cl.py").write_text("")
+    assert harness.checkout(str(tmp_path), "run_i2cl.py", "I2CL") == tmp_path.resolve()
+    with pytest.raises(UsageError, match="-n 0 is out of range"):
+        harness.positive("-n", 0)
+
+
+def test_guarded_exits_2_with_one_line(capsys):
+    def main():
+        raise UsageError("--release 'x' is not a folder; accepted: a checkout")
+
+    with pytest.raises(SystemExit) as exit_info:
+        harness.guarded(main, "dt.py")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "dt.py: --release 'x' is not a folder; accepted: a checkout\n"
+
+
+def test_release_task_keys(task):
+    assert dt.release_key(task, "mr") == "mr" and i2cl.release_key(task, "sst2") == "sst2"
+    for module in (dt, i2cl):
+        with pytest.raises(UsageError, match="--release-task 'three' is not one this harness maps"):
+            module.release_key(task, None)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fixed", [False, True])
+def test_query_rows_are_the_cli_queries(task, fixed):
+    demos = evaluation_episodes(task, "train", 1, 1, 3, None)[0].demos if fixed else None
+    episodes = evaluation_episodes(task, "test", 0 if fixed else 1, 30, 3, demos)
+    assert harness.query_rows(task, "test", 30, 3) == [e.query.index for e in episodes]
+
+
+def test_rows_as_records_use_the_release_fields(task):
+    rows = harness.query_rows(task, "test", 4, 0)
+    records = harness.rows_as_records(task, "test", rows, "sentence", "label")
+    part = task.splits["test"]
+    assert records == [{"sentence": part.texts[r], "label": int(part.labels[r])} for r in rows]
+
+
+# ---- numbers ---------------------------------------------------------------------------------------------
+def test_summary_is_ivlib_bootstrap():
+    rng = np.random.default_rng(0)
+    gold, pred = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    got = harness.summary(gold, pred, 2, seed=42)
+    record = bootstrap_f1(gold, pred, 2, seed=42)  # what an ivlib run with --seed 42 records for these answers
+    assert got == {"n": 200, "accuracy": record["micro"], "macro": record["macro"]}
+    assert got["accuracy"]["value"] == pytest.approx(np.mean(gold == pred))
+    assert harness.pct({"value": 0.7127, "ci_low": 0.67, "ci_high": 0.754}) == "71.3 [67.0, 75.4]"
+    with pytest.raises(ValueError, match="of one length"):
+        harness.summary([0, 1], [0], 2, seed=0)
+
+
+def test_pair_needs_the_same_queries():
+    gold, ours, theirs = [0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 1, 1], [0, 0, 0, 0, 1, 0]
+    release = harness.sample_lines([4, 2, 9, 1, 3, 5], gold, theirs)
+    ivlib_lines = harness.sample_lines([4, 2, 9, 1, 3, 5], gold, ours)
+    paired = harness.pair(release, ivlib_lines, 2)
+    expected = paired_bootstrap(gold, ours, theirs, 2)["accuracy"]
+    assert paired["accuracy"] == vars(expected) and paired["agreement"] == pytest.approx(4 / 6)
+    assert (paired["wins"], paired["losses"]) == (1, 1)
+    shifted = harness.sample_lines([4, 2, 9, 1, 3, 6], gold, ours)
+    with pytest.raises(UsageError, match="did not answer the same queries"):
+        harness.pair(release, shifted, 2)
+    with pytest.raises(ValueError, match="differ in length"):
+        harness.sample_lines([1, 2], [0], [0])
+
+
+def test_compare_takes_only_runs_over_the_release_queries():
+    """A results file holds ICL under DT's 200 queries and under I2CL's 500: compare takes the one
+    with the release's task, --seed and query count."""
+    release = {"task": "sst2-local", "seed": 42, "answers": {"icl": [{}] * 200}}
+    run = {"task": "sst2-local", "seed": 42, "n_eval_episodes": 200}
+    assert harness.same_queries(run, release, "icl")
+    for key, other in (("n_eval_episodes", 500), ("seed", 43), ("task", "rotten_tomatoes-local")):
+        assert not harness.same_queries({**run, key: other}, release, "icl")
+
+
+def test_sv_pairs_item_by_item():
+    """ivlib's draws (with replacement) from State Vector's items meet the release's answer to each item."""
+    ranks = [0, 3, 0, 1]  # the release: items 0 and 2 right
+    lines = [{"query_row": r, "correct": c} for r, c in ((2, True), (1, True), (2, False), (0, True))]
+    theirs = harness.release_by_item(ranks, lines)
+    assert [x["pred"] for x in theirs] == [0, 1, 0, 0] and [x["query_row"] for x in theirs] == [2, 1, 2, 0]
+    ours = [harness.hit_line(x, x["correct"]) for x in lines]
+    paired = harness.pair(theirs, ours, 2)
+    assert paired["agreement"] == 0.5 and (paired["wins"], paired["losses"]) == (1, 1)
+    with pytest.raises(UsageError, match="beyond the release's 4"):
+        harness.release_by_item(ranks, [{"query_row": 4, "correct": True}])
+
+
+def test_dt_reports_the_release_logged_step():
+    # AdvantageLogger keeps a step when it is >= the best so far: ties go to the later step
+    assert dt.best_step([(50.0, 1), (61.0, 3), (61.0, 7)]) == 7
+    with pytest.raises(ValueError, match="logged no step"):
+        dt.best_step([])
+
+
+def test_dt_release_command_line_is_the_scripts():
+    args = type("A", (), {"shot": 2, "model": "m", "kv_iter": 15, "batch_size": 32, "seed": 4})()
+    argv = dt.release_args(args, "sst2")
+    flags = dict(zip(argv[1::2], argv[2::2]))
+    assert flags == {
+        "--dataset": "sst2",
+        "--prompt_version": "default",
+        "--exemplar_method": "stratified",
+        "--num_k_shots": "2",
+        "--model_type": "gpt2",
+        "--model_size": "m",
+        "--kv_iter": "15",
+        "--step_size": "0.01",
+        "--momentum": "0.9",
+        "--batch_size": "32",
+        "--gpus": "0",
+        "--in_8bit": "false",
+        "--seed": "4",
+    }
+
+
+def test_i2cl_evaluations_in_the_release_order():
+    assert i2cl.call_names(1) == ["zero-shot", "icl/run0", "i2cl/run0"]
+    assert i2cl.call_names(2) == ["zero-shot", "icl/run0", "i2cl/run0", "icl/run1", "i2cl/run1"]
+    assert i2cl.call_names(1, baseline=False) == ["i2cl/run0"]
+
+
+def test_softmax_spy_records_the_argmax_and_passes_the_rest():
+    spy = i2cl.SoftmaxSpy(torch.nn.functional)
+    logits = torch.tensor([[0.1, 2.0], [3.0, -1.0], [0.0, 0.5]])
+    torch.testing.assert_close(spy.softmax(logits, dim=-1), torch.softmax(logits, dim=-1))
+    assert spy.calls == [[1, 0, 1]]
+    assert spy.relu is torch.nn.functional.relu
+
+
+sv = _load("sv")
+
+
+def test_sv_names_each_scoring_by_the_result_it_saved():
+    saved = {"Regular": 0.5, "ICL baseline": 1.0}
+    calls = [([0.5], [0, 3]), ([1.0], [0, 0])]
+    assert sv.label_calls(saved, calls) == {"Regular": [0, 3], "ICL baseline": [0, 0]}
+    with pytest.raises(ValueError, match="is not the recorded call's accuracy"):
+        sv.label_calls({"Regular": 0.5, "ICL baseline": 0.5}, calls)
+    with pytest.raises(ValueError, match="saved 1 results but scored 2 times"):
+        sv.label_calls({"Regular": 0.5}, calls)
+
+
+def test_sv_top1_is_rank_zero():
+    """Rank 0 is a hit; the interval is the one an ivlib record seeded with the same --seed holds."""
+    ranks = [0 if i % 3 == 0 or i % 7 == 0 else 1 + i % 5 for i in range(300)]
+    hits = [int(r == 0) for r in ranks]
+    got = sv.hits_summary(ranks, 233)
+    assert got["n"] == 300 and got["accuracy"]["value"] == sum(hits) / 300
+    assert got["accuracy"] == bootstrap_accuracy([1] * 300, hits, seed=233)
+    assert got["accuracy"] != sv.hits_summary(ranks, 0)["accuracy"]  # the seed is the run's, not a constant
+
+
+def test_sv_split_export_and_partition_check(tmp_path):
+    data = {
+        "demon": [{"input": "hot", "output": "cold"}],
+        "valid": [{"input": "big", "output": "small"}],
+        "test": [{"input": "up", "output": "down"}, {"input": "in", "output": "out"}],
+    }
+    fv = tmp_path / "antonym.json"
+    fv.write_text(
+        '[{"input": "hot", "output": "cold"}, {"input": "up", "output": "down"}, {"input": "big", "output": "small"}]'
+    )
+    assert sv.partition_check(data, fv) == {"fv_file": str(fv), "items": 4, "found": 3, "fv_rows": 3}
+    sv.export_split(tmp_path / "split", data, 1)
+    assert (tmp_path / "split" / "test.jsonl").read_text() == '{"input": "up", "output": "down"}\n'
+    assert (tmp_path / "split" / "train.jsonl").read_text() == '{"input": "hot", "output": "cold"}\n'
+    argv = sv.release_args("antonym", "/d", "/s", 100, 233)
+    assert dict(zip(argv[1::2], argv[2::2]))["--max_test_num"] == "100" and "--rand_seed" in argv
+
+
+def test_sv_antonym_config_reads_the_exported_split(tmp_path):
+    """bench/releases/sv-antonym.yaml (ivlib's side of the State Vector rows) reads the very items
+    sv.py --export wrote, split for split, in order: ivlib sees the release's data."""
+    data = {
+        "demon": [{"input": f"d{i}", "output": f"D{i}"} for i in range(3)],
+        "valid": [{"input": f"v{i}", "output": f"V{i}"} for i in range(4)],
+        "test": [{"input": f"t{i}", "output": f"T{i}"} for i in range(5)],
+    }
+    sv.export_split(tmp_path / "results" / "releases" / "sv-antonym-split", data, 2)
+    (tmp_path / "bench" / "releases").mkdir(parents=True)
+    config = tmp_path / "bench" / "releases" / "sv-antonym.yaml"
+    config.write_text((RELEASES / "sv-antonym.yaml").read_text())
+    task = harness.load_ivlib_task("antonym-sv", [str(config)])
+    for split, items in (("train", data["demon"]), ("validation", data["valid"]), ("test", data["test"][:2])):
+        assert list(task.splits[split].texts) == [r["input"] for r in items]
+        assert list(task.splits[split].answers) == [r["output"] for r in items]
