@@ -106,8 +106,12 @@ def run_release(
         import models
         import tasks.base as base
 
+        # The stand-ins keep the release's signatures (it may pass any argument by keyword).
         def build_tokenizer(
-            model_type: str, model_size: str, padding_side: str = "left", use_fast: bool = False
+            model_type: str,
+            model_size: str,
+            padding_side: str = "left",
+            use_fast: bool = False,
         ) -> Any:
             tok = lm.tokenizer
             tok.padding_side = padding_side

@@ -124,8 +124,12 @@ def run_release(
             evaluations.append((result, [p for call in spy.calls[first:] for p in call]))
             return result
 
+        # The stand-ins keep the release's signatures (it may pass any argument by keyword).
         def load_model_tokenizer(
-            model_name: str, device: Any, output_hidden_states: bool = True, load_in_8bit: bool = False
+            model_name: str,
+            device: Any,
+            output_hidden_states: bool = True,
+            load_in_8bit: bool = False,
         ) -> Any:
             tokenizer.pad_token = tokenizer.eos_token
             tokenizer.padding_side = "right"
