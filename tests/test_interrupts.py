@@ -45,6 +45,13 @@ def _argv(results, vectors, episodes="20", n="400"):
     ]
 
 
+def _as_a_terminal_starts_it() -> None:
+    """Ctrl-C's default action in the child, as a terminal's foreground job has it. A child inherits
+    an ignored SIGINT (a background job of a script, or a pytest-xdist worker after some tests), and
+    Python then leaves it ignored: the test would send a signal the run never sees."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -86,7 +93,9 @@ def test_sigint_during_extraction_leaves_no_partial_files(tmp_path):
     results, vectors = tmp_path / "runs.jsonl", tmp_path / "iv.safetensors"
     results.write_text('{"earlier": "record"}\n')
     argv = [a for a in _argv(results, vectors, episodes="20000") if a != "--quiet"]  # progress bars show the phase
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_as_a_terminal_starts_it
+    )
     seen = bytearray()
 
     def read() -> None:
@@ -129,6 +138,7 @@ def _interrupt_during_imports(entry, sig):
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_as_a_terminal_starts_it,
     )
     seen = bytearray()
     signalled = threading.Event()
