@@ -389,18 +389,10 @@ PROTOCOL_DEFAULTS = {
 
 
 def build_protocol(spec: Any, task: str, task_entry: dict[str, Any] | None) -> Protocol:
-    """The run's protocol from a spec's (or the API's) values: the one place both build it."""
-    return Protocol.build(
-        shot=spec.shot,
-        demos=spec.demos,
-        demo_order=spec.demo_order,
-        template=spec.template,
-        score=spec.score,
-        metric=spec.metric,
-        max_new_tokens=spec.max_new_tokens,
-        task=task,
-        task_entry=task_entry,
-    )
+    """The run's protocol from a spec's values, read by the protocol's own declared settings, so a new
+    setting of `Protocol.build` needs no edit here."""
+    values = {setting.name: getattr(spec, setting.name) for setting in PROTOCOL_SETTINGS}
+    return Protocol.build(**values, task=task, task_entry=task_entry)
 
 
 def check_method_task(cls: type[Method], task: Task | str, name: str = "") -> None:
