@@ -29,6 +29,7 @@ cd "$(dirname "$0")"
 
 CONFIG="${CONFIG:-}"                   # a -c file merged over the base registry; empty: the base alone
 GPU="${GPU:--1}"
+SWEEP_MODELS="${MODELS:-}" SWEEP_TASKS="${TASKS:-}"  # as given: `test` then tests only these (see test_best)
 MODELS="${MODELS:-smollm2-135m}"
 TASKS="${TASKS:-review_sentiment}"
 RESULTS="${RESULTS:-results/runs.jsonl}"
@@ -133,10 +134,16 @@ baselines() {
 test_best() {
   # a setting run with several seeds is chosen by its mean over them, then tested with each seed (its test
   # command comes from that seed's validation run, so a saved state of that seed is the one loaded)
-  local commands seed
+  # MODELS / TASKS, when given, limit it to their choices: two sweeps sharing one RESULTS (one per model, side
+  # by side) each test their own, never the other's choice made on half its grid; neither given: every choice
+  local commands seed only=()
+  # shellcheck disable=SC2206  # lists of names, split as everywhere here (set -f: never globbed)
+  [ -z "$SWEEP_MODELS" ] || only+=(--model $SWEEP_MODELS)
+  # shellcheck disable=SC2206
+  [ -z "$SWEEP_TASKS" ] || only+=(--task $SWEEP_TASKS)
   for seed in $(seed_list); do
     mapfile -t seeded < <(seed_args "$seed")
-    commands="$("$PY" iv.py select --results "$RESULTS" --metric "$METRIC" --commands -n "$TEST_EPISODES" "${seeded[@]}")"
+    commands="$("$PY" iv.py select --results "$RESULTS" --metric "$METRIC" --commands -n "$TEST_EPISODES" "${only[@]}" "${seeded[@]}")"
     grep '^python iv.py' <<<"$commands" | while read -r line; do
       split_words words "select's test command" "$line"  # python iv.py ARGS...: the launcher replaces python
       "${launcher[@]}" "${words[@]:1}" -g "$GPU" --resume --quiet "${extra[@]}" "${seeded[@]}"

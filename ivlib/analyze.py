@@ -46,6 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s.add_argument(
+        "--model",
+        nargs="+",
+        metavar="NAME",
+        help="only these models' choices (default: every model in the file); a sweep's test step passes its MODELS",
+    )
+    s.add_argument(
+        "--task",
+        nargs="+",
+        metavar="NAME",
+        help="only these tasks' choices (default: every task in the file); a sweep's test step passes its TASKS",
+    )
+    s.add_argument(
         "--seed",
         type=int,
         metavar="S",
@@ -72,16 +84,25 @@ def _interval(choice: Choice) -> str:
     return f"{b.metric} {100 * b.value:.1f}{ci}{seeds}"
 
 
+def _wanted(choices: list[Choice], models: list[str] | None, tasks: list[str] | None) -> list[Choice]:
+    """The choices of the models and tasks asked for: two sweeps sharing one results file (one per model,
+    running side by side) each test only their own, never the other's choice made on half its grid."""
+    return [
+        c for c in choices if (models is None or c.best.model in models) and (tasks is None or c.best.task in tasks)
+    ]
+
+
 def run_select(args: argparse.Namespace) -> int:
     check_metric(args.metric)
     if args.eval_episodes is not None and args.eval_episodes < 1:
         raise UsageError(f"-n {args.eval_episodes} is out of range; accepted: an integer >= 1")
     records = load_records(args.results)
-    choices = select_best(records, args.metric)
+    choices = _wanted(select_best(records, args.metric), args.model, args.task)
     if not choices:
+        wanted = "".join(f" {flag} {' '.join(v)}" for flag, v in (("--model", args.model), ("--task", args.task)) if v)
         raise UsageError(
-            f"--results '{args.results}' has no validation records to select from; "
-            "accepted: a file with runs made without --run-test"
+            f"--results '{args.results}' has no validation records{wanted and ' of' + wanted} to select from; "
+            "accepted: a file with runs made without --run-test" + (wanted and " of those models and tasks")
         )
     for c in choices:
         b = c.best

@@ -34,6 +34,7 @@ from .selection import (
     test_for,
     warn,
 )
+from .versus import Versus, below_table, claim_table, pooled_versus, several_seeds
 
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
@@ -158,6 +159,7 @@ def markdown(
     metric: str,
     pairs: list[Pair] | None = None,
     spreads: dict[tuple[str, str, str], Spread] | None = None,
+    pooled: list[Versus] | None = None,
 ) -> str:
     lines = [
         f"# Test {metric} (%), setting chosen on validation",
@@ -174,6 +176,7 @@ def markdown(
         lines += details_table(mine)
         lines += seeds_table(_spread_rows(mine, spreads or {}), metric)
         lines += paired_table(mine, pairs or [])
+    lines += _pooled_section(cells, pooled or [], metric)
     if untested:
         lines += [
             "## Not yet run on test",
@@ -186,6 +189,12 @@ def markdown(
     if not cells:
         lines += ["No test records yet.", ""]
     return "\n".join(lines)
+
+
+def _pooled_section(cells: list[Cell], pooled: list[Versus], metric: str) -> list[str]:
+    """The paper's claim, tested with every seed: IV minus its rivals, and counts below zero-shot / ICL."""
+    body = claim_table(pooled, metric) + below_table(pooled, metric, method_order(c.run.method for c in cells))
+    return ["## All seeds pooled: the IV paper's claim", "", *body] if body else []
 
 
 def _spread_rows(cells: list[Cell], spreads: dict[tuple[str, str, str], Spread]) -> list[tuple[str, str, Spread]]:
@@ -800,8 +809,10 @@ def write_report(
     pairs = all_pairs(cells, logs)
     written = [out / "table.md", out / "table.csv"]
     spreads = seed_spreads(cells, scored, metric, base)
+    chosen = [c.run for c in cells if c.selected]
+    pooled = pooled_versus(chosen, scored, base) if base is not None and several_seeds(chosen, scored) else []
     with output(written[0]) as f:
-        f.write(markdown(cells, untested, metric, pairs, spreads))
+        f.write(markdown(cells, untested, metric, pairs, spreads, pooled))
     write_csv(cells, written[1], logs)
     if any(p.paired is not None for p in pairs):
         written.append(out / "paired.csv")

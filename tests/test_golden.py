@@ -240,7 +240,8 @@ def _first_difference(expected: Any, actual: Any, path: str = "") -> str | None:
         return _list_difference(expected, actual, path)
     if isinstance(expected, str) and isinstance(actual, str) and expected != actual:
         return _text_difference(expected, actual, path)
-    if ".tensors." in path and isinstance(expected, float) and isinstance(actual, float):
+    in_tensors = path.startswith("tensors.") or ".tensors." in path  # a vectors file's case: its top-level key
+    if in_tensors and isinstance(expected, float) and isinstance(actual, float):
         close = math.isclose(expected, actual, rel_tol=TENSOR_RTOL, abs_tol=TENSOR_ATOL)
         return None if close else f"{path}: expected {expected!r}, got {actual!r} (tolerance {TENSOR_RTOL})"
     both_nan = isinstance(expected, float) and isinstance(actual, float) and math.isnan(expected) and math.isnan(actual)
