@@ -316,6 +316,9 @@ def protocol_for(
     shot: int = _P["shot"].default,
     demos: str = _P["demos"].default,
     demo_order: str = _P["demo_order"].default,
+    demo_draw: str = _P["demo_draw"].default,
+    demo_source: str = _P["demo_source"].default,
+    queries: str = _P["queries"].default,
     template: str | Template | None = None,
     score: str | None = None,
     metric: str = _P["metric"].default,
@@ -325,11 +328,16 @@ def protocol_for(
     (= --shot), `demos` ("episodic" or "fixed"), `demo_order` ("shuffled" or "class"), `template` (a
     built-in name, a family such as "dt", a YAML file or a `Template`; default: the task entry's, else
     IV's), `score` (first-token, full, full-mean, vocab, generate; default: the task kind's own),
-    `metric` (what a method selecting on validation maximises: macro or accuracy)."""
+    `metric` (what a method selecting on validation maximises: macro or accuracy); how episodes are drawn:
+    `demo_draw` ("per-class" or "any"), `demo_source` ("split" or "train"), `queries` ("random" or "each"),
+    StaICC's being any, train, each. `fit` and `evaluate` take these through `protocol=`."""
     return Protocol.build(
         shot=shot,
         demos=demos,
         demo_order=demo_order,
+        demo_draw=demo_draw,
+        demo_source=demo_source,
+        queries=queries,
         template=template,
         score=score,
         metric=metric,
@@ -539,7 +547,8 @@ def _evaluate_built(
     `running`: the batch size and whether to show progress)."""
     cls, (split, n, seed) = type(built), drawing
     demo_set = experiment.check_data(task, cls, posed, split, seed, False, 0)
-    drawn = experiment.evaluation_episodes(task, split, posed.eval_shot(cls), n, seed, demo_set, "eval")
+    shot = posed.eval_shot(cls)
+    drawn = experiment.evaluation_episodes(task, split, shot, n, seed, demo_set, "eval", posed.drawing)
     episodes = in_order(drawn, posed.demo_order)
     enc = encoder(lm, task, max_example_tokens, posed.template)
     scorer = _scorer(lm, task, enc, *running, posed)

@@ -30,6 +30,24 @@ DEMO_ORDER = Setting(
 )
 
 
+DEMO_DRAWS = ("per-class", "any")  # --shot of each class, or --shot in all regardless of class
+DEMO_SOURCES = ("split", "train")  # episodic demonstrations from the evaluated split, or from train
+QUERY_DRAWS = ("random", "each")  # queries at random with replacement, or every row in turn
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """How an evaluation's episodes are drawn (the protocol's `demo_draw`, `demo_source`, `queries`);
+    the default is the IV paper's, and StaICC's is `Drawing(False, True, True)`."""
+
+    per_class: bool = True  # False: `shot` demonstrations in all, whatever their classes
+    from_train: bool = False  # demonstrations from train, not from the split the queries come from
+    each_query: bool = False  # queries 0, 1, ..., N - 1, 0, 1, ... instead of random draws
+
+
+PAPER = Drawing()
+
+
 @dataclass(frozen=True)
 class Example:
     text: str
@@ -52,11 +70,14 @@ def _rng(seed: int, stream: str, part: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(stream.encode()), part])
 
 
-def check_shots(split: Split, split_name: str, n_classes: int, shot: int, label_words: list[str], flag: str) -> None:
-    """A query must stay distinct from its demonstrations, so each class needs shot + 1 examples."""
+def check_shots(
+    split: Split, split_name: str, n_classes: int, shot: int, label_words: list[str], flag: str, per_class: bool = True
+) -> None:
+    """A query must stay distinct from its demonstrations, so each class needs shot + 1 examples (shot + 1
+    in all where demonstrations are drawn regardless of class)."""
     if shot < 0:
         raise UsageError(f"{flag} {shot} is negative; accepted: 0 or more")
-    if split.options is not None or split.answers is not None:  # `shot` demonstrations in all, not per class
+    if split.options is not None or split.answers is not None or not per_class:  # `shot` in all, not per class
         if len(split.texts) < shot + 1:
             raise UsageError(
                 f"{flag} {shot} is too large for split '{split_name}' ({len(split.texts)} examples); "
@@ -72,18 +93,42 @@ def check_shots(split: Split, split_name: str, n_classes: int, shot: int, label_
         )
 
 
-def sample_episodes(split: Split, n_classes: int, shot: int, n: int, seed: int, stream: str) -> list[Episode]:
-    """`n` episodes with `shot` demos per class; demos never include the query's example or text."""
+def sample_episodes(
+    split: Split,
+    n_classes: int,
+    shot: int,
+    n: int,
+    seed: int,
+    stream: str,
+    drawing: Drawing = PAPER,
+    train: Split | None = None,
+) -> list[Episode]:
+    """`n` episodes with `shot` demos per class (or in all: `drawing`); demos never include the query's
+    example or text. The queries depend only on (seed, stream) and `drawing.each_query`, never on the
+    shot or the demonstrations' draw, so every method of a run answers the same ones."""
     if n <= 0:
         raise UsageError(f"episode count {n} must be positive")
-    labels, texts = split.labels, split.texts
-    queries = _rng(seed, stream, 0).integers(0, len(labels), size=n)
-    if split.options is not None or split.answers is not None:
+    if drawing.each_query:
+        queries = np.arange(n) % len(split.labels)
+    else:
+        queries = _rng(seed, stream, 0).integers(0, len(split.labels), size=n)
+    if drawing.from_train and shot > 0:
+        if train is None:
+            raise ValueError("demonstrations from train need the train split")
+        return _from_pool(split, train, n_classes, shot, queries, _rng(seed, stream, 2000 + shot), drawing)
+    if split.options is not None or split.answers is not None or not drawing.per_class:
         return _pooled_episodes(split, shot, queries, _rng(seed, stream, 1000 + shot))
+    return _per_class_episodes(split, n_classes, shot, queries, _rng(seed, stream, 1000 + shot))
+
+
+def _per_class_episodes(
+    split: Split, n_classes: int, shot: int, queries: np.ndarray, rng: np.random.Generator
+) -> list[Episode]:
+    """Each query with `shot` other examples of each class of its own split, shuffled together."""
+    labels, texts = split.labels, split.texts
     if shot == 0:
         return [Episode((), Example(texts[q], int(labels[q]), index=int(q))) for q in queries]
     pools = [np.flatnonzero(labels == c) for c in range(n_classes)]
-    rng = _rng(seed, stream, 1000 + shot)
     episodes = []
     for q in queries:
         q_text = texts[q]
@@ -139,6 +184,40 @@ def _pooled_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.rando
         if len(good) < shot:
             raise UsageError(f"not enough distinct questions for {shot} shots")
         episodes.append(Episode(tuple(example(i) for i in good), example(int(q))))
+    return episodes
+
+
+def _from_pool(
+    split: Split,
+    pool: Split,
+    n_classes: int,
+    shot: int,
+    queries: np.ndarray,
+    rng: np.random.Generator,
+    drawing: Drawing,
+) -> list[Episode]:
+    """Each query of `split` with demonstrations from another split, `pool` (train): `shot` per class,
+    or `shot` distinct rows in all (StaICC's draw from its demonstration set). A demonstration never
+    has the query's text; the splits' rows are different examples, so indices are not compared."""
+    if drawing.per_class:
+        groups = [np.flatnonzero(pool.labels == c) for c in range(n_classes)]
+    else:
+        groups = [np.arange(len(pool.texts))]  # one group: the draw is already in random order
+    episodes = []
+    for q in queries:
+        q_text = split.texts[q]
+        chosen: list[int] = []
+        for rows in groups:
+            picks = rows[rng.choice(len(rows), size=min(len(rows), shot + 3), replace=False)]
+            good = [int(i) for i in picks if pool.texts[i] != q_text][:shot]
+            if len(good) < shot:
+                good = [int(i) for i in rng.permutation(rows) if pool.texts[i] != q_text][:shot]
+            if len(good) < shot:
+                raise UsageError(f"not enough distinct examples in train for {shot} shots")
+            chosen.extend(good)
+        order = rng.permutation(len(chosen)) if drawing.per_class else np.arange(len(chosen))
+        demos = tuple(example_at(pool, chosen[i]) for i in order)
+        episodes.append(Episode(demos, example_at(split, int(q))))
     return episodes
 
 

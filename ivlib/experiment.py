@@ -24,7 +24,17 @@ import torch
 
 from . import budget
 from . import distributed as dist
-from .episodes import Episode, Example, check_shots, fixed_demos, in_order, sample_episodes, with_demos
+from .episodes import (
+    PAPER,
+    Drawing,
+    Episode,
+    Example,
+    check_shots,
+    fixed_demos,
+    in_order,
+    sample_episodes,
+    with_demos,
+)
 from .fingerprint import model_fingerprint
 from .methods import Method, get_method
 from .models import LoadedModel, load_model, resolve_device
@@ -140,7 +150,10 @@ def sample(prepared: Prepared, loaded: Loaded) -> Sampled:
     the fit (a run that cannot finish won't start)."""
     spec = prepared.spec
     demos = loaded.demos if prepared.fixed else None
-    drawn = evaluation_episodes(loaded.task, spec.split, prepared.eval_shot, spec.eval_episodes, spec.seed, demos)
+    drawing = prepared.protocol.drawing
+    drawn = evaluation_episodes(
+        loaded.task, spec.split, prepared.eval_shot, spec.eval_episodes, spec.seed, demos, "eval", drawing
+    )
     episodes = in_order(drawn, prepared.protocol.demo_order)
     prompts = [loaded.encoder.encode(e) for e in episodes]
     prepared.methods[0].check_prompts(loaded.scorer, prompts)
@@ -470,13 +483,16 @@ def check_data(
     selecting = fitting and cls.needs_validation
     shared = protocol.one_set and (protocol.fixed(cls) or selecting)
     demos = demo_set(task, protocol.shot, seed) if shared else None  # from train: refused here if too few
+    per_class = protocol.drawing.per_class
     if not protocol.fixed(cls):
+        source = "train" if protocol.drawing.from_train else split
         shot = protocol.eval_shot(cls)
-        check_shots(task.splits[split], split, task.n_classes, shot, task.label_words, "--shot")
+        check_shots(task.splits[source], source, task.n_classes, shot, task.label_words, "--shot", per_class)
     if fitting and cls.needs_fit:
         check_shots(task.splits["train"], "train", task.n_classes, ext_shot, task.label_words, "--ext-shot")
     if selecting and demos is None:
-        check_shots(task.splits["validation"], "validation", task.n_classes, protocol.shot, task.label_words, "--shot")
+        source = "train" if protocol.drawing.from_train else "validation"
+        check_shots(task.splits[source], source, task.n_classes, protocol.shot, task.label_words, "--shot", per_class)
     return demos
 
 
@@ -535,18 +551,28 @@ def fit_episodes(
         return train, None
     if protocol.one_set and demos is None:
         demos = demo_set(task, protocol.shot, seed)
-    drawn = evaluation_episodes(task, "validation", protocol.shot, select_episodes, seed, demos, "select")
+    drawing = protocol.drawing
+    drawn = evaluation_episodes(task, "validation", protocol.shot, select_episodes, seed, demos, "select", drawing)
     return train, in_order(drawn, protocol.demo_order)
 
 
 def evaluation_episodes(
-    task: Task, split: str, shot: int, n: int, seed: int, demos: tuple[Example, ...] | None, purpose: str = "eval"
+    task: Task,
+    split: str,
+    shot: int,
+    n: int,
+    seed: int,
+    demos: tuple[Example, ...] | None,
+    purpose: str = "eval",
+    drawing: Drawing = PAPER,
 ) -> list[Episode]:
-    """The episodes a run scores: episodic, or (with `demos`, the --demos fixed set) the very same queries
-    each with that one set."""
+    """The episodes a run scores: episodic (drawn as `drawing` says), or (with `demos`, the --demos fixed
+    set) the very same queries each with that one set."""
+    stream = f"{split}/{purpose}"
     if demos is None:
-        return sample_episodes(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
-    queries = sample_episodes(task.splits[split], task.n_classes, 0, n, seed, f"{split}/{purpose}")  # same stream
+        train = task.splits["train"] if drawing.from_train else None
+        return sample_episodes(task.splits[split], task.n_classes, shot, n, seed, stream, drawing, train)
+    queries = sample_episodes(task.splits[split], task.n_classes, 0, n, seed, stream, drawing)  # same stream
     return with_demos(queries, demos)
 
 

@@ -138,13 +138,18 @@ PRESETS: dict[str, Preset] = {
             {
                 "template": "staicc",
                 "score": "first-token",
-                "shot": 1,
+                "shot": 4,
                 "demos": "episodic",
+                "demo_draw": "any",
+                "demo_source": "train",
+                "queries": "each",
                 "eval_episodes": 1024,
                 "metric": "accuracy",
             },
-            note="StaICC draws 4 demonstrations per query regardless of class and scores the label's last token; "
-            "ivlib draws --shot per class and scores the first (the same for its single-token labels)",
+            note="StaICC's k = 4 demonstrations drawn regardless of class from its demonstration set (use the "
+            "staicc-bench/* tasks, whose train is that set and test its 512 queries), each test query twice; "
+            "its own generator draws other rows than ivlib's, and it scores the label's last token where ivlib "
+            "scores the first (the same for its single-token label words)",
         ),
     ]
 }

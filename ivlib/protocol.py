@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import templates
-from .episodes import DEMO_ORDER
+from .episodes import DEMO_DRAWS, DEMO_ORDER, DEMO_SOURCES, QUERY_DRAWS, Drawing
 from .errors import UsageError
 from .settings import Setting
 from .templates import Template
@@ -50,6 +50,30 @@ SETTINGS = (
         choices=DEMOS,
     ),
     DEMO_ORDER,
+    Setting(
+        "demo_draw",
+        str,
+        "per-class",
+        "evaluation demonstrations: --shot of each class (per-class, the IV paper's) or --shot in all, drawn "
+        "regardless of class (any, StaICC's); multiple-choice and open-vocabulary tasks always draw in all",
+        choices=DEMO_DRAWS,
+    ),
+    Setting(
+        "demo_source",
+        str,
+        "split",
+        "where episodic demonstrations come from: the evaluated split itself (split, the IV release's) or train "
+        "(StaICC's demonstration set); the queries are always the evaluated split's",
+        choices=DEMO_SOURCES,
+    ),
+    Setting(
+        "queries",
+        str,
+        "random",
+        "evaluation queries: drawn at random with replacement (random) or each row of the split in turn, "
+        "starting over once all are used (each: StaICC's, its 512 test rows twice with -n 1024)",
+        choices=QUERY_DRAWS,
+    ),
     Setting(
         "template",
         str,
@@ -89,8 +113,16 @@ SETTINGS = (
 BY_NAME = {s.name: s for s in SETTINGS}
 # protocol values that are protocols rather than hyperparameters: select and the report keep each
 # value's records apart as a method of its own (`icl@fixed`, `icl@class`, `iv@dt`)
-APART = ("demos", "demo_order", "template", "scoring")
-_DEFAULT_MARKS = {"demos": "episodic", "demo_order": "shuffled", "template": "iv"}
+APART = ("demos", "demo_order", "demo_draw", "demo_source", "queries", "template", "scoring")
+_DEFAULT_MARKS = {
+    "demos": "episodic",
+    "demo_order": "shuffled",
+    "demo_draw": "per-class",
+    "demo_source": "split",
+    "queries": "random",
+    "template": "iv",
+}
+DRAWING = ("demo_draw", "demo_source", "queries")  # how episodes are drawn: `Drawing`'s fields
 
 
 def marks(hyperparameters: dict[str, Any]) -> list[str]:
@@ -104,6 +136,9 @@ class Protocol:
     shot: int = 1
     demos: str = "episodic"
     demo_order: str = "shuffled"
+    demo_draw: str = "per-class"
+    demo_source: str = "split"
+    queries: str = "random"
     template: Template = field(default=templates.IV)
     scoring: str | None = None  # None: the task kind's own rule (KIND_RULES)
     metric: str = "macro"
@@ -116,6 +151,9 @@ class Protocol:
         shot: Any = 1,
         demos: Any = "episodic",
         demo_order: Any = "shuffled",
+        demo_draw: Any = "per-class",
+        demo_source: Any = "split",
+        queries: Any = "random",
         template: str | Template | None = None,
         score: Any = None,
         metric: Any = "macro",
@@ -131,6 +169,9 @@ class Protocol:
             shot=BY_NAME["shot"].check(shot),
             demos=BY_NAME["demos"].check(demos),
             demo_order=BY_NAME["demo_order"].check(demo_order),
+            demo_draw=BY_NAME["demo_draw"].check(demo_draw),
+            demo_source=BY_NAME["demo_source"].check(demo_source),
+            queries=BY_NAME["queries"].check(queries),
             template=templates.resolve(template, task_entry, task),
             scoring=BY_NAME["score"].check(score),
             metric=BY_NAME["metric"].check(metric),
@@ -151,6 +192,11 @@ class Protocol:
     def fixed(self, cls: type[Method]) -> bool:
         """Whether this method's evaluation prompts share the one set (zero-shot has none to share)."""
         return self.one_set and self.eval_shot(cls) > 0
+
+    @property
+    def drawing(self) -> Drawing:
+        """How evaluation (and selection) episodes are drawn."""
+        return Drawing(self.demo_draw == "per-class", self.demo_source == "train", self.queries == "each")
 
     def rule(self, kind: str) -> str:
         """The scoring rule, given or the task kind's own (`KIND_RULES`)."""
@@ -178,6 +224,7 @@ class Protocol:
                 f"--demo-order {self.demo_order} needs classes to sort by; a {kind.replace('_', '-')} task has "
                 "none; accepted: --demo-order shuffled"
             )
+        self._check_drawing()
         if rule not in cls.scoring_rules:
             accepted = ", ".join(name for name, c in methods.items() if rule in c.scoring_rules)
             why = cls.scoring_note or f"it is judged by {', '.join(cls.scoring_rules)}"
@@ -185,6 +232,23 @@ class Protocol:
                 f"--score {rule} does not apply to --method {cls.name} ({why}); accepted with --score {rule}: "
                 f"{accepted}"
             )
+
+    def _check_drawing(self) -> None:
+        """--demos fixed draws its one set from train, --shot per class: episodic draws' options do not apply."""
+        changed = [s for s in ("demo_draw", "demo_source") if getattr(self, s) != BY_NAME[s].default]
+        if self.one_set and changed:
+            flag = "--" + changed[0].replace("_", "-")
+            raise UsageError(
+                f"{flag} {getattr(self, changed[0])} applies to episodic demonstrations, and --demos fixed draws "
+                f"one set of --shot per class from train; accepted: {flag} {BY_NAME[changed[0]].default} with "
+                "--demos fixed, or --demos episodic"
+            )
+
+    def drawn(self, shot: int) -> dict[str, Any]:
+        """The record's keys of how episodes were drawn, where not the defaults (demonstrations' options
+        only when there are demonstrations)."""
+        names = DRAWING if shot > 0 and not self.one_set else ("queries",)
+        return {k: getattr(self, k) for k in names if getattr(self, k) != BY_NAME[k].default}
 
     # ---- what records hold --------------------------------------------------------------------------
     def fields(self, cls: type[Method], kind: str) -> dict[str, Any]:
@@ -196,6 +260,7 @@ class Protocol:
             out["demos"] = "fixed"
         if self.demo_order != DEMO_ORDER.default and shot > 0:  # prompts without demonstrations have no order
             out["demo_order"] = self.demo_order
+        out.update(self.drawn(shot))
         out.update(self.posing(kind))
         if cls.needs_validation and self.metric != BY_NAME["metric"].default and kind == "classification":
             out["metric"] = self.metric
@@ -223,6 +288,7 @@ class Protocol:
         out = dict(posing)
         if self.demo_order != DEMO_ORDER.default and self.shot > 0:
             out["demo_order"] = self.demo_order
+        out.update(self.drawn(self.shot))  # the validation episodes it selected on
         if self.metric != BY_NAME["metric"].default and kind == "classification":
             out["metric"] = self.metric
         return out

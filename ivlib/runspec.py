@@ -19,8 +19,8 @@ from . import distributed as dist
 from .config import Config, load_config, lookup
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
+from .protocol import DRAWING, Protocol
 from .protocol import SETTINGS as PROTOCOL_SETTINGS
-from .protocol import Protocol
 from .results import check_writable, has_record, read_records
 from .samples import check_samples_dir
 from .settings import SEED, Setting, by_name
@@ -106,8 +106,11 @@ class RunSpec:
     seed: int = _P["seed"].default
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
-    demos: str = _P["demos"].default  # this and the four after it: the protocol (built once, in `prepare`)
+    demos: str = _P["demos"].default  # this and the seven after it: the protocol (built once, in `prepare`)
     demo_order: str = _P["demo_order"].default
+    demo_draw: str = _P["demo_draw"].default
+    demo_source: str = _P["demo_source"].default
+    queries: str = _P["queries"].default
     template: str | None = None
     score: str | None = None
     metric: str = _P["metric"].default
@@ -379,12 +382,19 @@ def _not_yet_recorded(prepared: Prepared, combos: list[dict[str, Any]]) -> list[
 
 
 # protocol keys a fitted state records (`Protocol.fit_fields`), with their flags and default values
-FITTED_PROTOCOL = {"template": "--template", "scoring": "--score", "metric": "--metric", "demo_order": "--demo-order"}
+FITTED_PROTOCOL = {
+    "template": "--template",
+    "scoring": "--score",
+    "metric": "--metric",
+    "demo_order": "--demo-order",
+    **{name: "--" + name.replace("_", "-") for name in DRAWING},
+}
 PROTOCOL_DEFAULTS = {
     "template": IV.key,
     "scoring": "(the task's own rule)",
     "metric": _P["metric"].default,
     "demo_order": _P["demo_order"].default,
+    **{name: _P[name].default for name in DRAWING},
 }
 
 
