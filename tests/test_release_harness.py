@@ -309,3 +309,68 @@ def test_sv_antonym_config_reads_the_exported_split(tmp_path):
     for split, items in (("train", data["demon"]), ("validation", data["valid"]), ("test", data["test"][:2])):
         assert list(task.splits[split].texts) == [r["input"] for r in items]
         assert list(task.splits[split].answers) == [r["output"] for r in items]
+
+
+class _StaiccSplit:
+    """What the harness reads of a StaICC dataset split: inputs as one-field lists, label words."""
+
+    def __init__(self, rows: list[tuple[str, str]], words: list[str]) -> None:
+        self.rows, self.words = rows, words
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get_input_text(self, i: int) -> list[str]:
+        return [self.rows[i][0]]
+
+    def get_label(self, i: int) -> str:
+        return self.rows[i][1]
+
+    def find_index_from_label(self, word: str) -> int:
+        return self.words.index(word)
+
+
+class _StaiccExperimentor:
+    """StaICC's experimentor as far as `check_prompts` reads it, writing SST-2's prompts as StaICC does
+    (`sentence: {text} sentiment: {label}` lines, the inputs as stored: SST-2's end with a space)."""
+
+    def __init__(self, demos: list[tuple[str, str]], queries: list[str], label_prefix: str = "sentiment: ") -> None:
+        words = ["negative", "positive"]
+        self.triplet_dataset = type("T", (), {})()
+        self.triplet_dataset.demonstration = _StaiccSplit(demos, words)
+        self.triplet_dataset.test = _StaiccSplit([(q, "negative") for q in queries], words)
+        self.demonstration_sampler = [[(i + j) % len(demos) for j in range(4)] for i in range(len(queries))]
+        self.prompt_former = self
+        self.cut_by_length = 0
+        self.label_prefix = label_prefix
+
+    def write_prompt_from_dataline(self, lines: list[tuple[list[str], str]], query: list[str], cut: int = 0) -> str:
+        body = "".join(f"sentence: {text[0]} {self.label_prefix}{word}\n" for text, word in lines)
+        prompt = body + f"sentence: {query[0]} {self.label_prefix}"
+        return prompt[: len(prompt) - cut]
+
+    def _get_prompts_for_test_sample(self, i: int, repeat: int) -> str:
+        lines = [
+            (self.triplet_dataset.demonstration.get_input_text(d), self.triplet_dataset.demonstration.get_label(d))
+            for d in self.demonstration_sampler[i + repeat * len(self.triplet_dataset.test)]
+        ]
+        return self.write_prompt_from_dataline(lines, self.triplet_dataset.test.get_input_text(i))
+
+
+def _staicc_task():
+    return type(
+        "Task",
+        (),
+        {"name": "staicc-bench/sst2", "label_words": ["negative", "positive"], "prompt": {"template_task": "sst2"}},
+    )()
+
+
+def test_staicc_prompts_are_checked_text_for_text(tiny):
+    staicc, lm = _load("staicc"), ivlib.wrap(*tiny)
+    demos = [("a fine film", "positive"), ("dull", "negative"), ("moving", "positive"), ("flat", "negative")]
+    assert staicc.check_prompts(_StaiccExperimentor(demos, ["so so", "great"]), lm, _staicc_task(), 2) == (2, 0)
+    spaced = [(t + " ", w) for t, w in demos]  # SST-2's stored inputs: ivlib strips the trailing space
+    assert staicc.check_prompts(_StaiccExperimentor(spaced, ["so so ", "great"]), lm, _staicc_task(), 2) == (0, 2)
+    other = _StaiccExperimentor(demos, ["so so"], label_prefix="label: ")  # not the staicc template
+    with pytest.raises(SystemExit, match="query 0: prompts differ at character"):
+        staicc.check_prompts(other, lm, _staicc_task(), 1)

@@ -1,0 +1,163 @@
+"""StaICC's own evaluation (hc495/StaICC, the installed `StaICC` package) on ivlib's model, beside ivlib's
+`--preset staicc` on the same dataset.
+
+StaICC fixes a protocol and leaves the model to the user: its `single_experimentor` draws k = 4
+demonstrations per query from its demonstration set with its own generator, writes each prompt with its
+template, asks a `forward_inference(prompt, label_space)` for label probabilities and scores every test
+query twice. This harness runs that code as it is, with its own `standard_ICL_inference_with_torch_Causal_LM`
+as the forward function, and replaces only the model (ivlib's loader: both sides run the same weights).
+The data are StaICC's own files, read by its own loader.
+
+Two checks:
+  prompts   for the first --prompts queries, StaICC's demonstrations and query, posed by ivlib's encoder
+            under the staicc template: the text and token ids must equal StaICC's prompt's (its tokenizer
+            call adds what ivlib's BOS adds). A mismatch names the query and the first differing character.
+  accuracy  StaICC's accuracy over its 1,024 prompts, with ivlib's bootstrap interval, to set beside
+            `python iv.py -m MODEL -t staicc-bench/TASK --method icl --preset staicc --run-test`.
+
+    python bench/releases/staicc.py                  # sst2 on SmolLM2: prompts, then StaICC's 1,024 answers
+    python bench/releases/staicc.py --prompts-only   # the prompt check alone (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+from typing import Any
+
+import harness
+from harness import UsageError
+
+# ivlib's StaICC names -> the package's loader function (StaICC/util/hgf_dataset_loader.py)
+LOADERS = {
+    "sst2": "glue_sst2",
+    "rotten_tomatoes": "rotten_tomatoes",
+    "financial_phrasebank": "financial_phrasebank",
+    "sst5": "sst5",
+    "trec": "trec",
+    "ag_news": "agnews",
+    "subjective": "subjective",
+    "tweet_eval_emotion": "tweet_eval_emotion",
+    "tweet_eval_hate": "tweet_eval_hate",
+    "hate_speech18": "hate_speech_18",
+}
+
+
+def experimentor(name: str, k: int) -> Any:
+    """StaICC's experimentor for one dataset, built as its `Normal` benchmark builds each (its prints muted)."""
+    from StaICC.util import experimentor as staicc_experimentor
+    from StaICC.util import hgf_dataset_loader
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = getattr(hgf_dataset_loader, LOADERS[name])()
+        return staicc_experimentor.single_experimentor(original_dataset=data, k=k)
+
+
+def _text(value: Any) -> str:
+    """StaICC keeps an input as a list of fields; its single-input datasets have one."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def check_prompts(exp: Any, lm: Any, task: Any, n: int) -> tuple[int, int]:
+    """Queries 0..n-1 (first repetition) posed by ivlib as StaICC poses them: (prompts identical, prompts
+    that differ only where ivlib strips an input's surrounding whitespace, as it does for every task: StaICC
+    keeps SST-2's trailing spaces, `filmmakers  sentiment:`). Any other difference stops the check."""
+    from ivlib.episodes import Episode, Example
+    from ivlib.prompts import PromptEncoder
+    from ivlib.templates import named
+
+    enc = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, 10_000, named("staicc", task.name, task.prompt))
+    demos_set, test, writer = exp.triplet_dataset.demonstration, exp.triplet_dataset.test, exp.prompt_former
+    same = stripped = 0
+    for i in range(n):
+        rows = exp.demonstration_sampler[i]
+        lines = [([_text(demos_set.get_input_text(d)).strip()], demos_set.get_label(d)) for d in rows]
+        query = _text(test.get_input_text(i))
+        demos = tuple(Example(t[0], demos_set.find_index_from_label(word)) for t, word in lines)
+        ours = enc.encode(Episode(demos, Example(query, 0)))
+        text = "".join(
+            [enc.template.preamble, *(enc.demonstration(d) for d in demos), enc.query_context(Example(query, 0))]
+        )
+        theirs = exp._get_prompts_for_test_sample(i, 0)
+        if text == theirs:
+            same += 1
+        elif text == writer.write_prompt_from_dataline(lines, [query.strip()], exp.prompt_former.cut_by_length):
+            stripped += 1
+        else:
+            at = next((j for j, (a, b) in enumerate(zip(text, theirs)) if a != b), min(len(text), len(theirs)))
+            raise SystemExit(
+                f"query {i}: prompts differ at character {at}: ivlib {text[at : at + 40]!r}, StaICC {theirs[at : at + 40]!r}"
+            )
+        bos = ours.ids[: len(ours.ids) - len(lm.tokenizer(text).input_ids)]  # what ivlib puts before the text
+        if ours.ids[len(bos) :] != list(lm.tokenizer(text).input_ids) or bos not in ([], [lm.tokenizer.bos_token_id]):
+            raise SystemExit(f"query {i}: ivlib's token ids are not its text's: {ours.ids[:5]}")
+    return same, stripped
+
+
+def answers(exp: Any, lm: Any) -> tuple[list[int], list[int]]:
+    """StaICC's run of its own forward function over its prompts: (gold, predicted) per prompt."""
+    import numpy as np
+    from StaICC.prefabricate_inference import model_kernel
+
+    def forward(prompt: str, label_space: list[str]) -> Any:
+        return model_kernel.standard_ICL_inference_with_torch_Causal_LM(
+            prompt, lm.model, lm.tokenizer, label_space, cache_empty=None
+        )
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = exp(forward_inference=forward, return_outputs=True)
+    metrics, outputs = result[0], result[-1]
+    test = exp.triplet_dataset.test
+    gold = [exp.triplet_dataset.get_default_ground_truth_label_index(i) for i in range(len(test))]
+    gold = gold * (len(outputs) // len(gold))
+    pred = [int(np.argmax(p)) for p in outputs]
+    accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
+    if abs(accuracy - metrics["accuracy"]) > 1e-9:
+        raise SystemExit(f"the answers read ({accuracy}) do not give StaICC's accuracy ({metrics['accuracy']})")
+    return gold, pred
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-t", "--task", default="sst2", help=f"StaICC dataset, one of {', '.join(LOADERS)} (default sst2)")
+    ap.add_argument("-m", "--model", default="smollm2-135m", help="ivlib registry model (default smollm2-135m)")
+    ap.add_argument("-c", "--config", action="append", help="ivlib registries (default: the harnesses')")
+    ap.add_argument("--prompts", type=int, default=200, help="queries whose prompts are checked (default 200)")
+    ap.add_argument("--prompts-only", action="store_true", help="check the prompts, answer nothing")
+    ap.add_argument("--out", help="JSON summary (default results/releases/staicc-TASK.json)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared cores)")
+    args = ap.parse_args()
+    if args.task not in LOADERS:
+        raise UsageError(f"-t {args.task} is not a StaICC dataset; accepted: {', '.join(LOADERS)}")
+    import torch
+
+    torch.set_num_threads(harness.positive("--threads", args.threads))
+    lm = harness.load_lm(args.model, args.config)
+    task = harness.load_ivlib_task(f"staicc-bench/{args.task}", args.config)
+    exp = experimentor(args.task, k=4)
+    same, stripped = check_prompts(exp, lm, task, harness.positive("--prompts", args.prompts))
+    bos = (
+        "ivlib puts the model's BOS token first, StaICC's tokenizer call does not"
+        if lm.add_bos
+        else "no BOS either side"
+    )
+    print(
+        f"prompts: of {args.prompts} queries, ivlib's staicc template writes StaICC's very text for {same}; the "
+        f"other {stripped} differ only by the whitespace around inputs, which ivlib strips (StaICC keeps it); "
+        f"token ids: the text's, and {bos}"
+    )
+    if args.prompts_only:
+        return
+    gold, pred = answers(exp, lm)
+    scores = harness.summary(gold, pred, len(task.label_words), seed=42)
+    data = {"release": "StaICC", "task": args.task, "model": args.model, **scores, **harness.run_context()}
+    data["samples"] = harness.sample_lines(list(range(len(gold))), gold, pred)
+    out = harness.write_summary(args.out, f"staicc-{args.task}", data)
+    print(
+        f"StaICC's own run: accuracy {harness.pct(scores['accuracy'])}, macro-F1 {harness.pct(scores['macro'])}, {len(gold)} prompts -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    harness.guarded(main, "staicc.py")
