@@ -95,23 +95,43 @@ def check_prompts(exp: Any, lm: Any, task: Any, n: int) -> tuple[int, int]:
     return same, stripped
 
 
-def answers(exp: Any, lm: Any) -> tuple[list[int], list[int]]:
+class WithBos:
+    """The tokenizer with the model's BOS put first, as ivlib poses every prompt (`--as-ivlib`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        out = self.tokenizer(text, **kwargs)
+        bos = self.tokenizer.bos_token_id
+        ids = out.input_ids
+        out["input_ids"] = [bos, *ids] if isinstance(ids, list) else ids.new_tensor([[bos, *ids[0].tolist()]])
+        return out
+
+
+def as_ivlib(exp: Any) -> None:
+    """StaICC's inputs with their surrounding whitespace stripped, as ivlib loads every task (`--as-ivlib`)."""
+    for split in (exp.triplet_dataset.demonstration, exp.triplet_dataset.test):
+        read = split.get_input_text
+        split.get_input_text = lambda i, read=read: [t.strip() for t in read(i)]
+
+
+def answers(exp: Any, lm: Any, bos: bool = False) -> tuple[list[int], list[int]]:
     """StaICC's run of its own forward function over its prompts: (gold, predicted) per prompt."""
     import numpy as np
     from StaICC.prefabricate_inference import model_kernel
 
+    tokenizer = WithBos(lm.tokenizer) if bos else lm.tokenizer
+
     def forward(prompt: str, label_space: list[str]) -> Any:
         return model_kernel.standard_ICL_inference_with_torch_Causal_LM(
-            prompt, lm.model, lm.tokenizer, label_space, cache_empty=None
+            prompt, lm.model, tokenizer, label_space, cache_empty=None
         )
 
     with contextlib.redirect_stdout(io.StringIO()):
-        result = exp(forward_inference=forward, return_outputs=True)
-    metrics, outputs = result[0], result[-1]
-    test = exp.triplet_dataset.test
-    gold = [exp.triplet_dataset.get_default_ground_truth_label_index(i) for i in range(len(test))]
-    gold = gold * (len(outputs) // len(gold))
-    pred = [int(np.argmax(p)) for p in outputs]
+        metrics, _, outputs = exp(forward_inference=forward, return_outputs=True)
+    gold = [int(g) for g in outputs["groundtruth"]]  # each test query's class, once per repetition
+    pred = [int(np.argmax(p)) for p in outputs["prob."]]
     accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
     if abs(accuracy - metrics["accuracy"]) > 1e-9:
         raise SystemExit(f"the answers read ({accuracy}) do not give StaICC's accuracy ({metrics['accuracy']})")
@@ -125,7 +145,13 @@ def main() -> None:
     ap.add_argument("-c", "--config", action="append", help="ivlib registries (default: the harnesses')")
     ap.add_argument("--prompts", type=int, default=200, help="queries whose prompts are checked (default 200)")
     ap.add_argument("--prompts-only", action="store_true", help="check the prompts, answer nothing")
-    ap.add_argument("--out", help="JSON summary (default results/releases/staicc-TASK.json)")
+    ap.add_argument(
+        "--as-ivlib",
+        action="store_true",
+        help="a diagnosis, not StaICC's protocol: its inputs stripped and the model's BOS first, as ivlib poses "
+        "them, so the rest of a difference is the draw of demonstrations",
+    )
+    ap.add_argument("--out", help="JSON summary (default results/releases/staicc-TASK[-as-ivlib].json)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared cores)")
     args = ap.parse_args()
     if args.task not in LOADERS:
@@ -149,11 +175,13 @@ def main() -> None:
     )
     if args.prompts_only:
         return
-    gold, pred = answers(exp, lm)
+    if args.as_ivlib:
+        as_ivlib(exp)
+    gold, pred = answers(exp, lm, bos=args.as_ivlib)
     scores = harness.summary(gold, pred, len(task.label_words), seed=42)
-    data = {"release": "StaICC", "task": args.task, "model": args.model, **scores, **harness.run_context()}
-    data["samples"] = harness.sample_lines(list(range(len(gold))), gold, pred)
-    out = harness.write_summary(args.out, f"staicc-{args.task}", data)
+    data = {"release": "StaICC", "task": args.task, "model": args.model, "as_ivlib": args.as_ivlib, **scores}
+    data |= harness.run_context() | {"samples": harness.sample_lines(list(range(len(gold))), gold, pred)}
+    out = harness.write_summary(args.out, f"staicc-{args.task}" + ("-as-ivlib" if args.as_ivlib else ""), data)
     print(
         f"StaICC's own run: accuracy {harness.pct(scores['accuracy'])}, macro-F1 {harness.pct(scores['macro'])}, {len(gold)} prompts -> {out}"
     )
