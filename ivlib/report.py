@@ -8,6 +8,7 @@ is imported inside the plotting functions: analysis is optional, the runner must
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 import stat
@@ -165,12 +166,14 @@ def markdown(
         f"# Test {metric} (%), setting chosen on validation",
         "",
         "Each cell: the test-split value of the method's best validation setting, in percent, with its 95% "
-        "bootstrap interval. Best per row in **bold**. Under each table: every cell's test episode count and setting.",
+        "bootstrap interval; a setting tested with several seeds shows all their episodes pooled (each seed's "
+        "value is in the seeds table below it). Best per row in **bold**. Under each table: every cell's test "
+        "episode count and setting.",
         "",
     ]
     for model in sorted({c.run.model for c in cells}):
         mine = [c for c in cells if c.run.model == model]
-        table, n_complete = model_table(mine, metric)
+        table, n_complete = model_table(seeds_pooled(mine, spreads or {}), metric)
         lines += [f"## {model}", "", *table, ""]
         lines += _footnotes(mine, n_complete, metric)
         lines += details_table(mine)
@@ -189,6 +192,20 @@ def markdown(
     if not cells:
         lines += ["No test records yet.", ""]
     return "\n".join(lines)
+
+
+def seeds_pooled(cells: list[Cell], spreads: dict[tuple[str, str, str], Spread]) -> list[Cell]:
+    """Each cell as the table and plots show it: tested with several seeds, the value and interval of all
+    their episodes pooled, not whichever seed ran last (pairs keep one seed's run: `Cell.run`)."""
+    out = []
+    for c in cells:
+        pooled = spreads[c.key].pooled if c.key in spreads else None
+        if pooled is None:
+            out.append(c)
+            continue
+        value, low, high = pooled["value"], pooled["ci_low"], pooled["ci_high"]
+        out.append(dataclasses.replace(c, run=dataclasses.replace(c.run, value=value, ci_low=low, ci_high=high)))
+    return out
 
 
 def _pooled_section(cells: list[Cell], pooled: list[Versus], metric: str) -> list[str]:
@@ -813,7 +830,8 @@ def write_report(
     pooled = pooled_versus(chosen, scored, base) if base is not None and several_seeds(chosen, scored) else []
     with output(written[0]) as f:
         f.write(markdown(cells, untested, metric, pairs, spreads, pooled))
-    write_csv(cells, written[1], logs)
+    shown = seeds_pooled(cells, spreads)  # what the CSV and the plots show, as the table does
+    write_csv(shown, written[1], logs)
     if any(p.paired is not None for p in pairs):
         written.append(out / "paired.csv")
         write_paired_csv(pairs, written[-1])
@@ -827,7 +845,7 @@ def write_report(
     written += _heatmaps(scored, out)
     styles = method_styles(c.run.method for c in cells)  # one colour per method, the same in every plot
     for model in sorted({c.run.model for c in cells}):
-        mine = [c for c in cells if c.run.model == model]
+        mine = [c for c in shown if c.run.model == model]
         path = out / f"bars_{safe_name(model)}.png"
         plot_bars(model, mine, metric, path, styles)
         written.append(path)

@@ -97,6 +97,10 @@ def test_the_report_shows_mean_sd_and_the_pooled_interval(tmp_path):
     assert row.endswith(f"| {100 * 2 / 3:.1f} [" + row.split("[")[-1])  # the pooled value, then its interval
     low, high = (float(x) for x in row.split("[")[-1].rstrip(" |]").split(","))
     assert low <= 100 * 2 / 3 <= high
+    # the main table shows that pooled value and interval too, not the last seed's 58.0
+    table = (out / "table.md").read_text().splitlines()
+    (cell,) = [line for line in table if line.startswith(f"| {TASK} | **")]
+    assert cell == f"| {TASK} | **{100 * 2 / 3:.1f}** [{low:.1f}, {high:.1f}] |"
 
 
 def test_one_seed_leaves_the_report_as_it_was(tmp_path):
