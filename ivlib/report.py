@@ -35,7 +35,7 @@ from .selection import (
     test_for,
     warn,
 )
-from .versus import Versus, below_table, claim_table, pooled_versus, several_seeds
+from .versus import Versus, below_table, claim_table, pooled_versus, several_seeds, versus
 
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
@@ -338,6 +338,19 @@ def all_pairs(cells: list[Cell], logs: Logs) -> list[Pair]:
     return out
 
 
+def seed_pairs(cells: list[Cell], scored: list[Scored], base: str | Path) -> list[Pair]:
+    """`all_pairs` for a sweep with several seeds: each pair over every seed both were tested with, their
+    episodes pooled pair by pair (`versus`), instead of one seed's run each."""
+    out = []
+    for a in cells:
+        for b in cells:
+            if a.run.method != b.run.method and (a.run.model, a.run.task) == (b.run.model, b.run.task):
+                v = versus(a.run, b.run, scored, base)
+                seeds = ", ".join(str(s) for s in v.seeds)
+                out.append(Pair(a, b, v.paired, f"seeds {seeds} pooled, n = {v.paired.n}" if v.paired else v.why))
+    return out
+
+
 def _diff(d: float) -> str:
     return f"{100 * d:+.1f}"
 
@@ -397,7 +410,8 @@ def paired_table(cells: list[Cell], pairs: list[Pair]) -> list[str]:
         has_baseline = any(c.run.method == BASELINE for c in cells)
         return [] if has_baseline or not others else [f"No {BASELINE} test cell: no paired differences.", ""]
     lines = [
-        f"Paired differences, each method minus {BASELINE} (percentage points): on the same test episodes, "
+        f"Paired differences, each method minus {BASELINE} (percentage points): on the same test episodes (with "
+        "several seeds, all of them: each seed's episodes paired, then pooled), "
         "with 95% paired bootstrap intervals (episodes resampled jointly), "
         f"{SIGNIFICANT} where the interval excludes zero; W/T/L: episodes only the method got right / "
         f"both or neither / only {BASELINE} got right; p: exact McNemar test on those discordant episodes. "
@@ -823,11 +837,12 @@ def write_report(
     scored = score_records(records, metric)
     cells, untested = table_cells(scored)
     logs = load_logs(cells, base)
-    pairs = all_pairs(cells, logs)
     written = [out / "table.md", out / "table.csv"]
     spreads = seed_spreads(cells, scored, metric, base)
     chosen = [c.run for c in cells if c.selected]
-    pooled = pooled_versus(chosen, scored, base) if base is not None and several_seeds(chosen, scored) else []
+    seeded = base is not None and several_seeds(chosen, scored)
+    pairs = seed_pairs(cells, scored, base) if base is not None and seeded else all_pairs(cells, logs)
+    pooled = pooled_versus(chosen, scored, base) if base is not None and seeded else []
     with output(written[0]) as f:
         f.write(markdown(cells, untested, metric, pairs, spreads, pooled))
     shown = seeds_pooled(cells, spreads)  # what the CSV and the plots show, as the table does

@@ -81,6 +81,9 @@ def test_the_report_tests_the_claim_with_all_seeds(tmp_path):
     assert below["icl"].startswith("| icl | 1 / 1 | – |") and MODEL in below["icl"]
     assert below["fv"].startswith("| fv | 1 / 1 | 0 / 1 |")  # below zero-shot, level with ICL's 50%
     assert below["iv"].startswith("| iv | 0 / 1 | 0 / 1 |")
+    # the per-model table of each method minus ICL pools the seeds too
+    (paired,) = [line for line in table.splitlines() if line.startswith(f"| {TASK} | iv | +66.7* [")]
+    assert paired.endswith("| seeds 1, 2 pooled, n = 80 |") and "| 40/40/0 |" in paired
 
 
 def test_one_seed_shows_no_pooled_section(tmp_path):
