@@ -3,7 +3,8 @@
 #   bash scripts.sh iv-grid     IV grid on validation: ext-shot x ext-strength x strength, one extraction per
 #                               (ext-shot, ext-strength) serving every strength
 #   bash scripts.sh baselines   zero-shot, ICL, TV, FV and DT on validation (TV/DT choose their layer/steps there)
-#   bash scripts.sh test        each method's best validation setting (iv.py select) re-run on test
+#   bash scripts.sh test        each method's best validation setting (iv.py select) re-run on test: those of
+#                               the MODELS and TASKS given, or every choice in RESULTS when neither is given
 #   bash scripts.sh report      table (markdown + CSV), heatmaps and bar charts into $REPORT
 #   bash scripts.sh all         the four in order
 #   bash scripts.sh array DIR   for a SLURM cluster: DIR/cells.txt (one line per iv.py command of iv-grid and
