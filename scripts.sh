@@ -2,7 +2,8 @@
 # The paper's workflow as one resumable sweep:
 #   bash scripts.sh iv-grid     IV grid on validation: ext-shot x ext-strength x strength, one extraction per
 #                               (ext-shot, ext-strength) serving every strength
-#   bash scripts.sh baselines   zero-shot, ICL, TV, FV and DT on validation (TV/DT choose their layer/steps there)
+#   bash scripts.sh baselines   every other method on validation (TV/DT choose their layer/steps there); a method
+#                               with a fitted state saves it in VECTORS, and test loads it instead of refitting
 #   bash scripts.sh test        each method's best validation setting (iv.py select) re-run on test: those of
 #                               the MODELS and TASKS given, or every choice in RESULTS when neither is given
 #   bash scripts.sh report      table (markdown + CSV), heatmaps and bar charts into $REPORT
@@ -104,19 +105,23 @@ run() {
   fi
 }
 
+# EXTRA may change what is fitted (--seed, --max-example-tokens): its checksum keeps such vectors apart
+extra_tag() { if [ -n "$EXTRA" ]; then printf '_x%s' "$(printf '%s' "$EXTRA" | cksum | cut -d' ' -f1)"; fi; }
+# a fitted state's flag: --load-vectors once its file exists (an earlier attempt wrote it), else --save-vectors
+state_flag() { if [ -f "$1" ]; then printf '%s\n' --load-vectors "$1"; else printf '%s\n' --save-vectors "$1"; fi; }
+
 iv_grid() {
   mkdir -p "$VECTORS"
-  # EXTRA may change what is fitted (--seed, --max-example-tokens): its checksum keeps such vectors apart
-  local tag=""
-  [ -n "$EXTRA" ] && tag="_x$(printf '%s' "$EXTRA" | cksum | cut -d' ' -f1)"
+  local tag
+  tag="$(extra_tag)"
   for model in $MODELS; do for task in $TASKS; do
     for s in $EXT_SHOTS; do for a1 in $EXT_STRENGTHS; do for seed in $(seed_list); do
       # another seed draws other extraction episodes: its own file (no suffix without SEEDS, as before)
       mapfile -t seeded < <(seed_args "$seed")
       stag="${seeded[1]:+_seed${seeded[1]}}"
       vec="$VECTORS/${model}__${task//\//_}__s${s}_a${a1}_b${EXT_BATCH}_e${EPISODES}${tag}${stag}.safetensors"
+      mapfile -t state < <(state_flag "$vec")
       # shellcheck disable=SC2086  # STRENGTHS is a list
-      if [ -f "$vec" ]; then state=(--load-vectors "$vec"); else state=(--save-vectors "$vec"); fi
       run -m "$model" -t "$task" -s "$s" --ext-strength "$a1" --strength $STRENGTHS --ext-batch "$EXT_BATCH" \
           -e "$EPISODES" -n "$EPISODES" "${state[@]}" "${seeded[@]}"
     done; done; done
@@ -125,10 +130,18 @@ iv_grid() {
 
 baselines() {
   [ -n "$BASELINES" ] || BASELINES="$("$PY" iv.py methods | grep -vx iv | tr '\n' ' ')"
+  # a method with a fitted state saves it, so the test step loads that fit instead of refitting (FV's, SV's...)
+  local stateful tag
+  stateful=" $("$PY" iv.py methods --with-state | tr '\n' ' ') " tag="$(extra_tag)"
   for model in $MODELS; do for task in $TASKS; do for method in $BASELINES; do for seed in $(seed_list); do
     mapfile -t seeded < <(seed_args "$seed")
+    state=()
+    if [[ "$stateful" == *" $method "* ]]; then
+      mkdir -p "$VECTORS"
+      mapfile -t state < <(state_flag "$VECTORS/${model}__${task//\//_}__${method}_e${EPISODES}${tag}${seeded[1]:+_seed${seeded[1]}}.safetensors")
+    fi
     run -m "$model" -t "$task" --method "$method" -e "$EPISODES" --select-episodes "$EPISODES" -n "$EPISODES" \
-        "${seeded[@]}"
+        "${state[@]}" "${seeded[@]}"
   done; done; done; done
 }
 

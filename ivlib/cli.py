@@ -338,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return analyze_main(argv)
     if argv and argv[0] == "methods":
-        print("\n".join(METHODS))
-        return 0
+        return list_methods(argv[1:])
     try:
         previous = signal.signal(signal.SIGTERM, terminate)
     except ValueError:  # not the main thread (embedded use): leave signals alone
@@ -349,6 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def list_methods(args: list[str]) -> int:
+    """`iv.py methods`: every registered method, one a line; `--with-state`: those with a fitted state to
+    save (what scripts.sh gives --save-vectors, so its test step loads the fit instead of refitting)."""
+    if args not in ([], ["--with-state"]):
+        print(f"iv.py: error: methods takes {' '.join(args)!r}; accepted: nothing, or --with-state", file=sys.stderr)
+        return 2
+    print("\n".join(name for name, cls in METHODS.items() if cls.has_state or not args))
+    return 0
 
 
 def _run_command(argv: list[str]) -> int:
