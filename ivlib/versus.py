@@ -126,12 +126,23 @@ def claim_table(pairs: list[Versus], metric: str) -> list[str]:
     ]
     for model, task in rows:
         found = [mine.get((model, task, r)) for r in RIVALS]
-        first = next(v for v in found if v is not None)
-        n = str(first.paired.n) if first.paired else MISSING
-        seeds = ", ".join(str(s) for s in first.seeds) or MISSING
-        cells = [_text(v.difference(metric)) if v else MISSING for v in found]
+        paired = [v for v in found if v is not None and v.paired is not None]
+        widest = max(paired, key=lambda v: len(v.seeds)) if paired else None  # the row's seeds and n
+        n = str(widest.paired.n) if widest and widest.paired else MISSING
+        seeds = ", ".join(str(s) for s in widest.seeds) if widest else MISSING
+        cells = [_cell(v, metric, widest) for v in found]
         lines.append(f"| {model} | {task} | {seeds} | {n} | " + " | ".join(cells) + " |")
     return [*lines, *_why(mine.values()), ""]
+
+
+def _cell(v: Versus | None, metric: str, widest: Versus | None) -> str:
+    """A difference, with its own seeds where a rival was tested with fewer than the row's."""
+    if v is None:
+        return MISSING
+    text = _text(v.difference(metric))
+    if v.paired is not None and widest is not None and v.seeds != widest.seeds:
+        text += f" (seeds {', '.join(str(s) for s in v.seeds)}; n = {v.paired.n})"
+    return text
 
 
 def below_counts(pairs: list[Versus], metric: str) -> dict[str, dict[str, tuple[int, int, list[str]]]]:

@@ -104,3 +104,12 @@ def test_a_missing_log_or_other_queries_are_said_not_paired(tmp_path):
     assert found["iv", "icl"].paired is None and found["iv", "icl"].why == "seed 2: the logs' query rows differ"
     counts = below_counts(list(found.values()), "macro")
     assert counts["iv"]["zero-shot"][:2] == (0, 1) and "icl" not in counts.get("fv", {})
+
+
+def test_a_rival_tested_with_fewer_seeds_says_which(tmp_path):
+    records = [r for r in _runs(tmp_path) if not (r["method"] == "fv" and r["split"] == "test" and r["seed"] == 2)]
+    write_report(records, tmp_path / "report", base=tmp_path)
+    table = (tmp_path / "report" / "table.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith(f"| {MODEL} | {TASK} | 1, 2 | 80 |"))
+    fv = row.strip("| ").split(" | ")[-1]
+    assert fv.startswith("+66.7* [") and fv.endswith("(seeds 1; n = 40)")
