@@ -8,6 +8,7 @@ very same queries, and changing the shot count changes the demonstrations, not t
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,18 +134,27 @@ def _per_class_episodes(
     for q in queries:
         q_text = texts[q]
         chosen: list[int] = []
+        keep = lambda i, q=q, q_text=q_text: i != q and texts[i] != q_text  # noqa: E731
         for pool in pools:
-            picks = pool[rng.choice(len(pool), size=min(len(pool), shot + 3), replace=False)]
-            good = [int(i) for i in picks if i != q and texts[i] != q_text][:shot]
-            if len(good) < shot:  # rare: many duplicates of the query's text; fall back to a scan
-                good = [int(i) for i in rng.permutation(pool) if i != q and texts[i] != q_text][:shot]
-            if len(good) < shot:
-                raise UsageError(f"not enough distinct examples in a class for {shot} shots")
-            chosen.extend(good)
+            chosen.extend(_distinct(pool, shot, rng, keep, "examples in a class"))
         order = rng.permutation(len(chosen))
         demos = tuple(Example(texts[chosen[i]], int(labels[chosen[i]]), index=chosen[i]) for i in order)
         episodes.append(Episode(demos, Example(q_text, int(labels[q]), index=int(q))))
     return episodes
+
+
+def _distinct(
+    rows: np.ndarray, shot: int, rng: np.random.Generator, keep: Callable[[int], bool], what: str
+) -> list[int]:
+    """`shot` of `rows` at random that `keep` admits (none sharing the query's row or text): a few more
+    drawn than needed, and a scan of all of them in random order in the rare case too few pass."""
+    picks = rows[rng.choice(len(rows), size=min(len(rows), shot + 3), replace=False)]
+    good = [int(i) for i in picks if keep(int(i))][:shot]
+    if len(good) < shot:  # rare: many duplicates of the query's text
+        good = [int(i) for i in rng.permutation(rows) if keep(int(i))][:shot]
+    if len(good) < shot:
+        raise UsageError(f"not enough distinct {what} for {shot} shots")
+    return good
 
 
 def in_order(episodes: list[Episode], order: str) -> list[Episode]:
@@ -173,16 +183,11 @@ def _pooled_episodes(split: Split, shot: int, queries: np.ndarray, rng: np.rando
     def example(i: int) -> Example:
         return example_at(split, i)
 
+    rows = np.arange(len(split.texts))
     episodes = []
     for q in queries:
-        picks = rng.choice(len(split.texts), size=min(len(split.texts), shot + 3), replace=False)
-        good = [int(i) for i in picks if i != q and split.texts[i] != split.texts[q]][:shot]
-        if len(good) < shot:
-            good = [int(i) for i in rng.permutation(len(split.texts)) if i != q and split.texts[i] != split.texts[q]][
-                :shot
-            ]
-        if len(good) < shot:
-            raise UsageError(f"not enough distinct questions for {shot} shots")
+        keep = lambda i, q=q: i != q and split.texts[i] != split.texts[q]  # noqa: E731
+        good = _distinct(rows, shot, rng, keep, "questions")
         episodes.append(Episode(tuple(example(i) for i in good), example(int(q))))
     return episodes
 
@@ -207,14 +212,9 @@ def _from_pool(
     for q in queries:
         q_text = split.texts[q]
         chosen: list[int] = []
+        keep = lambda i, q_text=q_text: pool.texts[i] != q_text  # noqa: E731
         for rows in groups:
-            picks = rows[rng.choice(len(rows), size=min(len(rows), shot + 3), replace=False)]
-            good = [int(i) for i in picks if pool.texts[i] != q_text][:shot]
-            if len(good) < shot:
-                good = [int(i) for i in rng.permutation(rows) if pool.texts[i] != q_text][:shot]
-            if len(good) < shot:
-                raise UsageError(f"not enough distinct examples in train for {shot} shots")
-            chosen.extend(good)
+            chosen.extend(_distinct(rows, shot, rng, keep, "examples in train"))
         order = rng.permutation(len(chosen)) if drawing.per_class else np.arange(len(chosen))
         demos = tuple(example_at(pool, chosen[i]) for i in order)
         episodes.append(Episode(demos, example_at(split, int(q))))

@@ -113,16 +113,9 @@ SETTINGS = (
 BY_NAME = {s.name: s for s in SETTINGS}
 # protocol values that are protocols rather than hyperparameters: select and the report keep each
 # value's records apart as a method of its own (`icl@fixed`, `icl@class`, `iv@dt`)
-APART = ("demos", "demo_order", "demo_draw", "demo_source", "queries", "template", "scoring")
-_DEFAULT_MARKS = {
-    "demos": "episodic",
-    "demo_order": "shuffled",
-    "demo_draw": "per-class",
-    "demo_source": "split",
-    "queries": "random",
-    "template": "iv",
-}
 DRAWING = ("demo_draw", "demo_source", "queries")  # how episodes are drawn: `Drawing`'s fields
+APART = ("demos", "demo_order", *DRAWING, "template", "scoring")
+_DEFAULT_MARKS = {**{k: BY_NAME[k].default for k in ("demos", "demo_order", *DRAWING)}, "template": "iv"}
 
 
 def marks(hyperparameters: dict[str, Any]) -> list[str]:

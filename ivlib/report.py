@@ -35,7 +35,7 @@ from .selection import (
     test_for,
     warn,
 )
-from .versus import Versus, below_table, claim_table, pooled_versus, several_seeds, versus
+from .versus import LogCache, Versus, below_table, claim_table, pooled_versus, several_seeds, versus
 
 BASELINE = "icl"  # the paired table: each method minus 1-shot ICL
 SIGNIFICANT = "*"
@@ -338,14 +338,14 @@ def all_pairs(cells: list[Cell], logs: Logs) -> list[Pair]:
     return out
 
 
-def seed_pairs(cells: list[Cell], scored: list[Scored], base: str | Path) -> list[Pair]:
+def seed_pairs(cells: list[Cell], scored: list[Scored], base: str | Path, cache: LogCache) -> list[Pair]:
     """`all_pairs` for a sweep with several seeds: each pair over every seed both were tested with, their
     episodes pooled pair by pair (`versus`), instead of one seed's run each."""
     out = []
     for a in cells:
         for b in cells:
             if a.run.method != b.run.method and (a.run.model, a.run.task) == (b.run.model, b.run.task):
-                v = versus(a.run, b.run, scored, base)
+                v = versus(a.run, b.run, scored, base, cache)
                 out.append(Pair(a, b, v.paired, _pooled_basis(v)))
     return out
 
@@ -847,9 +847,12 @@ def write_report(
     written = [out / "table.md", out / "table.csv"]
     spreads = seed_spreads(cells, scored, metric, base)
     chosen = [c.run for c in cells if c.selected]
-    seeded = base is not None and several_seeds(chosen, scored)
-    pairs = seed_pairs(cells, scored, base) if base is not None and seeded else all_pairs(cells, logs)
-    pooled = pooled_versus(chosen, scored, base) if base is not None and seeded else []
+    pooled: list[Versus] = []
+    if base is not None and several_seeds(chosen, scored):  # pairs over every seed, each log read once
+        cache: LogCache = {}
+        pairs, pooled = seed_pairs(cells, scored, base, cache), pooled_versus(chosen, scored, base, cache)
+    else:
+        pairs = all_pairs(cells, logs)
     with output(written[0]) as f:
         f.write(markdown(cells, untested, metric, pairs, spreads, pooled))
     shown = seeds_pooled(cells, spreads)  # what the CSV and the plots show, as the table does

@@ -48,25 +48,32 @@ class Versus:
         return self.paired.accuracy if metric == "accuracy" or self.paired.macro is None else self.paired.macro
 
 
-def _logs(chosen: Scored, scored: list[Scored], base: str | Path) -> tuple[dict[Any, list[dict[str, Any]]], str]:
+Log = list[dict[str, Any]]
+LogCache = dict[str, Log]  # a samples log's path -> its episodes: a report reads each log once, not once a pair
+
+
+def _logs(chosen: Scored, scored: list[Scored], base: str | Path, cache: LogCache) -> tuple[dict[Any, Log], str]:
     """seed -> the samples log of the chosen setting's test run with that seed; and why a log is missing."""
     logs = {}
     for run in seed_runs(chosen, scored):
+        path = str((run.record.get("samples") or {}).get("path"))
         try:
-            log = read_samples(run.record, base)
+            log = cache[path] if path in cache else read_samples(run.record, base)
         except SamplesError as exc:
             return {}, f"{chosen.method} seed {run.record.get('seed')}: {exc}"
         if log is None:
             return {}, f"{chosen.method} seed {run.record.get('seed')} has no samples log (--log-samples)"
-        logs[run.record.get("seed")] = log
+        cache[path] = logs[run.record.get("seed")] = log
     return logs, ""
 
 
-def versus(a: Scored, b: Scored, scored: list[Scored], base: str | Path) -> Versus:
-    """`a` minus `b` (each a chosen setting), their episodes of every common seed pooled, pair by pair."""
+def versus(a: Scored, b: Scored, scored: list[Scored], base: str | Path, cache: LogCache | None = None) -> Versus:
+    """`a` minus `b` (each a chosen setting), their episodes of every common seed pooled, pair by pair;
+    `cache` keeps the logs read for the next pair."""
     head = (a.model, a.task, a.method, b.method)
-    logs_a, why_a = _logs(a, scored, base)
-    logs_b, why_b = _logs(b, scored, base)
+    cache = {} if cache is None else cache
+    logs_a, why_a = _logs(a, scored, base, cache)
+    logs_b, why_b = _logs(b, scored, base, cache)
     if why_a or why_b:
         return Versus(*head, (), None, why_a or why_b)
     seeds = tuple(sorted(set(logs_a) & set(logs_b), key=lambda s: str(s).zfill(20)))
@@ -83,16 +90,18 @@ def versus(a: Scored, b: Scored, scored: list[Scored], base: str | Path) -> Vers
     return Versus(*head, seeds, compare(gold, pred_a, pred_b, n_classes), "")
 
 
-def pooled_versus(chosen: Iterable[Scored], scored: list[Scored], base: str | Path) -> list[Versus]:
+def pooled_versus(
+    chosen: Iterable[Scored], scored: list[Scored], base: str | Path, cache: LogCache | None = None
+) -> list[Versus]:
     """Every pair the claim needs, among the chosen settings: the protagonist minus each rival, and each
     method minus each floor, on every (model, task) where both were tested."""
-    cells = {(c.model, c.task, c.method): c for c in chosen}
+    cells, cache = {(c.model, c.task, c.method): c for c in chosen}, {} if cache is None else cache
     wanted = [(PROTAGONIST, r) for r in RIVALS] + [(m, f) for m in sorted({k[2] for k in cells}) for f in FLOORS]
     out = []
     for model, task in sorted({k[:2] for k in cells}):
         for a, b in dict.fromkeys(wanted):
             if a != b and (model, task, a) in cells and (model, task, b) in cells:
-                out.append(versus(cells[model, task, a], cells[model, task, b], scored, base))
+                out.append(versus(cells[model, task, a], cells[model, task, b], scored, base, cache))
     return out
 
 

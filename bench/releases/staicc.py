@@ -89,8 +89,9 @@ def check_prompts(exp: Any, lm: Any, task: Any, n: int) -> tuple[int, int]:
             raise SystemExit(
                 f"query {i}: prompts differ at character {at}: ivlib {text[at : at + 40]!r}, StaICC {theirs[at : at + 40]!r}"
             )
-        bos = ours.ids[: len(ours.ids) - len(lm.tokenizer(text).input_ids)]  # what ivlib puts before the text
-        if ours.ids[len(bos) :] != list(lm.tokenizer(text).input_ids) or bos not in ([], [lm.tokenizer.bos_token_id]):
+        text_ids = list(lm.tokenizer(text).input_ids)
+        bos = ours.ids[: len(ours.ids) - len(text_ids)]  # what ivlib puts before the text
+        if ours.ids[len(bos) :] != text_ids or bos not in ([], [lm.tokenizer.bos_token_id]):
             raise SystemExit(f"query {i}: ivlib's token ids are not its text's: {ours.ids[:5]}")
     return same, stripped
 
