@@ -129,11 +129,12 @@ def wrap(
 
 
 # ---- tasks ------------------------------------------------------------------------------------
-@checked(name=NAME, config=CONFIGS)
-def load_task(name: str, config: str | Sequence[str] | None = None) -> Task:
+@checked(name=NAME, config=CONFIGS, inputs=setting(_P["inputs"]))
+def load_task(name: str, config: str | Sequence[str] | None = None, inputs: str = _P["inputs"].default) -> Task:
     """A task of the registry (`ivlib/base.yaml`, with the YAML file `config`, or several files in
-    order, merged over it)."""
-    return _load_task_entry(name, lookup(load_config(config).tasks, "task", name))
+    order, merged over it); `inputs` "verbatim" keeps its texts' stored whitespace (= --inputs), and
+    a protocol built for it by `protocol_for` takes that from the task."""
+    return _load_task_entry(name, lookup(load_config(config).tasks, "task", name), inputs)
 
 
 @checked(label_words=WORDS, name=NAME)
@@ -221,18 +222,20 @@ def sample_episodes(
     return _sample(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
 
 
-@checked(lm=MODEL, task=TASK, max_example_tokens=RUN["max_example_tokens"], template=TEMPLATE)
+@checked(lm=MODEL, task=TASK, max_example_tokens=RUN["max_example_tokens"], template=TEMPLATE, bos=setting(_P["bos"]))
 def encoder(
     lm: LoadedModel,
     task: Task,
     max_example_tokens: int = _P["max_example_tokens"].default,
     template: str | Template | None = None,
+    bos: str = _P["bos"].default,
 ) -> PromptEncoder:
     """The prompt encoder of a model and task (template, BOS, truncation, the labels' tokens); `template`
-    as `ivlib.protocol` takes it (default: the task entry's, else IV's)."""
+    and `bos` as `ivlib.protocol_for` takes them (default: the task entry's template, else IV's; the
+    model's BOS); the inputs are kept as the task keeps them."""
     written = template if isinstance(template, Template) else templates.resolve(template, task.prompt, task.name)
     checked = _P["max_example_tokens"].check(max_example_tokens)
-    return experiment.task_encoder(lm, task, checked, written)
+    return experiment.task_encoder(lm, task, checked, written, bos)
 
 
 @checked(lm=MODEL, task=TASK, max_example_tokens=RUN["max_example_tokens"])
@@ -320,6 +323,8 @@ def protocol_for(
     demo_source: str = _P["demo_source"].default,
     queries: str = _P["queries"].default,
     template: str | Template | None = None,
+    inputs: str | None = None,
+    bos: str = _P["bos"].default,
     score: str | None = None,
     metric: str = _P["metric"].default,
     max_new_tokens: int | None = None,
@@ -330,7 +335,9 @@ def protocol_for(
     IV's), `score` (first-token, full, full-mean, vocab, generate; default: the task kind's own),
     `metric` (what a method selecting on validation maximises: macro or accuracy); how episodes are drawn:
     `demo_draw` ("per-class" or "any"), `demo_source` ("split" or "train"), `queries` ("random" or "each"),
-    StaICC's being any, train, each. `fit` and `evaluate` take these through `protocol=`."""
+    StaICC's being any, train, each; how prompts become tokens: `inputs` (default: as the task was loaded,
+    `load_task(..., inputs=)`), `bos` ("model" or "tokenizer"). `fit` and `evaluate` take these through
+    `protocol=`."""
     return Protocol.build(
         shot=shot,
         demos=demos,
@@ -339,6 +346,8 @@ def protocol_for(
         demo_source=demo_source,
         queries=queries,
         template=template,
+        inputs=task.inputs if inputs is None else inputs,
+        bos=bos,
         score=score,
         metric=metric,
         max_new_tokens=max_new_tokens,
@@ -425,7 +434,7 @@ def _fit_built(
     cls = type(built)
     fitting = cls.needs_fit or cls.needs_validation
     demo_set = experiment.check_data(task, cls, posed, "validation", values["seed"], fitting, values["ext_shot"])
-    enc = encoder(lm, task, values["max_example_tokens"], posed.template)
+    enc = encoder(lm, task, values["max_example_tokens"], posed.template, posed.bos)
     scorer = _scorer(lm, task, enc, *running, posed)
     train, select = experiment.fit_episodes(
         task, cls, posed, values["ext_shot"], values["episodes"], values["select_episodes"], values["seed"], demo_set
@@ -550,7 +559,7 @@ def _evaluate_built(
     shot = posed.eval_shot(cls)
     drawn = experiment.evaluation_episodes(task, split, shot, n, seed, demo_set, "eval", posed.drawing)
     episodes = in_order(drawn, posed.demo_order)
-    enc = encoder(lm, task, max_example_tokens, posed.template)
+    enc = encoder(lm, task, max_example_tokens, posed.template, posed.bos)
     scorer = _scorer(lm, task, enc, *running, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)

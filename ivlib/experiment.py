@@ -35,6 +35,7 @@ from .episodes import (
     sample_episodes,
     with_demos,
 )
+from .errors import UsageError
 from .fingerprint import model_fingerprint
 from .methods import Method, get_method
 from .models import LoadedModel, load_model, resolve_device
@@ -112,7 +113,7 @@ def load(prepared: Prepared) -> Loaded:
     """Load the task and the model; check everything that needs them but no compute."""
     spec, cls = prepared.spec, prepared.method_cls
     device = resolve_device(dist.gpu_index(spec.gpu))  # several processes: -g + LOCAL_RANK
-    task = load_task(spec.task, prepared.task_entry)
+    task = load_task(spec.task, prepared.task_entry, prepared.protocol.inputs)
     check_method_task(cls, task)
     demos = check_data(task, cls, prepared.protocol, spec.split, spec.seed, prepared.fitting, spec.ext_shot)
     dist.setup(device)  # joins the launcher's process group; nothing with one process
@@ -131,7 +132,7 @@ def load(prepared: Prepared) -> Loaded:
         )
     )
     seconds = time.perf_counter() - t0
-    encoder = task_encoder(lm, task, spec.max_example_tokens, prepared.protocol.template)
+    encoder = task_encoder(lm, task, spec.max_example_tokens, prepared.protocol.template, prepared.protocol.bos)
     scorer = make_scorer(lm, task, encoder, spec.batch_size, quiet, prepared.protocol)
     return Loaded(task, demos, device, lm, seconds, encoder, scorer)
 
@@ -322,7 +323,7 @@ def shared_fields(prepared: Prepared, loaded: Loaded, fitted: Fitted) -> dict[st
         "model_source": lm.source,
         **({"model_identity": lm.identity} if lm.identity is not None else {}),  # GGUF only: which file ran
         "layout": lm.layout.describe(),
-        "add_bos": lm.add_bos,
+        "add_bos": lm.add_bos if protocol.bos == "model" else bool(loaded.encoder.bos),  # the prompts' own
         "label_words": task.label_words,
         **({"template": protocol.template.definition()} if protocol.template != IV else {}),
         "task_kind": task.kind,
@@ -480,6 +481,11 @@ def check_data(
 ) -> tuple[Example, ...] | None:
     """Refuse shot counts the splits cannot serve, before the model loads; the run's one fixed
     demonstration set (--demos fixed), built here once for evaluation and selection alike, else None."""
+    if task.inputs != protocol.inputs:  # the record would claim prompts its texts cannot write
+        raise UsageError(
+            f"task '{task.name}' was loaded with {task.inputs} inputs and the protocol asks for inputs "
+            f"'{protocol.inputs}'; accepted: load_task(..., inputs='{protocol.inputs}'), or inputs='{task.inputs}'"
+        )
     selecting = fitting and cls.needs_validation
     shared = protocol.one_set and (protocol.fixed(cls) or selecting)
     demos = demo_set(task, protocol.shot, seed) if shared else None  # from train: refused here if too few
@@ -496,10 +502,15 @@ def check_data(
     return demos
 
 
-def task_encoder(lm: LoadedModel, task: Task, max_example_tokens: int, template: Template) -> PromptEncoder:
-    """The prompt encoder of a model and task (an open-vocabulary task's one class is its answer)."""
+def task_encoder(
+    lm: LoadedModel, task: Task, max_example_tokens: int, template: Template, bos: str = "model"
+) -> PromptEncoder:
+    """The prompt encoder of a model and task (an open-vocabulary task's one class is its answer); its
+    inputs kept as the task keeps them, its first tokens the model's BOS or the tokenizer's own."""
     classes = task.n_classes if task.open_vocabulary else None
-    return PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, max_example_tokens, template, classes)
+    add_bos: bool | str = lm.add_bos if bos == "model" else "tokenizer"
+    strip = task.inputs == "stripped"
+    return PromptEncoder(lm.tokenizer, task.label_words, add_bos, max_example_tokens, template, classes, strip)
 
 
 def make_scorer(

@@ -143,15 +143,16 @@ PRESETS: dict[str, Preset] = {
                 "demo_draw": "any",
                 "demo_source": "train",
                 "queries": "each",
+                "inputs": "verbatim",
+                "bos": "tokenizer",
                 "eval_episodes": 1024,
                 "metric": "accuracy",
             },
             note="StaICC's k = 4 demonstrations drawn regardless of class from its demonstration set (use the "
-            "staicc-bench/* tasks, whose train is that set and test its 512 queries), each test query twice; "
+            "staicc-bench/* tasks, whose train is that set and test its 512 queries), each test query twice, "
+            "its inputs as stored and its prompts begun as the tokenizer's own call begins them (SmolLM2: no BOS); "
             "its own generator draws other rows than ivlib's; it scores the label's last token where ivlib scores "
-            "the first (the same for its single-token label words); its inputs keep their stored whitespace and "
-            "its prompts get no BOS where the tokenizer adds none, while ivlib strips inputs and adds the model's "
-            "BOS (on SST-2 with SmolLM2 these two move accuracy by 6 points: docs/reproductions.md)",
+            "the first (the same for its single-token label words); docs/reproductions.md compares the two",
         ),
     ]
 }

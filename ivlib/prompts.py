@@ -91,17 +91,19 @@ class PromptEncoder:
         self,
         tokenizer: PreTrainedTokenizerBase,
         label_words: list[str],
-        add_bos: bool,
+        add_bos: bool | str,
         max_example_tokens: int = 256,
         template: Template = IV,
         n_classes: int | None = None,
+        strip: bool = True,
     ) -> None:
         self.tok = tokenizer
         self.template = template
         self.label_words = label_words
         # the demonstrations' classes; an open-vocabulary task has one ("the answer") and no label words
         self.n_classes = len(label_words) if n_classes is None else n_classes
-        self.bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        self.bos = self._first_tokens(tokenizer, add_bos)
+        self.strip = strip  # False: an input's trailing whitespace stays (verbatim inputs)
         self.max_example_tokens = max_example_tokens
         self.anchor = template.answer_context
         self.kept_space = self._kept_space(label_words or ["answer"])  # the delimiter's spaces in the prompt
@@ -122,6 +124,18 @@ class PromptEncoder:
                 f"accepted: > {self._label_len + self._head_len + 1}"
             )
         self._trunc_cache: dict[str, str] = {}
+
+    @staticmethod
+    def _first_tokens(tokenizer: PreTrainedTokenizerBase, add_bos: bool | str) -> list[int]:
+        """The ids a prompt begins with: the BOS when `add_bos` (and the tokenizer has one), or with
+        "tokenizer" whatever the tokenizer's own call puts before a text (a release's tokenizer(prompt))."""
+        if add_bos == "tokenizer":
+            probe = "a"
+            bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+            full = tokenizer(probe)["input_ids"]
+            start = next((i for i in range(len(full)) if full[i : i + len(bare)] == bare), 0)
+            return list(full[:start])
+        return [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
 
     def _tokenize(self, text: str) -> BatchEncoding:
         encoded: BatchEncoding = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -182,7 +196,7 @@ class PromptEncoder:
 
     def truncate(self, text: str) -> str:
         """Cut an input so the example (template text, input, answer) fits `max_example_tokens`."""
-        text = text.rstrip()
+        text = text.rstrip() if self.strip else text
         cached = self._trunc_cache.get(text)
         if cached is not None:
             return cached

@@ -17,12 +17,14 @@ from . import templates
 from .episodes import DEMO_DRAWS, DEMO_ORDER, DEMO_SOURCES, QUERY_DRAWS, Drawing
 from .errors import UsageError
 from .settings import Setting
+from .tasks import INPUTS
 from .templates import Template
 
 if TYPE_CHECKING:
     from .methods.base import Method
 
 DEMOS = ("episodic", "fixed")
+BOS = ("model", "tokenizer")  # a prompt's first token: the model entry's add_bos, or what the tokenizer's own call adds
 RULES = ("first-token", "full", "full-mean", "vocab", "generate")  # the scoring rules (see `rules`)
 LAST_TOKEN_RULES = ("first-token", "vocab")  # computable from the answer position's logits alone
 METRICS = ("macro", "accuracy")  # what a method selecting on validation maximises (TV's layer, DT's steps...)
@@ -83,6 +85,23 @@ SETTINGS = (
         optional=True,
     ),
     Setting(
+        "inputs",
+        str,
+        "stripped",
+        "input texts: whitespace around each removed (stripped) or kept as stored (verbatim, as releases that "
+        "pass a dataset's texts through unchanged write them: StaICC's SST-2 inputs end with a space)",
+        choices=INPUTS,
+    ),
+    Setting(
+        "bos",
+        str,
+        "model",
+        "a prompt's first token: the model entry's add_bos (model: BOS where the tokenizer has one) or what the "
+        "tokenizer's own call puts before a text (tokenizer, as releases that call tokenizer(prompt) get: none "
+        "for SmolLM2, BOS for Gemma)",
+        choices=BOS,
+    ),
+    Setting(
         "score",
         str,
         None,
@@ -114,8 +133,9 @@ BY_NAME = {s.name: s for s in SETTINGS}
 # protocol values that are protocols rather than hyperparameters: select and the report keep each
 # value's records apart as a method of its own (`icl@fixed`, `icl@class`, `iv@dt`)
 DRAWING = ("demo_draw", "demo_source", "queries")  # how episodes are drawn: `Drawing`'s fields
-APART = ("demos", "demo_order", *DRAWING, "template", "scoring")
-_DEFAULT_MARKS = {**{k: BY_NAME[k].default for k in ("demos", "demo_order", *DRAWING)}, "template": "iv"}
+WRITING = ("inputs", "bos")  # how a prompt's text becomes tokens beyond its template
+APART = ("demos", "demo_order", *DRAWING, "template", *WRITING, "scoring")
+_DEFAULT_MARKS = {**{k: BY_NAME[k].default for k in ("demos", "demo_order", *DRAWING, *WRITING)}, "template": "iv"}
 
 
 def marks(hyperparameters: dict[str, Any]) -> list[str]:
@@ -133,6 +153,8 @@ class Protocol:
     demo_source: str = "split"
     queries: str = "random"
     template: Template = field(default=templates.IV)
+    inputs: str = "stripped"
+    bos: str = "model"
     scoring: str | None = None  # None: the task kind's own rule (KIND_RULES)
     metric: str = "macro"
     max_new_tokens: int | None = None
@@ -148,6 +170,8 @@ class Protocol:
         demo_source: Any = "split",
         queries: Any = "random",
         template: str | Template | None = None,
+        inputs: Any = "stripped",
+        bos: Any = "model",
         score: Any = None,
         metric: Any = "macro",
         max_new_tokens: Any = None,
@@ -166,6 +190,8 @@ class Protocol:
             demo_source=BY_NAME["demo_source"].check(demo_source),
             queries=BY_NAME["queries"].check(queries),
             template=templates.resolve(template, task_entry, task),
+            inputs=BY_NAME["inputs"].check(inputs),
+            bos=BY_NAME["bos"].check(bos),
             scoring=BY_NAME["score"].check(score),
             metric=BY_NAME["metric"].check(metric),
             max_new_tokens=BY_NAME["max_new_tokens"].check(max_new_tokens),
@@ -262,10 +288,12 @@ class Protocol:
         return out
 
     def posing(self, kind: str) -> dict[str, Any]:
-        """Template and scoring rule, where not the defaults (the task kind's own rule is the default)."""
+        """Template, inputs, BOS and scoring rule, where not the defaults (the task kind's own rule is the
+        default)."""
         out: dict[str, Any] = {}
         if self.template != templates.IV:
             out["template"] = self.template.key
+        out.update({k: getattr(self, k) for k in WRITING if getattr(self, k) != BY_NAME[k].default})
         rule = self.rule(kind)
         if rule != KIND_RULES[kind]:
             out["scoring"] = rule
@@ -273,11 +301,11 @@ class Protocol:
 
     def fit_fields(self, cls: type[Method], kind: str) -> dict[str, Any]:
         """What a state file records of the protocol it was fitted under, and a load must match: the
-        template (the prompts it learned from), and for a method selecting on validation also the rule,
+        template, inputs and BOS (the prompts it learned from), and for a method selecting on validation also the rule,
         metric and demonstration order it selected with."""
         posing = self.posing(kind)
         if not cls.needs_validation:
-            return {k: v for k, v in posing.items() if k == "template"}
+            return {k: v for k, v in posing.items() if k in ("template", *WRITING)}
         out = dict(posing)
         if self.demo_order != DEMO_ORDER.default and self.shot > 0:
             out["demo_order"] = self.demo_order

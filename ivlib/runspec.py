@@ -106,12 +106,14 @@ class RunSpec:
     seed: int = _P["seed"].default
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
-    demos: str = _P["demos"].default  # this and the seven after it: the protocol (built once, in `prepare`)
+    demos: str = _P["demos"].default  # this and the ten after it: the protocol (built once, in `prepare`)
     demo_order: str = _P["demo_order"].default
     demo_draw: str = _P["demo_draw"].default
     demo_source: str = _P["demo_source"].default
     queries: str = _P["queries"].default
     template: str | None = None
+    inputs: str = _P["inputs"].default
+    bos: str = _P["bos"].default
     score: str | None = None
     metric: str = _P["metric"].default
     max_new_tokens: int | None = None

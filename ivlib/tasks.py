@@ -57,6 +57,7 @@ class Task:
     splits: dict[str, Split]
     provenance: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)  # its entry's `template` / `template_task`, if any
+    inputs: str = "stripped"  # its texts as stored (verbatim) or with the whitespace around them removed
 
     def __post_init__(self) -> None:
         check_label_words(self.name, self.label_words)
@@ -285,7 +286,22 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _texts(name: str, role: str, columns: dict[str, list[Any]], text_cols: list[str]) -> list[str]:
+INPUTS = ("stripped", "verbatim")  # how a task's input texts are kept (`--inputs`)
+
+
+def _stripped(value: Any) -> str:
+    return str(value).strip()
+
+
+def _cleaner(inputs: str) -> Callable[[Any], str]:
+    """How each text field is kept: stripped (ivlib's default), or as stored (a release that keeps a
+    dataset's stored spaces writes other prompts: StaICC's SST-2 inputs end with one)."""
+    return str if inputs == "verbatim" else _stripped
+
+
+def _texts(
+    name: str, role: str, columns: dict[str, list[Any]], text_cols: list[str], clean: Callable[[Any], str] = _stripped
+) -> list[str]:
     """Each row's text fields joined; a missing one (None, NaN) is refused, not turned into "None"."""
     for column in text_cols:
         missing = [i for i, v in enumerate(columns[column]) if _missing(v)]
@@ -294,7 +310,7 @@ def _texts(name: str, role: str, columns: dict[str, list[Any]], text_cols: list[
                 f"task '{name}': split '{role}' has {len(missing)} missing text(s) (None/NaN) in column '{column}', "
                 f"first at row {missing[0]}; accepted: a text in every row (remove or fill those rows)"
             )
-    return [" ".join(str(v).strip() for v in row) for row in zip(*(columns[c] for c in text_cols))]
+    return [" ".join(clean(v) for v in row) for row in zip(*(columns[c] for c in text_cols))]
 
 
 def _as_index(value: Any) -> int | None:
@@ -372,7 +388,7 @@ def _answer_index(where: str, answer: Any, keys: list[Any] | None, base: int, n_
 
 
 def _multiple_choice_split(
-    name: str, ds: Any, role: str, spec: dict[str, Any], text_cols: list[str]
+    name: str, ds: Any, role: str, spec: dict[str, Any], text_cols: list[str], clean: Callable[[Any], str]
 ) -> tuple[Split, int]:
     """Questions, their options, and the correct option's index, from the fields `spec` names."""
     mc = spec["multiple_choice"]
@@ -407,7 +423,7 @@ def _multiple_choice_split(
                 f"task '{name}': split '{role}' row {i} has no text (None/NaN) in {', '.join(text_cols)}; "
                 "accepted: a text in every row (remove or fill those rows)"
             )
-        texts.append(" ".join(str(row[c]).strip() for c in text_cols))
+        texts.append(" ".join(clean(row[c]) for c in text_cols))
         labels.append(index)
         options.append(opts)
     return Split(texts, np.asarray(labels, dtype=np.int64), options), len(ds) - len(texts)
@@ -431,7 +447,9 @@ def _open_fields(name: str, spec: dict[str, Any], ds: Any) -> tuple[str, str]:
     return fields
 
 
-def _open_split(name: str, ds: Any, role: str, fields: tuple[str, str]) -> tuple[Split, int]:
+def _open_split(
+    name: str, ds: Any, role: str, fields: tuple[str, str], clean: Callable[[Any], str]
+) -> tuple[Split, int]:
     """Inputs and their answers; a row whose input or answer is missing or empty is refused."""
     columns = ds.select_columns(list(dict.fromkeys(fields))).to_dict()
     texts, answers = columns[fields[0]], columns[fields[1]]
@@ -442,31 +460,37 @@ def _open_split(name: str, ds: Any, role: str, fields: tuple[str, str]) -> tuple
                 f"task '{name}': split '{role}' has {len(bad)} missing or empty value(s) in column '{column}', "
                 f"first at row {bad[0]}; accepted: a text in every row"
             )
-    texts, answers = [str(t).strip() for t in texts], [str(a).strip() for a in answers]
+    texts, answers = [clean(t) for t in texts], [str(a).strip() for a in answers]  # answers: always stripped
     return Split(texts, np.zeros(len(texts), dtype=np.int64), answers=answers), 0
 
 
-def load_task(name: str, spec: dict[str, Any]) -> Task:
-    task = _load_any(name, spec)
+def load_task(name: str, spec: dict[str, Any], inputs: str = "stripped") -> Task:
+    """A registry task; `inputs` verbatim keeps its texts' stored whitespace (recorded in its provenance)."""
+    if inputs not in INPUTS:
+        raise UsageError(f"inputs '{inputs}' is not accepted; accepted: {', '.join(INPUTS)}")
+    task = _load_any(name, spec, _cleaner(inputs))
     task.prompt = {k: spec[k] for k in PROMPT_KEYS if k in spec}
+    task.inputs = inputs
+    if inputs != "stripped":  # only then: earlier records' provenance stays as it was
+        task.provenance["inputs"] = inputs
     return task
 
 
-def _load_any(name: str, spec: dict[str, Any]) -> Task:
+def _load_any(name: str, spec: dict[str, Any], clean: Callable[[Any], str]) -> Task:
     if "staicc" not in spec:
-        return _load_task(name, spec, _load_dataset_dict(name, spec))
+        return _load_task(name, spec, _load_dataset_dict(name, spec), clean)
     # StaICC's data: its own label words and split roles unless the entry names others
     source = staicc.load(name, spec["staicc"], spec.get("staicc_split", "original"))
     columns: dict[str, dict[str, list[Any]]] = {
         s: {"text": [t for t, _ in rows], "label": [y for _, y in rows]} for s, rows in source.splits.items()
     }
     defaults: dict[str, Any] = {"label_words": source.label_words, **({"splits": source.roles} if source.roles else {})}
-    task = _load_task(name, {**defaults, **spec}, _in_memory(columns, source.class_names))
+    task = _load_task(name, {**defaults, **spec}, _in_memory(columns, source.class_names), clean)
     task.provenance["staicc"] = source.provenance
     return task
 
 
-def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
+def _load_task(name: str, spec: dict[str, Any], dsd: Any, clean: Callable[[Any], str]) -> Task:
     explicit = dict(spec.get("splits") or {})
     # a role left to its default name must not share a split another role claims (sst2's test is
     # the hub's "validation": validation is then carved from train, never the test set itself)
@@ -485,9 +509,13 @@ def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
     multiple_choice = "multiple_choice" in spec
     if multiple_choice:
         text_cols = _text_columns(name, train_ds.column_names, spec)
-        return _assemble(name, [], dsd, mapping, partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols))
+        return _assemble(
+            name, [], dsd, mapping, partial(_multiple_choice_split, name, spec=spec, text_cols=text_cols, clean=clean)
+        )
     if "open_vocabulary" in spec:
-        return _assemble(name, [], dsd, mapping, partial(_open_split, name, fields=_open_fields(name, spec, train_ds)))
+        return _assemble(
+            name, [], dsd, mapping, partial(_open_split, name, fields=_open_fields(name, spec, train_ds), clean=clean)
+        )
     if label_field not in train_ds.column_names:
         raise UsageError(
             f"task '{name}': label column '{label_field}' not found; columns: {', '.join(train_ds.column_names)}"
@@ -501,7 +529,7 @@ def _load_task(name: str, spec: dict[str, Any], dsd: Any) -> Task:
 
     def to_split(ds: Any, role: str) -> tuple[Split, int]:
         columns = ds.select_columns([*dict.fromkeys([*text_cols, label_field])]).to_dict()  # a Column iterates slowly
-        texts = _texts(name, role, columns, text_cols)
+        texts = _texts(name, role, columns, text_cols, clean)
         labels = _labels(name, role, columns[label_field], names, label_field)
         keep = labels != NO_LABEL  # hub test splits often carry -1: dropped, and counted in the provenance
         if not keep.all():

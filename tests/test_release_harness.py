@@ -368,9 +368,9 @@ def _staicc_task():
 def test_staicc_prompts_are_checked_text_for_text(tiny):
     staicc, lm = _load("staicc"), ivlib.wrap(*tiny)
     demos = [("a fine film", "positive"), ("dull", "negative"), ("moving", "positive"), ("flat", "negative")]
-    assert staicc.check_prompts(_StaiccExperimentor(demos, ["so so", "great"]), lm, _staicc_task(), 2) == (2, 0)
-    spaced = [(t + " ", w) for t, w in demos]  # SST-2's stored inputs: ivlib strips the trailing space
-    assert staicc.check_prompts(_StaiccExperimentor(spaced, ["so so ", "great"]), lm, _staicc_task(), 2) == (0, 2)
+    assert staicc.check_prompts(_StaiccExperimentor(demos, ["so so", "great"]), lm, _staicc_task(), 2) == 2
+    spaced = [(t + " ", w) for t, w in demos]  # SST-2's stored inputs end with a space: kept, as StaICC keeps it
+    assert staicc.check_prompts(_StaiccExperimentor(spaced, ["so so ", "great"]), lm, _staicc_task(), 2) == 2
     other = _StaiccExperimentor(demos, ["so so"], label_prefix="label: ")  # not the staicc template
     with pytest.raises(SystemExit, match="query 0: prompts differ at character"):
         staicc.check_prompts(other, lm, _staicc_task(), 1)

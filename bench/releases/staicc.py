@@ -10,8 +10,9 @@ The data are StaICC's own files, read by its own loader.
 
 Two checks:
   prompts   for the first --prompts queries, StaICC's demonstrations and query, posed by ivlib's encoder
-            under the staicc template: the text and token ids must equal StaICC's prompt's (its tokenizer
-            call adds what ivlib's BOS adds). A mismatch names the query and the first differing character.
+            as --preset staicc poses them (the staicc template, --inputs verbatim, --bos tokenizer): the
+            text and token ids must equal StaICC's prompt's. A mismatch names the query and the first
+            differing character.
   accuracy  StaICC's accuracy over its 1,024 prompts, with ivlib's bootstrap interval, to set beside
             `python iv.py -m MODEL -t staicc-bench/TASK --method icl --preset staicc --run-test`.
 
@@ -59,41 +60,33 @@ def _text(value: Any) -> str:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-def check_prompts(exp: Any, lm: Any, task: Any, n: int) -> tuple[int, int]:
-    """Queries 0..n-1 (first repetition) posed by ivlib as StaICC poses them: (prompts identical, prompts
-    that differ only where ivlib strips an input's surrounding whitespace, as it does for every task: StaICC
-    keeps SST-2's trailing spaces, `filmmakers  sentiment:`). Any other difference stops the check."""
+def check_prompts(exp: Any, lm: Any, task: Any, n: int) -> int:
+    """Queries 0..n-1 (first repetition) posed by ivlib as `--preset staicc` poses them (the staicc
+    template, inputs verbatim, the prompt begun as the tokenizer's own call begins it): the text must be
+    StaICC's and the token ids its tokenizer call's, or the check stops naming the first difference.
+    Returns how many were checked."""
     from ivlib.episodes import Episode, Example
     from ivlib.prompts import PromptEncoder
     from ivlib.templates import named
 
-    enc = PromptEncoder(lm.tokenizer, task.label_words, lm.add_bos, 10_000, named("staicc", task.name, task.prompt))
-    demos_set, test, writer = exp.triplet_dataset.demonstration, exp.triplet_dataset.test, exp.prompt_former
-    same = stripped = 0
+    template = named("staicc", task.name, task.prompt)
+    enc = PromptEncoder(lm.tokenizer, task.label_words, "tokenizer", 10_000, template, strip=False)
+    demos_set, test = exp.triplet_dataset.demonstration, exp.triplet_dataset.test
     for i in range(n):
-        rows = exp.demonstration_sampler[i]
-        lines = [([_text(demos_set.get_input_text(d)).strip()], demos_set.get_label(d)) for d in rows]
-        query = _text(test.get_input_text(i))
-        demos = tuple(Example(t[0], demos_set.find_index_from_label(word)) for t, word in lines)
-        ours = enc.encode(Episode(demos, Example(query, 0)))
-        text = "".join(
-            [enc.template.preamble, *(enc.demonstration(d) for d in demos), enc.query_context(Example(query, 0))]
-        )
+        lines = [(_text(demos_set.get_input_text(d)), demos_set.get_label(d)) for d in exp.demonstration_sampler[i]]
+        demos = tuple(Example(t, demos_set.find_index_from_label(word)) for t, word in lines)
+        query = Example(_text(test.get_input_text(i)), 0)
+        ours = enc.encode(Episode(demos, query))
+        text = "".join([enc.template.preamble, *(enc.demonstration(d) for d in demos), enc.query_context(query)])
         theirs = exp._get_prompts_for_test_sample(i, 0)
-        if text == theirs:
-            same += 1
-        elif text == writer.write_prompt_from_dataline(lines, [query.strip()], exp.prompt_former.cut_by_length):
-            stripped += 1
-        else:
+        if text != theirs:
             at = next((j for j, (a, b) in enumerate(zip(text, theirs)) if a != b), min(len(text), len(theirs)))
             raise SystemExit(
                 f"query {i}: prompts differ at character {at}: ivlib {text[at : at + 40]!r}, StaICC {theirs[at : at + 40]!r}"
             )
-        text_ids = list(lm.tokenizer(text).input_ids)
-        bos = ours.ids[: len(ours.ids) - len(text_ids)]  # what ivlib puts before the text
-        if ours.ids[len(bos) :] != text_ids or bos not in ([], [lm.tokenizer.bos_token_id]):
-            raise SystemExit(f"query {i}: ivlib's token ids are not its text's: {ours.ids[:5]}")
-    return same, stripped
+        if ours.ids != list(lm.tokenizer(theirs).input_ids):
+            raise SystemExit(f"query {i}: ivlib's token ids are not StaICC's tokenizer call's: {ours.ids[:5]}")
+    return n
 
 
 class WithBos:
@@ -163,16 +156,10 @@ def main() -> None:
     lm = harness.load_lm(args.model, args.config)
     task = harness.load_ivlib_task(f"staicc-bench/{args.task}", args.config)
     exp = experimentor(args.task, k=4)
-    same, stripped = check_prompts(exp, lm, task, harness.positive("--prompts", args.prompts))
-    bos = (
-        "ivlib puts the model's BOS token first, StaICC's tokenizer call does not"
-        if lm.add_bos
-        else "no BOS either side"
-    )
+    checked = check_prompts(exp, lm, task, harness.positive("--prompts", args.prompts))
     print(
-        f"prompts: of {args.prompts} queries, ivlib's staicc template writes StaICC's very text for {same}; the "
-        f"other {stripped} differ only by the whitespace around inputs, which ivlib strips (StaICC keeps it); "
-        f"token ids: the text's, and {bos}"
+        f"prompts: of {checked} queries, ivlib's --preset staicc writes StaICC's very text for all, and the "
+        "token ids of StaICC's tokenizer call (inputs verbatim, --bos tokenizer)"
     )
     if args.prompts_only:
         return
