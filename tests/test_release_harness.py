@@ -374,3 +374,27 @@ def test_staicc_prompts_are_checked_text_for_text(tiny):
     other = _StaiccExperimentor(demos, ["so so"], label_prefix="label: ")  # not the staicc template
     with pytest.raises(SystemExit, match="query 0: prompts differ at character"):
         staicc.check_prompts(other, lm, _staicc_task(), 1)
+
+
+def test_staicc_splits_are_checked_row_for_row():
+    staicc = _load("staicc")
+    words = ["negative", "positive"]
+    parts = {
+        "demonstration": [("a fine film ", "positive"), ("dull", "negative")],
+        "calibration": [("moving", "positive"), ("   ", "negative"), ("flat", "negative")],  # an empty text
+        "test": [("so so ", "negative")],
+    }
+    exp = type("E", (), {"triplet_dataset": type("T", (), {k: _StaiccSplit(v, words) for k, v in parts.items()})()})()
+
+    def task_of(rows: dict[str, list[tuple[str, str]]]):
+        splits = {
+            role: ivlib.tasks.Split([t for t, _ in rows[name]], np.array([words.index(w) for _, w in rows[name]]))
+            for name, role in staicc.ROLES.items()
+        }
+        return type("Task", (), {"label_words": words, "splits": splits})()
+
+    kept = {k: [(t, w) for t, w in v if t.strip()] for k, v in parts.items()}  # ivlib drops empty texts
+    assert staicc.check_splits(exp, task_of(kept)) == {"train": 2, "validation": 2, "test": 1}
+    stripped = {**kept, "demonstration": [("a fine film", "positive"), ("dull", "negative")]}
+    with pytest.raises(SystemExit, match="demonstration .ivlib's train. differs at row 0 of 2"):
+        staicc.check_splits(exp, task_of(stripped))

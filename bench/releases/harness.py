@@ -80,10 +80,10 @@ def load_lm(model: str, configs: Sequence[str] | None) -> Any:
     return load_model(model, lookup(registry.models, "model", model), torch.device("cpu"), quiet=True)
 
 
-def load_ivlib_task(name: str, configs: Sequence[str] | None) -> Task:
+def load_ivlib_task(name: str, configs: Sequence[str] | None, inputs: str = "stripped") -> Task:
     from ivlib.api import load_task
 
-    return load_task(name, list(configs or DEFAULT_CONFIGS))
+    return load_task(name, list(configs or DEFAULT_CONFIGS), inputs=inputs)
 
 
 def query_rows(task: Task, split: str, n: int, seed: int) -> list[int]:

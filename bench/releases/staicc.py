@@ -8,7 +8,9 @@ query twice. This harness runs that code as it is, with its own `standard_ICL_in
 as the forward function, and replaces only the model (ivlib's loader: both sides run the same weights).
 The data are StaICC's own files, read by its own loader.
 
-Two checks:
+Three checks:
+  splits    ivlib's staicc-bench task, loaded with --inputs verbatim, holds StaICC's own calibration,
+            demonstration and test rows (texts, labels, order) as its validation, train and test.
   prompts   for the first --prompts queries, StaICC's demonstrations and query, posed by ivlib's encoder
             as --preset staicc poses them (the staicc template, --inputs verbatim, --bos tokenizer): the
             text and token ids must equal StaICC's prompt's. A mismatch names the query and the first
@@ -17,7 +19,7 @@ Two checks:
             `python iv.py -m MODEL -t staicc-bench/TASK --method icl --preset staicc --run-test`.
 
     python bench/releases/staicc.py                  # sst2 on SmolLM2: prompts, then StaICC's 1,024 answers
-    python bench/releases/staicc.py --prompts-only   # the prompt check alone (seconds)
+    python bench/releases/staicc.py --prompts-only   # the split and prompt checks alone (seconds)
 """
 
 from __future__ import annotations
@@ -45,14 +47,21 @@ LOADERS = {
 }
 
 
+# the datasets StaICC's `Normal` benchmark splits by its own per-dataset sizes (StaICC/normal.py), and the
+# key of those sizes in its configs (the others take its standard 1,024 / 4,096 / 512)
+OWN_SPLITS = {"financial_phrasebank": "split_for_FP", "tweet_eval_emotion": "split_for_TEE"}
+
+
 def experimentor(name: str, k: int) -> Any:
     """StaICC's experimentor for one dataset, built as its `Normal` benchmark builds each (its prints muted)."""
+    from StaICC.util import configs, hgf_dataset_loader
     from StaICC.util import experimentor as staicc_experimentor
-    from StaICC.util import hgf_dataset_loader
 
+    sizes = configs.STANDARD_SETTINGS.get(OWN_SPLITS.get(name, ""))
+    dividing = {"dividing": [sizes[f"{s}_number"] for s in ("calibration", "demonstration", "test")]} if sizes else {}
     with contextlib.redirect_stdout(io.StringIO()):
         data = getattr(hgf_dataset_loader, LOADERS[name])()
-        return staicc_experimentor.single_experimentor(original_dataset=data, k=k)
+        return staicc_experimentor.single_experimentor(original_dataset=data, k=k, **dividing)
 
 
 def _text(value: Any) -> str:
@@ -87,6 +96,27 @@ def check_prompts(exp: Any, lm: Any, task: Any, n: int) -> int:
         if ours.ids != list(lm.tokenizer(theirs).input_ids):
             raise SystemExit(f"query {i}: ivlib's token ids are not StaICC's tokenizer call's: {ours.ids[:5]}")
     return n
+
+
+ROLES = {"demonstration": "train", "calibration": "validation", "test": "test"}  # StaICC's split -> ivlib's role
+
+
+def check_splits(exp: Any, task: Any) -> dict[str, int]:
+    """ivlib's staicc-bench task holds StaICC's own triplet: each split's texts and labels, in StaICC's
+    order (ivlib drops empty texts, and counts them); a difference stops the check, naming the row."""
+    sizes = {}
+    for name, role in ROLES.items():
+        split = getattr(exp.triplet_dataset, name)
+        theirs = [(_text(split.get_input_text(i)), split.get_label(i)) for i in range(len(split))]
+        theirs = [(t, task.label_words.index(w) if w in task.label_words else w) for t, w in theirs if t.strip()]
+        ours = list(zip(task.splits[role].texts, task.splits[role].labels.tolist()))
+        if ours != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise SystemExit(
+                f"{name} (ivlib's {role}) differs at row {at} of {len(theirs)}: ivlib has {len(ours)} rows"
+            )
+        sizes[role] = len(ours)
+    return sizes
 
 
 class WithBos:
@@ -154,8 +184,10 @@ def main() -> None:
 
     torch.set_num_threads(harness.positive("--threads", args.threads))
     lm = harness.load_lm(args.model, args.config)
-    task = harness.load_ivlib_task(f"staicc-bench/{args.task}", args.config)
+    task = harness.load_ivlib_task(f"staicc-bench/{args.task}", args.config, inputs="verbatim")
     exp = experimentor(args.task, k=4)
+    sizes = check_splits(exp, task)
+    print(f"splits: ivlib's staicc-bench/{args.task} holds StaICC's own rows and labels, in its order: {sizes}")
     checked = check_prompts(exp, lm, task, harness.positive("--prompts", args.prompts))
     print(
         f"prompts: of {checked} queries, ivlib's --preset staicc writes StaICC's very text for all, and the "
