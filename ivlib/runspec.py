@@ -19,7 +19,7 @@ from . import distributed as dist
 from .config import Config, load_config, lookup
 from .errors import UsageError
 from .methods import METHODS, Method, get_method
-from .protocol import DRAWING, Protocol
+from .protocol import DRAWING, WRITING, Protocol
 from .protocol import SETTINGS as PROTOCOL_SETTINGS
 from .results import check_writable, has_record, read_records
 from .samples import check_samples_dir
@@ -332,8 +332,8 @@ def _adopt_fit_settings(prepared: Prepared, path: str) -> Prepared:
 
 
 def _check_fitted_protocol(prepared: Prepared, path: str, fitted: dict[str, Any]) -> None:
-    """A state was fitted on prompts of one template (and a selection judged by one rule and metric, in
-    one demonstration order); using it under another would mix two protocols in one record."""
+    """A state was fitted on prompts of one template, inputs and BOS (and a selection judged by one rule
+    and metric, in one demonstration order); using it under another would mix two protocols in one record."""
     wanted = prepared.protocol.fit_fields(prepared.method_cls, prepared.kind)
     for key, flag in FITTED_PROTOCOL.items():
         default = PROTOCOL_DEFAULTS[key]
@@ -389,14 +389,14 @@ FITTED_PROTOCOL = {
     "scoring": "--score",
     "metric": "--metric",
     "demo_order": "--demo-order",
-    **{name: "--" + name.replace("_", "-") for name in DRAWING},
+    **{name: "--" + name.replace("_", "-") for name in (*DRAWING, *WRITING)},
 }
 PROTOCOL_DEFAULTS = {
     "template": IV.key,
     "scoring": "(the task's own rule)",
     "metric": _P["metric"].default,
     "demo_order": _P["demo_order"].default,
-    **{name: _P[name].default for name in DRAWING},
+    **{name: _P[name].default for name in (*DRAWING, *WRITING)},
 }
 
 

@@ -147,3 +147,17 @@ def test_a_run_records_its_inputs_and_bos_and_resume_tells_them_apart(spaced, tm
     bad, _ = _run(tmp_path, config, "--inputs", "raw")
     assert bad.returncode == 2 and "'raw'" in bad.stderr and "stripped, verbatim" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_state_fitted_on_other_prompts_is_not_loaded(spaced, tmp_path):
+    config = tmp_path / "spaced.yaml"
+    config.write_text(json.dumps({"tasks": {"spaced": spaced}}))
+    vectors = tmp_path / "iv.safetensors"
+    fit = ["--method", "iv", "-e", "4", "-s", "1", "--save-vectors", str(vectors)]
+    done, _ = _run(tmp_path, config, *fit, "--inputs", "verbatim")
+    assert done.returncode == 0, done.stderr
+    refused, records = _run(tmp_path, config, "--method", "iv", "--load-vectors", str(vectors))
+    assert refused.returncode == 2 and len(records) == 1, refused.stderr
+    assert "was fitted with --inputs verbatim; this command gives stripped" in refused.stderr
+    loaded, records = _run(tmp_path, config, "--method", "iv", "--load-vectors", str(vectors), "--inputs", "verbatim")
+    assert loaded.returncode == 0 and len(records) == 1  # the same run: recorded, skipped (--resume)
