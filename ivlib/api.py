@@ -422,6 +422,7 @@ def fit(
     posed.check(cls, task.kind, METHODS)
     if cls.needs_fit and values["ext_shot"] < 1:
         raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
+    values["ext_shot"] = posed.fit_shot(cls, values["ext_shot"])  # HC: the evaluation's --shot
     _fit_built(built, lm, task, posed, values, (batch_size, progress))
     return built
 

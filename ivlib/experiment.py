@@ -495,7 +495,10 @@ def check_data(
         shot = protocol.eval_shot(cls)
         check_shots(task.splits[source], source, task.n_classes, shot, task.label_words, "--shot", per_class)
     if fitting and cls.needs_fit:
-        check_shots(task.splits["train"], "train", task.n_classes, ext_shot, task.label_words, "--ext-shot")
+        fit_per_class = protocol.fit_drawing(cls).per_class
+        check_shots(
+            task.splits["train"], "train", task.n_classes, ext_shot, task.label_words, "--ext-shot", fit_per_class
+        )
     if selecting and demos is None:
         source = "train" if protocol.drawing.from_train else "validation"
         check_shots(task.splits[source], source, task.n_classes, protocol.shot, task.label_words, "--shot", per_class)
@@ -554,7 +557,9 @@ def fit_episodes(
     demonstration order. Training episodes stay episodic and shuffled: they are what a method learns
     from (the IV release orders only its 1-shot evaluation prompts)."""
     train = (
-        sample_episodes(task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract")
+        sample_episodes(
+            task.splits["train"], task.n_classes, ext_shot, episodes, seed, "train/extract", protocol.fit_drawing(cls)
+        )
         if cls.needs_fit
         else []
     )

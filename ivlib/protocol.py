@@ -202,6 +202,16 @@ class Protocol:
         """Demonstrations per class in evaluation prompts (zero-shot and readouts fix theirs)."""
         return self.shot if cls.fixed_eval_shot is None else cls.fixed_eval_shot
 
+    def fit_shot(self, cls: type[Method], ext_shot: int) -> int:
+        """Training prompts' demonstrations (per class, or in all under --demo-draw any): -s, or the
+        evaluation's for a method that calibrates on prompts like those it classifies (HC)."""
+        return self.eval_shot(cls) if cls.fits_at_eval_shot else ext_shot
+
+    def fit_drawing(self, cls: type[Method]) -> Drawing:
+        """How training episodes are drawn (from train): per class, or as evaluation draws them for a
+        method calibrating on evaluation-like prompts."""
+        return Drawing(per_class=self.drawing.per_class) if cls.fits_at_eval_shot else Drawing()
+
     @property
     def one_set(self) -> bool:
         """Whether the run has one demonstration set (--demos fixed, with demonstrations to fix) that

@@ -49,7 +49,14 @@ def parse_batch_size(text: str) -> int | str:
 # `protocol.Protocol`): the same declaration as a method's settings, so the CLI derives their flags and
 # checks the same way.
 PROTOCOL = (
-    Setting("ext_shot", int, 4, "extraction demonstrations per class (methods that fit)", low=0, short="-s"),
+    Setting(
+        "ext_shot",
+        int,
+        4,
+        "extraction demonstrations per class (methods that fit; hc: the --shot it is evaluated with)",
+        low=0,
+        short="-s",
+    ),
     Setting("episodes", int, 200, "extraction episodes, drawn from train", low=1, high=MAX_EPISODES, short="-e"),
     Setting("eval_episodes", int, 10_000, "evaluation episodes", low=1, high=MAX_EPISODES, short="-n"),
     Setting(
@@ -201,6 +208,7 @@ def prepare(spec: RunSpec) -> Prepared:
     model_entry = lookup(config.models, "model", checked.model)
     task_entry = lookup(config.tasks, "task", checked.task)
     protocol = build_protocol(checked, checked.task, task_entry)
+    checked = dataclasses.replace(checked, ext_shot=protocol.fit_shot(cls, checked.ext_shot))  # HC: --shot
     prepared = Prepared(checked, cls, config, model_entry, task_entry, protocol, values)
     check_method_task(cls, prepared.kind, checked.task)
     protocol.check(cls, prepared.kind, METHODS)

@@ -197,3 +197,30 @@ def test_python_api_matches_the_cli(tmp_path, monkeypatch):
     prompt = ivlib.encode(gpt2, task, demos=[("a dull film", 0), ("a fine film", 1)], query="a good film")
     scorer = Scorer(gpt2, ivlib.encoder(gpt2, task).label_ids, 4, quiet=True)
     torch.testing.assert_close(last_hidden(scorer, ivlib.batch(gpt2, prompt))[0], plain_last_hidden(gpt2, prompt))
+
+
+def test_calibration_prompts_have_the_evaluated_prompts_demonstrations(monkeypatch, tmp_path):
+    """The paper calibrates on prompts like those it classifies: -s does not apply to HC, --shot and
+    --demo-draw do, and the record says the shot used; other methods keep -s."""
+    from ivlib.experiment import fit_episodes
+    from ivlib.protocol import Protocol
+
+    task = ivlib.load_task("review_sentiment")
+    for protocol, demos in ((Protocol.build(shot=2), 4), (Protocol.build(shot=3, demo_draw="any"), 3)):
+        shot = protocol.fit_shot(HiddenCalibration, 4)
+        train, _ = fit_episodes(task, HiddenCalibration, protocol, shot, 12, 0, 1)
+        assert [len(e.demos) for e in train] == [demos] * 12
+    assert Protocol.build(shot=2).fit_shot(ivlib.methods.get_method("iv"), 4) == 4
+    monkeypatch.chdir(REPO)
+    results = tmp_path / "runs.jsonl"
+    flags = ["-m", "tiny-gpt2", "--results", str(results), "--shot", "2"]
+    assert main([*CLI, *flags]) == 0
+    assert main([*CLI, *flags, "--method", "iv", "--strength", "0.1"]) == 0
+    hc, iv = _records(results)
+    assert (
+        hc["hyperparameters"]["ext_shot"] == hc["fit"]["ext_shot"] == 2
+        and hc["budget"]["demonstrations_per_query"] == 4
+    )
+    assert iv["hyperparameters"]["ext_shot"] == 1  # CLI's -s 1
+    gpt2 = ivlib.wrap(*ivlib.tiny_model("gpt2"), name="tiny-gpt2")
+    assert ivlib.fit("hc", gpt2, task, ext_shot=4, shot=2, episodes=8, batch_size=4).fit_info["ext_shot"] == 2

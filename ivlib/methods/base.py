@@ -55,6 +55,9 @@ class Method(ABC, Generic[S]):
     steers: ClassVar[tuple[Steering, ...]] = ()
     needs_fit: ClassVar[bool] = False  # whether `fit` uses training episodes at all
     needs_validation: ClassVar[bool] = False  # whether `fit` also selects something on validation episodes
+    # whether its training prompts are drawn as its evaluation prompts are (--shot and --demo-draw, the
+    # record's ext_shot then --shot) rather than with -s: a calibration on prompts like those it classifies
+    fits_at_eval_shot: ClassVar[bool] = False
     fixed_eval_shot: ClassVar[int | None] = None  # e.g. zero-shot evaluates with no demonstrations
     min_shot: ClassVar[int] = 0  # fewest evaluation demonstrations per class it can work with
     supports_multiple_choice: ClassVar[bool] = False  # whether it can score per-question answer options

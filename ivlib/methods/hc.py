@@ -6,11 +6,13 @@ answer position, the query's separator, over calibration prompts whose query bel
 A prompt is predicted as the class of the nearest centroid; its scores are the negative distances.
 
 As the paper builds them, the calibration prompts are ICL prompts from the training split, each a few
-demonstrations and a query whose label is known: here the `-e` training episodes (`-s` per class and
-a query each; their queries' labels give the classes, so every class must have at least one query).
-The paper calibrates with as many demonstrations as it tests with (k = 4 in all) and 16 queries per
-class; for its setting give `-s` equal to `--shot` (the hidden state of a 4-shot prompt is not that of
-a 1-shot prompt) and enough episodes for every class. The distance is the Euclidean one (`hc_distance
+demonstrations and a query whose label is known: here the `-e` training episodes, drawn as the
+evaluated prompts are (`fits_at_eval_shot`: `--shot` demonstrations, per class or in all as
+`--demo-draw` says, and a query each; their queries' labels give the classes, so every class must have
+at least one query). The paper calibrates with as many demonstrations as it tests with (k = 4 in
+all), since the hidden state of a 4-shot prompt is not that of a 1-shot one: `-s` does not apply, and
+the record's `ext_shot` is the `--shot` used (with 16 queries per class in the paper, give enough
+episodes for every class). The distance is the Euclidean one (`hc_distance
 l2`, the authors' later reference implementation); `cosine` is the other criterion their experiment
 code computes. Both read the same centroids, so several values share one fit.
 """
@@ -68,6 +70,7 @@ class HiddenCalibration(Method[HCSettings]):
     name = "hc"
     position = 110
     needs_fit = True
+    fits_at_eval_shot = True  # its calibration prompts have the demonstrations its evaluated prompts have
     has_state = True
     # it classifies the model's last hidden state itself (nearest class centroid of the last hidden state): no reading of the
     # vocabulary's output applies but the default, which it stands for
