@@ -420,7 +420,7 @@ def fit(
     cls = type(built)
     runspec.check_method_task(cls, task)
     posed.check(cls, task.kind, METHODS)
-    if cls.needs_fit and values["ext_shot"] < 1:
+    if cls.needs_fit and not cls.fits_at_eval_shot and values["ext_shot"] < 1:  # HC's is `shot`
         raise UsageError(f"ext_shot {ext_shot} is out of range; accepted: an integer >= 1")
     values["ext_shot"] = posed.fit_shot(cls, values["ext_shot"])  # HC: the evaluation's --shot
     _fit_built(built, lm, task, posed, values, (batch_size, progress))
@@ -542,6 +542,27 @@ def _check_evaluable(built: Method, task: Task, posed: Protocol) -> None:
     posed.check(cls, task.kind, METHODS)
     if not _fitted(built):
         raise UsageError(f"method '{cls.name}' is not fitted; call ivlib.fit or ivlib.load first")
+    _check_fitted_protocol(built, task, posed)
+
+
+def _check_fitted_protocol(built: Method, task: Task, posed: Protocol) -> None:
+    """A fitted method is evaluated under the protocol it was fitted under, as the CLI's --load-vectors
+    requires: a state learned from other prompts (or HC's centroids of other shots) would score
+    prompts it never saw, and the result would name a protocol it did not run."""
+    info, cls = built.fit_info or {}, type(built)
+    clash = runspec.protocol_clash(info, posed.fit_fields(cls, task.kind)) if info else None
+    if clash:
+        flag, was, now = clash
+        name = flag.removeprefix("--").replace("-", "_")
+        raise UsageError(
+            f"method '{cls.name}' was fitted with {name}={was!r}; this evaluation has {now!r}; accepted: {name}={was!r}"
+        )
+    shot = posed.eval_shot(cls)
+    if cls.fits_at_eval_shot and info.get("ext_shot", shot) != shot:
+        raise UsageError(
+            f"method '{cls.name}' was calibrated on {info['ext_shot']}-shot prompts and this evaluation has "
+            f"{shot}-shot ones; accepted: shot={info['ext_shot']}"
+        )
 
 
 def _evaluate_built(

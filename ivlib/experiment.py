@@ -495,10 +495,8 @@ def check_data(
         shot = protocol.eval_shot(cls)
         check_shots(task.splits[source], source, task.n_classes, shot, task.label_words, "--shot", per_class)
     if fitting and cls.needs_fit:
-        fit_per_class = protocol.fit_drawing(cls).per_class
-        check_shots(
-            task.splits["train"], "train", task.n_classes, ext_shot, task.label_words, "--ext-shot", fit_per_class
-        )
+        fit_per_class, flag = protocol.fit_drawing(cls).per_class, "--shot" if cls.fits_at_eval_shot else "--ext-shot"
+        check_shots(task.splits["train"], "train", task.n_classes, ext_shot, task.label_words, flag, fit_per_class)
     if selecting and demos is None:
         source = "train" if protocol.drawing.from_train else "validation"
         check_shots(task.splits[source], source, task.n_classes, protocol.shot, task.label_words, "--shot", per_class)
@@ -537,6 +535,7 @@ def make_scorer(
     start = (AUTO_GPU_START if lm.device.type == "cuda" else AUTO_CPU) if auto else int(batch_size)
     scorer = Scorer(lm, encoder.label_ids, start, quiet, shrink_on_oom=auto, rule=rule)
     scorer.metric = protocol.metric if task.kind == "classification" else "accuracy"  # no classes: accuracy
+    scorer.bos = list(encoder.bos)
     return scorer
 
 

@@ -241,7 +241,8 @@ class PromptEncoder:
             raise UsageError("the tokenizer merges two separators into one token; this tokenizer is not supported")
         options = None
         if episode.query.options is not None:
-            options = [self._continuation(self.truncate(o)) for o in episode.query.options]
+            # an option is an answer, not an input: cut at its end under either --inputs
+            options = [self._continuation(self.truncate(o.rstrip())) for o in episode.query.options]
         answer = None if episode.query.answer is None else self._continuation(episode.query.answer, "answer")
         return EncodedPrompt(
             ids,

@@ -311,17 +311,21 @@ class Protocol:
 
     def fit_fields(self, cls: type[Method], kind: str) -> dict[str, Any]:
         """What a state file records of the protocol it was fitted under, and a load must match: the
-        template, inputs and BOS (the prompts it learned from), and for a method selecting on validation also the rule,
-        metric and demonstration order it selected with."""
+        template, inputs and BOS (the prompts it learned from); for a method selecting on validation also
+        the rule, metric, demonstration order and draw it selected with; for one calibrating on prompts
+        drawn as the evaluated ones are (HC), that draw (per class or in all)."""
         posing = self.posing(kind)
-        if not cls.needs_validation:
-            return {k: v for k, v in posing.items() if k in ("template", *WRITING)}
-        out = dict(posing)
-        if self.demo_order != DEMO_ORDER.default and self.shot > 0:
-            out["demo_order"] = self.demo_order
-        out.update(self.drawn(self.shot))  # the validation episodes it selected on
-        if self.metric != BY_NAME["metric"].default and kind == "classification":
-            out["metric"] = self.metric
+        if cls.needs_validation:
+            out = dict(posing)
+            if self.demo_order != DEMO_ORDER.default and self.shot > 0:
+                out["demo_order"] = self.demo_order
+            out.update(self.drawn(self.shot))  # the validation episodes it selected on
+            if self.metric != BY_NAME["metric"].default and kind == "classification":
+                out["metric"] = self.metric
+            return out
+        out = {k: v for k, v in posing.items() if k in ("template", *WRITING)}
+        if cls.fits_at_eval_shot:  # its calibration prompts' demonstrations: `fit_drawing`
+            out.update({k: v for k, v in self.drawn(self.shot).items() if k == "demo_draw"})
         return out
 
 

@@ -230,7 +230,7 @@ def checked_run(spec: RunSpec, cls: type[Method]) -> RunSpec:
         raise UsageError(f"split '{spec.split}' is not accepted; accepted: {', '.join(SPLITS)}")
     coerced = {s.name: s.check(getattr(spec, s.name)) for s in PROTOCOL if s.name not in PROTOCOL_NAMES}
     checked = dataclasses.replace(spec, **coerced)
-    if cls.needs_fit and checked.ext_shot < 1:
+    if cls.needs_fit and not cls.fits_at_eval_shot and checked.ext_shot < 1:  # HC's is --shot
         raise UsageError(f"--ext-shot {checked.ext_shot} is out of range; accepted: an integer >= 1")
     _check_devices(checked)
     return dataclasses.replace(checked, threads=use_threads(checked.threads))  # applied before any compute
@@ -323,7 +323,8 @@ def _adopt_fit_settings(prepared: Prepared, path: str) -> Prepared:
     fitted = checked_fit(path, meta, settings)  # each value through its flag's own check
     run: dict[str, Any] = {}
     values = dict(prepared.values)
-    for setting in (s for s in settings if s.name in fitted):
+    _check_fitted_shot(prepared, path, fitted)
+    for setting in (s for s in settings if s.name in fitted and not _follows_shot(cls, s.name)):
         protocol = setting.name in PROTOCOL_FIT
         current = getattr(spec, setting.name) if protocol else values.get(setting.name, setting.default)
         if current == fitted[setting.name]:
@@ -339,17 +340,42 @@ def _adopt_fit_settings(prepared: Prepared, path: str) -> Prepared:
     return dataclasses.replace(prepared, spec=dataclasses.replace(spec, **run), values=values, fitted_with=fitted)
 
 
+def _follows_shot(cls: type[Method], name: str) -> bool:
+    """Whether a fit setting is not the user's to give: a method fitting at the evaluation's shot (HC)
+    has its -s set from --shot."""
+    return name == "ext_shot" and cls.fits_at_eval_shot
+
+
+def _check_fitted_shot(prepared: Prepared, path: str, fitted: dict[str, Any]) -> None:
+    """A state calibrated on prompts of one --shot classifies prompts of that shot only (HC)."""
+    spec = prepared.spec
+    if prepared.method_cls.fits_at_eval_shot and fitted.get("ext_shot", spec.ext_shot) != spec.ext_shot:
+        raise UsageError(
+            f"--load-vectors '{path}' was calibrated on {fitted['ext_shot']}-shot prompts and this command "
+            f"evaluates {spec.ext_shot}-shot ones; accepted: --shot {fitted['ext_shot']}"
+        )
+
+
 def _check_fitted_protocol(prepared: Prepared, path: str, fitted: dict[str, Any]) -> None:
     """A state was fitted on prompts of one template, inputs and BOS (and a selection judged by one rule
     and metric, in one demonstration order); using it under another would mix two protocols in one record."""
-    wanted = prepared.protocol.fit_fields(prepared.method_cls, prepared.kind)
+    clash = protocol_clash(fitted, prepared.protocol.fit_fields(prepared.method_cls, prepared.kind))
+    if clash:
+        flag, was, now = clash
+        raise UsageError(
+            f"--load-vectors '{path}' was fitted with {flag} {was}; this command gives {now}; accepted: {flag} {was}"
+        )
+
+
+def protocol_clash(fitted: dict[str, Any], wanted: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first protocol field (its flag, the fitted value, the wanted one) where a fit's record and
+    the protocol it is to be used under differ; an absent field is its default (older files)."""
     for key, flag in FITTED_PROTOCOL.items():
         default = PROTOCOL_DEFAULTS[key]
         was, now = fitted.get(key, default), wanted.get(key, default)
         if was != now:
-            raise UsageError(
-                f"--load-vectors '{path}' was fitted with {flag} {was}; this command gives {now}; accepted: {flag} {was}"
-            )
+            return flag, was, now
+    return None
 
 
 def _with_defaults(prepared: Prepared) -> dict[str, Any]:

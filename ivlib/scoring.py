@@ -101,6 +101,11 @@ class Scorer:
         self._trainable = False  # inside `trainable()`: what `differentiable_scores` asks for
         self.preallocate = True  # last-token searches write into a preallocated prefix cache (False: growing copy)
         self.prefix: Prefix | None = None  # inside `over`: the cached prefix every batch runs after
+        # the ids the run's prompts begin with (make_scorer sets its encoder's: --bos tokenizer may differ
+        # from the model's); a method building prompts of its own from a batch puts them first
+        self.bos: list[int] = (
+            [lm.tokenizer.bos_token_id] if lm.add_bos and lm.tokenizer.bos_token_id is not None else []
+        )
 
     @property
     def layout(self) -> ModelLayout:

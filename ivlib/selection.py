@@ -409,9 +409,13 @@ def _usable_state(record: dict[str, Any], given: list[str]) -> str | None:
 
 def _record_fit_settings(record: dict[str, Any], args: list[str]) -> list[str]:
     """`--flag value` of the record's fitting settings that the command does not give."""
+    from .methods import METHODS
+
     hp = record.get("hyperparameters") or {}
+    cls = METHODS.get(record.get("method", ""))
+    follows_shot = {"ext_shot"} if cls is not None and cls.fits_at_eval_shot else set()  # HC's is --shot's
     out: list[str] = []
-    for setting in _fit_setting_objects(record):
+    for setting in (s for s in _fit_setting_objects(record) if s.name not in follows_shot):
         present = any(a == n or a.startswith(n + "=") for a in args for n in (setting.flag, setting.short) if n)
         if not present and hp.get(setting.name) is not None:
             out += [setting.flag, str(hp[setting.name])]

@@ -224,3 +224,47 @@ def test_calibration_prompts_have_the_evaluated_prompts_demonstrations(monkeypat
     assert iv["hyperparameters"]["ext_shot"] == 1  # CLI's -s 1
     gpt2 = ivlib.wrap(*ivlib.tiny_model("gpt2"), name="tiny-gpt2")
     assert ivlib.fit("hc", gpt2, task, ext_shot=4, shot=2, episodes=8, batch_size=4).fit_info["ext_shot"] == 2
+
+
+def test_a_state_loads_only_for_prompts_like_those_it_calibrated_on(monkeypatch, tmp_path, capsys):
+    """A state calibrated on 1-shot per-class prompts classifies only those: another --shot or
+    --demo-draw is refused by name (not as an -s the command never gave), and the same one loads."""
+    monkeypatch.chdir(REPO)
+    state, results = tmp_path / "hc.safetensors", tmp_path / "runs.jsonl"
+    argv = CLI + ["-m", "tiny-gpt2", "--results", str(results)]
+    assert main(argv + ["--save-vectors", str(state)]) == 0
+    for flags, needle in (
+        (
+            ["--shot", "2"],
+            "was calibrated on 1-shot prompts and this command evaluates 2-shot ones; accepted: --shot 1",
+        ),
+        (["--demo-draw", "any"], "was fitted with --demo-draw per-class; this command gives any"),
+    ):
+        capsys.readouterr()
+        assert main(argv + ["--load-vectors", str(state), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    assert len(_records(results)) == 1  # nothing recorded from a refused load
+    assert main(argv + ["--load-vectors", str(state), "--hc-distance", "cosine"]) == 0
+    fitted, loaded = _records(results)
+    assert loaded["hyperparameters"]["ext_shot"] == fitted["hyperparameters"]["ext_shot"] == 1
+
+
+def test_the_api_evaluates_a_fit_only_under_the_protocol_it_was_fitted_under():
+    gpt2 = ivlib.wrap(*ivlib.tiny_model("gpt2"), name="tiny-gpt2")
+    task = ivlib.load_task("review_sentiment")
+    method = ivlib.fit("hc", gpt2, task, shot=2, episodes=8, batch_size=4)
+    with pytest.raises(ivlib.UsageError, match="calibrated on 2-shot prompts and this evaluation has 1-shot ones"):
+        ivlib.evaluate(method, gpt2, task, shot=1, n=4, batch_size=4)
+    with pytest.raises(ivlib.UsageError, match="fitted with template='iv'; this evaluation has 'fv'"):
+        ivlib.evaluate(method, gpt2, task, shot=2, n=4, batch_size=4, template="fv")
+    assert ivlib.evaluate(method, gpt2, task, shot=2, n=4, batch_size=4).scores.shape == (4, 2)
+
+
+def test_ext_shot_is_not_checked_for_hc_it_does_not_apply(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    results = tmp_path / "runs.jsonl"
+    assert main([*CLI, "-m", "tiny-gpt2", "--results", str(results), "-s", "0"]) == 0
+    (hc,) = _records(results)
+    assert hc["hyperparameters"]["ext_shot"] == hc["hyperparameters"]["shot"] == 1
+    assert main([*CLI, "-m", "tiny-gpt2", "--results", str(results), "--method", "iv", "-s", "0"]) == 2

