@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import Labels, _counts, _f1_from_counts
+from .metrics import Labels, _counts, _f1_from_counts, draw_weights
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,11 @@ def paired_bootstrap(
     resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    clusters: Labels | None = None,
 ) -> dict[str, Interval]:
     """Percentile intervals of A - B for accuracy and (with `n_classes`) macro-F1; each replicate
-    draws one multiset of episode indices and scores both methods on it."""
+    draws one multiset of episode indices (or of whole queries: `clusters`, see `draw_weights`) and
+    scores both methods on it."""
     y, a, b = np.asarray(y_true), np.asarray(pred_a), np.asarray(pred_b)
     n = len(y)
     if n == 0 or len(a) != n or len(b) != n:
@@ -71,11 +73,8 @@ def paired_bootstrap(
     acc: list[np.ndarray] = []
     macro: list[np.ndarray] = []
     for start in range(0, resamples, chunk):
-        r = min(chunk, resamples - start)
-        draws = rng.integers(0, n, size=(r, n))
-        flat = (np.arange(r)[:, None] * n + draws).ravel()
-        weights = np.bincount(flat, minlength=r * n).reshape(r, n).astype(float)  # [r, N] draw counts
-        acc.append(weights @ (hit_a - hit_b) / n)
+        weights = draw_weights(rng, min(chunk, resamples - start), n, clusters)  # [r, N]
+        acc.append(weights @ (hit_a - hit_b) / weights.sum(1))
         if n_classes is not None:
             fa = _f1_from_counts(*_counts(y, a, n_classes, weights))["macro"]
             fb = _f1_from_counts(*_counts(y, b, n_classes, weights))["macro"]
@@ -95,11 +94,17 @@ def paired_bootstrap(
 
 
 def compare(
-    y_true: Labels, pred_a: Labels, pred_b: Labels, n_classes: int | None, seed: int = 0, resamples: int = 1000
+    y_true: Labels,
+    pred_a: Labels,
+    pred_b: Labels,
+    n_classes: int | None,
+    seed: int = 0,
+    resamples: int = 1000,
+    clusters: Labels | None = None,
 ) -> Paired:
-    """Everything the report shows for one pair of runs."""
+    """Everything the report shows for one pair of runs (`clusters`: each episode's query, resampled whole)."""
     y, a, b = np.asarray(y_true), np.asarray(pred_a), np.asarray(pred_b)
-    boot = paired_bootstrap(y, a, b, n_classes, resamples=resamples, seed=seed)
+    boot = paired_bootstrap(y, a, b, n_classes, resamples=resamples, seed=seed, clusters=clusters)
     right_a, right_b = a == y, b == y
     wins, losses = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
     return Paired(

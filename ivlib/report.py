@@ -166,8 +166,8 @@ def markdown(
         f"# Test {metric} (%), setting chosen on validation",
         "",
         "Each cell: the test-split value of the method's best validation setting, in percent, with its 95% "
-        "bootstrap interval; a setting tested with several seeds shows all their episodes pooled (each seed's "
-        "value is in the seeds table below it). Best per row in **bold**. Under each table: every cell's test "
+        "bootstrap interval; a setting tested with several seeds shows all their episodes pooled, its interval "
+        "resampling whole test queries (each seed's value is in the seeds table below it). Best per row in **bold**. Under each table: every cell's test "
         "episode count and setting.",
         "",
     ]
@@ -322,9 +322,9 @@ def make_pair(a: Cell, b: Cell, logs: Logs) -> Pair:
     record = a.run.record
     n_classes = None if _multiple_choice(record) else len(record.get("label_words") or [])
     seed = record["seed"] if isinstance(record.get("seed"), int) else 0
-    paired = compare(
-        [x["gold"] for x in la], [x["pred"] for x in la], [x["pred"] for x in lb], n_classes or None, seed=seed
-    )
+    gold, pred_a, pred_b = ([x[k] for x in log] for k, log in (("gold", la), ("pred", la), ("pred", lb)))
+    queries = [x["query_row"] for x in la]  # aligned: every episode names its query
+    paired = compare(gold, pred_a, pred_b, n_classes or None, seed=seed, clusters=queries)
     return Pair(a, b, paired, f"paired, n = {paired.n}")
 
 
@@ -419,7 +419,8 @@ def paired_table(cells: list[Cell], pairs: list[Pair]) -> list[str]:
     lines = [
         f"Paired differences, each method minus {BASELINE} (percentage points): on the same test episodes (with "
         "several seeds, all of them: each seed's episodes paired, then pooled), "
-        "with 95% paired bootstrap intervals (episodes resampled jointly), "
+        "with 95% paired bootstrap intervals (test queries resampled jointly, each with all its episodes: a "
+        "query drawn twice is one piece of evidence), "
         f"{SIGNIFICANT} where the interval excludes zero; W/T/L: episodes only the method got right / "
         f"both or neither / only {BASELINE} got right; p: exact McNemar test on those discordant episodes. "
         "Runs without a samples log (`--log-samples`) are compared by their own intervals only: "

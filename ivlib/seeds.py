@@ -4,7 +4,9 @@ One run's bootstrap interval says how much its value would move with other queri
 nothing of how much it moves with other demonstrations and fits, which another seed redraws. With
 several seeds (scripts.sh SEEDS) the report shows both: the mean and standard deviation over the
 seeds' values, and the interval of all their episodes pooled (from the samples logs, when every
-seed's run has one). With one seed nothing here is shown.
+seed's run has one), resampling whole queries: seeds draw their queries from one split, so a query
+recurs within and across seeds, and its episodes are not independent evidence. With one seed
+nothing here is shown.
 """
 
 from __future__ import annotations
@@ -83,9 +85,11 @@ def pooled_interval(runs: list[Scored], metric: str, base: str | Path | None) ->
         logs.append(log)
     gold = np.array([line["gold"] for log in logs for line in log])
     pred = np.array([line["pred"] for log in logs for line in log])
+    rows = [line.get("query_row") for log in logs for line in log]
+    queries = np.array(rows) if None not in rows else None  # whole queries resampled where each episode names its own
     n_classes = len(runs[0].record.get("label_words") or []) or int(max(gold.max(), pred.max())) + 1
     seed = runs[0].record.get("seed")
-    return bootstrap_f1(gold, pred, n_classes, seed=seed if isinstance(seed, int) else 0)[metric], ""
+    return bootstrap_f1(gold, pred, n_classes, seed=seed if isinstance(seed, int) else 0, clusters=queries)[metric], ""
 
 
 def spread(chosen: Scored, scored: list[Scored], metric: str, base: str | Path | None) -> Spread | None:
@@ -107,7 +111,7 @@ def seeds_table(rows: list[tuple[str, str, Spread]], metric: str) -> list[str]:
         return []
     lines = [
         f"Over seeds: the chosen setting's test {metric} (%) with each seed, their mean ± standard deviation, "
-        "and the 95% bootstrap interval of all the seeds' episodes pooled:",
+        "and the 95% bootstrap interval of all the seeds' episodes pooled (whole test queries resampled):",
         "",
         "| Task | Method | Seeds | Per seed | Mean ± sd | Pooled |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -85,9 +85,10 @@ def versus(a: Scored, b: Scored, scored: list[Scored], base: str | Path, cache: 
     gold = [x["gold"] for s in seeds for x in logs_a[s]]
     pred_a = [x["pred"] for s in seeds for x in logs_a[s]]
     pred_b = [x["pred"] for s in seeds for x in logs_b[s]]
+    queries = [x["query_row"] for s in seeds for x in logs_a[s]]  # a row recurring across seeds is one query
     multiple_choice = a.record.get("task_kind") == "multiple_choice"
     n_classes = None if multiple_choice else len(a.record.get("label_words") or []) or None
-    return Versus(*head, seeds, compare(gold, pred_a, pred_b, n_classes), "")
+    return Versus(*head, seeds, compare(gold, pred_a, pred_b, n_classes, clusters=queries), "")
 
 
 def pooled_versus(
@@ -128,7 +129,8 @@ def claim_table(pairs: list[Versus], metric: str) -> list[str]:
         return []
     lines = [
         f"{PROTAGONIST} minus each rival, test {_named(metric)} in percentage points, every seed's episodes pooled pair by "
-        f"pair, 95% paired bootstrap interval; {SIGNIFICANT} where it excludes zero; n: paired episodes.",
+        f"pair, 95% paired bootstrap interval resampling whole test queries (a query recurs within and across "
+        f"seeds); {SIGNIFICANT} where it excludes zero; n: paired episodes.",
         "",
         "| Model | Task | Seeds | n | " + " | ".join(f"{PROTAGONIST} − {r}" for r in RIVALS) + " |",
         "| --- | --- | --- | --- |" + " --- |" * len(RIVALS),

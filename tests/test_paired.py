@@ -54,6 +54,43 @@ def test_paired_bootstrap_matches_direct_resampling():
     assert out["macro"].ci_high == pytest.approx(np.percentile(macro, 97.5))
 
 
+def test_clustered_bootstrap_draws_whole_queries():
+    """Episodes sharing a query are resampled together: a plain loop drawing queries (clusters) with
+    replacement and taking all their episodes gives the same interval."""
+    rng = np.random.default_rng(5)
+    query = rng.integers(0, 25, 60)  # 60 episodes of 25-odd queries, as queries drawn with replacement recur
+    y = query % 3
+    a = np.where(rng.random(60) < 0.7, y, rng.integers(0, 3, 60))
+    b = np.where(rng.random(60) < 0.5, y, rng.integers(0, 3, 60))
+    out = paired_bootstrap(y, a, b, 3, resamples=200, seed=7, clusters=query)
+    ids = np.unique(query)
+    members = [np.flatnonzero(query == q) for q in ids]
+    draws = np.random.default_rng(7).integers(0, len(ids), size=(200, len(ids)))
+    picked = [np.concatenate([members[k] for k in d]) for d in draws]
+    acc = [np.mean(a[i] == y[i]) - np.mean(b[i] == y[i]) for i in picked]
+    macro = [f1_scores(y[i], a[i], 3)["macro"] - f1_scores(y[i], b[i], 3)["macro"] for i in picked]
+    assert out["accuracy"].ci_low == pytest.approx(np.percentile(acc, 2.5))
+    assert out["accuracy"].ci_high == pytest.approx(np.percentile(acc, 97.5))
+    assert out["macro"].ci_low == pytest.approx(np.percentile(macro, 2.5))
+    assert out["macro"].ci_high == pytest.approx(np.percentile(macro, 97.5))
+    assert out["macro"].value == pytest.approx(f1_scores(y, a, 3)["macro"] - f1_scores(y, b, 3)["macro"])
+
+
+def test_a_query_answered_twice_is_one_piece_of_evidence():
+    """Each query's episode repeated: resampling whole queries gives the interval of the queries once
+    each, not the narrower one of twice the episodes; distinct queries draw as episodes do."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 50)
+    a = np.where(rng.random(50) < 0.8, y, 1 - y)
+    b = np.where(rng.random(50) < 0.6, y, 1 - y)
+    once = paired_bootstrap(y, a, b, 2, seed=1)
+    twice = paired_bootstrap(*(np.repeat(v, 2) for v in (y, a, b)), 2, seed=1, clusters=np.repeat(np.arange(50), 2))
+    naive = paired_bootstrap(*(np.repeat(v, 2) for v in (y, a, b)), 2, seed=1)
+    assert twice == once
+    assert naive["macro"].ci_high - naive["macro"].ci_low < once["macro"].ci_high - once["macro"].ci_low
+    assert paired_bootstrap(y, a, b, 2, seed=1, clusters=np.arange(50)) == once
+
+
 def test_identical_predictions_zero_width():
     y = np.array([0, 1, 1, 0, 2, 2, 1])
     p = np.array([0, 1, 0, 0, 2, 1, 1])
