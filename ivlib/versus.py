@@ -176,17 +176,34 @@ def below_table(pairs: list[Versus], metric: str, order: list[str]) -> list[str]
         return []
     lines = [
         f"Cells (model, task) where a method's test {_named(metric)} is significantly below zero-shot or ICL: its pooled "
-        "paired interval (all seeds) lies wholly below zero. k / n: k such cells of the n compared.",
+        "paired interval (over every seed both were tested with) lies wholly below zero. k / n: k such cells of the n "
+        "compared; a cell tested with fewer seeds is named with them under Seeds.",
         "",
-        "| Method | " + " | ".join(f"below {f}" for f in FLOORS) + " | Where |",
-        "| --- |" + " --- |" * len(FLOORS) + " --- |",
+        "| Method | " + " | ".join(f"below {f}" for f in FLOORS) + " | Where | Seeds |",
+        "| --- |" + " --- |" * len(FLOORS) + " --- | --- |",
     ]
+    fewer = _fewer_seeds(pairs)
     for method in [m for m in order if m in counts]:
         shown = [counts[method].get(f) for f in FLOORS]
         where = sorted({w for c in shown if c for w in c[2]})
         cells = [f"{c[0]} / {c[1]}" if c else MISSING for c in shown]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'; '.join(where) or MISSING} |")
+        seeds = "; ".join(fewer.get(method, [])) or "all"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'; '.join(where) or MISSING} | {seeds} |")
     return [*lines, ""]
+
+
+def _fewer_seeds(pairs: list[Versus]) -> dict[str, list[str]]:
+    """method -> its compared cells paired over fewer seeds than the most any pair of that cell has,
+    each named with its seeds (a count resting on one seed should say so)."""
+    most: dict[tuple[str, str], int] = {}
+    for v in pairs:
+        most[v.model, v.task] = max(most.get((v.model, v.task), 0), len(v.seeds))
+    out: dict[str, set[str]] = {}
+    for v in pairs:
+        if v.b in FLOORS and v.paired is not None and len(v.seeds) < most[v.model, v.task]:
+            seeds = ", ".join(str(s) for s in v.seeds)
+            out.setdefault(v.a, set()).add(f"{v.model} / {v.task}: seed{'s' if len(v.seeds) > 1 else ''} {seeds}")
+    return {m: sorted(c) for m, c in out.items()}
 
 
 def _why(pairs: Iterable[Versus]) -> list[str]:

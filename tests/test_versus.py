@@ -113,3 +113,6 @@ def test_a_rival_tested_with_fewer_seeds_says_which(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith(f"| {MODEL} | {TASK} | 1, 2 | 80 |"))
     fv = row.strip("| ").split(" | ")[-1]
     assert fv.startswith("+66.7* [") and fv.endswith("(seeds 1; n = 40)")
+    below = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.count("/ 1") >= 1}
+    assert below["fv"].endswith(f"| {MODEL} / {TASK}: seed 1 |")  # its count rests on one seed: said
+    assert below["iv"].endswith("| all |")
