@@ -550,12 +550,14 @@ def _check_fitted_protocol(built: Method, task: Task, posed: Protocol) -> None:
     requires: a state learned from other prompts (or HC's centroids of other shots) would score
     prompts it never saw, and the result would name a protocol it did not run."""
     info, cls = built.fit_info or {}, type(built)
-    clash = runspec.protocol_clash(info, posed.fit_fields(cls, task.kind)) if info else None
+    selected = {k: v for k, v in info.items() if k != "metric"}  # what selection maximised: evaluation is the same
+    clash = runspec.protocol_clash(selected, posed.fit_fields(cls, task.kind)) if info else None
     if clash:
         flag, was, now = clash
         name = flag.removeprefix("--").replace("-", "_")
         raise UsageError(
-            f"method '{cls.name}' was fitted with {name}={was!r}; this evaluation has {now!r}; accepted: {name}={was!r}"
+            f"method '{cls.name}' was fitted with {name}={was!r}; this evaluation has {now!r}; "
+            f"accepted: protocol=ivlib.protocol_for(task, {name}={was!r})"
         )
     shot = posed.eval_shot(cls)
     if cls.fits_at_eval_shot and info.get("ext_shot", shot) != shot:

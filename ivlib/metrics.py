@@ -58,6 +58,8 @@ def draw_weights(rng: np.random.Generator, r: int, n: int, clusters: Labels | No
     every episode of one query together, since queries drawn with replacement recur (500 episodes
     of a 512-row split hold about 320 distinct queries) and a recurring query is one piece of evidence
     about new queries, not several. Ids all distinct and ascending draw exactly as no clusters do."""
+    if clusters is not None and (len(clusters) != n or any(c is None for c in clusters)):
+        raise ValueError(f"clusters: one id per episode ({n}), none missing; got {len(clusters)}")
     index = np.arange(n) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1].ravel()
     k = int(index.max()) + 1 if n else 0  # units drawn from: episodes, or distinct queries
     draws = rng.integers(0, k, size=(r, k))

@@ -193,14 +193,13 @@ def below_table(pairs: list[Versus], metric: str, order: list[str]) -> list[str]
 
 
 def _fewer_seeds(pairs: list[Versus]) -> dict[str, list[str]]:
-    """method -> its compared cells paired over fewer seeds than the most any pair of that cell has,
-    each named with its seeds (a count resting on one seed should say so)."""
-    most: dict[tuple[str, str], int] = {}
-    for v in pairs:
-        most[v.model, v.task] = max(most.get((v.model, v.task), 0), len(v.seeds))
+    """method -> its compared cells paired over fewer seeds than the most any pair has, each named with
+    its seeds (a count resting on one seed should say so)."""
+    paired = [v for v in pairs if v.paired is not None]
+    most = max((len(v.seeds) for v in paired), default=0)  # the sweep's seeds, as far as any pair shows
     out: dict[str, set[str]] = {}
-    for v in pairs:
-        if v.b in FLOORS and v.paired is not None and len(v.seeds) < most[v.model, v.task]:
+    for v in paired:
+        if v.b in FLOORS and len(v.seeds) < most:
             seeds = ", ".join(str(s) for s in v.seeds)
             out.setdefault(v.a, set()).add(f"{v.model} / {v.task}: seed{'s' if len(v.seeds) > 1 else ''} {seeds}")
     return {m: sorted(c) for m, c in out.items()}

@@ -259,6 +259,9 @@ def test_the_api_evaluates_a_fit_only_under_the_protocol_it_was_fitted_under():
     with pytest.raises(ivlib.UsageError, match="fitted with template='iv'; this evaluation has 'fv'"):
         ivlib.evaluate(method, gpt2, task, shot=2, n=4, batch_size=4, template="fv")
     assert ivlib.evaluate(method, gpt2, task, shot=2, n=4, batch_size=4).scores.shape == (4, 2)
+    # what a selection maximised does not change what evaluation computes: not refused
+    tv = ivlib.fit("tv", gpt2, task, metric="accuracy", episodes=4, select_episodes=4, batch_size=4)
+    assert ivlib.evaluate(tv, gpt2, task, n=4, batch_size=4).scores.shape == (4, 2)
 
 
 def test_ext_shot_is_not_checked_for_hc_it_does_not_apply(monkeypatch, tmp_path):

@@ -89,6 +89,8 @@ def test_a_query_answered_twice_is_one_piece_of_evidence():
     assert twice == once
     assert naive["macro"].ci_high - naive["macro"].ci_low < once["macro"].ci_high - once["macro"].ci_low
     assert paired_bootstrap(y, a, b, 2, seed=1, clusters=np.arange(50)) == once
+    with pytest.raises(ValueError, match="one id per episode"):
+        paired_bootstrap(y, a, b, 2, clusters=np.arange(49))
 
 
 def test_identical_predictions_zero_width():

@@ -6,9 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from ivlib.paired import Interval, Paired
 from ivlib.report import write_report
 from ivlib.selection import score_records
-from ivlib.versus import below_counts, pooled_versus, versus
+from ivlib.versus import Versus, below_counts, below_table, pooled_versus, versus
 
 MODEL, TASK = "smollm2-135m", "staicc-bench/sst2"
 GOLD = {1: [0, 1, 0, 1] * 10, 2: [1, 1, 0, 0] * 10}  # 40 queries per seed
@@ -116,3 +117,12 @@ def test_a_rival_tested_with_fewer_seeds_says_which(tmp_path):
     below = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.count("/ 1") >= 1}
     assert below["fv"].endswith(f"| {MODEL} / {TASK}: seed 1 |")  # its count rests on one seed: said
     assert below["iv"].endswith("| all |")
+
+
+def test_a_cell_with_fewer_seeds_than_the_sweep_is_named_even_alone():
+    """A cell where every pair has one seed, beside one with two: its counts rest on one seed, said."""
+    below = Interval(-0.1, -0.2, -0.05)
+    result = Paired(n=40, macro=below, accuracy=below, wins=0, ties=30, losses=10, mcnemar_p=0.01)
+    pairs = [Versus(MODEL, task, "fv", "icl", seeds, result, "") for task, seeds in (("t1", (1, 2)), ("t2", (1,)))]
+    (row,) = [line for line in below_table(pairs, "macro", ["fv"]) if line.startswith("| fv |")]
+    assert row.endswith(f"| {MODEL} / t2: seed 1 |") and "2 / 2" in row
