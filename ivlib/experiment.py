@@ -562,13 +562,26 @@ def fit_episodes(
         if cls.needs_fit
         else []
     )
+    calibrates_on_set = cls.fits_at_eval_shot and protocol.fixed(cls)  # HC under --demos fixed
+    if protocol.one_set and demos is None and (cls.needs_validation or calibrates_on_set):
+        demos = demo_set(task, protocol.shot, seed)
+    if cls.fits_at_eval_shot:
+        train = as_evaluated(train, protocol, demos if calibrates_on_set else None)
     if not cls.needs_validation:
         return train, None
-    if protocol.one_set and demos is None:
-        demos = demo_set(task, protocol.shot, seed)
     drawing = protocol.drawing
     drawn = evaluation_episodes(task, "validation", protocol.shot, select_episodes, seed, demos, "select", drawing)
     return train, in_order(drawn, protocol.demo_order)
+
+
+def as_evaluated(train: list[Episode], protocol: Protocol, demos: tuple[Example, ...] | None) -> list[Episode]:
+    """Calibration episodes written as the evaluated prompts are (HC): under --demos fixed every query
+    gets the run's one set (a query that is one of its demonstrations is left out: it would meet
+    itself), and the demonstrations take the protocol's order."""
+    if demos is not None:
+        inside = {d.text for d in demos}
+        train = with_demos([e for e in train if e.query.text not in inside], demos)
+    return in_order(train, protocol.demo_order)
 
 
 def evaluation_episodes(

@@ -313,7 +313,7 @@ class Protocol:
         """What a state file records of the protocol it was fitted under, and a load must match: the
         template, inputs and BOS (the prompts it learned from); for a method selecting on validation also
         the rule, metric, demonstration order and draw it selected with; for one calibrating on prompts
-        drawn as the evaluated ones are (HC), that draw (per class or in all)."""
+        drawn as the evaluated ones are (HC), that draw (per class or in all), the one set and the order."""
         posing = self.posing(kind)
         if cls.needs_validation:
             out = dict(posing)
@@ -324,7 +324,11 @@ class Protocol:
                 out["metric"] = self.metric
             return out
         out = {k: v for k, v in posing.items() if k in ("template", *WRITING)}
-        if cls.fits_at_eval_shot:  # its calibration prompts' demonstrations: `fit_drawing`
+        if cls.fits_at_eval_shot:  # its calibration prompts' demonstrations: `fit_drawing`, `as_evaluated`
+            if self.fixed(cls):
+                out["demos"] = "fixed"
+            if self.demo_order != DEMO_ORDER.default and self.eval_shot(cls) > 0:
+                out["demo_order"] = self.demo_order
             out.update({k: v for k, v in self.drawn(self.shot).items() if k == "demo_draw"})
         return out
 

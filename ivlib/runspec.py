@@ -419,6 +419,7 @@ def _not_yet_recorded(prepared: Prepared, combos: list[dict[str, Any]]) -> list[
 
 # protocol keys a fitted state records (`Protocol.fit_fields`), with their flags and default values
 FITTED_PROTOCOL = {
+    "demos": "--demos",
     "template": "--template",
     "scoring": "--score",
     "metric": "--metric",
@@ -426,6 +427,7 @@ FITTED_PROTOCOL = {
     **{name: "--" + name.replace("_", "-") for name in (*DRAWING, *WRITING)},
 }
 PROTOCOL_DEFAULTS = {
+    "demos": _P["demos"].default,
     "template": IV.key,
     "scoring": "(the task's own rule)",
     "metric": _P["metric"].default,

@@ -271,3 +271,26 @@ def test_ext_shot_is_not_checked_for_hc_it_does_not_apply(monkeypatch, tmp_path)
     (hc,) = _records(results)
     assert hc["hyperparameters"]["ext_shot"] == hc["hyperparameters"]["shot"] == 1
     assert main([*CLI, "-m", "tiny-gpt2", "--results", str(results), "--method", "iv", "-s", "0"]) == 2
+
+
+def test_under_fixed_demonstrations_hc_calibrates_on_the_one_set_in_the_evaluated_order(monkeypatch, tmp_path, capsys):
+    from ivlib.experiment import demo_set, fit_episodes
+    from ivlib.protocol import Protocol
+
+    task = ivlib.load_task("review_sentiment")
+    protocol = Protocol.build(shot=2, demos="fixed", demo_order="class")
+    the_set = demo_set(task, 2, 1)
+    train, _ = fit_episodes(task, HiddenCalibration, protocol, 2, 40, 0, 1, the_set)
+    assert train and all(sorted(e.demos, key=lambda d: d.text) == sorted(the_set, key=lambda d: d.text) for e in train)
+    assert all([d.label for d in e.demos] == sorted(d.label for d in e.demos) for e in train)  # by class
+    assert not {e.query.text for e in train} & {d.text for d in the_set}  # no query meets itself
+    iv_train, _ = fit_episodes(task, ivlib.methods.get_method("iv"), protocol, 2, 40, 0, 1, the_set)
+    assert len({e.demos for e in iv_train}) > 1  # other methods learn from episodic draws, as before
+    monkeypatch.chdir(REPO)
+    state, results = tmp_path / "hc.safetensors", tmp_path / "runs.jsonl"
+    argv = CLI + ["-m", "tiny-gpt2", "--results", str(results)]
+    assert main(argv + ["--demos", "fixed", "--save-vectors", str(state)]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--load-vectors", str(state)]) == 2
+    assert "was fitted with --demos fixed; this command gives episodic" in capsys.readouterr().err
+    assert main(argv + ["--demos", "fixed", "--load-vectors", str(state)]) == 0

@@ -8,7 +8,8 @@ A prompt is predicted as the class of the nearest centroid; its scores are the n
 As the paper builds them, the calibration prompts are ICL prompts from the training split, each a few
 demonstrations and a query whose label is known: here the `-e` training episodes, drawn as the
 evaluated prompts are (`fits_at_eval_shot`: `--shot` demonstrations, per class or in all as
-`--demo-draw` says, and a query each; their queries' labels give the classes, so every class must have
+`--demo-draw` says, and a query each; under `--demos fixed` the run's one set, in the `--demo-order`
+given: `experiment.as_evaluated`; their queries' labels give the classes, so every class must have
 at least one query). The paper calibrates with as many demonstrations as it tests with (k = 4 in
 all), since the hidden state of a 4-shot prompt is not that of a 1-shot one: `-s` does not apply, and
 the record's `ext_shot` is the `--shot` used (with 16 queries per class in the paper, give enough
