@@ -137,15 +137,17 @@ def load_task(name: str, config: str | Sequence[str] | None = None, inputs: str 
     return _load_task_entry(name, lookup(load_config(config).tasks, "task", name), inputs)
 
 
-@checked(label_words=WORDS, name=NAME)
+@checked(label_words=WORDS, name=NAME, inputs=setting(_P["inputs"]))
 def task_from_lists(
     label_words: Sequence[str],
     train: tuple[Sequence[str], Sequence[int | str]],
     validation: tuple[Sequence[str], Sequence[int | str]] | None = None,
     test: tuple[Sequence[str], Sequence[int | str]] | None = None,
     name: str = "custom",
+    inputs: str = _P["inputs"].default,
 ) -> Task:
     """A classification task from (texts, labels) per split; labels are class indices or label words.
+    Texts are stripped as a registry task's are, or kept as given with `inputs="verbatim"`.
 
     Splits not given are carved from train as the registry's tasks are (validation: the last 20% of
     a fixed shuffle; both missing: 10% each).
@@ -159,7 +161,7 @@ def task_from_lists(
     splits: dict[str, Split] = {}
     for role in ROLES:
         if given[role] is not None:
-            splits[role] = _split_from_lists(role, given[role], words)
+            splits[role] = _split_from_lists(role, given[role], words, inputs)
     missing = [role for role in ROLES if role not in splits]
     carved: dict[str, Any] = {}
     if missing:
@@ -173,10 +175,14 @@ def task_from_lists(
     for role, split in splits.items():
         if len(split.texts) == 0:
             raise UsageError(f"task '{name}': split '{role}' is empty (too few training examples to carve it)")
-    return Task(name, words, splits, {"source": "lists", **carved})
+    task = Task(
+        name, words, splits, {"source": "lists", **carved, **({"inputs": inputs} if inputs != "stripped" else {})}
+    )
+    task.inputs = inputs
+    return task
 
 
-def _split_from_lists(role: str, pair: Any, words: list[str]) -> Split:
+def _split_from_lists(role: str, pair: Any, words: list[str], inputs: str) -> Split:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise UsageError(f"{role}: accepted: a pair (texts, labels)")
     if isinstance(pair[0], (str, bytes)) or isinstance(pair[1], (str, bytes)):
@@ -190,7 +196,8 @@ def _split_from_lists(role: str, pair: Any, words: list[str]) -> Split:
         if not isinstance(text, str) or not text.strip():
             raise UsageError(f"{role}: text {i} is empty or not a string; accepted: non-empty strings")
     index = [_label_index(role, i, label, words) for i, label in enumerate(labels)]
-    return Split(texts, np.array(index, dtype=np.int64))
+    kept = texts if inputs == "verbatim" else [t.strip() for t in texts]  # as a registry task's texts are
+    return Split(kept, np.array(index, dtype=np.int64))
 
 
 def _label_index(role: str, i: int, label: Any, words: list[str]) -> int:

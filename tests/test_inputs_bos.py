@@ -193,3 +193,16 @@ def test_answer_options_end_where_their_text_ends_under_either_inputs():
         stripped.encode(Episode((), query)).options
         == stripped.encode(Episode((), Example("x", 0, ("good", "bad")))).options
     )
+
+
+def test_a_task_from_lists_is_stripped_as_a_registry_task_or_kept_verbatim():
+    train = ([f" {p} " for p in PHRASES] * 5, [0, 1, 0, 1] * 5)
+    stripped = ivlib.task_from_lists(["bad", "good"], train)
+    verbatim = ivlib.task_from_lists(["bad", "good"], train, inputs="verbatim")
+    assert all(t == t.strip() for t in stripped.splits["train"].texts) and "inputs" not in stripped.provenance
+    assert (
+        all(t.startswith(" ") for t in verbatim.splits["train"].texts) and verbatim.provenance["inputs"] == "verbatim"
+    )
+    assert ivlib.protocol_for(verbatim).inputs == "verbatim"
+    with pytest.raises(UsageError, match="'raw'"):
+        ivlib.task_from_lists(["bad", "good"], train, inputs="raw")
