@@ -159,3 +159,39 @@ def test_final_step_alone_equals_the_last_of_every_step(lm, encoder, task):
     last = dt.step_scores(scorer, batch, 3, every_step=False)
     assert last.shape[1] == 1
     torch.testing.assert_close(last[:, 0], every[:, -1])
+
+
+def test_the_chosen_step_is_saved_and_a_loaded_run_scores_as_the_fitted_one(tmp_path, capsys):
+    """The step search is DT's fit: saved, a test run loads it instead of searching again."""
+    out, state = tmp_path / "runs.jsonl", tmp_path / "dt.safetensors"
+    argv = ["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "dt"]
+    argv += [
+        "--dt-steps",
+        "3",
+        "--select-episodes",
+        "8",
+        "-n",
+        "8",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--results",
+        str(out),
+    ]
+    assert main([*argv, "--save-vectors", str(state)]) == 0
+    assert main([*argv, "--load-vectors", str(state), "--run-test"]) == 0
+    assert main([*argv, "--run-test"]) == 0
+    fitted, loaded, searched = [json.loads(line) for line in out.read_text().splitlines()]
+    assert loaded["fit"]["loaded_from"] == str(state)  # no search: the state's step
+    assert loaded["fit"]["step"] == searched["fit"]["step"] == fitted["fit"]["step"]
+    assert loaded["fit"]["curve"] == fitted["fit"]["curve"]
+    assert loaded["metrics"] == searched["metrics"] and loaded["hyperparameters"] == searched["hyperparameters"]
+    assert loaded["budget"]["selection_examples"] == fitted["budget"]["selection_examples"] > 0
+    bad = tmp_path / "bad.safetensors"
+    from test_state_spec import _put, _rewrite
+
+    _rewrite(state, bad, _put("step", lambda s: s * 0 + 7))  # not one of the 3 steps tried
+    capsys.readouterr()
+    assert main([*argv, "--load-vectors", str(bad), "--run-test", "--results", str(tmp_path / "b.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step 7 is not one of the 3 steps tried" in err, err

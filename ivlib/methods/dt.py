@@ -29,9 +29,11 @@ from typing_extensions import override
 from ..episodes import Episode
 from ..errors import UsageError
 from ..kvcache import KV, read_kv, sliding_window, write_kv
+from ..layout import ModelLayout
 from ..prompts import EncodedPrompt, PromptBatch, PromptEncoder, split_demos, split_prefix
 from ..scoring import Prefix, Scorer
 from ..settings import MethodSettings, setting_field
+from ..state import TensorSpec
 from .base import Method, fitted, register
 
 POSITIONS = ("shifted", "pinned")
@@ -60,6 +62,7 @@ class DeepThinking(Method[DTSettings]):
     supports_multiple_choice = True
     caches_fixed_prefix = True  # the tuned cache is the prefix
     min_shot = 1  # the demonstrations are what it tunes
+    has_state = True  # the step chosen on validation: a test run loads it instead of searching again
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -82,6 +85,23 @@ class DeepThinking(Method[DTSettings]):
             "step_chosen_by": "user" if self.settings.dt_step is not None else "validation",
             "curve": [round(s, 4) for s in self.curve],
         }
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            "step": torch.tensor(fitted(self.step, self.name)),
+            "curve": torch.tensor(self.curve, dtype=torch.float32),
+        }
+
+    @classmethod
+    @override
+    def state_spec(cls, layout: ModelLayout, n_classes: int) -> dict[str, TensorSpec]:
+        return {"step": TensorSpec((), "int"), "curve": TensorSpec((None,))}  # curve: one score per step tried
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        step, curve = int(tensors["step"]), tensors["curve"].tolist()
+        if step < 1 or (curve and step > len(curve)):
+            raise ValueError(f"step {step} is not one of the {len(curve)} steps tried (1..{len(curve)})")
+        self.step, self.curve = step, curve
 
     def check_prompts(self, scorer: Scorer, prompts: list[EncodedPrompt]) -> None:
         """`shifted` re-encodes the demonstrations after themselves, at positions up to 2 x (BOS + demos) - 1:
