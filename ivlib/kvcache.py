@@ -145,6 +145,17 @@ def repeated_with_room(cache: Any, repeats: int, free: int = 1) -> Cache | None:
     )
 
 
+def rewindable(cache: Any) -> Any:
+    """`cache`, its sliding-window layers keeping what a forward would drop until `crop` takes the
+    forward back: a last-token search writes one token into a growing copy and `crop(-1)` rewinds it,
+    which transformers refuses once a prompt is longer than the window (Gemma 3's 512 on Financial
+    Phrasebank's 4-shot prompts) unless the layer records its past."""
+    for layer in getattr(cache, "layers", None) or []:
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.activate_past_recording()
+    return cache
+
+
 class _PrefixLayer(DynamicLayer):
     """A shared prefix's entries seen by every row (a stride-0 view), for one forward that keeps nothing.
 

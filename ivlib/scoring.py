@@ -19,7 +19,7 @@ import torch
 from .batching import BatchRunner
 from .errors import UsageError
 from .hooks import edit_inputs, prompt_edits_paused, stack_reads
-from .kvcache import expand_rows, repeated_with_room
+from .kvcache import expand_rows, repeated_with_room, rewindable
 from .layout import ModelLayout
 from .metrics import selection_score
 from .models import LoadedModel
@@ -266,7 +266,7 @@ class Scorer:
         prompts cost more than the forward itself. Caches that cannot be preallocated keep the copy."""
         cache = repeated_with_room(base, g) if self.preallocate else None
         if cache is None:
-            cache = copy.deepcopy(base)
+            cache = rewindable(copy.deepcopy(base))
             if g > 1:
                 cache.batch_repeat_interleave(g)
         return cache

@@ -158,6 +158,28 @@ def test_prefix_cache_then_last_token_equals_full_forward(arch, task):
             torch.testing.assert_close(cached[layer], scorer.label_scores(batch), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "mistral_sw"])
+def test_last_token_search_past_the_sliding_window_equals_full_forwards(arch, task):
+    """Prompts longer than the window (8 shots per class here; Gemma 3 on Financial Phrasebank): each
+    edit's token is taken back from the growing cache (transformers refused that crop), and every
+    edit still scores as a full forward."""
+    from ivlib.methods.tv import TaskVectors
+    from ivlib.tiny import SLIDING_WINDOW
+
+    lm = tiny(arch)
+    encoder = PromptEncoder(lm.tokenizer, task.label_words, add_bos=True)
+    prompts = [encoder.encode(e) for e in sample_episodes(task.splits["validation"], 2, 8, 3, 12, "v")]
+    assert min(len(p.ids) for p in prompts) > SLIDING_WINDOW
+    scorer = Scorer(lm, encoder.label_ids, 4, quiet=True)
+    batch = scorer.batch(prompts)
+    tv = TaskVectors()
+    tv.theta = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    cached = scorer.last_token_variants(batch, [tv._edit(scorer, l) for l in (0, 1, 0)])  # the prefix reused 3 times
+    for i, layer in enumerate((0, 1, 0)):
+        with scorer.at_last_token(batch, tv._edit(scorer, layer)):
+            torch.testing.assert_close(cached[i], scorer.label_scores(batch), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_head_patching_and_function_vectors_work_on_every_family(arch, task):
     from ivlib.methods.fv import FunctionVectors
