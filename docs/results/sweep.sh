@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The comparison committed in docs/results/, as scripts.sh runs it: each method's grid on validation,
 # `iv.py select`, the chosen setting on test with --log-samples, three seeds, then the report.
-#   bash docs/results/sweep.sh smollm2     SmolLM2-135M on five StaICC tasks
-#   bash docs/results/sweep.sh gemma       Gemma-3-270M on two (may run beside the first: each tests only its own)
+#   bash docs/results/sweep.sh smollm2     SmolLM2-135M on five StaICC tasks, then helps with Gemma's
+#   bash docs/results/sweep.sh gemma       Gemma-3-270M on two, then helps with SmolLM2's (last task first)
+#     The two may run side by side (one per core): each (model, task) is worked on by one sweep at a time
+#     (a lock under results/), the other passes it over, so neither waits while cells are left.
 #   bash docs/results/sweep.sh report      docs/results/README.md (about.md, then the report's tables) and report/
 #   bash docs/results/sweep.sh test M T    one (model, task)'s test step now, beside its running sweep: the methods
 #                                          whose validation runs are on record get their test runs early
@@ -19,17 +21,36 @@ SMOLLM2_TASKS="staicc-bench/sst2 staicc-bench/rotten_tomatoes staicc-bench/subje
 GEMMA_TASKS="staicc-bench/sst2 staicc-bench/financial_phrasebank"
 PY="${PY:-python}"  # as scripts.sh: the checkout's .venv when there is one
 [ "$PY" = python ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-OUT=docs/results
+OUT=docs/results LOCKS=results/staicc-locks
 
-sweep() {  # one model, task after task: a task's every method and seed is tested before the next starts
-  local task
-  for task in $2; do
-    if complete "$1" "$task"; then  # one look at the records, not a --resume skip per run (5 s each)
-      echo "$1 | $task | every method tested with every seed; skipped"
+sweep() {  # "model task" cells in order: a cell's every method and seed is tested before the next starts
+  local model task lock
+  while read -r model task <&3; do  # fd 3: a step reading stdin cannot eat the plan
+    if complete "$model" "$task"; then  # one look at the records, not a --resume skip per run (5 s each)
+      echo "$model | $task | every method tested with every seed; skipped"
       continue
     fi
-    for step in iv-grid baselines test; do MODELS="$1" TASKS="$task" bash scripts.sh "$step"; done
-  done
+    lock="$LOCKS/$model.${task//\//_}.lock"
+    exec 9>"$lock"
+    if ! flock -n 9; then  # the other sweep is on it: never two on one cell (both would run its runs)
+      echo "$model | $task | the other sweep is on it; passed over"
+      exec 9>&-
+      continue
+    fi
+    for step in iv-grid baselines test; do MODELS="$model" TASKS="$task" bash scripts.sh "$step"; done
+    exec 9>&-
+  done 3<<<"$1"
+}
+
+plan() {  # "model task" lines: $1's tasks, then the other model's (Gemma's stream takes SmolLM2's last first)
+  local task
+  if [ "$1" = smollm2 ]; then
+    for task in $SMOLLM2_TASKS; do echo "smollm2-135m $task"; done
+    for task in $GEMMA_TASKS; do echo "gemma3-270m $task"; done
+  else
+    for task in $GEMMA_TASKS; do echo "gemma3-270m $task"; done
+    for task in $SMOLLM2_TASKS; do echo "smollm2-135m $task"; done | tac
+  fi
 }
 
 cells() {  # per planned (model, task): "model task tested-pairs planned-pairs whole-methods methods", from
@@ -85,8 +106,7 @@ report() {
 }
 
 case "${1:-}" in
-  smollm2) sweep smollm2-135m "$SMOLLM2_TASKS" ;;
-  gemma) sweep gemma3-270m "$GEMMA_TASKS" ;;
+  smollm2 | gemma) mkdir -p "$LOCKS"; sweep "$(plan "$1")" ;;
   report) report ;;
   test) [ $# -eq 3 ] || { echo "usage: bash docs/results/sweep.sh test MODEL TASK" >&2; exit 2; }
     MODELS="$2" TASKS="$3" bash scripts.sh test ;;
