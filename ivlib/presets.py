@@ -38,6 +38,7 @@ PRESETS: dict[str, Preset] = {
                 "template": "iv",
                 "score": "first-token",
                 "shot": 1,
+                "ext_shot": 1,  # args.py's -s default (script.sh sweeps 1..4)
                 "demos": "episodic",
                 "eval_episodes": 10_000,
                 "select_episodes": 200,

@@ -4,6 +4,7 @@ and pair only with runs that answered the same queries."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import random
 import sys
@@ -14,10 +15,12 @@ import pytest
 import torch
 
 import ivlib
+from ivlib.episodes import Episode, Example
 from ivlib.errors import UsageError
 from ivlib.experiment import evaluation_episodes
 from ivlib.metrics import bootstrap_accuracy, bootstrap_f1
 from ivlib.paired import paired_bootstrap
+from ivlib.prompts import EncodedPrompt
 
 RELEASES = Path(__file__).resolve().parents[1] / "bench" / "releases"
 sys.path.insert(0, str(RELEASES))
@@ -398,3 +401,166 @@ def test_staicc_splits_are_checked_row_for_row():
     stripped = {**kept, "demonstration": [("a fine film", "positive"), ("dull", "negative")]}
     with pytest.raises(SystemExit, match="demonstration .ivlib's train. differs at row 0 of 2"):
         staicc.check_splits(exp, task_of(stripped))
+
+
+# ---- Iterative Vectors (bench/releases/iv.py) ---------------------------------------------------------
+iv = _load("iv")
+
+
+def test_iv_release_command_line_is_the_script_test_step():
+    """script.sh's test step (-s, -e, --strength, --ext-strength, --run-test), with this run's values."""
+    args = argparse.Namespace(model="m", episodes=200, ext_shot=1, ext_batch=10, strength=0.5, ext_strength=0.3)
+    args.shot, args.queries, args.seed, args.clean = 1, 500, 42, False
+    argv = iv.release_args(args, "/tmp/x.yaml", "sst2")
+    assert argv[0] == "iv.py" and argv[-1] == "--run-test"
+    flags = dict(zip(argv[1:-1:2], argv[2:-1:2]))
+    assert flags == {
+        "-c": "/tmp/x.yaml", "-m": "m", "-t": "ivlib/sst2", "-g": "0", "-e": "200", "-s": "1", "--ext-batch": "10",
+        "--strength": "0.5", "--ext-strength": "0.3", "--shot": "1", "-n": "500", "--seed": "42",
+    }  # fmt: skip
+    args.clean = True
+    assert iv.release_args(args, "/tmp/x.yaml", "sst2")[-2:] == ["--run-test", "--run-clean"]
+
+
+def test_iv_splits_reach_the_release_with_glue_fields(task):
+    data = iv.as_dataset(task, "test")
+    part = task.splits["test"]
+    assert data.features["label"].names == ["a", "b", "c"]  # what the release's get_i2label reads
+    assert list(data["sentence"]) == list(part.texts) and list(data["label"]) == part.labels.tolist()
+    assert list(data["idx"]) == list(range(len(part.texts)))  # each row says where it is in ivlib's split
+
+
+def test_iv_reads_the_release_result_line():
+    line = "task=sst2 model=m shot=1 seed=42 micro=61.40 macro=58.02 weighted=60.11"
+    assert iv.written_scores(line) == {"micro": 61.4, "macro": 58.02, "weighted": 60.11}
+
+
+class _FakeFewshot:
+    """The release's FewshotDataset as far as the recorder reads it: a dataset, and episodes of rows."""
+
+    def __init__(self, dataset: object) -> None:
+        self.dataset = dataset
+
+    def random_episode(self, *drawn: object):  # (rng, shot, shuffle_support): the fake draws one episode
+        return {"sentence": ["x", "y"], "label": [0, 1], "idx": [4, 7]}, {"sentence": ["z"], "label": [1], "idx": [9]}
+
+
+def _fake_verbalize(*call: object):
+    """Three tokens per sample (input, separator, answer), as the release's verbalize returns them."""
+    samples = call[1]  # (verbalizer, samples, device)
+    n = 3 * len(samples)
+    io = torch.zeros(1, n, dtype=torch.bool)
+    io[0, 1::3] = True
+    return {"input_ids": torch.arange(n)[None]}, torch.zeros(1, n, dtype=torch.bool), io
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_iv_recorders_keep_what_the_release_drew_and_tokenized(shift):
+    util = type("Util", (), {"FewshotDataset": _FakeFewshot, "verbalize": staticmethod(_fake_verbalize)})
+    train = object()
+    record = iv.Recording()
+    found = iv.recorders(util, record, {id(train): "train"}, shift)
+    support, query = found["random_episode"](_FakeFewshot(train), None, 1)
+    assert support["idx"] == [4, 7] and record.episodes == [("train", [4, 7], 9)]
+    samples = [{"input": "x", "output": "a"}, {"input": "z", "output": "b"}]
+    _, _, io = found["verbalize"](None, samples, "cpu")
+    assert io[0].nonzero().flatten().tolist() == [1, 4]  # a few-shot prompt's mask is never moved
+    _, _, io = found["verbalize"](None, samples[1:], "cpu")
+    assert io[0].nonzero().flatten().tolist() == ([2] if shift else [1])  # the zero-shot one: one later
+    assert record.prompts[0] == ([("x", "a"), ("z", "b")], list(range(6)), [1, 4])
+    assert record.prompts[1][2] == [1], "the recording keeps the release's own positions"
+
+
+def test_iv_episode_in_the_release_prompt_order(task):
+    part, words = task.splits["test"], task.label_words
+    a, b, q = 3, 8, 20
+    pairs = [(part.texts[r], words[int(part.labels[r])]) for r in (b, a, q)]  # the release permuted them
+    episode = iv.in_prompt_order(task, "test", [a, b], q, pairs)
+    assert [d.index for d in episode.demos] == [b, a] and episode.query.index == q
+    assert [d.label for d in episode.demos] == [int(part.labels[b]), int(part.labels[a])]
+    with pytest.raises(SystemExit, match="not among its episode's rows"):
+        iv.in_prompt_order(task, "test", [a, 5], q, pairs)
+    with pytest.raises(SystemExit, match="query text is not row 21"):
+        iv.in_prompt_order(task, "test", [a, b], 21, pairs)
+
+
+@pytest.mark.parametrize("ex_sep", [[99], [98, 99]])
+def test_iv_release_prompt_is_cut_at_the_query_separator(ex_sep):
+    demo = Episode((Example("d", 1, index=0),), Example("q", 0, index=1))
+    ids = [10, 11, 1, 20, *ex_sep, 12, 13, 1, 21]  # demo input, sep, answer, example separator, query, sep, answer
+    query_sep = 4 + len(ex_sep) + 2
+    prompt = iv.release_prompt(demo, ids, [2, query_sep], 3, ex_sep)
+    assert prompt.ids == ids[: query_sep + 1] and prompt.sep_pos == [2, query_sep]
+    assert prompt.sep_class == [1, 3] and prompt.label == 0 and prompt.query_start == 4 + len(ex_sep)
+    alone = iv.release_prompt(demo.query_only(), [12, 13, 1, 21], [2], 3, ex_sep)
+    assert alone.ids == [12, 13, 1] and alone.query_start == 0 and alone.sep_class == [3]
+    with pytest.raises(SystemExit, match="2 separators for 1 examples"):
+        iv.release_prompt(demo.query_only(), ids, [2, query_sep], 3, ex_sep)
+
+
+def test_iv_episodes_and_prompts_follow_the_release_calls(task):
+    """Extraction draws an episode and tokenizes its few-shot then its zero-shot prompt; evaluation one prompt."""
+    part, words = task.splits["train"], task.label_words
+    test = task.splits["test"]
+
+    def sample(split, r):
+        return (split.texts[r], words[int(split.labels[r])])
+
+    record = iv.Recording(
+        episodes=[("train", [1, 2, 3], 4), ("test", [5, 6, 7], 8)],
+        prompts=[
+            ([sample(part, r) for r in (3, 1, 2, 4)], [0, 1, 2, 9, 3, 4, 5, 9, 6, 7, 8, 9, 10, 11, 12], [1, 5, 9, 13]),
+            ([sample(part, 4)], [10, 11, 12], [1]),
+            ([sample(test, r) for r in (5, 6, 7, 8)], [0, 1, 2, 9, 3, 4, 5, 9, 6, 7, 8, 9, 10, 11, 12], [1, 5, 9, 13]),
+        ],
+    )
+    fit, evaluated, tokens = iv.episodes_and_prompts(task, record, 1, [9])
+    assert [d.index for d in fit[0].demos] == [3, 1, 2] and fit[0].query.index == 4
+    assert [d.index for d in evaluated[0].demos] == [5, 6, 7] and evaluated[0].query.index == 8
+    assert tokens[fit[0]].ids == [0, 1, 2, 9, 3, 4, 5, 9, 6, 7, 8, 9, 10, 11] and tokens[fit[0]].query_start == 12
+    assert tokens[fit[0].query_only()].ids == [10, 11] and len(tokens) == 3
+
+
+def test_iv_vector_difference():
+    ours = torch.randn(4, 3, 8)
+    same = iv.vector_difference(ours.clone(), ours)
+    assert same["max_abs"] == 0 and same["relative"] == 0 and same["cosine_min"] == pytest.approx(1.0)
+    moved = ours.clone()
+    moved[2, 1, 5] += 0.5
+    got = iv.vector_difference(moved, ours)
+    assert got["max_abs"] == pytest.approx(0.5) and got["relative"] == pytest.approx(0.5 / float(ours.norm()))
+    assert got["relative_worst_layer"] == pytest.approx(0.5 / float(ours[2].norm()))
+
+
+def test_iv_ivlib_on_release_tokens_is_ivlib_when_the_ids_agree(task):
+    """ivlib's IV on a token table equal to its own prompts gives its own vectors and answers; a table
+    whose zero-shot prompts differ moves the vectors: the table, not the encoder, is what is scored."""
+    lm = ivlib.wrap(*ivlib.tiny_model("llama"), add_bos=False)  # its own: another test adapts the shared one's forward
+    fit = evaluation_episodes(task, "train", 1, 12, 0, None, "extract")
+    evaluated = evaluation_episodes(task, "test", 1, 6, 0, None)
+    encoder = ivlib.encoder(lm, task, template="iv")
+    tokens = {e: encoder.encode(e) for e in fit + evaluated}
+    tokens.update({e.query_only(): encoder.encode(e.query_only()) for e in fit})
+    args = argparse.Namespace(shot=1, batch_size=4, strength=0.5, ext_strength=0.3, ext_batch=5, seed=0, clean=False)
+    own = iv.ivlib_run(lm, task, args, (fit, evaluated), None)
+    given = iv.ivlib_run(lm, task, args, (fit, evaluated), tokens)
+    assert own["pred"] == given["pred"] and own["ids"] == given["ids"]
+    torch.testing.assert_close(own["vectors"], given["vectors"], rtol=0, atol=0)
+    for e in fit:
+        p = tokens[e.query_only()]
+        tokens[e.query_only()] = EncodedPrompt([p.ids[0], *p.ids], [s + 1 for s in p.sep_pos], p.sep_class, p.label, 0)
+    moved = iv.ivlib_run(lm, task, args, (fit, evaluated), tokens)
+    assert not torch.allclose(moved["vectors"], own["vectors"])
+    icl = iv.ivlib_run(lm, task, argparse.Namespace(**{**vars(args), "clean": True}), (fit, evaluated), tokens)
+    assert icl["vectors"] is None and len(icl["pred"]) == 6
+
+
+def test_iv_refuses_a_bad_checkout_and_missing_baukit(tmp_path, capsys, monkeypatch):
+    args = argparse.Namespace(threads=1, release=str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        harness.guarded(lambda: iv.run(args), "iv.py")
+    assert exit_info.value.code == 2 and "has no iv.py" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "path", list(sys.path))  # --deps is appended to it
+    if importlib.util.find_spec("baukit") is None and "baukit" not in sys.modules:
+        with pytest.raises(UsageError, match="baukit is not importable"):
+            iv.load_baukit(str(tmp_path))
