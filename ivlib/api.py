@@ -229,20 +229,28 @@ def sample_episodes(
     return _sample(task.splits[split], task.n_classes, shot, n, seed, f"{split}/{purpose}")
 
 
-@checked(lm=MODEL, task=TASK, max_example_tokens=RUN["max_example_tokens"], template=TEMPLATE, bos=setting(_P["bos"]))
+@checked(
+    lm=MODEL,
+    task=TASK,
+    max_example_tokens=RUN["max_example_tokens"],
+    template=TEMPLATE,
+    bos=setting(_P["bos"]),
+    tokenize=setting(_P["tokenize"]),
+)
 def encoder(
     lm: LoadedModel,
     task: Task,
     max_example_tokens: int = _P["max_example_tokens"].default,
     template: str | Template | None = None,
     bos: str = _P["bos"].default,
+    tokenize: str = _P["tokenize"].default,
 ) -> PromptEncoder:
-    """The prompt encoder of a model and task (template, BOS, truncation, the labels' tokens); `template`
-    and `bos` as `ivlib.protocol_for` takes them (default: the task entry's template, else IV's; the
-    model's BOS); the inputs are kept as the task keeps them."""
+    """The prompt encoder of a model and task (template, BOS, truncation, the labels' tokens); `template`,
+    `bos` and `tokenize` as `ivlib.protocol_for` takes them (default: the task entry's template, else IV's;
+    the model's BOS; the prompt tokenized whole); the inputs are kept as the task keeps them."""
     written = template if isinstance(template, Template) else templates.resolve(template, task.prompt, task.name)
     checked = _P["max_example_tokens"].check(max_example_tokens)
-    return experiment.task_encoder(lm, task, checked, written, bos)
+    return experiment.task_encoder(lm, task, checked, written, bos, tokenize)
 
 
 @checked(lm=MODEL, task=TASK, max_example_tokens=RUN["max_example_tokens"])
@@ -332,6 +340,7 @@ def protocol_for(
     template: str | Template | None = None,
     inputs: str | None = None,
     bos: str = _P["bos"].default,
+    tokenize: str = _P["tokenize"].default,
     score: str | None = None,
     metric: str = _P["metric"].default,
     max_new_tokens: int | None = None,
@@ -343,7 +352,8 @@ def protocol_for(
     `metric` (what a method selecting on validation maximises: macro or accuracy); how episodes are drawn:
     `demo_draw` ("per-class" or "any"), `demo_source` ("split" or "train"), `queries` ("random" or "each"),
     StaICC's being any, train, each; how prompts become tokens: `inputs` (default: as the task was loaded,
-    `load_task(..., inputs=)`), `bos` ("model" or "tokenizer"). `fit` and `evaluate` take these through
+    `load_task(..., inputs=)`), `bos` ("model" or "tokenizer"), `tokenize` ("prompt", or "pieces" as the IV
+    release's Verbalizer tokenizes). `fit` and `evaluate` take these through
     `protocol=`."""
     return Protocol.build(
         shot=shot,
@@ -355,6 +365,7 @@ def protocol_for(
         template=template,
         inputs=task.inputs if inputs is None else inputs,
         bos=bos,
+        tokenize=tokenize,
         score=score,
         metric=metric,
         max_new_tokens=max_new_tokens,
@@ -442,7 +453,7 @@ def _fit_built(
     cls = type(built)
     fitting = cls.needs_fit or cls.needs_validation
     demo_set = experiment.check_data(task, cls, posed, "validation", values["seed"], fitting, values["ext_shot"])
-    enc = encoder(lm, task, values["max_example_tokens"], posed.template, posed.bos)
+    enc = encoder(lm, task, values["max_example_tokens"], posed.template, posed.bos, posed.tokenize)
     scorer = _scorer(lm, task, enc, *running, posed)
     train, select = experiment.fit_episodes(
         task, cls, posed, values["ext_shot"], values["episodes"], values["select_episodes"], values["seed"], demo_set
@@ -590,7 +601,7 @@ def _evaluate_built(
     shot = posed.eval_shot(cls)
     drawn = experiment.evaluation_episodes(task, split, shot, n, seed, demo_set, "eval", posed.drawing)
     episodes = in_order(drawn, posed.demo_order)
-    enc = encoder(lm, task, max_example_tokens, posed.template, posed.bos)
+    enc = encoder(lm, task, max_example_tokens, posed.template, posed.bos, posed.tokenize)
     scorer = _scorer(lm, task, enc, *running, posed)
     prompts = [enc.encode(e) for e in episodes]
     built.check_prompts(scorer, prompts)

@@ -132,7 +132,8 @@ def load(prepared: Prepared) -> Loaded:
         )
     )
     seconds = time.perf_counter() - t0
-    encoder = task_encoder(lm, task, spec.max_example_tokens, prepared.protocol.template, prepared.protocol.bos)
+    posed = prepared.protocol
+    encoder = task_encoder(lm, task, spec.max_example_tokens, posed.template, posed.bos, posed.tokenize)
     scorer = make_scorer(lm, task, encoder, spec.batch_size, quiet, prepared.protocol)
     return Loaded(task, demos, device, lm, seconds, encoder, scorer)
 
@@ -504,14 +505,22 @@ def check_data(
 
 
 def task_encoder(
-    lm: LoadedModel, task: Task, max_example_tokens: int, template: Template, bos: str = "model"
+    lm: LoadedModel,
+    task: Task,
+    max_example_tokens: int,
+    template: Template,
+    bos: str = "model",
+    tokenize: str = "prompt",
 ) -> PromptEncoder:
     """The prompt encoder of a model and task (an open-vocabulary task's one class is its answer); its
-    inputs kept as the task keeps them, its first tokens the model's BOS or the tokenizer's own."""
+    inputs kept as the task keeps them, its first tokens the model's BOS or the tokenizer's own, its
+    text tokenized whole or piece by piece."""
     classes = task.n_classes if task.open_vocabulary else None
     add_bos: bool | str = lm.add_bos if bos == "model" else "tokenizer"
     strip = task.inputs == "stripped"
-    return PromptEncoder(lm.tokenizer, task.label_words, add_bos, max_example_tokens, template, classes, strip)
+    return PromptEncoder(
+        lm.tokenizer, task.label_words, add_bos, max_example_tokens, template, classes, strip, tokenize == "pieces"
+    )
 
 
 def make_scorer(

@@ -36,6 +36,7 @@ PRESETS: dict[str, Preset] = {
             "ArkciaTheDragon/iterative-vectors util.py (Verbalizer), iv.py, args.py, script.sh",
             {
                 "template": "iv",
+                "tokenize": "pieces",  # its Verbalizer: input, "\n", label, "\n\n\n" each tokenized alone
                 "score": "first-token",
                 "shot": 1,
                 "ext_shot": 1,  # args.py's -s default (script.sh sweeps 1..4)

@@ -96,8 +96,10 @@ class PromptEncoder:
         template: Template = IV,
         n_classes: int | None = None,
         strip: bool = True,
+        pieces: bool = False,
     ) -> None:
         self.tok = tokenizer
+        self.pieces = pieces  # each piece of a prompt tokenized on its own (--tokenize pieces)
         self.template = template
         self.label_words = label_words
         # the demonstrations' classes; an open-vocabulary task has one ("the answer") and no label words
@@ -163,6 +165,11 @@ class PromptEncoder:
         still ends there, so the answer is what follows it: the text tokenized alone (StaICC's labels);
         elsewhere such a merge is refused, since the prompt's last token would then be one the
         demonstrations never show."""
+        if self.pieces:  # the answer is a piece of its own: tokenized alone, as in every prompt
+            alone = list(self._tokenize(self.answer_space + text)["input_ids"])
+            if not alone:
+                raise UsageError(f"{what} {text!r} produces no token")
+            return alone
         context = self.anchor + self.kept_space
         enc = self._tokenize(context + self.answer_space + text)
         ids, starts = [], []
@@ -208,33 +215,59 @@ class PromptEncoder:
 
     def query_context(self, example: Example) -> str:
         """An example written up to its answer position (the query's whole text)."""
-        return self.template.context(self.truncate(example.text)) + self.kept_space
+        return "".join(self.context_pieces(example))
 
     def demonstration(self, example: Example) -> str:
         """An example written whole: its context, its answer and the separator after it."""
-        return self.query_context(example) + self.answer_space + self.answer_text(example) + self.template.separator
+        return "".join(self.demonstration_pieces(example))
+
+    def context_pieces(self, example: Example) -> list[str]:
+        """The query's text as pieces (the input's fixed head, its text, the fixed text up to the answer):
+        what --tokenize pieces tokenizes one by one. Empty pieces are kept (they give no token)."""
+        head, tail = self.template.context("\0").split("\0")
+        return [head, self.truncate(example.text), tail + self.kept_space]
+
+    def demonstration_pieces(self, example: Example) -> list[str]:
+        """A demonstration's pieces: its context's, its answer, the separator after it."""
+        return [*self.context_pieces(example), self.answer_space + self.answer_text(example), self.template.separator]
+
+    def _tokenize_pieces(self, pieces: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of the pieces written one after another: one call on their whole text,
+        or (--tokenize pieces) one call per piece, each piece's offsets moved to where it stands."""
+        if not self.pieces:
+            enc = self._tokenize("".join(pieces))
+            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        start = 0
+        for piece in pieces:
+            if piece:
+                enc = self._tokenize(piece)
+                ids.extend(enc["input_ids"])
+                offsets.extend((start + s, start + e) for s, e in enc["offset_mapping"])
+            start += len(piece)
+        return ids, offsets
 
     def encode(self, episode: Episode) -> EncodedPrompt:
-        parts: list[str] = [self.template.preamble]
+        parts: list[str] = [self.template.preamble]  # the prompt's pieces (see `_tokenize_pieces`)
         sep_chars: list[int] = []  # char index of the last char before each answer (the answer position's)
         sep_class: list[int] = []
         length = len(self.template.preamble)
         for demo in episode.demos:
-            context = self.query_context(demo)
-            sep_chars.append(length + len(context) - 1)
+            sep_chars.append(length + len(self.query_context(demo)) - 1)
             sep_class.append(demo.label)
-            piece = self.demonstration(demo)
-            parts.append(piece)
-            length += len(piece)
+            pieces = self.demonstration_pieces(demo)
+            parts.extend(pieces)
+            length += sum(map(len, pieces))
         query_char = length
-        piece = self.query_context(episode.query)
-        sep_chars.append(length + len(piece) - 1)
+        pieces = self.context_pieces(episode.query)
+        sep_chars.append(length + sum(map(len, pieces)) - 1)
         sep_class.append(self.n_classes)
-        parts.append(piece)
-        enc = self._tokenize("".join(parts))
-        ends = [end for _, end in enc["offset_mapping"]]
+        parts.extend(pieces)
+        text_ids, offsets = self._tokenize_pieces(parts)
+        ends = [end for _, end in offsets]
         sep_pos = [_answer_position(ends, c) + len(self.bos) for c in sep_chars]
-        ids = self.bos + list(enc["input_ids"])
+        ids = self.bos + text_ids
         if sep_pos[-1] != len(ids) - 1:
             raise UsageError("the tokenizer merges the query's trailing separator; this tokenizer is not supported")
         if any(a >= b for a, b in zip(sep_pos, sep_pos[1:])):  # the hooks edit each position once
@@ -249,7 +282,7 @@ class PromptEncoder:
             sep_pos,
             sep_class,
             episode.query.label,
-            _token_boundary(enc["offset_mapping"], query_char) + len(self.bos),
+            _token_boundary(offsets, query_char) + len(self.bos),
             options,
             answer,
         )

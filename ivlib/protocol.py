@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .methods.base import Method
 
 DEMOS = ("episodic", "fixed")
+TOKENIZE = ("prompt", "pieces")  # a prompt tokenized as one text, or piece by piece (the IV release's Verbalizer)
 BOS = ("model", "tokenizer")  # a prompt's first token: the model entry's add_bos, or what the tokenizer's own call adds
 RULES = ("first-token", "full", "full-mean", "vocab", "generate")  # the scoring rules (see `rules`)
 LAST_TOKEN_RULES = ("first-token", "vocab")  # computable from the answer position's logits alone
@@ -102,6 +103,15 @@ SETTINGS = (
         choices=BOS,
     ),
     Setting(
+        "tokenize",
+        str,
+        "prompt",
+        "how a prompt becomes tokens: the whole text in one call (prompt), or each piece in its own call, the "
+        "template's fixed text, the input, the answer and the separator (pieces, as the IV release's Verbalizer "
+        "does: where the tokenizer merges across a join, e.g. SmolLM2's three newlines before a word, the ids differ)",
+        choices=TOKENIZE,
+    ),
+    Setting(
         "score",
         str,
         None,
@@ -133,7 +143,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 # protocol values that are protocols rather than hyperparameters: select and the report keep each
 # value's records apart as a method of its own (`icl@fixed`, `icl@class`, `iv@dt`)
 DRAWING = ("demo_draw", "demo_source", "queries")  # how episodes are drawn: `Drawing`'s fields
-WRITING = ("inputs", "bos")  # how a prompt's text becomes tokens beyond its template
+WRITING = ("inputs", "bos", "tokenize")  # how a prompt's text becomes tokens beyond its template
 APART = ("demos", "demo_order", *DRAWING, "template", *WRITING, "scoring")
 _DEFAULT_MARKS = {**{k: BY_NAME[k].default for k in ("demos", "demo_order", *DRAWING, *WRITING)}, "template": "iv"}
 
@@ -155,6 +165,7 @@ class Protocol:
     template: Template = field(default=templates.IV)
     inputs: str = "stripped"
     bos: str = "model"
+    tokenize: str = "prompt"
     scoring: str | None = None  # None: the task kind's own rule (KIND_RULES)
     metric: str = "macro"
     max_new_tokens: int | None = None
@@ -172,6 +183,7 @@ class Protocol:
         template: str | Template | None = None,
         inputs: Any = "stripped",
         bos: Any = "model",
+        tokenize: Any = "prompt",
         score: Any = None,
         metric: Any = "macro",
         max_new_tokens: Any = None,
@@ -192,6 +204,7 @@ class Protocol:
             template=templates.resolve(template, task_entry, task),
             inputs=BY_NAME["inputs"].check(inputs),
             bos=BY_NAME["bos"].check(bos),
+            tokenize=BY_NAME["tokenize"].check(tokenize),
             scoring=BY_NAME["score"].check(score),
             metric=BY_NAME["metric"].check(metric),
             max_new_tokens=BY_NAME["max_new_tokens"].check(max_new_tokens),

@@ -113,7 +113,7 @@ class RunSpec:
     seed: int = _P["seed"].default
     batch_size: int | str = _P["batch_size"].default
     max_example_tokens: int = _P["max_example_tokens"].default
-    demos: str = _P["demos"].default  # this and the ten after it: the protocol (built once, in `prepare`)
+    demos: str = _P["demos"].default  # this and the eleven after it: the protocol (built once, in `prepare`)
     demo_order: str = _P["demo_order"].default
     demo_draw: str = _P["demo_draw"].default
     demo_source: str = _P["demo_source"].default
@@ -121,6 +121,7 @@ class RunSpec:
     template: str | None = None
     inputs: str = _P["inputs"].default
     bos: str = _P["bos"].default
+    tokenize: str = _P["tokenize"].default
     score: str | None = None
     metric: str = _P["metric"].default
     max_new_tokens: int | None = None
