@@ -31,3 +31,4 @@ if __name__ == "__main__":
         ):
             rc = main(argv[rank] if isinstance(argv, dict) else argv)
         (out / f"{name}.{rank}.rc").write_text(str(rc))
+    (out / f"all-cases.{rank}.done").write_text("")  # a process that fails after this failed at its exit

@@ -120,7 +120,8 @@ def test_two_processes_write_the_records_of_one(tmp_path, one_process):
     cases["bad-flag"] = BAD_FLAG + ["--results", str(tmp_path / "bad.jsonl")]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     done = _torchrun(["tests/dp_driver.py", str(tmp_path / "cases.json"), str(tmp_path)])
-    assert done.returncode == 0, done.stderr[-3000:]
+    finished = sorted(p.name for p in tmp_path.glob("*.rc")) + sorted(p.name for p in tmp_path.glob("*.done"))
+    assert done.returncode == 0, (finished, done.stderr[-3000:])  # what each process got through, if one died
     for name in CASES:
         assert (tmp_path / f"{name}.0.rc").read_text() == "0" == (tmp_path / f"{name}.1.rc").read_text()
         raw = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]

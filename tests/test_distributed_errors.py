@@ -64,7 +64,8 @@ def test_one_process_bad_input_is_named_in_rank_0_line(tmp_path, monkeypatch):
     command += [str(_free_port()), "tests/dp_driver.py", str(tmp_path / "cases.json"), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    finished = sorted(p.name for p in tmp_path.glob("*.rc")) + sorted(p.name for p in tmp_path.glob("*.done"))
+    assert done.returncode == 0, (finished, done.stderr[-3000:])  # what each process got through, if one died
 
     expected = {
         "rank1-config": (1, "config '", "fv_heads 0 is not accepted"),
