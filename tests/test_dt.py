@@ -1,6 +1,7 @@
 """Deep-Thinking: step 1 is plain ICL, the update rule's invariants, batching, and the CLI record."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,31 +100,28 @@ def test_fit_picks_the_best_step_on_validation(lm, encoder, task):
     assert fixed.step == 2 and fixed.curve == []
 
 
+def _dt_run(out: Path) -> list[str]:
+    """A small DT run on the tiny model: 3 steps searched on 8 validation episodes."""
+    argv = ["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "dt"]
+    return [
+        *argv,
+        "--dt-steps",
+        "3",
+        "--select-episodes",
+        "8",
+        "-n",
+        "8",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--results",
+        str(out),
+    ]
+
+
 def test_cli_dt_record_has_the_curve_and_step(tmp_path):
     out = tmp_path / "runs.jsonl"
-    rc = main(
-        [
-            "-c",
-            "config/tiny.yaml",
-            "-m",
-            "tiny-llama",
-            "-t",
-            "review_sentiment",
-            "--method",
-            "dt",
-            "--dt-steps",
-            "3",
-            "--select-episodes",
-            "8",
-            "-n",
-            "8",
-            "--batch-size",
-            "4",
-            "--quiet",
-            "--results",
-            str(out),
-        ]
-    )
+    rc = main(_dt_run(out))
     assert rc == 0
     record = json.loads(out.read_text())
     assert record["method"] == "dt" and len(record["fit"]["curve"]) == 3
@@ -164,20 +162,7 @@ def test_final_step_alone_equals_the_last_of_every_step(lm, encoder, task):
 def test_the_chosen_step_is_saved_and_a_loaded_run_scores_as_the_fitted_one(tmp_path, capsys):
     """The step search is DT's fit: saved, a test run loads it instead of searching again."""
     out, state = tmp_path / "runs.jsonl", tmp_path / "dt.safetensors"
-    argv = ["-c", "config/tiny.yaml", "-m", "tiny-llama", "-t", "review_sentiment", "--method", "dt"]
-    argv += [
-        "--dt-steps",
-        "3",
-        "--select-episodes",
-        "8",
-        "-n",
-        "8",
-        "--batch-size",
-        "4",
-        "--quiet",
-        "--results",
-        str(out),
-    ]
+    argv = _dt_run(out)
     assert main([*argv, "--save-vectors", str(state)]) == 0
     assert main([*argv, "--load-vectors", str(state), "--run-test"]) == 0
     assert main([*argv, "--run-test"]) == 0
