@@ -108,6 +108,7 @@ class PromptEncoder:
         self.strip = strip  # False: an input's trailing whitespace stays (verbatim inputs)
         self.max_example_tokens = max_example_tokens
         self.anchor = template.answer_context
+        self._around = template.context("\0").split("\0")  # an input's fixed text before and after its text
         self.kept_space = self._kept_space(label_words or ["answer"])  # the delimiter's spaces in the prompt
         self.answer_space = template.answer_space[len(self.kept_space) :]  # ...and those that begin the answer
         self.label_tokens = [self._continuation(w, "label word") for w in label_words]  # empty for multiple choice
@@ -224,12 +225,16 @@ class PromptEncoder:
     def context_pieces(self, example: Example) -> list[str]:
         """The query's text as pieces (the input's fixed head, its text, the fixed text up to the answer):
         what --tokenize pieces tokenizes one by one. Empty pieces are kept (they give no token)."""
-        head, tail = self.template.context("\0").split("\0")
+        head, tail = self._around
         return [head, self.truncate(example.text), tail + self.kept_space]
 
     def demonstration_pieces(self, example: Example) -> list[str]:
         """A demonstration's pieces: its context's, its answer, the separator after it."""
-        return [*self.context_pieces(example), self.answer_space + self.answer_text(example), self.template.separator]
+        return [*self.context_pieces(example), *self._answer_pieces(example)]
+
+    def _answer_pieces(self, example: Example) -> list[str]:
+        """What follows a demonstration's context: its answer, then the separator."""
+        return [self.answer_space + self.answer_text(example), self.template.separator]
 
     def _tokenize_pieces(self, pieces: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character offsets of the pieces written one after another: one call on their whole text,
@@ -254,9 +259,10 @@ class PromptEncoder:
         sep_class: list[int] = []
         length = len(self.template.preamble)
         for demo in episode.demos:
-            sep_chars.append(length + len(self.query_context(demo)) - 1)
+            context = self.context_pieces(demo)
+            sep_chars.append(length + sum(map(len, context)) - 1)
             sep_class.append(demo.label)
-            pieces = self.demonstration_pieces(demo)
+            pieces = [*context, *self._answer_pieces(demo)]
             parts.extend(pieces)
             length += sum(map(len, pieces))
         query_char = length
