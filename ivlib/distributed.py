@@ -29,8 +29,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -123,12 +124,29 @@ def settle() -> None:
 
 
 def teardown() -> None:
+    """Leave the process group together: a barrier first, so that no process closes its connections
+    while another is still inside a collective."""
     if not active():
         return
     import torch.distributed as dist
 
     if dist.is_initialized():
+        with contextlib.suppress(Exception):  # a peer that died: nobody left to wait for
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End a launched process whose command returned `code`: leave the group, flush, and exit at once.
+    What a normal exit does after that (interpreter finalization, C++ static destructors) is where
+    torch's gloo threads have aborted a finished process (SIGABRT, "terminate called without an active
+    exception", rarely, seen in CI), and the launcher then reports the whole run failed although every
+    record was written. Everything ivlib writes is closed by then; only the standard streams buffer."""
+    teardown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # ---- splitting work --------------------------------------------------------------------------------

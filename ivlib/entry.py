@@ -24,6 +24,16 @@ def interrupted(name: str, when: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit code; a process of a data-parallel launch ends here instead, once its command
+    returned (`distributed.leave`: a finished run must not crash at interpreter exit)."""
+    code = _command(argv)
+    distributed = sys.modules.get("ivlib.distributed")  # loaded with the command; absent: no group to leave
+    if distributed is not None and distributed.active():
+        distributed.leave(code)
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     with contextlib.suppress(ValueError):  # not the main thread: signals are not ours to handle
         signal.signal(signal.SIGTERM, terminate)
     try:

@@ -17,7 +17,23 @@ import os
 import sys
 from pathlib import Path
 
+from ivlib import distributed as dist
 from ivlib.cli import main
+
+
+def how_far(out: Path, stderr: str) -> str:
+    """For a failed launch's assertion, short enough not to be cut: which cases each process finished,
+    whether it got through all of them (then it died at its exit), and the launcher's lines that say
+    how a process ended."""
+    finished = {r: sorted(p.name.split(".")[0] for p in out.glob(f"*.{r}.rc")) for r in ("0", "1")}
+    through = sorted(p.name for p in out.glob("all-cases.*.done"))
+    said = [
+        line.strip()
+        for line in stderr.splitlines()
+        if any(k in line for k in ("terminate", "what()", "Signal", "rror"))
+    ]
+    return f"finished {finished}; through all: {through}; stderr says: {said[-8:]}"
+
 
 if __name__ == "__main__":
     cases = json.loads(Path(sys.argv[1]).read_text())
@@ -32,3 +48,4 @@ if __name__ == "__main__":
             rc = main(argv[rank] if isinstance(argv, dict) else argv)
         (out / f"{name}.{rank}.rc").write_text(str(rc))
     (out / f"all-cases.{rank}.done").write_text("")  # a process that fails after this failed at its exit
+    dist.leave(0)  # as ivlib.entry ends a launched iv.py

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import wrap
+from dp_driver import how_far
 from safetensors.torch import load_file
 from test_hc import plain_last_hidden
 
@@ -270,7 +271,7 @@ def test_two_processes_write_the_records_of_one(tmp_path, monkeypatch):
     (tmp_path / "cases.json").write_text(json.dumps(launch))
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # the launcher sets it
     done = _torchrun(["tests/dp_driver.py", str(tmp_path / "cases.json"), str(tmp_path)], env={"PYTHONPATH": path})
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, how_far(tmp_path, done.stderr)
     for name in cases:
         assert (tmp_path / f"{name}.0.rc").read_text() == "0" == (tmp_path / f"{name}.1.rc").read_text(), name
         one = _records(tmp_path / f"{name}.one.jsonl")
