@@ -4,7 +4,8 @@ Every method answers the same seeded queries, so two runs' episode i is one ques
 twice: the difference of their scores is estimated far more tightly by resampling episode indices
 jointly (one draw serves both methods) than by comparing the two runs' own intervals. Beside the
 bootstrap: win/tie/loss counts on correctness and an exact McNemar test, the two-sided binomial
-test on the discordant episodes (one method right, the other wrong), via scipy.stats.binomtest.
+test on the discordant episodes (one method right, the other wrong), via scipy.stats.binomtest, or,
+where episodes name their queries, the same test with each query's episodes kept together.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Paired:
     wins: int  # A right, B wrong
     ties: int  # both right or both wrong
     losses: int  # A wrong, B right
-    mcnemar_p: float
+    mcnemar_p: float  # whole queries when `compare` was given them
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -48,6 +49,32 @@ def mcnemar_exact(b: int, c: int) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
+
+
+def mcnemar_by_query(wins: np.ndarray, losses: np.ndarray, clusters: Labels) -> float:
+    """Two-sided exact p of McNemar's test with each query's episodes kept together. A query drawn
+    several times is one piece of evidence, as in the intervals (`draw_weights`); counting its
+    episodes one by one makes the p too small. Under the null hypothesis the two methods are
+    exchangeable on every query, so the sign of each query's net discordance d (episodes only A got
+    right minus those only B got right) is a fair coin, and p = P(|sum of the signed d| >= |observed|).
+    The null distribution is exact (a sum of scaled binomials, one per distinct |d|), not sampled;
+    with every query once it is the exact McNemar p."""
+    from scipy.stats import binom
+
+    index = np.unique(np.asarray(clusters), return_inverse=True)[1].ravel()
+    net = np.bincount(index, weights=wins.astype(float) - losses.astype(float)).round().astype(int)  # [queries]
+    sizes, counts = np.unique(np.abs(net[net != 0]), return_counts=True)
+    if not len(sizes):
+        return 1.0
+    null = np.ones(1)  # P(sum = s) for s = -total..total, built up one distinct |d| at a time
+    for size, m in zip(sizes.tolist(), counts.tolist()):
+        heads = np.arange(m + 1)  # how many of the m queries with |d| = size count for A
+        part = np.zeros(2 * size * m + 1)
+        part[2 * size * heads] = binom.pmf(heads, m, 0.5)  # their sum size * (2 heads - m), shifted by size * m
+        null = np.convolve(null, part)
+    total = int(np.abs(net).sum())
+    sums = np.arange(-total, total + 1)
+    return float(min(1.0, null[np.abs(sums) >= abs(int(net.sum()))].sum()))
 
 
 def paired_bootstrap(
@@ -114,7 +141,9 @@ def compare(
         wins=wins,
         ties=len(y) - wins - losses,
         losses=losses,
-        mcnemar_p=mcnemar_exact(wins, losses),
+        mcnemar_p=mcnemar_exact(wins, losses)
+        if clusters is None
+        else mcnemar_by_query(right_a & ~right_b, ~right_a & right_b, clusters),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from scipy.stats import binom
 from ivlib.cli import main
 from ivlib.episodes import sample_episodes
 from ivlib.metrics import f1_scores
-from ivlib.paired import aligned, compare, confusion, mcnemar_exact, paired_bootstrap, per_class_f1
+from ivlib.paired import (
+    aligned,
+    compare,
+    confusion,
+    mcnemar_by_query,
+    mcnemar_exact,
+    paired_bootstrap,
+    per_class_f1,
+)
 
 
 def test_mcnemar_known_answer():
@@ -34,6 +43,42 @@ def test_compare_counts_and_mcnemar():
     assert (r.wins, r.ties, r.losses) == (1, 10, 9)
     assert r.mcnemar_p == pytest.approx(2 * binom.cdf(1, 10, 0.5))
     assert r.accuracy.value == pytest.approx((6 - 14) / 20)
+
+
+def _discordant(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    right_a, right_b = rng.random(n) < 0.5, rng.random(n) < 0.5
+    return right_a & ~right_b, ~right_a & right_b
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_test_by_query_is_exact_mcnemar_when_no_query_recurs(seed):
+    rng = np.random.default_rng(seed)
+    wins, losses = _discordant(rng, int(rng.integers(5, 60)))
+    by_query = mcnemar_by_query(wins, losses, rng.permutation(len(wins)))  # ids distinct, any order
+    assert by_query == pytest.approx(mcnemar_exact(int(wins.sum()), int(losses.sum())), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_test_by_query_is_every_sign_flip_of_whole_queries(seed):
+    rng = np.random.default_rng(seed)
+    queries = rng.integers(0, 9, size=30)
+    wins, losses = _discordant(rng, 30)
+    net = np.bincount(queries, weights=wins.astype(int) - losses.astype(int), minlength=9)
+    flips = np.array(list(itertools.product([1, -1], repeat=9)))  # [512, 9]
+    enumerated = np.mean(np.abs(flips @ net) >= abs(net.sum()))
+    assert mcnemar_by_query(wins, losses, queries) == pytest.approx(enumerated, abs=1e-12)
+
+
+def test_a_query_answered_twice_is_not_twice_the_evidence():
+    wins, losses = _discordant(np.random.default_rng(7), 40)
+    queries = np.arange(40)
+    once = mcnemar_by_query(wins, losses, queries)
+    twice = mcnemar_by_query(np.tile(wins, 2), np.tile(losses, 2), np.tile(queries, 2))
+    assert once == pytest.approx(twice, abs=1e-12)
+    assert mcnemar_exact(2 * int(wins.sum()), 2 * int(losses.sum())) < once  # counted by episode: smaller
+    y = np.zeros(80, dtype=int)
+    a, b = np.tile(np.where(wins, 0, 1), 2), np.tile(np.where(losses, 0, 1), 2)
+    assert compare(y, a, b, 2, clusters=np.tile(queries, 2)).mcnemar_p == pytest.approx(once, abs=1e-12)
 
 
 def test_paired_bootstrap_matches_direct_resampling():
