@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -108,7 +109,9 @@ def setup(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the device all_gather_object stages its bytes on under nccl
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    atexit.register(teardown)  # kept for the process's life: several runs in one process share it
+    # kept for the process's life (several runs in one process share it), and left at its exit without
+    # a barrier: an exception may end one process while the others wait in a collective
+    atexit.register(teardown)
 
 
 def settle() -> None:
@@ -123,16 +126,22 @@ def settle() -> None:
             dist.barrier()
 
 
-def teardown() -> None:
-    """Leave the process group together: a barrier first, so that no process closes its connections
-    while another is still inside a collective."""
+def teardown(wait: bool = False) -> None:
+    """Leave the process group. `wait`: at a barrier first, so that no process closes its connections
+    while another is still inside a collective; only where every process is known to be on its way
+    out (a command that succeeded passed `finish` on all), since a peer stuck elsewhere would hold it."""
     if not active():
         return
     import torch.distributed as dist
 
     if dist.is_initialized():
-        with contextlib.suppress(Exception):  # a peer that died: nobody left to wait for
-            dist.barrier()
+        if wait:
+            try:
+                dist.barrier()
+            except Terminated:
+                raise
+            except Exception:  # a peer that died: nobody left to wait for
+                pass
         dist.destroy_process_group()
 
 
@@ -141,12 +150,22 @@ def leave(code: int) -> NoReturn:
     What a normal exit does after that (interpreter finalization, C++ static destructors) is where
     torch's gloo threads have aborted a finished process (SIGABRT, "terminate called without an active
     exception", rarely, seen in CI), and the launcher then reports the whole run failed although every
-    record was written. Everything ivlib writes is closed by then; only the standard streams buffer."""
-    teardown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    record was written. Everything ivlib writes is closed and synced by then; the standard streams and
+    logging handlers are flushed here. Other atexit handlers do not run."""
+    from .entry import EXIT_CODES
+
+    try:
+        teardown(wait=code == 0)
+    except Terminated:  # while waiting for the others: the launcher is stopping the run
+        code = EXIT_CODES["SIGTERM"]
+    except KeyboardInterrupt:
+        code = EXIT_CODES["SIGINT"]
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 # ---- splitting work --------------------------------------------------------------------------------

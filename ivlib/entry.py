@@ -24,11 +24,13 @@ def interrupted(name: str, when: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command's exit code; a process of a data-parallel launch ends here instead, once its command
-    returned (`distributed.leave`: a finished run must not crash at interpreter exit)."""
+    """The command's exit code. As a process's own command (`argv` None: iv.py, `python -m ivlib`, the
+    console script), a process of a data-parallel launch ends here instead, once its command returned
+    (`distributed.leave`: a finished run must not crash at interpreter exit); called with an argv, from
+    code that runs several commands, it returns as with one process."""
     code = _command(argv)
     distributed = sys.modules.get("ivlib.distributed")  # loaded with the command; absent: no group to leave
-    if distributed is not None and distributed.active():
+    if argv is None and distributed is not None and distributed.active():
         distributed.leave(code)
     return code
 

@@ -422,7 +422,7 @@ def paired_table(cells: list[Cell], pairs: list[Pair]) -> list[str]:
         "with 95% paired bootstrap intervals (test queries resampled jointly, each with all its episodes: a "
         "query drawn twice is one piece of evidence), "
         f"{SIGNIFICANT} where the interval excludes zero; W/T/L: episodes only the method got right / "
-        f"both or neither / only {BASELINE} got right; p: exact McNemar test on those discordant episodes, each query's episodes together (a query drawn twice counts once). "
+        f"both or neither / only {BASELINE} got right; p: exact McNemar test on those discordant episodes, each query's episodes together (a query drawn several times is one unit). "
         "Runs without a samples log (`--log-samples`) are compared by their own intervals only: "
         "a point difference, and whether the two intervals overlap. Labeled: the examples whose labels each "
         "side used, fit + selection + demonstrations per query (the record's `budget`): a difference at "

@@ -122,6 +122,19 @@ def test_a_launched_process_leaves_with_its_code_and_its_output_flushed():
     assert (done.returncode, done.stdout) == (3, "printed")
 
 
+@pytest.mark.parametrize("argv, returns", [(None, False), (["methods"], True)])
+def test_the_entry_point_ends_a_launched_process_only_as_its_own_command(argv, returns):
+    """iv.py (argv None) ends there; code running several commands through it gets control back."""
+    code = (
+        "import sys; from ivlib.entry import main; sys.argv = ['iv.py', 'methods']; "
+        f"rc = main({argv!r}); print('returned', end=''); sys.exit(rc)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "RANK": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "iv" in done.stdout.split(), done.stdout  # the command ran
+    assert done.stdout.endswith("returned") == returns, done.stdout
+
+
 # ---- two processes ----------------------------------------------------------------------------------
 
 

@@ -54,35 +54,42 @@ plan() {  # "model task" lines: $1's tasks, then the other model's (Gemma's stre
 }
 
 cells() {  # per planned (model, task): "model task tested-pairs planned-pairs whole-methods methods
-  # grid-runs planned-grid-runs", from the records (a pair is a method and seed with a test run; a whole
-  # method has one for every seed; a grid run is one IV validation setting and seed of the grid above)
+  # grid-runs planned-grid-runs", from the records. A pair is a method and seed with a test run of the
+  # setting chosen on validation (iv.py select's rule), so a test of a setting a grown grid no longer
+  # chooses does not count; a whole method has one for every seed; a grid run is one IV validation
+  # setting and seed of the grid above.
   "$PY" - "$RESULTS" "smollm2-135m=$SMOLLM2_TASKS" "gemma3-270m=$GEMMA_TASKS" <<'PY'
-import json, os, subprocess, sys
-grid = {(int(s), float(a1), float(a2), int(seed)) for s in os.environ["EXT_SHOTS"].split()
-        for a1 in os.environ["EXT_STRENGTHS"].split() for a2 in os.environ["STRENGTHS"].split()
-        for seed in os.environ["SEEDS"].split()}
+import os, subprocess, sys
+from ivlib.results import read_records
+from ivlib.selection import choose, score_records, test_for
+seeds = [int(seed) for seed in os.environ["SEEDS"].split()]
+grid = {(int(s), float(a1), float(a2), seed) for s in os.environ["EXT_SHOTS"].split()
+        for a1 in os.environ["EXT_STRENGTHS"].split() for a2 in os.environ["STRENGTHS"].split() for seed in seeds}
 methods = subprocess.run([sys.executable, "iv.py", "methods"], capture_output=True, text=True, check=True).stdout.split()
+scored = score_records(read_records(sys.argv[1])[0])  # a torn line is skipped with a warning, not fatal
+choices = {c.key: c for c in choose(scored)}
 tested, searched = {}, {}
-with open(sys.argv[1]) as f:
-    for line in f:
-        r = json.loads(line)
-        if r["split"] == "test":
-            tested.setdefault((r["model"], r["task"]), set()).add((r["method"], r.get("seed")))
-        elif r["method"] == "iv" and r["split"] == "validation":
-            h = r["hyperparameters"]
-            setting = (h["ext_shot"], h["ext_strength"], h["strength"], r.get("seed"))
-            searched.setdefault((r["model"], r["task"]), set()).add(setting)
+for s in scored:
+    if s.split == "test":
+        choice = choices.get((s.model, s.task, s.method))
+        chosen = choice is None or test_for(choice, [s]) is not None  # no choice yet: any test counts
+        if chosen:
+            tested.setdefault((s.model, s.task), set()).add((s.method, s.record.get("seed")))
+    elif s.method == "iv" and s.split == "validation":
+        h = s.record.get("hyperparameters") or {}
+        setting = (h.get("ext_shot"), h.get("ext_strength"), h.get("strength"), s.record.get("seed"))
+        searched.setdefault((s.model, s.task), set()).add(setting)
 for plan in sys.argv[2:]:
     model, tasks = plan.split("=")
     for task in tasks.split():
         done = tested.get((model, task), set())
-        whole = sum(all((m, s) in done for s in (1, 2, 3)) for m in methods)
-        print(model, task, len(done), 3 * len(methods), whole, len(methods),
+        whole = sum(all((m, seed) in done for seed in seeds) for m in methods)
+        print(model, task, len(done), len(seeds) * len(methods), whole, len(methods),
               len(grid & searched.get((model, task), set())), len(grid))
 PY
 }
 
-complete() {  # true when every method of (model, task) is tested with every seed, after IV's whole grid
+complete() {  # true when every method of (model, task) is tested (its chosen setting) with every seed, IV's whole grid run
   cells | awk -v model="$1" -v task="$2" '$1 == model && $2 == task && $5 == $6 && $7 == $8 { found = 1 } END { exit !found }'
 }
 
@@ -99,7 +106,7 @@ report() {
   local png
   {
     cat "$OUT/about.md"
-    printf '\n## Progress\n\nTest runs on record for each planned cell (a sweep in progress shows part):\n\n'
+    printf '\n## Progress\n\nFor each planned cell, the test runs of the settings chosen on validation, and the runs of IV'"'"'s grid, on record (a sweep in progress shows part):\n\n'
     progress
     printf '\n'
     sed 's/^#/##/' "$OUT/report/table.md"  # its headings one level down, under this page's title
