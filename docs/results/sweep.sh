@@ -16,7 +16,7 @@ set -euo pipefail -f
 cd "$(dirname "$0")/../.."
 export CONFIG=docs/results/models.yaml RESULTS=docs/results/runs.jsonl VECTORS=results/staicc-vectors
 export SEEDS="1 2 3" EPISODES=100 TEST_EPISODES=500 EXTRA="--log-samples"
-export EXT_SHOTS="1 4" EXT_STRENGTHS="0.1 0.3 0.7" STRENGTHS="0.1 0.3 0.5 0.7 0.9"
+export EXT_SHOTS="1 4" EXT_BATCH=10 EXT_STRENGTHS="0.1 0.3 0.7" STRENGTHS="0.1 0.3 0.5 0.7 0.9"
 SMOLLM2_TASKS="staicc-bench/sst2 staicc-bench/rotten_tomatoes staicc-bench/subjective staicc-bench/financial_phrasebank staicc-bench/trec"
 GEMMA_TASKS="staicc-bench/sst2 staicc-bench/financial_phrasebank"
 PY="${PY:-python}"  # as scripts.sh: the checkout's .venv when there is one
@@ -65,6 +65,7 @@ from ivlib.selection import choose, score_records, test_for
 seeds = [int(seed) for seed in os.environ["SEEDS"].split()]
 grid = {(int(s), float(a1), float(a2), seed) for s in os.environ["EXT_SHOTS"].split()
         for a1 in os.environ["EXT_STRENGTHS"].split() for a2 in os.environ["STRENGTHS"].split() for seed in seeds}
+episodes, ext_batch = int(os.environ["EPISODES"]), int(os.environ["EXT_BATCH"])
 methods = subprocess.run([sys.executable, "iv.py", "methods"], capture_output=True, text=True, check=True).stdout.split()
 scored = score_records(read_records(sys.argv[1])[0])  # a torn line is skipped with a warning, not fatal
 choices = {c.key: c for c in choose(scored)}
@@ -77,6 +78,8 @@ for s in scored:
             tested.setdefault((s.model, s.task), set()).add((s.method, s.record.get("seed")))
     elif s.method == "iv" and s.split == "validation":
         h = s.record.get("hyperparameters") or {}
+        if (h.get("episodes"), h.get("ext_batch"), s.record.get("n_eval_episodes")) != (episodes, ext_batch, episodes):
+            continue  # another extraction or validation size is not a row of this grid
         setting = (h.get("ext_shot"), h.get("ext_strength"), h.get("strength"), s.record.get("seed"))
         searched.setdefault((s.model, s.task), set()).add(setting)
 for plan in sys.argv[2:]:
@@ -94,7 +97,7 @@ complete() {  # true when every method of (model, task) is tested (its chosen se
 }
 
 progress() {  # the cells as a table
-  printf '| Model | Task | Tested (method x seed) | Methods with all 3 seeds | IV grid runs (validation) |\n'
+  printf '| Model | Task | Tested (method x seed) | Methods with all %s seeds | IV grid runs (validation) |\n' "$(wc -w <<<"$SEEDS")"
   printf '| --- | --- | --- | --- | --- |\n'
   cells | while read -r model task pairs planned whole methods searched grid; do
     printf '| %s | %s | %s of %s | %s of %s | %s of %s |\n' "$model" "$task" "$pairs" "$planned" "$whole" "$methods" "$searched" "$grid"
