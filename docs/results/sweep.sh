@@ -106,7 +106,8 @@ progress() {  # the cells as a table
 
 report() {
   "$PY" iv.py report --results "$RESULTS" --out "$OUT/report" >/dev/null
-  local png
+  local - png  # `local -`: the globbing turned on below (set +f) ends with this function
+  set +f  # the script runs with -f (no globbing); the plots are found by their names' patterns
   {
     cat "$OUT/about.md"
     printf '\n## Progress\n\nFor each planned cell, the test runs of the settings chosen on validation, and the runs of IV'"'"'s grid, on record (a sweep in progress shows part):\n\n'
@@ -114,7 +115,9 @@ report() {
     printf '\n'
     sed 's/^#/##/' "$OUT/report/table.md"  # its headings one level down, under this page's title
     printf '\n## Plots\n\n'
-    for png in "$OUT"/report/bars_*.png; do [ -e "$png" ] && printf '![%s](report/%s)\n\n' "${png##*/}" "${png##*/}"; done
+    for png in "$OUT"/report/bars_*.png "$OUT"/report/budget_*.png; do
+      [ -e "$png" ] && printf '![%s](report/%s)\n\n' "${png##*/}" "${png##*/}"
+    done
     printf 'Validation heatmaps and confusion matrices: '
     for png in "$OUT"/report/heatmap_*.png "$OUT"/report/confusion_*.png; do
       [ -e "$png" ] && printf '[%s](report/%s) ' "${png##*/}" "${png##*/}"
